@@ -1,0 +1,147 @@
+"""python -m cupy_qknorm {compile, check, info, bench}."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def cmd_compile(args):
+    """Build every shipped specialization with NVRTC: no GPU needed."""
+    from . import compile as kc
+    specs = kc.shipped_specs()
+    failed = 0
+    t0 = time.perf_counter()
+    for arch in args.arch:
+        for i, spec in enumerate(specs, 1):
+            t = time.perf_counter()
+            try:
+                r = kc.nvrtc_compile(spec, arch)
+                status = f"ok   {r['cubin_bytes']:>7} B"
+            except Exception as e:  # noqa: BLE001 - reported, counted, and the run fails
+                failed += 1
+                status = f"FAIL {e}"
+            print(f"[{i:>3}/{len(specs)}] {arch} {spec}: {status} "
+                  f"({time.perf_counter() - t:.2f} s)", flush=True)
+    n = len(specs) * len(args.arch)
+    print(f"compiled {n - failed}/{n} specializations for {', '.join(args.arch)} in "
+          f"{time.perf_counter() - t0:.1f} s; sources {kc.SOURCES_HASH}")
+    return 1 if failed else 0
+
+
+def cmd_check(args):
+    """Parity of this machine against the float64 reference; PASS/FAIL on rank 0."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from . import TPQKNorm
+    from . import reference as ref
+    comm = MPI.COMM_WORLD
+    rank, world = comm.rank, comm.size
+    _select_device(comm)
+    worst = 0.0
+    bad_total = 0
+    with TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, args.eps, args.max_tokens,
+                  transport=args.transport) as norm:
+        xp = _array_module(norm)
+        if rank == 0:
+            print(f"check: G={world} dtype={args.dtype} q_dim={args.q_dim} k_dim={args.k_dim} "
+                  f"transport={norm.transport} max_tokens={args.max_tokens}", flush=True)
+        for i, tokens in enumerate(args.tokens):
+            q, k, qw, kw, qr, kr = ref.make_case(args.seed + i, tokens, args.q_dim, args.k_dim,
+                                                 args.dtype, eps=args.eps)
+            sh = [xp.asarray(np.ascontiguousarray(ref.shard(a, world, rank)))
+                  for a in (q, k, qw, kw)]
+            outs = [xp.full_like(sh[0], ref.poison(args.dtype)),
+                    xp.full_like(sh[1], ref.poison(args.dtype))]
+            norm(*sh, out=outs)
+            norm.synchronize()
+            errs = [ref.compare(_host(o), ref.shard(r, world, rank), args.dtype)
+                    for o, r in zip(outs, (qr, kr))]
+            err = comm.allreduce(max(e[0] for e in errs), op=MPI.MAX)
+            bad = comm.allreduce(sum(e[1] for e in errs), op=MPI.SUM)
+            worst, bad_total = max(worst, err), bad_total + bad
+            if rank == 0:
+                unit = ref.TOLERANCE[args.dtype][0]
+                print(f"  T={tokens:>6}: max error {err:.3g} {unit}, {bad} past tolerance",
+                      flush=True)
+    if rank == 0:
+        verdict = "PASS" if bad_total == 0 else "FAIL"
+        print(f"{verdict}: max error {worst:.3g} {ref.TOLERANCE[args.dtype][0]} "
+              f"(tolerance {ref.TOLERANCE[args.dtype][1]:g}), {bad_total} elements past it")
+    return 0 if bad_total == 0 else 1
+
+
+def cmd_info(args):
+    from . import __version__
+    from . import compile as kc
+    print(f"cupy_qknorm {__version__}; kernels {kc.KERNEL_DIR} ({kc.SOURCES_HASH})")
+    try:
+        import cupy
+        n = cupy.cuda.runtime.getDeviceCount()
+        for d in range(n):
+            p = cupy.cuda.runtime.getDeviceProperties(d)
+            print(f"GPU {d}: {p['name'].decode()} sm_{p['major']}{p['minor']}")
+    except Exception as e:  # noqa: BLE001 - informational
+        print(f"no GPU: {type(e).__name__}: {e}")
+    return 0
+
+
+def _select_device(comm):
+    """Pick the GPU from the node-local rank (never by masking CUDA_VISIBLE_DEVICES)."""
+    from mpi4py import MPI
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        import cupy
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n:
+            cupy.cuda.Device(local.rank % n).use()
+    except Exception:  # noqa: BLE001 - no GPU: numpy arrays and the mpi transport
+        pass
+    finally:
+        local.Free()
+
+
+def _array_module(norm):
+    if norm._device is None:
+        import numpy
+        return numpy
+    import cupy
+    return cupy
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else a
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m cupy_qknorm", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compile", help="build every shipped specialization with NVRTC")
+    c.add_argument("--arch", action="append", help="e.g. sm_90 (repeatable; default sm_90)")
+    k = sub.add_parser("check", help="parity against the float64 reference (under mpiexec)")
+    k.add_argument("--transport", default="auto", choices=("auto", "ipc", "nccl", "mpi"))
+    k.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    k.add_argument("--q-dim", type=int, default=6144)
+    k.add_argument("--k-dim", type=int, default=1024)
+    k.add_argument("--eps", type=float, default=1e-6)
+    k.add_argument("--tokens", type=_ints, default=[0, 1, 7, 64, 1000, 3000])
+    k.add_argument("--max-tokens", type=int, default=2048)
+    k.add_argument("--seed", type=int, default=1234)
+    sub.add_parser("info", help="version, kernel sources and GPUs")
+    from .bench import add_parser as add_bench
+    add_bench(sub)
+    args = p.parse_args(argv)
+    if args.cmd == "compile":
+        args.arch = args.arch or ["sm_90"]
+    return {"compile": cmd_compile, "check": cmd_check, "info": cmd_info,
+            "bench": lambda a: __import__("cupy_qknorm.bench", fromlist=["run"]).run(a)}[
+        args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The one loader: kernels/ sources -> compiled kernels, keyed by everything that matters.
+
+A `Spec` names one specialization (dtype, weight dtype, G, local widths, warps per token).
+`load(spec)` returns its CuPy kernels (compiled by NVRTC through cupy.RawModule, cached in
+memory per spec and on disk by CuPy); `nvrtc_compile(spec, arch)` builds the same source
+with NVRTC through cuda.bindings, which needs no GPU and no driver.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import QKNormError
+
+C_TYPES = {"bfloat16": "qknorm::bf16_t", "float16": "qknorm::f16_t", "float32": "float"}
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+MAX_WORLD = 8            # the width of Params.slots
+VECTORS_PER_THREAD = 4   # target 16-byte vectors a thread holds per token
+MIN_ARCH = 80            # cvt.rn.bf16x2.f32 and friends
+
+
+def _find_kernel_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for d in (here / "kernels", here.parent / "kernels"):  # wheel, then checkout
+        if (d / "qknorm.cuh").is_file():
+            return d
+    raise QKNormError(f"kernel sources not found next to {here}")
+
+
+KERNEL_DIR = _find_kernel_dir()
+
+
+def _sources_hash() -> str:
+    # CuPy's disk cache keys on the code string only and would not notice an edited header
+    # pulled in with -I: the hash of every source goes into the code string instead.
+    h = hashlib.sha256()
+    for f in sorted(KERNEL_DIR.glob("*.cu*")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+SOURCES_HASH = _sources_hash()
+SOURCE = f'// cupy_qknorm kernels {SOURCES_HASH}\n#include "qknorm.cu"\n'
+OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
+
+# Launch parameters: the same layout as struct qknorm::Params.
+PARAMS_DTYPE = np.dtype(
+    [("q", np.uint64), ("k", np.uint64), ("q_out", np.uint64), ("k_out", np.uint64),
+     ("q_weight", np.uint64), ("k_weight", np.uint64),
+     ("q_stride", np.int64), ("k_stride", np.int64),
+     ("q_out_stride", np.int64), ("k_out_stride", np.int64),
+     ("slots", np.uint64, (MAX_WORLD,)), ("counters", np.uint64), ("error", np.uint64),
+     ("error_host", np.uint64), ("sums", np.uint64), ("timeout_ns", np.int64),
+     ("tokens", np.int32), ("max_tokens", np.int32), ("rank", np.int32),
+     ("eps", np.float32), ("q_dim", np.float32), ("k_dim", np.float32)],
+    align=True)
+
+
+def _header_params_bytes() -> int:
+    text = (KERNEL_DIR / "qknorm.cuh").read_text()
+    return int(re.search(r"kParamsBytes\s*=\s*(\d+)", text).group(1))
+
+
+if PARAMS_DTYPE.itemsize != _header_params_bytes():
+    raise QKNormError("PARAMS_DTYPE does not match struct qknorm::Params in qknorm.cuh")
+
+
+def vector_elems(dtype: str) -> int:
+    """Elements of `dtype` in one 16-byte vector: local widths must be multiples of it."""
+    return 16 // ITEMSIZE[dtype]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One specialization of the kernels."""
+    dtype: str
+    weight_dtype: str
+    world: int
+    q_local: int
+    k_local: int
+    warps: int
+
+    @classmethod
+    def plan(cls, dtype: str, weight_dtype: str, world: int, q_local: int, k_local: int):
+        """Warps per token: the fewest that keep about VECTORS_PER_THREAD vectors a thread."""
+        if dtype not in C_TYPES:
+            raise ValueError(f"dtype must be one of {sorted(C_TYPES)}, got {dtype!r}")
+        if weight_dtype not in (dtype, "float32"):
+            raise ValueError(f"weight dtype must be {dtype!r} or 'float32', got {weight_dtype!r}")
+        if not 1 <= world <= MAX_WORLD:
+            raise ValueError(f"world size must be 1..{MAX_WORLD}, got {world}")
+        n = vector_elems(dtype)
+        for name, d in (("q", q_local), ("k", k_local)):
+            if d <= 0 or d % n:
+                raise ValueError(f"local {name} width {d} must be a positive multiple of {n} "
+                                 f"({dtype}: 16-byte vectors)")
+        vectors = (q_local + k_local) // n
+        warps = min(32, -(-vectors // (32 * VECTORS_PER_THREAD)))
+        return cls(dtype, weight_dtype, world, q_local, k_local, warps)
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def names(self) -> dict:
+        t, w = C_TYPES[self.dtype], C_TYPES[self.weight_dtype]
+        dims = f"{self.q_local}, {self.k_local}, {self.warps}"
+        return {
+            "fused": f"qknorm::fused<{t}, {w}, {self.world}, {dims}>",
+            "partial_sums": f"qknorm::partial_sums<{t}, {dims}>",
+            "apply": f"qknorm::apply<{t}, {w}, {dims}>",
+        }
+
+    def __str__(self):
+        return (f"{self.dtype}/w:{self.weight_dtype} G={self.world} q={self.q_local} "
+                f"k={self.k_local} warps={self.warps}")
+
+
+@functools.lru_cache(maxsize=None)
+def _module(spec: Spec):
+    import cupy
+    names = tuple(spec.names.values())
+    return cupy.RawModule(code=SOURCE, options=OPTIONS, name_expressions=names)
+
+
+def load(spec: Spec) -> dict:
+    """{"fused" | "partial_sums" | "apply": cupy RawKernel} for the current device."""
+    mod = _module(spec)
+    return {kind: mod.get_function(name) for kind, name in spec.names.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def load_probe():
+    import cupy
+    return cupy.RawModule(code=SOURCE, options=OPTIONS).get_function("qknorm_probe")
+
+
+def _check(result, prog=None):
+    from cuda.bindings import nvrtc
+    err = result[0]
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        log = ""
+        if prog is not None:
+            _, n = nvrtc.nvrtcGetProgramLogSize(prog)
+            buf = b" " * n
+            nvrtc.nvrtcGetProgramLog(prog, buf)
+            log = buf.decode(errors="replace")
+        raise QKNormError(f"NVRTC: {err.name}\n{log}")
+    return result[1:]
+
+
+def nvrtc_compile(spec: Spec, arch: str = "sm_90") -> dict:
+    """Compile `spec` for `arch` with NVRTC (no GPU needed). Returns sizes and the log."""
+    from cuda.bindings import nvrtc
+    src = (KERNEL_DIR / "qknorm.cu").read_text()
+    prog, = _check(nvrtc.nvrtcCreateProgram(src.encode(), b"qknorm.cu", 0, [], []))
+    try:
+        for name in spec.names.values():
+            _check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
+        opts = [o.encode() for o in OPTIONS] + [f"--gpu-architecture={arch}".encode()]
+        _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog)
+        lowered = {}
+        for kind, name in spec.names.items():
+            mangled, = _check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))
+            lowered[kind] = mangled.decode() if isinstance(mangled, bytes) else mangled
+        size, = _check(nvrtc.nvrtcGetCUBINSize(prog))
+        _, n = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * n
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        return {"cubin_bytes": size, "lowered": lowered,
+                "log": log.decode(errors="replace").strip(" \0\n")}
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+MINIMAX_DIMS = (6144, 1024)
+OTHER_LOCAL_DIMS = (1024, 128)  # per rank, for every G: covers G that MiniMax's widths miss
+
+
+def shipped_specs() -> list:
+    """Every specialization the package ships and the compile test builds."""
+    specs = []
+    for dtype in C_TYPES:
+        for wdt in sorted({dtype, "float32"}):
+            for world in range(1, MAX_WORLD + 1):
+                q, k = MINIMAX_DIMS
+                n = vector_elems(dtype)
+                if q % world == 0 and k % world == 0 and (q // world) % n == 0 \
+                        and (k // world) % n == 0:
+                    specs.append(Spec.plan(dtype, wdt, world, q // world, k // world))
+                specs.append(Spec.plan(dtype, wdt, world, *OTHER_LOCAL_DIMS))
+    return specs

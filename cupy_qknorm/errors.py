@@ -1,0 +1,26 @@
+"""Typed errors. Every rank of a communicator raises the same one for the same cause."""
+
+
+class QKNormError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigMismatchError(QKNormError, ValueError):
+    """The ranks of a communicator were given different configurations."""
+
+
+class TransportUnavailableError(QKNormError, RuntimeError):
+    """The transport asked for cannot run here (no GPU, ranks on several nodes, P2P broken)."""
+
+
+class PeerTimeoutError(QKNormError, RuntimeError):
+    """A peer's partial sums did not arrive within the timeout; the object is closed for use."""
+
+    def __init__(self, message, peer=None, token=None):
+        super().__init__(message)
+        self.peer = peer
+        self.token = token
+
+
+class ClosedError(QKNormError, RuntimeError):
+    """The object was used after close() or after a failed call."""

@@ -1,0 +1,207 @@
+"""How the per-token partial sums travel between ranks.
+
+    ipc   one fused kernel: sums -> peers' IPC buffers over NVLink -> wait -> scale, store
+    nccl  partial_sums kernel -> NCCL all-reduce of [T, 2] fp32 -> apply kernel
+    mpi   partial sums -> MPI Allreduce on the host -> apply; numpy arrays run on the CPU
+
+Each device transport walks the tokens in chunks of at most max_tokens, one launch (or one
+kernel-collective-kernel sequence) per chunk, on the caller's stream, with no host
+synchronization (except "mpi", which must bring the sums to the host).
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+
+import numpy as np
+
+from . import compile as kc
+from . import reference
+from .arrays import row_stride
+from .errors import PeerTimeoutError
+from .peers import PeerBuffers
+
+# struct qknorm::Params, field by field (see kernels/qknorm.cuh)
+_PARAMS = struct.Struct("<6Q4q8Q4Qq3i3f")
+assert _PARAMS.size == kc.PARAMS_DTYPE.itemsize
+_HOST_ALLOC_MAPPED = 2  # cudaHostAllocMapped; with UVA the device sees the same address
+_MAX_BLOCKS_PER_SM = 32
+
+
+class DeviceTransport:
+    """Common part of the GPU transports: kernels, launch parameters, chunking."""
+    name = "?"
+
+    def __init__(self, cfg, comm):
+        import cupy
+        self.cfg = cfg
+        self.comm = comm
+        self.device = cupy.cuda.Device()
+        self._kernels = {}
+        self.slots = (0,) * kc.MAX_WORLD
+        self.counters = 0
+        self.error = 0
+        self.error_host = 0
+        self.sums = None
+
+    def kernels(self, weight_dtype):
+        k = self._kernels.get(weight_dtype)
+        if k is None:
+            spec = kc.Spec.plan(self.cfg.dtype, weight_dtype, self.cfg.world,
+                                self.cfg.q_local, self.cfg.k_local)
+            k = (spec, kc.load(spec), self._grid_cap(spec))
+            self._kernels[weight_dtype] = k
+        return k
+
+    def _grid_cap(self, spec):
+        """Blocks that fit on the GPU at once: spinning blocks must not wait for a slot."""
+        from cupy.cuda import runtime
+        props = runtime.getDeviceProperties(self.device.id)
+        per_sm = min(_MAX_BLOCKS_PER_SM, props["maxThreadsPerMultiProcessor"] // spec.threads)
+        return max(1, props["multiProcessorCount"] * per_sm)
+
+    def pack(self, ops, start, tokens):
+        q, k, qw, kw, qo, ko = ops
+        cfg = self.cfg
+
+        def at(op):
+            return op.ptr + start * row_stride(op) * op.itemsize
+
+        buf = _PARAMS.pack(
+            at(q), at(k), at(qo), at(ko), qw.ptr, kw.ptr,
+            row_stride(q), row_stride(k), row_stride(qo), row_stride(ko),
+            *self.slots, self.counters, self.error, self.error_host,
+            self.sums.data.ptr if self.sums is not None else 0,
+            cfg.timeout_ns, tokens, cfg.max_tokens, cfg.rank, cfg.eps,
+            float(cfg.q_dim), float(cfg.k_dim))
+        return np.frombuffer(buf, kc.PARAMS_DTYPE)[0]
+
+    def run(self, ops, tokens, stream):
+        spec, kern, cap = self.kernels(ops[2].dtype)
+        with stream:
+            for start in range(0, tokens, self.cfg.max_tokens):
+                n = min(self.cfg.max_tokens, tokens - start)
+                self.launch(kern, spec, self.pack(ops, start, n), n, min(n, cap), stream)
+
+    def check(self):
+        """Raise a pending asynchronous error. Reads host memory only: no synchronization."""
+
+    def close(self):
+        pass
+
+
+class IpcTransport(DeviceTransport):
+    """The fused kernel over CUDA IPC buffers."""
+    name = "ipc"
+
+    def __init__(self, cfg, comm):
+        import cupy
+        from cupy.cuda import runtime
+        super().__init__(cfg, comm)
+        self.buffers = None
+        self._host = 0
+        self._host_words = None
+        try:
+            self._counters = cupy.zeros(cfg.max_tokens, cupy.uint32)
+            self._error = cupy.zeros(4, cupy.int32)
+            self._host = runtime.hostAlloc(16, _HOST_ALLOC_MAPPED)
+            self._host_words = (ctypes.c_int32 * 4).from_address(self._host)
+            ctypes.memset(self._host, 0, 16)
+            if cfg.world > 1:
+                self.buffers = PeerBuffers(comm, 2 * cfg.max_tokens * cfg.world * 8)
+                self.slots = tuple(self.buffers.ptrs) + (0,) * (kc.MAX_WORLD - cfg.world)
+        except BaseException:
+            self.close()
+            raise
+        self.counters = self._counters.data.ptr
+        self.error = self._error.data.ptr
+        self.error_host = self._host
+
+    def launch(self, kern, spec, params, tokens, grid, stream):
+        kern["fused"]((grid,), (spec.threads,), (params,))
+
+    def check(self):
+        w = self._host_words
+        if w is not None and w[0]:
+            raise PeerTimeoutError(
+                f"rank {w[3]} waited longer than {self.cfg.timeout_ns / 1e9:g} s for the "
+                f"partial sums of rank {w[1]} (token {w[2]} of a launch); the object is "
+                f"closed for use", peer=w[1], token=w[2])
+
+    def close(self):
+        from cupy.cuda import runtime
+        if self.buffers is not None:
+            self.buffers.close()
+            self.buffers = None
+        if self._host:
+            runtime.deviceSynchronize()
+            self._host_words = None
+            runtime.freeHost(self._host)
+            self._host = 0
+
+
+class NcclTransport(DeviceTransport):
+    """Unfused: partial sums, NCCL all-reduce, apply. The baseline and cross-node path."""
+    name = "nccl"
+
+    def __init__(self, cfg, comm):
+        import cupy
+        from cupy.cuda import nccl
+        super().__init__(cfg, comm)
+        self.sums = cupy.empty((cfg.max_tokens, 2), cupy.float32)
+        uid = comm.bcast(nccl.get_unique_id() if comm.rank == 0 else None, root=0)
+        self._nccl = nccl.NcclCommunicator(comm.size, uid, comm.rank)
+
+    def launch(self, kern, spec, params, tokens, grid, stream):
+        from cupy.cuda import nccl
+        kern["partial_sums"]((grid,), (spec.threads,), (params,))
+        if self.cfg.world > 1:
+            ptr = self.sums.data.ptr
+            self._nccl.allReduce(ptr, ptr, 2 * tokens, nccl.NCCL_FLOAT32, nccl.NCCL_SUM,
+                                 stream.ptr)
+        kern["apply"]((grid,), (spec.threads,), (params,))
+
+    def close(self):
+        if getattr(self, "_nccl", None) is not None:
+            self._nccl.destroy()
+            self._nccl = None
+
+
+class MpiTransport(DeviceTransport):
+    """Partial sums on the GPU, MPI Allreduce on the host, apply on the GPU."""
+    name = "mpi"
+
+    def __init__(self, cfg, comm):
+        import cupy
+        super().__init__(cfg, comm)
+        self.sums = cupy.empty((cfg.max_tokens, 2), cupy.float32)
+        self._host = cupy.cuda.alloc_pinned_memory(cfg.max_tokens * 8)
+        self._host_sums = np.frombuffer(self._host, np.float32, 2 * cfg.max_tokens)
+
+    def launch(self, kern, spec, params, tokens, grid, stream):
+        from mpi4py import MPI
+        kern["partial_sums"]((grid,), (spec.threads,), (params,))
+        if self.cfg.world > 1:
+            host = self._host_sums[:2 * tokens]
+            self.sums[:tokens].ravel().get(stream=stream, out=host)
+            stream.synchronize()
+            self.comm.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
+            self.sums[:tokens].ravel().set(host, stream=stream)
+        kern["apply"]((grid,), (spec.threads,), (params,))
+
+
+def run_host(cfg, comm, ops, tokens):
+    """The "mpi" transport on numpy arrays: float64 partial sums, MPI Allreduce, scale."""
+    from mpi4py import MPI
+    q, k, qw, kw, qo, ko = ops
+    x = [reference.to_f64(q.obj, q.dtype), reference.to_f64(k.obj, k.dtype)]
+    sums = np.zeros((tokens, 2))
+    sums[:, 0] = (x[0] * x[0]).sum(axis=1)
+    sums[:, 1] = (x[1] * x[1]).sum(axis=1)
+    comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+    for v, w, dim, col, out in ((x[0], qw, cfg.q_dim, 0, qo), (x[1], kw, cfg.k_dim, 1, ko)):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = 1.0 / np.sqrt(sums[:, col:col + 1] / dim + cfg.eps)
+            y = reference.from_f64(v * scale * reference.to_f64(w.obj, w.dtype), cfg.dtype)
+        dst = out.obj.view(np.uint16) if cfg.dtype == "bfloat16" else out.obj
+        dst[...] = y
