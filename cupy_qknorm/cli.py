@@ -46,7 +46,7 @@ def cmd_check(args):
     worst = 0.0
     bad_total = 0
     with TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, args.eps, args.max_tokens,
-                  transport=args.transport) as norm:
+                  transport=args.transport, timeout_s=args.timeout) as norm:
         xp = _array_module(norm)
         if rank == 0:
             print(f"check: G={world} dtype={args.dtype} q_dim={args.q_dim} k_dim={args.k_dim} "
@@ -132,6 +132,7 @@ def main(argv=None):
     k.add_argument("--tokens", type=_ints, default=[0, 1, 7, 64, 1000, 3000])
     k.add_argument("--max-tokens", type=int, default=2048)
     k.add_argument("--seed", type=int, default=1234)
+    k.add_argument("--timeout", type=float, default=5.0, help="peer wait bound, seconds")
     sub.add_parser("info", help="version, kernel sources and GPUs")
     from .bench import add_parser as add_bench
     add_bench(sub)

@@ -1,0 +1,187 @@
+"""GPU suite: run by scripts/gpu_suite.sh at G = 2, 3 and 4 on a GPU host.
+
+Every test compares against the float64 reference (cupy_qknorm.reference) on fresh random
+rows of RMS 1e-4..1e3, into outputs poisoned with NaN beforehand."""
+import numpy as np
+import pytest
+
+from cupy_qknorm import TPQKNorm
+from cupy_qknorm import reference as ref
+from tests.conftest import requires_gpu
+
+pytestmark = [requires_gpu, pytest.mark.mpi(min_size=2)]
+
+MINIMAX = (6144, 1024)
+
+
+def dims_for(world):
+    """MiniMax's widths where they split evenly (G = 1, 2, 4, 8), else 6144 / 1536."""
+    q, k = MINIMAX
+    return (q, k) if k % world == 0 and (k // world) % 8 == 0 else (6144, 1536)
+
+
+def shards(arrays, comm):
+    import cupy
+    return [cupy.asarray(np.ascontiguousarray(ref.shard(a, comm.size, comm.rank)))
+            for a in arrays]
+
+
+def assert_close(comm, outs, refs, dtype, what):
+    errs = [ref.compare(o.get(), ref.shard(r, comm.size, comm.rank), dtype)
+            for o, r in zip(outs, refs)]
+    from mpi4py import MPI
+    worst = comm.allreduce(max(e[0] for e in errs), op=MPI.MAX)
+    bad = comm.allreduce(sum(e[1] for e in errs), op=MPI.SUM)
+    assert bad == 0, f"{what}: {bad} elements past tolerance, max error {worst}"
+    return worst
+
+
+def run_case(norm, comm, seed, tokens, dtype, wdtype=None, eps=1e-6):
+    import cupy
+    q_dim, k_dim = norm.config.q_dim, norm.config.k_dim
+    q, k, qw, kw, qr, kr = ref.make_case(seed, tokens, q_dim, k_dim, dtype, wdtype, eps)
+    qs, ks, qws, kws = shards((q, k, qw, kw), comm)
+    outs = [cupy.full_like(qs, ref.poison(dtype)), cupy.full_like(ks, ref.poison(dtype))]
+    got = norm(qs, ks, qws, kws, out=outs)
+    assert got[0] is outs[0] and got[1] is outs[1]
+    norm.synchronize()
+    return assert_close(comm, outs, (qr, kr), dtype, f"T={tokens} {dtype}/{wdtype}")
+
+
+@pytest.mark.parametrize("transport", ["ipc", "nccl"])
+@pytest.mark.parametrize("dtype,wdtype", [("bfloat16", None), ("bfloat16", "float32"),
+                                          ("float16", None), ("float32", None)])
+def test_parity(comm, transport, dtype, wdtype):
+    q_dim, k_dim = dims_for(comm.size)
+    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=8192, transport=transport) as norm:
+        assert norm.transport == transport
+        sizes = [0, 1, 2, 7, 64, 1000, 8192]
+        if dtype == "bfloat16" and wdtype is None:
+            sizes.append(20000)  # > max_tokens: three chunks
+        for i, tokens in enumerate(sizes):
+            run_case(norm, comm, 100 * i + 7, tokens, dtype, wdtype)
+
+
+@pytest.mark.parametrize("transport", ["ipc", "nccl"])
+def test_in_place_strided_qkv(comm, transport):
+    """q and k are views into one fused qkv buffer (strided rows), normalized in place."""
+    import cupy
+    dtype = "bfloat16"
+    q_dim, k_dim = dims_for(comm.size)
+    dq, dk = q_dim // comm.size, k_dim // comm.size
+    tokens = 333
+    q, k, qw, kw, qr, kr = ref.make_case(5, tokens, q_dim, k_dim, dtype)
+    qs, ks, qws, kws = shards((q, k, qw, kw), comm)
+    qkv = cupy.zeros((tokens, dq + 2 * dk + 8), cupy.uint16)  # 8 spare: a 16-byte-multiple pad
+    qkv[:, :dq] = qs
+    qkv[:, dq:dq + dk] = ks
+    v = cupy.asarray(np.random.default_rng(comm.rank).integers(0, 2**16, (tokens, dk)),
+                     cupy.uint16)
+    qkv[:, dq + dk:dq + 2 * dk] = v
+    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=128, transport=transport) as norm:
+        qv, kv = qkv[:, :dq], qkv[:, dq:dq + dk]
+        norm(qv, kv, qws, kws)
+        norm.synchronize()
+    assert_close(comm, [qkv[:, :dq], qkv[:, dq:dq + dk]], (qr, kr), dtype, "strided in place")
+    assert bool((qkv[:, dq + dk:dq + 2 * dk] == v).all()), "v was touched"
+
+
+@pytest.mark.parametrize("transport", ["ipc", "nccl"])
+def test_zero_nan_inf_rows(comm, transport):
+    """Zero rows with eps = 0 give NaN (0/0, as the reference); NaN and Inf stay in their
+    row; no hang, and the next call is exact."""
+    import cupy
+    dtype = "float32"
+    q_dim, k_dim = dims_for(comm.size)
+    q, k, qw, kw, qr, kr = ref.make_case(11, 16, q_dim, k_dim, dtype, eps=0.0)
+    q[3] = 0.0
+    k[3] = 0.0
+    q[5, 0] = np.nan
+    k[7, -1] = np.inf
+    qr, kr = ref.qk_norm(q, k, qw, kw, 0.0)
+    with TPQKNorm(comm, q_dim, k_dim, dtype, eps=0.0, max_tokens=64,
+                  transport=transport) as norm:
+        qs, ks, qws, kws = shards((q, k, qw, kw), comm)
+        outs = [cupy.full_like(qs, np.nan), cupy.full_like(ks, np.nan)]
+        norm(qs, ks, qws, kws, out=outs)
+        norm.synchronize()
+        assert_close(comm, outs, (qr, kr), dtype, "zero/NaN/Inf rows")
+        o = outs[0].get()
+        assert np.isnan(o[3]).all() and np.isnan(o[5]).all()
+        bad = np.isnan(o).any(axis=1)
+        assert list(np.nonzero(bad)[0]) == [3, 5]
+        run_case(norm, comm, 12, 40, dtype, eps=0.0)
+
+
+def test_back_to_back_random_tokens(comm):
+    """10,000 calls with a random T each (the same on every rank), checked along the way
+    and at the end: the slot halves and counters stay consistent across any T sequence."""
+    import cupy
+    dtype = "bfloat16"
+    q_dim, k_dim = dims_for(comm.size)
+    q, k, qw, kw, qr, kr = ref.make_case(21, 3000, q_dim, k_dim, dtype)
+    qs, ks, qws, kws = shards((q, k, qw, kw), comm)
+    rng = np.random.default_rng(99)
+    sizes = np.where(rng.random(10_000) < 0.9, rng.integers(1, 65, 10_000),
+                     rng.integers(1, 3001, 10_000))
+    outs = [cupy.empty_like(qs), cupy.empty_like(ks)]
+    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=1024, transport="ipc") as norm:
+        for i, t in enumerate(sizes):
+            t = int(t)
+            if i % 1000 == 999 or i == len(sizes) - 1:
+                outs[0].fill(ref.poison(dtype))
+                outs[1].fill(ref.poison(dtype))
+                norm(qs[:t], ks[:t], qws, kws, out=(outs[0][:t], outs[1][:t]))
+                norm.synchronize()
+                assert_close(comm, [outs[0][:t], outs[1][:t]], (qr[:t], kr[:t]), dtype,
+                             f"call {i} (T={t})")
+            else:
+                norm(qs[:t], ks[:t], qws, kws, out=(outs[0][:t], outs[1][:t]))
+
+
+@pytest.mark.parametrize("transport", ["ipc", "nccl"])
+def test_cuda_graph_replay(comm, transport):
+    """Capture calls of three sizes in one CUDA graph; 100 replays; exact every time."""
+    import cupy
+    dtype = "bfloat16"
+    q_dim, k_dim = dims_for(comm.size)
+    q, k, qw, kw, qr, kr = ref.make_case(31, 600, q_dim, k_dim, dtype)
+    qs, ks, qws, kws = shards((q, k, qw, kw), comm)
+    outs = [cupy.empty_like(qs), cupy.empty_like(ks)]
+    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=512, transport=transport) as norm:
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            norm(qs[:8], ks[:8], qws, kws, out=(outs[0][:8], outs[1][:8]))  # warm up
+            stream.synchronize()
+            stream.begin_capture()
+            for t in (1, 600, 64):  # 600 > max_tokens: two launches inside the graph
+                norm(qs[:t], ks[:t], qws, kws, out=(outs[0][:t], outs[1][:t]))
+            graph = stream.end_capture()
+            for rep in range(100):
+                if rep % 25 == 0:
+                    outs[0].fill(ref.poison(dtype))
+                    outs[1].fill(ref.poison(dtype))
+                graph.launch(stream)
+                if rep % 25 == 0:
+                    stream.synchronize()
+                    assert_close(comm, outs, (qr, kr), dtype, f"replay {rep}")
+            stream.synchronize()
+        norm.synchronize()
+    assert_close(comm, outs, (qr, kr), dtype, "after 100 replays")
+
+
+@pytest.mark.mpi(min_size=4)
+def test_two_groups_side_by_side(comm):
+    """Two TP groups of 2 from Split, each with its own object, called at the same time."""
+    sub = comm.Split(comm.rank // 2, comm.rank)
+    try:
+        with TPQKNorm(sub, *MINIMAX, "bfloat16", max_tokens=256, transport="ipc") as norm:
+            for i, tokens in enumerate((1, 100, 700)):
+                run_case(norm, sub, 40 + i + 1000 * (comm.rank // 2), tokens, "bfloat16")
+    finally:
+        sub.Free()
+
+
+def test_auto_picks_ipc(comm):
+    with TPQKNorm(comm, *dims_for(comm.size), "bfloat16", max_tokens=16) as norm:
+        assert norm.transport == "ipc"
