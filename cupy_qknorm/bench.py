@@ -1,9 +1,273 @@
-"""Benchmark: placeholder until the bench command lands."""
+"""mpiexec -n G python -m cupy_qknorm bench: fused ("ipc") vs unfused ("nccl") vs floors.
+
+graph mode: 8 calls on 8 distinct input sets captured in one CUDA graph, >= 20 replays,
+median replay time / 8. eager mode: host wall time per call over >= 200 calls,
+synchronized at the end. Floors, measured in the same run: an empty kernel as a graph
+node, one-way GPU-to-GPU latency (flag ping-pong through IPC memory, halved), and
+device-to-device copy bandwidth. Progress goes to stderr, the table to stdout (rank 0).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+GRAPH_CALLS = 8
 
 
 def add_parser(sub):
-    sub.add_parser("bench", help="latency of the fused and unfused paths (not yet built)")
+    b = sub.add_parser("bench", help="fused vs unfused latency and the hardware floors")
+    b.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    b.add_argument("--q-dim", type=int, default=6144)
+    b.add_argument("--k-dim", type=int, default=1024)
+    b.add_argument("--tokens", default="1,8,64,512,2048,8192,16384",
+                   type=lambda s: [int(v) for v in s.split(",") if v])
+    b.add_argument("--mode", default="both", choices=("graph", "eager", "both"))
+    b.add_argument("--transports", default="ipc,nccl", type=lambda s: s.split(","))
+    b.add_argument("--replays", type=int, default=30)
+    b.add_argument("--calls", type=int, default=200)
+    b.add_argument("--json", help="write every number to this file (rank 0)")
+    b.add_argument("--plot", help="latency vs T, log-log, to this PNG (needs matplotlib)")
+
+
+def _say(comm, msg):
+    if comm.rank == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _median_event_ms(fn, reps, stream):
+    import cupy
+    times = []
+    for _ in range(reps):
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record(stream)
+        fn()
+        b.record(stream)
+        b.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(a, b))
+    return float(np.median(times))
+
+
+def floor_empty_kernel_us(stream):
+    from .compile import load_plain
+    empty = load_plain("qknorm_empty")
+    with stream:
+        empty((1,), (32,), ())
+        stream.synchronize()
+        stream.begin_capture()
+        for _ in range(GRAPH_CALLS):
+            empty((1,), (32,), ())
+        g = stream.end_capture()
+        g.launch(stream)
+        ms = _median_event_ms(lambda: g.launch(stream), 50, stream)
+    return 1000 * ms / GRAPH_CALLS
+
+
+def floor_one_way_us(comm, stream, iters=2000):
+    """Ranks 0 and 1 bounce a flag; the others idle. Half the round trip."""
+    import cupy
+    from .compile import load_plain
+    from .peers import PeerBuffers
+    if comm.size < 2:
+        return float("nan")
+    pair = comm.Split(0 if comm.rank < 2 else 1, comm.rank)
+    result = float("nan")
+    try:
+        if comm.rank < 2:
+            buf = PeerBuffers(pair, 8)
+            try:
+                ping = load_plain("qknorm_pingpong")
+                other = 1 - pair.rank
+                mine, peer = buf.ptrs[pair.rank], buf.ptrs[other]
+                args = (np.uint64(mine), np.uint64(peer), np.int32(iters),
+                        np.int32(pair.rank == 0))
+                for rep in range(3):  # the first one warms up; keep the last
+                    cupy.cuda.runtime.memset(mine, 0, 8)
+                    cupy.cuda.runtime.deviceSynchronize()
+                    pair.Barrier()
+                    a, b = cupy.cuda.Event(), cupy.cuda.Event()
+                    with stream:
+                        a.record(stream)
+                        ping((1,), (1,), args)
+                        b.record(stream)
+                    b.synchronize()
+                    pair.Barrier()
+                    result = 1000 * cupy.cuda.get_elapsed_time(a, b) / iters / 2
+            finally:
+                buf.close()
+    finally:
+        pair.Free()
+    return comm.bcast(result, root=0)
+
+
+def floor_copy_gbps(stream, nbytes=1 << 30):
+    import cupy
+    a = cupy.empty(nbytes // 4, cupy.float32)
+    a.fill(1.0)
+    b = cupy.empty_like(a)
+    with stream:
+        ms = _median_event_ms(lambda: cupy.cuda.runtime.memcpyAsync(
+            b.data.ptr, a.data.ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToDevice,
+            stream.ptr), 10, stream)
+    del a, b
+    return 2 * nbytes / (ms * 1e-3) / 1e9  # read + write
+
+
+def _inputs(comm, dtype, dq, dk, tokens, sets):
+    import cupy
+    from . import reference as ref
+    rng = np.random.default_rng(1000 + comm.rank)
+    out = []
+    for _ in range(sets):
+        q = cupy.asarray(ref.from_f64(ref.random_rows(rng, tokens, dq, (-1, 1)), dtype))
+        k = cupy.asarray(ref.from_f64(ref.random_rows(rng, tokens, dk, (-1, 1)), dtype))
+        out.append((q, k, cupy.empty_like(q), cupy.empty_like(k)))
+    w = (cupy.asarray(ref.from_f64(np.ones(dq), dtype)), cupy.asarray(ref.from_f64(np.ones(dk),
+                                                                                   dtype)))
+    return out, w
+
+
+def time_graph_us(norm, sets, w, stream, replays):
+    with stream:
+        for q, k, qo, ko in sets:  # warm up: compile, first touch
+            norm(q, k, *w, out=(qo, ko))
+        stream.synchronize()
+        norm.comm.Barrier()
+        stream.begin_capture()
+        for q, k, qo, ko in sets:
+            norm(q, k, *w, out=(qo, ko))
+        g = stream.end_capture()
+        g.launch(stream)
+        stream.synchronize()
+        norm.comm.Barrier()
+        ms = _median_event_ms(lambda: g.launch(stream), replays, stream)
+    norm.synchronize(stream)
+    return 1000 * ms / len(sets)
+
+
+def time_eager_us(norm, sets, w, stream, calls):
+    with stream:
+        for q, k, qo, ko in sets:
+            norm(q, k, *w, out=(qo, ko))
+        stream.synchronize()
+        norm.comm.Barrier()
+        t = time.perf_counter()
+        for i in range(calls):
+            q, k, qo, ko = sets[i % len(sets)]
+            norm(q, k, *w, out=(qo, ko))
+        stream.synchronize()
+        dt = time.perf_counter() - t
+    norm.synchronize(stream)
+    return 1e6 * dt / calls
 
 
 def run(args):
-    raise SystemExit("bench: not built yet")
+    import cupy
+    from mpi4py import MPI
+
+    from . import TPQKNorm
+    from .cli import _select_device
+    from .compile import ITEMSIZE
+    comm = MPI.COMM_WORLD
+    _select_device(comm)
+    world = comm.size
+    dq, dk = args.q_dim // world, args.k_dim // world
+    stream = cupy.cuda.Stream(non_blocking=True)
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    card = props["name"].decode()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001
+        commit = "unknown"
+    _say(comm, "floors ...")
+    floors = {"empty_kernel_graph_us": floor_empty_kernel_us(stream),
+              "one_way_us": floor_one_way_us(comm, stream),
+              "copy_GBps": floor_copy_gbps(stream)}
+    floors = {k: comm.allreduce(v, op=MPI.MAX) if k != "copy_GBps" else
+              comm.allreduce(v, op=MPI.MIN) for k, v in floors.items()}
+    modes = ["graph", "eager"] if args.mode == "both" else [args.mode]
+    rows = []
+    norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype,
+                         max_tokens=max(args.tokens), transport=t) for t in args.transports}
+    try:
+        for tokens in args.tokens:
+            sets, w = _inputs(comm, args.dtype, dq, dk, tokens, GRAPH_CALLS)
+            row = {"T": tokens, "bytes": 2 * tokens * (dq + dk) * ITEMSIZE[args.dtype]}
+            for mode in modes:
+                for t, norm in norms.items():
+                    _say(comm, f"T={tokens} {t} {mode} ...")
+                    us = (time_graph_us(norm, sets, w, stream, args.replays) if mode == "graph"
+                          else time_eager_us(norm, sets, w, stream, args.calls))
+                    row[f"{t}_{mode}_us"] = comm.allreduce(us, op=MPI.MAX)
+            rows.append(row)
+            del sets
+    finally:
+        for n in norms.values():
+            n.close()
+    floor_us = floors["empty_kernel_graph_us"] + (floors["one_way_us"] if world > 1 else 0)
+    result = {"card": card, "G": world, "dtype": args.dtype, "q_dim": args.q_dim,
+              "k_dim": args.k_dim, "commit": commit, "floors": floors, "rows": rows,
+              "date": time.strftime("%Y-%m-%d")}
+    if comm.rank == 0:
+        print(_table(result, modes, args.transports, floor_us))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        if args.plot:
+            _plot(result, modes, args.transports, floor_us, args.plot)
+    return 0
+
+
+def _table(r, modes, transports, floor_us):
+    f = r["floors"]
+    lines = [f"{r['card']} x{r['G']}  dtype={r['dtype']}  q_dim={r['q_dim']} k_dim={r['k_dim']}"
+             f"  commit={r['commit']}  {r['date']}",
+             f"floors: empty kernel (graph node) {f['empty_kernel_graph_us']:.2f} us; one-way "
+             f"GPU-to-GPU {f['one_way_us']:.2f} us; device copy {f['copy_GBps']:.0f} GB/s",
+             "floor(T) = max(empty kernel + one-way latency, bytes / copy bandwidth)"]
+    for mode in modes:
+        head = f"{'T':>6} | " + " | ".join(f"{t + ' us':>9}" for t in transports)
+        if "ipc" in transports and "nccl" in transports:
+            head += " | speedup"
+        head += " | floor us | ipc GB/s | % copy"
+        lines += ["", f"[{mode}]", head, "-" * len(head)]
+        for row in r["rows"]:
+            floor = max(floor_us, row["bytes"] / (f["copy_GBps"] * 1e3))
+            cells = [f"{row[f'{t}_{mode}_us']:>9.2f}" for t in transports]
+            s = f"{row['T']:>6} | " + " | ".join(cells)
+            if "ipc" in transports and "nccl" in transports:
+                s += f" | {row[f'nccl_{mode}_us'] / row[f'ipc_{mode}_us']:>6.1f}x"
+            if "ipc" in transports:
+                gbps = row["bytes"] / (row[f"ipc_{mode}_us"] * 1e3)
+                s += f" | {floor:>8.2f} | {gbps:>8.0f} | {100 * gbps / f['copy_GBps']:>5.0f}%"
+            lines.append(s)
+    return "\n".join(lines)
+
+
+def _plot(r, modes, transports, floor_us, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed (pip install 'cupy-qknorm[plot]')",
+              file=sys.stderr)
+        return
+    ts = [row["T"] for row in r["rows"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in modes:
+        for t in transports:
+            ax.plot(ts, [row[f"{t}_{mode}_us"] for row in r["rows"]], marker="o",
+                    label=f"{t} ({mode})")
+    floor = [max(floor_us, row["bytes"] / (r["floors"]["copy_GBps"] * 1e3)) for row in r["rows"]]
+    ax.plot(ts, floor, "k--", label="floor")
+    ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="us per call",
+           title=f"TP QK norm, {r['card']} x{r['G']}, {r['dtype']}")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

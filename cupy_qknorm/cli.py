@@ -139,9 +139,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.cmd == "compile":
         args.arch = args.arch or ["sm_90"]
+    from .bench import run as cmd_bench
     return {"compile": cmd_compile, "check": cmd_check, "info": cmd_info,
-            "bench": lambda a: __import__("cupy_qknorm.bench", fromlist=["run"]).run(a)}[
-        args.cmd](args)
+            "bench": cmd_bench}[args.cmd](args)
 
 
 if __name__ == "__main__":
