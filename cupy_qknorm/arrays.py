@@ -13,16 +13,32 @@ import numpy as np
 _TYPESTR = {"<f4": "float32", "<f2": "float16", "<u2": "bfloat16"}
 
 
+_NAMES: dict = {}
+
+
 def dtype_name(dt) -> str | None:
     """numpy/cupy dtype -> our dtype name; uint16 stands for bf16 bit patterns."""
-    dt = np.dtype(dt)
-    if dt == np.float32:
-        return "float32"
-    if dt == np.float16:
-        return "float16"
-    if dt == np.uint16 or dt.name == "bfloat16":
-        return "bfloat16"
-    return None
+    name = _NAMES.get(dt, False)
+    if name is False:
+        d = np.dtype(dt)
+        name = {"float32": "float32", "float16": "float16", "uint16": "bfloat16",
+                "bfloat16": "bfloat16"}.get(d.name)
+        _NAMES[dt] = name
+    return name
+
+
+def _cupy_ndarray():
+    global _CUPY_NDARRAY
+    if _CUPY_NDARRAY is None:
+        try:
+            import cupy
+            _CUPY_NDARRAY = cupy.ndarray
+        except ImportError:
+            _CUPY_NDARRAY = type(None)
+    return _CUPY_NDARRAY
+
+
+_CUPY_NDARRAY = None
 
 
 class Operand(NamedTuple):
@@ -36,10 +52,10 @@ class Operand(NamedTuple):
 
 
 def describe(x, role: str) -> Operand:
-    mod = type(x).__module__.split(".")[0]
-    if mod == "cupy":
-        return Operand(x, x.data.ptr, x.shape, x.strides, dtype_name(x.dtype),
-                       x.dtype.itemsize, x.device.id)
+    if type(x) is _cupy_ndarray():
+        mem, dt = x.data, x.dtype
+        return Operand(x, mem.ptr, x.shape, x.strides, dtype_name(dt), dt.itemsize,
+                       mem.device_id)
     if isinstance(x, np.ndarray):
         return Operand(x, x.ctypes.data, x.shape, x.strides, dtype_name(x.dtype),
                        x.dtype.itemsize, None)

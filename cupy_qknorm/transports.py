@@ -21,44 +21,56 @@ from .arrays import row_stride
 from .errors import PeerTimeoutError, QKNormError
 from .peers import PeerBuffers
 
-# struct qknorm::Params, field by field (see kernels/qknorm.cuh)
+# struct qknorm::Params, field by field (see kernels/qknorm.cuh). The head (pointers and
+# strides) and the token count change per launch; the rest is packed once.
 _PARAMS = struct.Struct("<6Q4q8Q4Qq3i3f")
+_HEAD = struct.Struct("<6Q4q")
+_TOKENS = struct.Struct("<i")
+_TOKENS_AT = kc.PARAMS_DTYPE.fields["tokens"][1]
 assert _PARAMS.size == kc.PARAMS_DTYPE.itemsize
 _HOST_ALLOC_MAPPED = 2  # cudaHostAllocMapped; with UVA the device sees the same address
 _MAX_BLOCKS_PER_SM = 32
 
 
-class _DriverLaunch:
-    """cuLaunchKernel through ctypes with one packed parameter buffer: a few microseconds
-    less host time per launch than CuPy's generic argument handling. Falls back to CuPy
-    where libcuda or the function handle is not reachable."""
+class _Launcher:
+    """cuLaunchKernel through ctypes with one packed parameter buffer: less host time per
+    launch than CuPy's generic argument handling. Falls back to CuPy's launch where libcuda
+    or a kernel's function handle cannot be reached."""
 
     def __init__(self):
-        self._buf = ctypes.create_string_buffer(_PARAMS.size)
-        self._argv = (ctypes.c_void_p * 1)(ctypes.addressof(self._buf))
+        self.buf = ctypes.create_string_buffer(_PARAMS.size)
+        self._argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.buf))
         try:
             lib = ctypes.CDLL("libcuda.so.1")
-            f = lib.cuLaunchKernel
-            f.restype = ctypes.c_int
-            f.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
-            self._launch = f
-            self._name = lib.cuGetErrorName
-            self._name.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+            self._launch = lib.cuLaunchKernel
+            self._launch.restype = ctypes.c_int
+            self._launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + \
+                [ctypes.c_void_p] * 3
+            self._error_name = lib.cuGetErrorName
+            self._error_name.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         except (OSError, AttributeError):
             self._launch = None
 
-    def __call__(self, kernel, grid, block, fields, stream):
-        fn = getattr(getattr(kernel, "kernel", None), "ptr", None) if self._launch else None
+    def handle(self, kernel):
+        """The CUfunction of a CuPy RawKernel on the current device, or None."""
+        if self._launch is None:
+            return None
+        try:
+            return int(kernel.kernel.ptr)
+        except AttributeError:
+            return None
+
+    def __call__(self, kernel, grid, block, stream):
+        raw, fn = kernel
         if fn is None:
-            params = np.frombuffer(_PARAMS.pack(*fields), kc.PARAMS_DTYPE)[0]
+            params = np.frombuffer(self.buf.raw, kc.PARAMS_DTYPE)[0]
             with stream:
-                kernel((grid,), (block,), (params,))
+                raw((grid,), (block,), (params,))
             return
-        _PARAMS.pack_into(self._buf, 0, *fields)
         rc = self._launch(fn, grid, 1, 1, block, 1, 1, 0, stream.ptr, self._argv, None)
         if rc:
             name = ctypes.c_char_p()
-            self._name(rc, ctypes.byref(name))
+            self._error_name(rc, ctypes.byref(name))
             raise QKNormError(f"cuLaunchKernel failed: {(name.value or b'?').decode()} ({rc})")
 
 
@@ -77,14 +89,18 @@ class DeviceTransport:
         self.error = 0
         self.error_host = 0
         self.sums = None
-        self._launch = _DriverLaunch()
+        self._launch = _Launcher()
+        self._static_packed = False
 
     def kernels(self, weight_dtype):
+        """(spec, {kind: (RawKernel, CUfunction or None)}, grid cap) for a weight dtype."""
         k = self._kernels.get(weight_dtype)
         if k is None:
             spec = kc.Spec.plan(self.cfg.dtype, weight_dtype, self.cfg.world,
                                 self.cfg.q_local, self.cfg.k_local)
-            k = (spec, kc.load(spec), self._grid_cap(spec))
+            raw = kc.load(spec)
+            fns = {kind: (r, self._launch.handle(r)) for kind, r in raw.items()}
+            k = (spec, fns, self._grid_cap(spec))
             self._kernels[weight_dtype] = k
         return k
 
@@ -95,22 +111,30 @@ class DeviceTransport:
         per_sm = min(_MAX_BLOCKS_PER_SM, props["maxThreadsPerMultiProcessor"] // spec.threads)
         return max(1, props["multiProcessorCount"] * per_sm)
 
-    def fields(self, ops, start, tokens):
-        """The values of struct qknorm::Params for tokens [start, start + tokens)."""
-        q, k, qw, kw, qo, ko = ops
+    def _pack_static(self):
         cfg = self.cfg
-        strides = [row_stride(op) for op in (q, k, qo, ko)]
-        at = [op.ptr + start * s * op.itemsize for op, s in zip((q, k, qo, ko), strides)]
-        return (*at, qw.ptr, kw.ptr, *strides, *self.slots, self.counters, self.error,
-                self.error_host, self.sums.data.ptr if self.sums is not None else 0,
-                cfg.timeout_ns, tokens, cfg.max_tokens, cfg.rank, cfg.eps,
-                float(cfg.q_dim), float(cfg.k_dim))
+        _PARAMS.pack_into(
+            self._launch.buf, 0, *([0] * 10), *self.slots, self.counters, self.error,
+            self.error_host, self.sums.data.ptr if self.sums is not None else 0,
+            cfg.timeout_ns, 0, cfg.max_tokens, cfg.rank, cfg.eps, float(cfg.q_dim),
+            float(cfg.k_dim))
+        self._static_packed = True
 
     def run(self, ops, tokens, stream):
+        """Launch over tokens [0, tokens) in chunks of at most max_tokens."""
         spec, kern, cap = self.kernels(ops[2].dtype)
+        if not self._static_packed:
+            self._pack_static()
+        rows = (ops[0], ops[1], ops[4], ops[5])
+        strides = [row_stride(op) for op in rows]
+        buf = self._launch.buf
         for start in range(0, tokens, self.cfg.max_tokens):
             n = min(self.cfg.max_tokens, tokens - start)
-            self.launch(kern, spec, self.fields(ops, start, n), n, min(n, cap), stream)
+            _HEAD.pack_into(buf, 0, *[op.ptr + start * s * op.itemsize
+                                      for op, s in zip(rows, strides)],
+                            ops[2].ptr, ops[3].ptr, *strides)
+            _TOKENS.pack_into(buf, _TOKENS_AT, n)
+            self.launch(kern, spec, n, min(n, cap), stream)
 
     def check(self):
         """Raise a pending asynchronous error. Reads host memory only: no synchronization."""
@@ -146,8 +170,8 @@ class IpcTransport(DeviceTransport):
         self.error = self._error.data.ptr
         self.error_host = self._host
 
-    def launch(self, kern, spec, params, tokens, grid, stream):
-        self._launch(kern["fused"], grid, spec.threads, params, stream)
+    def launch(self, kern, spec, tokens, grid, stream):
+        self._launch(kern["fused"], grid, spec.threads, stream)
 
     def check(self):
         w = self._host_words
@@ -192,18 +216,24 @@ class NcclTransport(DeviceTransport):
             count = min(4 * count, 2 * cfg.max_tokens)
         cupy.cuda.runtime.deviceSynchronize()
 
-    def launch(self, kern, spec, params, tokens, grid, stream):
+    def launch(self, kern, spec, tokens, grid, stream):
         from cupy.cuda import nccl
-        self._launch(kern["partial_sums"], grid, spec.threads, params, stream)
+        self._launch(kern["partial_sums"], grid, spec.threads, stream)
         if self.cfg.world > 1:
             ptr = self.sums.data.ptr
             self._nccl.allReduce(ptr, ptr, 2 * tokens, nccl.NCCL_FLOAT32, nccl.NCCL_SUM,
                                  stream.ptr)
-        self._launch(kern["apply"], grid, spec.threads, params, stream)
+        self._launch(kern["apply"], grid, spec.threads, stream)
 
     def close(self):
+        """Collective. Abort, not destroy: ncclCommDestroy waits while a CUDA graph that
+        captured this communicator's collectives is alive (seen hanging on H100); after the
+        device synchronization and the barrier nothing of ours is in flight."""
         if getattr(self, "_nccl", None) is not None:
-            self._nccl.destroy()
+            import cupy
+            cupy.cuda.runtime.deviceSynchronize()
+            self.comm.Barrier()
+            self._nccl.abort()
             self._nccl = None
 
 
@@ -218,16 +248,16 @@ class MpiTransport(DeviceTransport):
         self._host = cupy.cuda.alloc_pinned_memory(cfg.max_tokens * 8)
         self._host_sums = np.frombuffer(self._host, np.float32, 2 * cfg.max_tokens)
 
-    def launch(self, kern, spec, params, tokens, grid, stream):
+    def launch(self, kern, spec, tokens, grid, stream):
         from mpi4py import MPI
-        self._launch(kern["partial_sums"], grid, spec.threads, params, stream)
+        self._launch(kern["partial_sums"], grid, spec.threads, stream)
         if self.cfg.world > 1:
             host = self._host_sums[:2 * tokens]
             self.sums[:tokens].ravel().get(stream=stream, out=host)
             stream.synchronize()
             self.comm.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
             self.sums[:tokens].ravel().set(host, stream=stream)
-        self._launch(kern["apply"], grid, spec.threads, params, stream)
+        self._launch(kern["apply"], grid, spec.threads, stream)
 
 
 def run_host(cfg, comm, ops, tokens):

@@ -25,10 +25,10 @@ with TPQKNorm(comm, 6144, 1024, "bfloat16", max_tokens=64, transport="ipc") as n
     n = 2000
     parts = {
         "validate": lambda: norm._validate(q, k, qw, kw, (qo, ko)),
-        "fields": lambda: t.fields(ops, 0, 1),
-        "launch": lambda: t.launch(kern, spec, t.fields(ops, 0, 1), 1, 1, s),
+        "pack+launch": lambda: t.run(ops, 1, s),
         "full call": lambda: norm(q, k, qw, kw, out=(qo, ko)),
     }
+    path = "cuLaunchKernel" if kern["fused"][1] is not None else "CuPy launch (fallback)"
     res = {}
     for name, fn in parts.items():
         comm.Barrier()
@@ -36,4 +36,5 @@ with TPQKNorm(comm, 6144, 1024, "bfloat16", max_tokens=64, transport="ipc") as n
         s.synchronize()
     norm.synchronize()
 if comm.rank == 0:
-    print("eager host time per call (us): " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+    print(f"eager host time per call (us, {path}): " +
+          ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
