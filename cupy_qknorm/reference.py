@@ -21,13 +21,11 @@ def bf16_to_f32(bits) -> np.ndarray:
 
 def f32_to_bf16(x) -> np.ndarray:
     """float32 -> uint16 bf16 bit patterns, round to nearest even; NaN stays NaN."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.asarray(x, dtype=np.float32).copy()  # contiguous, shape kept (0-d too)
     u = x.view(np.uint32).astype(np.uint64)
     rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    out = rounded.astype(np.uint16)
-    nan = np.isnan(x)
-    out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)  # keep sign, force a quiet NaN
-    return out
+    quiet_nan = (u >> 16) | 0x40  # keep the sign, force a quiet NaN
+    return np.asarray(np.where(np.isnan(x), quiet_nan, rounded).astype(np.uint16))
 
 
 def to_f64(x, dtype: str) -> np.ndarray:

@@ -15,11 +15,14 @@ ranks=("$@")
 [ ${#ranks[@]} -gt 0 ] || ranks=(2 3 4)
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | sed 's/^/gpu: /'
 fail=0
-mpirun() { mpiexec --allow-run-as-root --bind-to none -n "$@"; }
+# every stage is bounded: a hang becomes a failure with a stack dump, never a stuck host
+mpirun() { timeout "${STAGE_TIMEOUT:-400}" mpiexec --allow-run-as-root --bind-to none -n "$@"; }
+per_test=()
+python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120 --timeout-method thread)
 for g in "${ranks[@]}"; do
   if [ "$g" -gt "$gpus" ]; then echo "SKIPPED G=$g: only $gpus GPUs here"; continue; fi
   echo "=== G=$g: pytest tests/gpu"
-  mpirun "$g" python3 scripts/rank_pytest.py "$LOGS" gpu -- -q tests/gpu || fail=1
+  mpirun "$g" python3 scripts/rank_pytest.py "$LOGS" gpu -- -q "${per_test[@]}" tests/gpu || fail=1
   echo "=== G=$g: check (ipc, nccl) bf16"
   for t in ipc nccl; do
     mpirun "$g" python3 -m cupy_qknorm check --transport $t \

@@ -1,0 +1,46 @@
+"""Every shipped specialization compiles with NVRTC (through cuda.bindings: no GPU, no
+driver needed), for Hopper and Blackwell."""
+import re
+
+import pytest
+
+from cupy_qknorm import compile as kc
+
+nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="pip install cuda-bindings "
+                            "nvidia-cuda-nvrtc")
+
+SPECS = kc.shipped_specs()
+
+
+def test_shipped_specs_cover_every_world_size_and_dtype():
+    assert {s.world for s in SPECS} == set(range(1, 9))
+    assert {s.dtype for s in SPECS} == {"bfloat16", "float16", "float32"}
+    minimax = {(s.world, s.q_local, s.k_local) for s in SPECS}
+    for g in (1, 2, 4, 8):
+        assert (g, 6144 // g, 1024 // g) in minimax
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_100"])
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_nvrtc_compiles(spec, arch):
+    r = kc.nvrtc_compile(spec, arch)
+    assert r["cubin_bytes"] > 1000
+    assert set(r["lowered"]) == {"fused", "partial_sums", "apply"}
+    assert "warning" not in r["log"].lower(), r["log"]
+
+
+def test_compile_error_is_reported():
+    bad = kc.Spec("bfloat16", "bfloat16", 2, 3072, 512, 4)
+    object.__setattr__(bad, "q_local", 3073)  # not a whole number of vectors
+    with pytest.raises(kc.QKNormError, match="NVRTC"):
+        kc.nvrtc_compile(bad, "sm_90")
+
+
+def test_params_layout_matches_header():
+    text = (kc.KERNEL_DIR / "qknorm.cuh").read_text()
+    assert int(re.search(r"kParamsBytes\s*=\s*(\d+)", text).group(1)) == \
+        kc.PARAMS_DTYPE.itemsize == 208
+
+
+def test_source_hash_is_in_the_code_string():
+    assert kc.SOURCES_HASH in kc.SOURCE

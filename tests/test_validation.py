@@ -1,0 +1,154 @@
+"""Validation and error messages, on one rank with numpy arrays (no GPU needed)."""
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from cupy_qknorm import ClosedError, TPQKNorm
+from cupy_qknorm import reference as ref
+from cupy_qknorm.compile import Spec
+from cupy_qknorm.norm import check_config, choose_transport
+
+Q, K = 256, 64
+
+
+@pytest.fixture
+def norm():
+    n = TPQKNorm(MPI.COMM_SELF, Q, K, "float32", transport="mpi")
+    yield n
+    n.close()
+
+
+def arrays(tokens=4, dtype=np.float32):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((tokens, Q)).astype(dtype)
+    k = rng.standard_normal((tokens, K)).astype(dtype)
+    return q, k, np.ones(Q, dtype), np.ones(K, dtype)
+
+
+def test_single_rank_matches_reference(norm):
+    q, k, qw, kw = arrays(9)
+    qr, kr = ref.qk_norm(q, k, qw, kw, 1e-6)
+    qo, ko = np.full_like(q, np.nan), np.full_like(k, np.nan)
+    got = norm(q, k, qw, kw, out=(qo, ko))
+    assert got[0] is qo and got[1] is ko
+    assert ref.compare(qo, qr, "float32")[1] == 0
+    assert ref.compare(ko, kr, "float32")[1] == 0
+    norm(q, k, qw, kw)  # in place
+    np.testing.assert_array_equal(q, qo)
+
+
+BAD_INPUTS = [
+    ("wrong q width", lambda q, k, qw, kw: (q[:, :Q - 4], k, qw, kw), ValueError, r"shape must be \[T, 256\]"),
+    ("3-D q", lambda q, k, qw, kw: (q[None], k, qw, kw), ValueError, "shape must be"),
+    ("wrong dtype", lambda q, k, qw, kw: (q.astype(np.float64), k, qw, kw), TypeError, "dtype must be float32"),
+    ("non-contiguous last dim", lambda q, k, qw, kw: (np.zeros((4, 2 * Q), np.float32)[:, ::2], k, qw, kw), ValueError, "last dim must be contiguous"),
+    ("misaligned row stride", lambda q, k, qw, kw: (np.zeros((4, Q + 1), np.float32)[:, :Q], k, qw, kw), ValueError, "multiple of 16"),
+    ("misaligned data", lambda q, k, qw, kw: (np.zeros(4 * Q + 1, np.float32)[1:].reshape(4, Q), k, qw, kw), ValueError, "16-byte aligned"),
+    ("weight of the wrong length", lambda q, k, qw, kw: (q, k, qw[:-4], kw), ValueError, r"q_weight: shape must be \[256\]"),
+    ("weight of a third dtype", lambda q, k, qw, kw: (q, k, qw.astype(np.float16), kw), TypeError, "q_weight: dtype"),
+    ("q and k with different T", lambda q, k, qw, kw: (q, k[:3], qw, kw), ValueError, "k has 3 rows but q has 4"),
+    ("not an array", lambda q, k, qw, kw: (q.tolist(), k, qw, kw), TypeError, "expected a cupy or numpy array"),
+]
+
+
+@pytest.mark.parametrize("what,make,exc,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_and_writes_nothing(norm, what, make, exc, match):
+    q, k, qw, kw = arrays()
+    args = make(q, k, qw, kw)
+    qo, ko = np.full((4, Q), 7.0, np.float32), np.full((4, K), 7.0, np.float32)
+    before = [a.copy() for a in args if isinstance(a, np.ndarray)]
+    with pytest.raises(exc, match=match):
+        norm(*args, out=(qo, ko))
+    assert (qo == 7.0).all() and (ko == 7.0).all()
+    for a, b in zip([a for a in args if isinstance(a, np.ndarray)], before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_out(norm):
+    q, k, qw, kw = arrays()
+    with pytest.raises(TypeError, match="out must be a pair"):
+        norm(q, k, qw, kw, out=q)
+    with pytest.raises(ValueError, match=r"out\[1\] has 2 rows"):
+        norm(q, k, qw, kw, out=(np.empty_like(q), np.empty((2, K), np.float32)))
+
+
+def test_nan_inf_stay_in_their_row(norm):
+    q, k, qw, kw = arrays(6)
+    q[2, 5] = np.nan
+    k[4, 0] = np.inf
+    qr, kr = ref.qk_norm(q, k, qw, kw, 1e-6)
+    norm(q, k, qw, kw)
+    assert np.isnan(q[2]).all() and not np.isnan(np.delete(q, 2, axis=0)).any()
+    assert ref.compare(q, qr, "float32")[1] == 0 and ref.compare(k, kr, "float32")[1] == 0
+
+
+def test_zero_tokens_is_a_no_op(norm):
+    q, k, qw, kw = arrays(0)
+    assert norm(q, k, qw, kw)[0] is q
+
+
+def test_use_after_close():
+    n = TPQKNorm(MPI.COMM_SELF, Q, K, "float32", transport="mpi")
+    n.close()
+    n.close()  # idempotent
+    with pytest.raises(ClosedError):
+        n(*arrays())
+
+
+def test_context_manager_closes():
+    with TPQKNorm(MPI.COMM_SELF, Q, K, "float32", transport="mpi") as n:
+        pass
+    with pytest.raises(ClosedError):
+        n(*arrays())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dtype="bf16"), "dtype must be one of"),
+    (dict(q_dim=250), "q_dim=250 must split"),
+    (dict(k_dim=0), "k_dim must be a positive int"),
+    (dict(max_tokens=0), "max_tokens must be"),
+    (dict(eps=-1.0), "eps must be a finite number"),
+    (dict(transport="tcp"), "transport must be one of"),
+])
+def test_bad_config(kwargs, match):
+    args = dict(q_dim=Q, k_dim=K, dtype="float32")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        TPQKNorm(MPI.COMM_SELF, **args)
+
+
+def test_check_config_needs_vector_multiples():
+    with pytest.raises(ValueError, match="multiples of 8"):
+        check_config(6144, 1024, "bfloat16", 1e-6, 16, 5.0, 3)  # 1024/3 is no integer
+    check_config(6144, 1536, "bfloat16", 1e-6, 16, 5.0, 3)
+    with pytest.raises(ValueError, match="1..8 are supported"):
+        check_config(6144, 1024, "bfloat16", 1e-6, 16, 5.0, 16)
+
+
+GPU = (True, "bus0", "host", True)
+
+
+@pytest.mark.parametrize("asked,facts,want", [
+    ("auto", [GPU, (True, "bus1", "host", True)], "ipc"),
+    ("auto", [GPU, (True, "bus1", "other", True)], "nccl"),
+    ("auto", [GPU, (True, "bus0", "host", True)], "nccl"),   # two ranks on one GPU
+    ("auto", [GPU, (False, None, "host", False)], "mpi"),
+    ("auto", [GPU, (True, "bus1", "other", False)], "mpi"),  # no NCCL across nodes
+    ("ipc", [GPU, (True, "bus1", "other", True)], None),
+    ("nccl", [GPU, (False, None, "host", False)], None),
+    ("mpi", [GPU, GPU], "mpi"),
+])
+def test_choose_transport(asked, facts, want):
+    name, reason = choose_transport(asked, facts)
+    assert name == want, reason
+
+
+def test_spec_plan():
+    s = Spec.plan("bfloat16", "float32", 2, 3072, 512)
+    assert s.warps == 4 and s.threads == 128
+    assert s.names["fused"] == "qknorm::fused<qknorm::bf16_t, float, 2, 3072, 512, 4>"
+    assert Spec.plan("float32", "float32", 1, 6144, 1024).warps == 14
+    with pytest.raises(ValueError, match="weight dtype"):
+        Spec.plan("float32", "bfloat16", 2, 3072, 512)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        Spec.plan("float16", "float16", 2, 3076, 512)
