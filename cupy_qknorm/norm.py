@@ -245,7 +245,11 @@ class TPQKNorm:
         self._check_usable()
 
     def close(self):
-        """Collective and idempotent: waits for the device and frees every buffer."""
+        """Collective and idempotent: waits for the device and frees every buffer.
+
+        Destroy CUDA graphs that captured calls of this object before closing it: their
+        kernels point into its buffers, and with transport "nccl" NCCL's teardown waits
+        for such graphs to be destroyed."""
         t, self._transport = self._transport, None
         self._closed = True
         if t is not None:

@@ -226,9 +226,10 @@ class NcclTransport(DeviceTransport):
         self._launch(kern["apply"], grid, spec.threads, stream)
 
     def close(self):
-        """Collective. Abort, not destroy: ncclCommDestroy waits while a CUDA graph that
-        captured this communicator's collectives is alive (seen hanging on H100); after the
-        device synchronization and the barrier nothing of ours is in flight."""
+        """Collective. CUDA graphs that captured calls of this object must be destroyed
+        first: NCCL's teardown waits for them (a close() with such a graph alive hung on
+        H100). Abort rather than destroy: after the device synchronization and the barrier
+        nothing of ours is in flight, and abort needs no handshake with the peers."""
         if getattr(self, "_nccl", None) is not None:
             import cupy
             cupy.cuda.runtime.deviceSynchronize()
