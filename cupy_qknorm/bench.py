@@ -31,6 +31,7 @@ def add_parser(sub):
     b.add_argument("--calls", type=int, default=200)
     b.add_argument("--json", help="write every number to this file (rank 0)")
     b.add_argument("--plot", help="latency vs T, log-log, to this PNG (needs matplotlib)")
+    b.add_argument("--commit", help="the commit to print (default: git rev-parse HEAD)")
 
 
 def _say(comm, msg):
@@ -178,11 +179,14 @@ def run(args):
     stream = cupy.cuda.Stream(non_blocking=True)
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     card = props["name"].decode()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        commit = "unknown"
+    commit = args.commit
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                    capture_output=True, text=True,
+                                    timeout=5).stdout.strip() or "unknown"
+        except Exception:  # noqa: BLE001 - no git, or not a checkout
+            commit = "unknown"
     _say(comm, "floors ...")
     floors = {"empty_kernel_graph_us": floor_empty_kernel_us(stream),
               "one_way_us": floor_one_way_us(comm, stream),
