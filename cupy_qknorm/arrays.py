@@ -77,6 +77,37 @@ def describe(x, role: str) -> Operand:
                     f"producer, got {type(x).__name__}")
 
 
+def cupy_signature(arrs):
+    """(key, pointers) of a tuple of CuPy arrays, or (None, None) if any is not one.
+
+    The key holds everything validation looks at (shape, strides, dtype, device, address
+    modulo 16), so a key seen before needs no validation again."""
+    cls = _cupy_ndarray()
+    key, ptrs = [], []
+    for x in arrs:
+        if type(x) is not cls:
+            return None, None
+        mem = x.data
+        p = mem.ptr
+        ptrs.append(p)
+        key += (x.shape, x.strides, x.dtype, mem.device_id, p & 15)
+    return tuple(key), ptrs
+
+
+class Plan(NamedTuple):
+    """What a launch needs besides the pointers, derived from validated operands."""
+    tokens: int
+    weight_dtype: str
+    strides: tuple   # elements between rows of q, k, q_out, k_out
+    itemsize: int
+
+    @classmethod
+    def of(cls, ops):
+        q, k, qw, _, qo, ko = ops
+        return cls(q.shape[0], qw.dtype, tuple(row_stride(op) for op in (q, k, qo, ko)),
+                   q.itemsize)
+
+
 def check_rows(op: Operand, role: str, width: int, dtype: str):
     """A [T, width] matrix of `dtype`: last dim contiguous, rows 16-byte aligned."""
     if op.dtype != dtype:

@@ -22,5 +22,15 @@ class PeerTimeoutError(QKNormError, RuntimeError):
         self.token = token
 
 
+class CallMismatchError(QKNormError, RuntimeError):
+    """The ranks' calls did not match (T differs between ranks, or calls out of step);
+    detected on the GPU from the peers' slots. The object is closed for use."""
+
+    def __init__(self, message, peer=None, token=None):
+        super().__init__(message)
+        self.peer = peer
+        self.token = token
+
+
 class ClosedError(QKNormError, RuntimeError):
     """The object was used after close() or after a failed call."""

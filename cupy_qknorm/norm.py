@@ -10,6 +10,7 @@ from .errors import ClosedError, ConfigMismatchError, QKNormError, TransportUnav
 from .peers import agree, run_collectively
 
 TRANSPORTS = ("auto", "ipc", "nccl", "mpi")
+_MAX_PLANS = 1024  # validated array signatures kept per object (one per T seen, typically)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class TPQKNorm:
                  timeout_s: float = 5.0):
         self._transport = None
         self._closed = True
+        self._plans = {}
         self.comm = comm
         world, rank = comm.Get_size(), comm.Get_rank()
         error = None
@@ -158,6 +160,7 @@ class TPQKNorm:
         if self._gpu:
             import cupy
             self._device = cupy.cuda.Device().id
+            self._current_stream = cupy.cuda.get_current_stream
         if name == "mpi":
             self._transport = _HostCapable(self.config, self.comm)
             return "mpi"
@@ -181,24 +184,35 @@ class TPQKNorm:
         """Normalize q [T, q_dim/G] and k [T, k_dim/G] (in place, or into out=(q2, k2)).
 
         Returns the output pair. Raises TypeError/ValueError before anything is launched
-        for bad input, and PeerTimeoutError if an earlier call timed out."""
+        for bad input, and PeerTimeoutError/CallMismatchError if an earlier call failed."""
         self._check_usable()
-        ops = self._validate(q, k, q_weight, k_weight, out)
-        tokens = ops[0].shape[0]
-        if tokens:
+        qo, ko = (q, k) if out is None else _pair(out)
+        arrs = (q, k, q_weight, k_weight, qo, ko)
+        # Fast path: CuPy arrays whose shapes, strides, dtypes, device and alignment were
+        # validated before are not validated again (validation depends on nothing else).
+        key, ptrs = arrays.cupy_signature(arrs)
+        plan = self._plans.get(key) if key is not None else None
+        if plan is None:
+            ops = self._validate(*arrs)
             if ops[0].device is None:
-                from .transports import run_host
-                run_host(self.config, self.comm, ops, tokens)
-            else:
-                import cupy
-                s = stream if stream is not None else cupy.cuda.get_current_stream()
-                self._transport.run(ops, tokens, s)
-        return ops[4].obj, ops[5].obj
+                if ops[0].shape[0]:
+                    from .transports import run_host
+                    run_host(self.config, self.comm, ops, ops[0].shape[0])
+                return qo, ko
+            plan = arrays.Plan.of(ops)
+            ptrs = [op.ptr for op in ops]
+            if key is not None:
+                if len(self._plans) >= _MAX_PLANS:
+                    self._plans.clear()
+                self._plans[key] = plan
+        if plan.tokens:
+            self._transport.run(ptrs, plan, stream if stream is not None
+                                else self._current_stream())
+        return qo, ko
 
-    def _validate(self, q, k, q_weight, k_weight, out):
+    def _validate(self, q, k, q_weight, k_weight, qo, ko):
         cfg = self.config
         dq, dk = cfg.q_local, cfg.k_local
-        qo, ko = (q, k) if out is None else _pair(out)
         ops = [arrays.describe(x, role) for x, role in (
             (q, "q"), (k, "k"), (q_weight, "q_weight"), (k_weight, "k_weight"),
             (qo, "out[0]"), (ko, "out[1]"))]
@@ -280,11 +294,11 @@ class _HostCapable:
         self.cfg, self.comm = cfg, comm
         self._device = None
 
-    def run(self, ops, tokens, stream):
+    def run(self, ptrs, plan, stream):
         if self._device is None:
             from .transports import MpiTransport
             self._device = MpiTransport(self.cfg, self.comm)
-        self._device.run(ops, tokens, stream)
+        self._device.run(ptrs, plan, stream)
 
     def check(self):
         pass

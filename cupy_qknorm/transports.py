@@ -11,14 +11,14 @@ synchronization (except "mpi", which must bring the sums to the host).
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 
 import numpy as np
 
 from . import compile as kc
 from . import reference
-from .arrays import row_stride
-from .errors import PeerTimeoutError, QKNormError
+from .errors import CallMismatchError, PeerTimeoutError, QKNormError
 from .peers import PeerBuffers
 
 # struct qknorm::Params, field by field (see kernels/qknorm.cuh). The head (pointers and
@@ -29,17 +29,42 @@ _TOKENS = struct.Struct("<i")
 _TOKENS_AT = kc.PARAMS_DTYPE.fields["tokens"][1]
 assert _PARAMS.size == kc.PARAMS_DTYPE.itemsize
 _HOST_ALLOC_MAPPED = 2  # cudaHostAllocMapped; with UVA the device sees the same address
-_MAX_BLOCKS_PER_SM = 32
+SLOT_BYTES = 16         # one exchange slot: {sum_q, sum_k, tokens, use number}
+ERROR_WORDS = 8         # qknorm::kErrorWords: {code, peer, token, rank, theirs, ours, 0, 0}
+ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE = 1, 2, 3
+PDL_ENV = "CUPY_QKNORM_PDL"  # "0": launch the fused kernel without programmatic dependence
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint),
+                ("gridDimZ", ctypes.c_uint), ("blockDimX", ctypes.c_uint),
+                ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+assert ctypes.sizeof(_LaunchAttribute) == 72 and ctypes.sizeof(_LaunchConfig) == 56
 
 
 class _Launcher:
     """cuLaunchKernel through ctypes with one packed parameter buffer: less host time per
     launch than CuPy's generic argument handling. Falls back to CuPy's launch where libcuda
-    or a kernel's function handle cannot be reached."""
+    or a kernel's function handle cannot be reached.
 
-    def __init__(self):
+    With `pdl`, launches go through cuLaunchKernelEx with programmatic stream serialization:
+    the kernel may start while the previous kernel of the stream finishes, and must itself
+    wait (griddepcontrol.wait) before it touches memory that kernel may write."""
+
+    def __init__(self, pdl=False):
         self.buf = ctypes.create_string_buffer(_PARAMS.size)
         self._argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.buf))
+        self.pdl = False
         try:
             lib = ctypes.CDLL("libcuda.so.1")
             self._launch = lib.cuLaunchKernel
@@ -50,6 +75,20 @@ class _Launcher:
             self._error_name.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         except (OSError, AttributeError):
             self._launch = None
+            return
+        if pdl:
+            try:
+                self._launch_ex = lib.cuLaunchKernelEx
+            except AttributeError:
+                return
+            self._launch_ex.restype = ctypes.c_int
+            self._launch_ex.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_void_p]
+            self._attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+            self._config = _LaunchConfig(gridDimY=1, gridDimZ=1, blockDimY=1, blockDimZ=1,
+                                         attrs=ctypes.pointer(self._attr), numAttrs=1)
+            self._config_ref = ctypes.byref(self._config)
+            self.pdl = True
 
     def handle(self, kernel):
         """The CUfunction of a CuPy RawKernel on the current device, or None."""
@@ -60,14 +99,19 @@ class _Launcher:
         except AttributeError:
             return None
 
-    def __call__(self, kernel, grid, block, stream):
+    def __call__(self, kernel, grid, block, stream, pdl=False):
         raw, fn = kernel
         if fn is None:
             params = np.frombuffer(self.buf.raw, kc.PARAMS_DTYPE)[0]
             with stream:
                 raw((grid,), (block,), (params,))
             return
-        rc = self._launch(fn, grid, 1, 1, block, 1, 1, 0, stream.ptr, self._argv, None)
+        if pdl and self.pdl:
+            c = self._config
+            c.gridDimX, c.blockDimX, c.hStream = grid, block, stream.ptr
+            rc = self._launch_ex(self._config_ref, fn, self._argv, None)
+        else:
+            rc = self._launch(fn, grid, 1, 1, block, 1, 1, 0, stream.ptr, self._argv, None)
         if rc:
             name = ctypes.c_char_p()
             self._error_name(rc, ctypes.byref(name))
@@ -78,7 +122,7 @@ class DeviceTransport:
     """Common part of the GPU transports: kernels, launch parameters, chunking."""
     name = "?"
 
-    def __init__(self, cfg, comm):
+    def __init__(self, cfg, comm, pdl=False):
         import cupy
         self.cfg = cfg
         self.comm = comm
@@ -89,7 +133,7 @@ class DeviceTransport:
         self.error = 0
         self.error_host = 0
         self.sums = None
-        self._launch = _Launcher()
+        self._launch = _Launcher(pdl)
         self._static_packed = False
 
     def kernels(self, weight_dtype):
@@ -100,16 +144,24 @@ class DeviceTransport:
                                 self.cfg.q_local, self.cfg.k_local)
             raw = kc.load(spec)
             fns = {kind: (r, self._launch.handle(r)) for kind, r in raw.items()}
-            k = (spec, fns, self._grid_cap(spec))
+            k = (spec, fns, self._grid_cap(spec, raw))
             self._kernels[weight_dtype] = k
         return k
 
-    def _grid_cap(self, spec):
-        """Blocks that fit on the GPU at once: spinning blocks must not wait for a slot."""
-        from cupy.cuda import runtime
+    def _grid_cap(self, spec, raw):
+        """Blocks of every kernel that are resident on the GPU at once: a block that spins
+        on a peer must never wait for another block of its grid to be scheduled. Counted
+        by the occupancy calculator (registers, shared memory, threads)."""
+        from cupy.cuda import driver, runtime
         props = runtime.getDeviceProperties(self.device.id)
-        per_sm = min(_MAX_BLOCKS_PER_SM, props["maxThreadsPerMultiProcessor"] // spec.threads)
-        return max(1, props["multiProcessorCount"] * per_sm)
+        per_sm = props["maxThreadsPerMultiProcessor"] // spec.threads
+        for r in raw.values():
+            try:
+                per_sm = min(per_sm, driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                    r.kernel.ptr, spec.threads, 0))
+            except Exception:  # noqa: BLE001 - no calculator: assume the worst register use
+                per_sm = min(per_sm, props["regsPerMultiprocessor"] // (255 * spec.threads))
+        return max(1, props["multiProcessorCount"] * max(1, per_sm))
 
     def _pack_static(self):
         cfg = self.cfg
@@ -120,19 +172,27 @@ class DeviceTransport:
             float(cfg.k_dim))
         self._static_packed = True
 
-    def run(self, ops, tokens, stream):
-        """Launch over tokens [0, tokens) in chunks of at most max_tokens."""
-        spec, kern, cap = self.kernels(ops[2].dtype)
+    def run(self, ptrs, plan, stream):
+        """Launch over tokens [0, plan.tokens) in chunks of at most max_tokens.
+
+        ptrs: addresses of q, k, q_weight, k_weight, q_out, k_out (validated)."""
+        spec, kern, cap = self.kernels(plan.weight_dtype)
         if not self._static_packed:
             self._pack_static()
-        rows = (ops[0], ops[1], ops[4], ops[5])
-        strides = [row_stride(op) for op in rows]
+        q, k, qw, kw, qo, ko = ptrs
+        strides = plan.strides
         buf = self._launch.buf
-        for start in range(0, tokens, self.cfg.max_tokens):
-            n = min(self.cfg.max_tokens, tokens - start)
-            _HEAD.pack_into(buf, 0, *[op.ptr + start * s * op.itemsize
-                                      for op, s in zip(rows, strides)],
-                            ops[2].ptr, ops[3].ptr, *strides)
+        tokens, chunk = plan.tokens, self.cfg.max_tokens
+        if tokens <= chunk:  # one launch: the common case, kept short
+            _HEAD.pack_into(buf, 0, q, k, qo, ko, qw, kw, *strides)
+            _TOKENS.pack_into(buf, _TOKENS_AT, tokens)
+            self.launch(kern, spec, tokens, min(tokens, cap), stream)
+            return
+        step = [s * plan.itemsize for s in strides]
+        for start in range(0, tokens, chunk):
+            n = min(chunk, tokens - start)
+            _HEAD.pack_into(buf, 0, q + start * step[0], k + start * step[1],
+                            qo + start * step[2], ko + start * step[3], qw, kw, *strides)
             _TOKENS.pack_into(buf, _TOKENS_AT, n)
             self.launch(kern, spec, n, min(n, cap), stream)
 
@@ -150,18 +210,20 @@ class IpcTransport(DeviceTransport):
     def __init__(self, cfg, comm):
         import cupy
         from cupy.cuda import runtime
-        super().__init__(cfg, comm)
+        major = cupy.cuda.Device().compute_capability[:-1]
+        super().__init__(cfg, comm, pdl=os.environ.get(PDL_ENV, "1") != "0" and
+                         int(major) >= 9)
         self.buffers = None
         self._host = 0
         self._host_words = None
         try:
             self._counters = cupy.zeros(cfg.max_tokens, cupy.uint32)
-            self._error = cupy.zeros(4, cupy.int32)
-            self._host = runtime.hostAlloc(16, _HOST_ALLOC_MAPPED)
-            self._host_words = (ctypes.c_int32 * 4).from_address(self._host)
-            ctypes.memset(self._host, 0, 16)
+            self._error = cupy.zeros(ERROR_WORDS, cupy.int32)
+            self._host = runtime.hostAlloc(4 * ERROR_WORDS, _HOST_ALLOC_MAPPED)
+            self._host_words = (ctypes.c_int32 * ERROR_WORDS).from_address(self._host)
+            ctypes.memset(self._host, 0, 4 * ERROR_WORDS)
             if cfg.world > 1:
-                self.buffers = PeerBuffers(comm, 2 * cfg.max_tokens * cfg.world * 8)
+                self.buffers = PeerBuffers(comm, 2 * cfg.max_tokens * cfg.world * SLOT_BYTES)
                 self.slots = tuple(self.buffers.ptrs) + (0,) * (kc.MAX_WORLD - cfg.world)
         except BaseException:
             self.close()
@@ -170,16 +232,33 @@ class IpcTransport(DeviceTransport):
         self.error = self._error.data.ptr
         self.error_host = self._host
 
+    @property
+    def pdl(self):
+        return self._launch.pdl
+
     def launch(self, kern, spec, tokens, grid, stream):
-        self._launch(kern["fused"], grid, spec.threads, stream)
+        self._launch(kern["fused"], grid, spec.threads, stream, pdl=True)
 
     def check(self):
         w = self._host_words
-        if w is not None and w[0]:
-            raise PeerTimeoutError(
-                f"rank {w[3]} waited longer than {self.cfg.timeout_ns / 1e9:g} s for the "
-                f"partial sums of rank {w[1]} (token {w[2]} of a launch); the object is "
-                f"closed for use", peer=w[1], token=w[2])
+        if w is None or not w[0]:
+            return
+        code, peer, token, rank, theirs, ours = w[0], w[1], w[2], w[3], w[4], w[5]
+        if code == ERROR_TOKENS:
+            raise CallMismatchError(
+                f"rank {rank} launched {ours} tokens where rank {peer} launched {theirs} "
+                f"(T must be the same on every rank within a call; calls past max_tokens "
+                f"launch in chunks of max_tokens); nothing of that launch was written on "
+                f"rank {rank}; the object is closed for use", peer=peer, token=token)
+        if code == ERROR_SEQUENCE:
+            raise CallMismatchError(
+                f"rank {rank} found use {theirs} of token {token}'s slot from rank {peer} "
+                f"where it expected use {ours}: the ranks' calls are out of step; the "
+                f"object is closed for use", peer=peer, token=token)
+        raise PeerTimeoutError(
+            f"rank {rank} waited longer than {self.cfg.timeout_ns / 1e9:g} s for the "
+            f"partial sums of rank {peer} (token {token} of a launch); the object is "
+            f"closed for use", peer=peer, token=token)
 
     def close(self):
         from cupy.cuda import runtime

@@ -86,9 +86,9 @@ struct Params {
   long long k_stride;
   long long q_out_stride;
   long long k_out_stride;
-  unsigned long long* slots[8];        // exchange buffer of every rank (slots[rank] is ours)
+  uint4* slots[8];                     // exchange buffer of every rank (slots[rank] is ours)
   unsigned int* counters;              // [max_tokens] uses of each token slot so far
-  int* error;                          // device error record {code, peer, token, rank}
+  int* error;                          // device error record, kErrorWords ints
   int* error_host;                     // host-mapped copy of the record, or null
   float* sums;                         // [tokens, 2] sums of squares, unfused path only
   long long timeout_ns;                // <= 0: wait forever
@@ -102,18 +102,27 @@ struct Params {
 constexpr int kParamsBytes = 208;
 static_assert(sizeof(Params) == kParamsBytes, "Params layout is shared with compile.py");
 
-constexpr int kErrorTimeout = 1;
+// Error record: {code, peer, token, rank, peer's value, our value, 0, 0}. The codes and
+// the layout are read by cupy_qknorm/transports.py.
+constexpr int kErrorWords = 8;
+constexpr int kErrorTimeout = 1;   // the peer's partial sums never came
+constexpr int kErrorTokens = 2;    // the peer launched with another token count
+constexpr int kErrorSequence = 3;  // the peer's slot holds another use of this token
 
 // ---------------------------------------------------------------------------------------
-// Exchange slots. Each rank owns slots[2][max_tokens][G] of 8 bytes: slot [h][t][r] holds
-// rank r's (sum_q, sum_k) for token t. The value is its own flag: an empty slot holds the
-// pair (-0.0f, -0.0f), which no sum of squares can be (sums start at +0.0 and add values
-// >= +0.0; NaN has other bits), so zero rows, eps = 0, Inf and NaN all pass through.
-// The reader resets a slot to empty after reading it. Consecutive uses of a token slot
-// alternate halves (counters[t] & 1), so a peer that runs one call ahead writes the other
-// half and never overwrites a value not yet read; it cannot run two calls ahead, since
-// that needs our partial of the next call, written only after this launch finished.
-constexpr unsigned long long kEmpty = 0x8000000080000000ull;
+// Exchange slots. Each rank owns slots[2][max_tokens][G] of 16 bytes: slot [h][t][r] holds
+// rank r's {sum_q, sum_k, tokens in its launch, use number of token t} for token t.
+// The value is its own flag, word by word: an empty word holds 0x80000000, which no word
+// of a written slot can hold (the sums are sums of squares: +0.0 or more, or NaN with other
+// bits, never -0.0; token counts and use numbers stay below 2^31). So zero rows, eps = 0,
+// Inf and NaN all pass through, and a slot read while its 16-byte store lands part by part
+// is simply read again. The reader resets a slot to empty after reading it. Consecutive
+// uses of a token slot alternate halves (counters[t] & 1), so a peer that runs one call
+// ahead writes the other half and never overwrites a value not yet read; it cannot run two
+// calls ahead, since that needs our partial of the next call, written only after this
+// launch finished. The token count and the use number let a reader see a peer that
+// launched something else (T differs between ranks) instead of mixing two calls.
+constexpr unsigned int kEmptyWord = 0x80000000u;
 
 __device__ __forceinline__ unsigned long long load_volatile(const unsigned long long* p) {
   unsigned long long v;
@@ -123,48 +132,77 @@ __device__ __forceinline__ unsigned long long load_volatile(const unsigned long 
 __device__ __forceinline__ void store_volatile(unsigned long long* p, unsigned long long v) {
   asm volatile("st.volatile.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
+__device__ __forceinline__ uint4 load_volatile(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void store_volatile(uint4* p, uint4 v) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};"
+               ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+__device__ __forceinline__ bool complete(const uint4 v) {
+  return v.x != kEmptyWord && v.y != kEmptyWord && v.z != kEmptyWord && v.w != kEmptyWord;
+}
 __device__ __forceinline__ unsigned long long global_timer_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
 
-__device__ __forceinline__ unsigned long long pack_sums(float sq, float sk) {
-  unsigned int lo = __float_as_uint(sq);
-  if (lo == 0x80000000u) lo = 0u;  // never true for a sum of squares; keeps kEmpty unique
-  return ((unsigned long long)__float_as_uint(sk) << 32) | lo;
+__device__ __forceinline__ uint4 make_slot(float sq, float sk, int tokens, unsigned int uses) {
+  unsigned int q = __float_as_uint(sq), k = __float_as_uint(sk);
+  if (q == kEmptyWord) q = 0u;  // never true for a sum of squares; keeps the marker unique
+  if (k == kEmptyWord) k = 0u;
+  return make_uint4(q, k, (unsigned int)tokens, uses & 0x7fffffffu);
+}
+
+// Programmatic dependent launch (sm_90+): the host launches the fused kernel with the
+// programmatic-serialization attribute, so it may start while the previous kernel of the
+// stream is still running. Nothing before grid_dependency_wait() may read memory that an
+// earlier kernel writes; after it, everything of the previous kernel is visible.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 // Marks the call as failed (first failure wins) in device memory and, if mapped, in host
 // memory, where the host reads it without synchronizing.
-__device__ void record_error(const Params& p, int code, int peer, int token) {
+__device__ void record_error(const Params& p, int code, int peer, int token, int theirs,
+                             int ours) {
   if (atomicCAS(p.error, 0, code) != 0) return;
-  p.error[1] = peer;
-  p.error[2] = token;
-  p.error[3] = p.rank;
+  const int words[kErrorWords] = {code, peer, token, p.rank, theirs, ours, 0, 0};
+#pragma unroll
+  for (int i = 1; i < kErrorWords; ++i) p.error[i] = words[i];
   if (p.error_host != nullptr) {
-    p.error_host[1] = peer;
-    p.error_host[2] = token;
-    p.error_host[3] = p.rank;
+#pragma unroll
+    for (int i = 1; i < kErrorWords; ++i) p.error_host[i] = words[i];
     __threadfence_system();
     *(volatile int*)p.error_host = code;
   }
 }
 
-// Spins until `slot` is written. Gives up (returns false) past the timeout, read from the
-// GPU's own clock, or as soon as an earlier wait of this object failed.
-__device__ bool wait_slot(unsigned long long* slot, const Params& p, int peer, int token,
-                          unsigned long long& value) {
+// Spins until every word of `slot` is written. Gives up (returns false) past the timeout,
+// read from the GPU's own clock, or as soon as an earlier wait of this object failed.
+__device__ bool wait_slot(const uint4* slot, const Params& p, int peer, int token,
+                          uint4& value) {
   value = load_volatile(slot);
-  if (value != kEmpty) return true;
+  if (complete(value)) return true;
   const unsigned long long start = global_timer_ns();
   for (unsigned int spin = 1;; ++spin) {
     value = load_volatile(slot);
-    if (value != kEmpty) return true;
+    if (complete(value)) return true;
     if ((spin & 63u) == 0) {
       if (*(volatile int*)p.error != 0) return false;
       if (p.timeout_ns > 0 && (long long)(global_timer_ns() - start) > p.timeout_ns) {
-        record_error(p, kErrorTimeout, peer, token);
+        record_error(p, kErrorTimeout, peer, token, 0, 0);
         return false;
       }
     }
@@ -175,17 +213,13 @@ __device__ bool wait_slot(unsigned long long* slot, const Params& p, int peer, i
 // One token's row (its q slice and k slice) spread over the NT threads of a block: thread
 // `tid` holds 16-byte vectors tid, tid + NT, ... of the concatenated [q | k] row, so each
 // warp touches 512 contiguous bytes per step.
-template <class T, class W, int DQ, int DK, int NT>
-struct Row {
+template <class T, int DQ, int DK, int NT>
+struct Layout {
   static constexpr int N = Vec<T>::N;  // elements per 16-byte vector
   static_assert(DQ % N == 0 && DK % N == 0, "local widths must be whole 16-byte vectors");
   static constexpr int VQ = DQ / N;
   static constexpr int V = VQ + DK / N;
   static constexpr int NV = (V + NT - 1) / NT;  // vectors per thread
-  static constexpr int WV = N * sizeof(W) / 16;  // 16-byte weight vectors per data vector
-
-  uint4 x[NV];
-  uint4 w[NV][WV];  // weights stay in registers across tokens
 
   static __device__ __forceinline__ bool valid(int j) { return threadIdx.x + j * NT < V; }
   static __device__ __forceinline__ bool is_q(int j) { return threadIdx.x + j * NT < VQ; }
@@ -194,23 +228,40 @@ struct Row {
     const int i = threadIdx.x + j * NT;
     return (i < VQ ? i : i - VQ) * N;
   }
+};
 
-  __device__ __forceinline__ void load_weights(const Params& p) {
+// This thread's weights, kept in registers across tokens.
+template <class T, class W, int DQ, int DK, int NT>
+struct Weights {
+  using L = Layout<T, DQ, DK, NT>;
+  static constexpr int WV = L::N * sizeof(W) / 16;  // 16-byte weight vectors per data vector
+  uint4 w[L::NV][WV];
+
+  __device__ __forceinline__ void load(const Params& p) {
 #pragma unroll
-    for (int j = 0; j < NV; ++j) {
-      if (!valid(j)) continue;
-      const W* base = static_cast<const W*>(is_q(j) ? p.q_weight : p.k_weight) + offset(j);
+    for (int j = 0; j < L::NV; ++j) {
+      if (!L::valid(j)) continue;
+      const W* base = static_cast<const W*>(L::is_q(j) ? p.q_weight : p.k_weight) +
+                      L::offset(j);
 #pragma unroll
       for (int u = 0; u < WV; ++u) w[j][u] = reinterpret_cast<const uint4*>(base)[u];
     }
   }
+};
+
+// This thread's part of one token's row.
+template <class T, int DQ, int DK, int NT>
+struct Row {
+  using L = Layout<T, DQ, DK, NT>;
+  static constexpr int N = L::N;
+  uint4 x[L::NV];
 
   __device__ __forceinline__ void load(const Params& p, long long t) {
 #pragma unroll
-    for (int j = 0; j < NV; ++j) {
-      if (!valid(j)) continue;
-      const T* src = is_q(j) ? static_cast<const T*>(p.q) + t * p.q_stride + offset(j)
-                             : static_cast<const T*>(p.k) + t * p.k_stride + offset(j);
+    for (int j = 0; j < L::NV; ++j) {
+      if (!L::valid(j)) continue;
+      const T* src = L::is_q(j) ? static_cast<const T*>(p.q) + t * p.q_stride + L::offset(j)
+                                : static_cast<const T*>(p.k) + t * p.k_stride + L::offset(j);
       x[j] = *reinterpret_cast<const uint4*>(src);
     }
   }
@@ -219,31 +270,34 @@ struct Row {
   __device__ __forceinline__ float2 sums() const {
     float2 s = make_float2(0.f, 0.f);
 #pragma unroll
-    for (int j = 0; j < NV; ++j) {
-      if (!valid(j)) continue;
+    for (int j = 0; j < L::NV; ++j) {
+      if (!L::valid(j)) continue;
       float f[N];
       Vec<T>::unpack(x[j], f);
       float a = 0.f;
 #pragma unroll
       for (int e = 0; e < N; ++e) a = fmaf(f[e], f[e], a);
-      if (is_q(j)) s.x += a; else s.y += a;
+      if (L::is_q(j)) s.x += a; else s.y += a;
     }
     return s;
   }
 
-  __device__ __forceinline__ void scale_store(const Params& p, long long t, float2 scale) {
+  template <class W>
+  __device__ __forceinline__ void scale_store(const Params& p, long long t, float2 scale,
+                                              const Weights<T, W, DQ, DK, NT>& wt) const {
+    constexpr int WV = Weights<T, W, DQ, DK, NT>::WV;
 #pragma unroll
-    for (int j = 0; j < NV; ++j) {
-      if (!valid(j)) continue;
+    for (int j = 0; j < L::NV; ++j) {
+      if (!L::valid(j)) continue;
       float f[N], wf[N];
       Vec<T>::unpack(x[j], f);
 #pragma unroll
-      for (int u = 0; u < WV; ++u) Vec<W>::unpack(w[j][u], wf + u * Vec<W>::N);
-      const float s = is_q(j) ? scale.x : scale.y;
+      for (int u = 0; u < WV; ++u) Vec<W>::unpack(wt.w[j][u], wf + u * Vec<W>::N);
+      const float s = L::is_q(j) ? scale.x : scale.y;
 #pragma unroll
       for (int e = 0; e < N; ++e) f[e] = f[e] * s * wf[e];
-      T* dst = is_q(j) ? static_cast<T*>(p.q_out) + t * p.q_out_stride + offset(j)
-                       : static_cast<T*>(p.k_out) + t * p.k_out_stride + offset(j);
+      T* dst = L::is_q(j) ? static_cast<T*>(p.q_out) + t * p.q_out_stride + L::offset(j)
+                          : static_cast<T*>(p.k_out) + t * p.k_out_stride + L::offset(j);
       *reinterpret_cast<uint4*>(dst) = Vec<T>::pack(f);
     }
   }
@@ -258,7 +312,7 @@ __device__ __forceinline__ float2 warp_sum(float2 v) {
   return v;
 }
 
-// Sum over the block, in a fixed order. Every thread calls it; lane 0 of warp 0 gets it.
+// Sum over the block, in a fixed order. Every thread calls it; every lane of warp 0 gets it.
 template <int WARPS>
 __device__ __forceinline__ float2 block_sum(float2 v, float2* scratch) {
   v = warp_sum(v);
@@ -267,7 +321,7 @@ __device__ __forceinline__ float2 block_sum(float2 v, float2* scratch) {
   if ((threadIdx.x & 31) == 0) scratch[warp] = v;
   __syncthreads();
   float2 s = make_float2(0.f, 0.f);
-  if (threadIdx.x == 0) {
+  if (threadIdx.x < 32) {
 #pragma unroll
     for (int i = 0; i < WARPS; ++i) { s.x += scratch[i].x; s.y += scratch[i].y; }
   }
@@ -283,60 +337,124 @@ __device__ __forceinline__ float2 inv_rms(const Params& p, float sq, float sk) {
 // The fused kernel: per token, local sums -> push to every rank's slot -> wait for all G
 // partials -> sum them in rank order (identical on every rank) -> scale and store.
 // A persistent grid walks the tokens; every rank launches the same grid for the same call.
+// Each block keeps two tokens in flight: it loads, sums and pushes its next token before
+// it waits for the partials of the current one, so the peers' latency overlaps memory work.
 template <class T, class W, int G, int DQ, int DK, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32) fused(const Params p) {
-  constexpr int NT = WARPS * 32;
-  using R = Row<T, W, DQ, DK, NT>;
-  __shared__ float2 scratch[WARPS];
-  __shared__ float2 scale_shared;
-  __shared__ int ok_shared;
-  R row;
-  row.load_weights(p);
-  const int lane = threadIdx.x & 31;
-  for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
+struct Fused {
+  static constexpr int NT = WARPS * 32;
+  using R = Row<T, DQ, DK, NT>;
+
+  struct Shared {
+    float2 scratch[2][WARPS];  // one per token in flight: the two sums may overlap
+    float2 scale;
+    int ok;
+  };
+
+  // A token between begin() and finish(), as warp 0 knows it.
+  struct Pending {
+    unsigned int uses;  // use number of the token's slot: which half of the buffer it takes
+    float2 part;        // this rank's sums of squares
+  };
+
+  // Loads token t, sums it and pushes the partials to every rank.
+  static __device__ __forceinline__ Pending begin(const Params& p, R& row, long long t,
+                                                  float2* scratch) {
     unsigned int uses = 0;
     if (G > 1 && threadIdx.x == 0) uses = p.counters[t];
     row.load(p, t);
     const float2 part = block_sum<WARPS>(row.sums(), scratch);
+    if (G > 1 && threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      uses = __shfl_sync(0xffffffffu, uses, 0);
+      if (lane < G) {
+        uint4* peer = nullptr;
+#pragma unroll
+        for (int r = 0; r < G; ++r) if (lane == r) peer = p.slots[r];
+        const long long base = ((long long)(uses & 1u) * p.max_tokens + t) * G;
+        store_volatile(peer + base + p.rank, make_slot(part.x, part.y, p.tokens, uses));
+      }
+    }
+    return Pending{uses, part};
+  }
+
+  // Waits for token t's partials from every rank, then scales and stores the row.
+  template <class WT>
+  static __device__ __forceinline__ void finish(const Params& p, const R& row, long long t,
+                                                const Pending& pending, const WT& wt,
+                                                Shared& sh) {
     if (threadIdx.x < 32) {
-      float sq = __shfl_sync(0xffffffffu, part.x, 0);
-      float sk = __shfl_sync(0xffffffffu, part.y, 0);
+      const unsigned int uses = pending.uses;
+      const int lane = threadIdx.x;
+      float sq, sk;
       bool ok = true;
       if constexpr (G > 1) {
-        uses = __shfl_sync(0xffffffffu, uses, 0);
+        uint4* mine = nullptr;
+#pragma unroll
+        for (int r = 0; r < G; ++r) if (p.rank == r) mine = p.slots[r];
         const long long base = ((long long)(uses & 1u) * p.max_tokens + t) * G;
-        unsigned long long got = 0;
+        uint4 got = make_uint4(0u, 0u, 0u, 0u);
         if (lane < G) {
-          unsigned long long* peer = nullptr;
-#pragma unroll
-          for (int r = 0; r < G; ++r) if (lane == r) peer = p.slots[r];
-          unsigned long long* mine = nullptr;
-#pragma unroll
-          for (int r = 0; r < G; ++r) if (p.rank == r) mine = p.slots[r];
-          store_volatile(peer + base + p.rank, pack_sums(sq, sk));
           ok = wait_slot(mine + base + lane, p, lane, (int)t, got);
-          store_volatile(mine + base + lane, kEmpty);
+          if (ok && got.z != (unsigned int)p.tokens) {
+            record_error(p, kErrorTokens, lane, (int)t, (int)got.z, p.tokens);
+            ok = false;
+          } else if (ok && got.w != (uses & 0x7fffffffu)) {
+            record_error(p, kErrorSequence, lane, (int)t, (int)got.w,
+                         (int)(uses & 0x7fffffffu));
+            ok = false;
+          }
+          store_volatile(mine + base + lane, make_uint4(kEmptyWord, kEmptyWord, kEmptyWord,
+                                                        kEmptyWord));
         }
         ok = __all_sync(0xffffffffu, ok);
         sq = 0.f;
         sk = 0.f;
 #pragma unroll
         for (int r = 0; r < G; ++r) {
-          const unsigned long long v = __shfl_sync(0xffffffffu, got, r);
-          sq += __uint_as_float((unsigned int)v);
-          sk += __uint_as_float((unsigned int)(v >> 32));
+          sq += __uint_as_float(__shfl_sync(0xffffffffu, got.x, r));
+          sk += __uint_as_float(__shfl_sync(0xffffffffu, got.y, r));
         }
+      } else {
+        sq = pending.part.x;
+        sk = pending.part.y;
       }
       if (lane == 0) {
-        scale_shared = inv_rms(p, sq, sk);
-        ok_shared = ok;
+        sh.scale = inv_rms(p, sq, sk);
+        sh.ok = ok;
         if (G > 1) p.counters[t] = uses + 1;
       }
     }
     __syncthreads();
-    if (ok_shared) row.scale_store(p, t, scale_shared);
-    // scratch, scale_shared and ok_shared are rewritten next token only after another
-    // barrier that every thread reaches after reading them, so one barrier here suffices.
+    if (sh.ok) row.scale_store(p, t, sh.scale, wt);
+    // scratch, scale and ok are rewritten only after another barrier that every thread
+    // reaches after reading them (the next begin's block sum, or the next finish).
+  }
+};
+
+template <class T, class W, int G, int DQ, int DK, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32) fused(const Params p) {
+  using F = Fused<T, W, G, DQ, DK, WARPS>;
+  __shared__ typename F::Shared sh;
+  grid_dependency_wait();  // the previous kernel of the stream is complete from here on
+  allow_dependents();      // the next launch may start its own wait now
+  long long t = blockIdx.x;
+  if (t >= p.tokens) return;
+  Weights<T, W, DQ, DK, F::NT> wt;
+  wt.load(p);
+  typename F::R a, b;
+  typename F::Pending pa = F::begin(p, a, t, sh.scratch[0]), pb{};
+  // The two rows alternate roles; written out twice so that they stay in registers.
+  for (;;) {
+    long long next = t + gridDim.x;
+    if (next < p.tokens) pb = F::begin(p, b, next, sh.scratch[1]);
+    F::finish(p, a, t, pa, wt, sh);
+    if (next >= p.tokens) break;
+    t = next;
+    next = t + gridDim.x;
+    if (next < p.tokens) pa = F::begin(p, a, next, sh.scratch[0]);
+    F::finish(p, b, t, pb, wt, sh);
+    if (next >= p.tokens) break;
+    t = next;
   }
 }
 
@@ -344,7 +462,7 @@ __global__ void __launch_bounds__(WARPS * 32) fused(const Params p) {
 // The unfused path: partial sums -> (NCCL or MPI all-reduce of sums[tokens, 2]) -> apply.
 template <class T, int DQ, int DK, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) partial_sums(const Params p) {
-  using R = Row<T, T, DQ, DK, WARPS * 32>;
+  using R = Row<T, DQ, DK, WARPS * 32>;
   __shared__ float2 scratch[WARPS];
   R row;
   for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
@@ -357,13 +475,14 @@ __global__ void __launch_bounds__(WARPS * 32) partial_sums(const Params p) {
 
 template <class T, class W, int DQ, int DK, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) apply(const Params p) {
-  using R = Row<T, W, DQ, DK, WARPS * 32>;
-  R row;
-  row.load_weights(p);
+  constexpr int NT = WARPS * 32;
+  Weights<T, W, DQ, DK, NT> wt;
+  wt.load(p);
+  Row<T, DQ, DK, NT> row;
   for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
     const float2 s = reinterpret_cast<const float2*>(p.sums)[t];
     row.load(p, t);
-    row.scale_store(p, t, inv_rms(p, s.x, s.y));
+    row.scale_store(p, t, inv_rms(p, s.x, s.y), wt);
   }
 }
 
