@@ -197,6 +197,8 @@ def run(args):
     rows = []
     norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype,
                          max_tokens=max(args.tokens), transport=t) for t in args.transports}
+    ipc = norms.get("ipc")
+    pdl = bool(getattr(ipc._transport, "pdl", False)) if ipc is not None else None
     try:
         for tokens in args.tokens:
             sets, w = _inputs(comm, args.dtype, dq, dk, tokens, GRAPH_CALLS)
@@ -214,7 +216,7 @@ def run(args):
             n.close()
     floor_us = floors["empty_kernel_graph_us"] + (floors["one_way_us"] if world > 1 else 0)
     result = {"card": card, "G": world, "dtype": args.dtype, "q_dim": args.q_dim,
-              "k_dim": args.k_dim, "commit": commit, "floors": floors, "rows": rows,
+              "k_dim": args.k_dim, "commit": commit, "pdl": pdl, "floors": floors, "rows": rows,
               "date": time.strftime("%Y-%m-%d")}
     if comm.rank == 0:
         print(_table(result, modes, args.transports, floor_us))
@@ -229,7 +231,7 @@ def run(args):
 def _table(r, modes, transports, floor_us):
     f = r["floors"]
     lines = [f"{r['card']} x{r['G']}  dtype={r['dtype']}  q_dim={r['q_dim']} k_dim={r['k_dim']}"
-             f"  commit={r['commit']}  {r['date']}",
+             f"  commit={r['commit']}  pdl={r.get('pdl')}  {r['date']}",
              f"floors: empty kernel (graph node) {f['empty_kernel_graph_us']:.2f} us; one-way "
              f"GPU-to-GPU {f['one_way_us']:.2f} us; device copy {f['copy_GBps']:.0f} GB/s",
              "floor(T) = max(empty kernel + one-way latency, bytes / copy bandwidth)"]

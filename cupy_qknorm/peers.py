@@ -13,6 +13,12 @@ from .errors import QKNormError, TransportUnavailableError
 
 EMPTY_WORD = 0x80000000        # one half of qknorm::kEmpty: the float -0.0
 PROBE_ENV = "CUPY_QKNORM_BREAK_P2P_PROBE"  # "1": the probe writes a wrong value (fault tests)
+_OPEN_MAPPINGS = set()  # peer buffers this process has mapped and not yet unmapped
+
+
+def open_mappings() -> int:
+    """How many peer buffers this process holds mapped (scripts/cycles.py checks it)."""
+    return len(_OPEN_MAPPINGS)
 
 
 def agree(comm, error, exc_type=QKNormError):
@@ -73,6 +79,7 @@ class PeerBuffers:
                         ptrs.append(runtime.ipcOpenMemHandle(
                             h, runtime.cudaIpcMemLazyEnablePeerAccess))
                         self._opened.append(ptrs[-1])
+                        _OPEN_MAPPINGS.add(ptrs[-1])
                 return ptrs
 
             self.ptrs = run_collectively(comm, open_peers, TransportUnavailableError)
@@ -135,6 +142,7 @@ class PeerBuffers:
         self._comm.Barrier()
         for p in self._opened:
             runtime.ipcCloseMemHandle(p)
+            _OPEN_MAPPINGS.discard(p)
         self._opened = []
         self._comm.Barrier()
         if self.local:

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU suite on a GPU host, in one command, from the repository root:
 #     bash scripts/gpu_suite.sh [RANKS...]          (default: 2 3 4, as many as there are GPUs)
+# Per G: the GPU tests (parity, graphs, faults), check ipc/nccl, and the SIGKILL fault.
+# Then compute-sanitizer memcheck and racecheck at G=2 (SANITIZE=0 skips them), and with
+# SOAK=1 the construct/close cycles and the soak at the largest G (RELIABILITY.md).
 # Logs go to ${OUT:-gpu-logs}/; one summary line per rank; exit non-zero if anything failed.
 # Uses the host's own MPI (never install an MPI wheel there) and picks GPUs from the
 # node-local rank, not CUDA_VISIBLE_DEVICES.
@@ -10,6 +13,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 LOGS=${OUT:-gpu-logs}
 mkdir -p "$LOGS"
+export CUPY_QKNORM_FAULT_LOG="$PWD/$LOGS/faults.jsonl"
+case "$LOGS" in /*) export CUPY_QKNORM_FAULT_LOG="$LOGS/faults.jsonl" ;; esac
 gpus=$(nvidia-smi -L | grep -c '^GPU')
 ranks=("$@")
 [ ${#ranks[@]} -gt 0 ] || ranks=(2 3 4)
@@ -19,8 +24,10 @@ fail=0
 mpirun() { timeout "${STAGE_TIMEOUT:-400}" mpiexec --allow-run-as-root --bind-to none -n "$@"; }
 per_test=()
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120 --timeout-method thread)
+largest=0
 for g in "${ranks[@]}"; do
   if [ "$g" -gt "$gpus" ]; then echo "SKIPPED G=$g: only $gpus GPUs here"; continue; fi
+  [ "$g" -gt "$largest" ] && largest=$g
   echo "=== G=$g: pytest tests/gpu"
   mpirun "$g" python3 scripts/rank_pytest.py "$LOGS" gpu -- -q "${per_test[@]}" tests/gpu || fail=1
   echo "=== G=$g: check (ipc, nccl) bf16"
@@ -29,14 +36,38 @@ for g in "${ranks[@]}"; do
       $( [ $((1024 % g)) -eq 0 ] || echo --k-dim 1536 ) 2>&1 | tail -1 | sed "s/^/G=$g $t: /"
     [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
   done
+  if [ $((1024 % g)) -eq 0 ]; then
+    echo "=== G=$g: one rank SIGKILLed mid-loop: the job must end non-zero, not hang"
+    start=$(date +%s%N)
+    timeout 120 mpiexec --allow-run-as-root --bind-to none -n "$g" \
+      python3 scripts/fault_kill.py > "$LOGS/kill-G$g.log" 2>&1
+    rc=$?
+    took=$(( ($(date +%s%N) - start) / 1000000 ))
+    grep -h "^rank" "$LOGS/kill-G$g.log" | sed "s/^/G=$g kill: /"
+    echo "G=$g kill: mpiexec exit $rc after ${took} ms (124 = hung until timeout)"
+    { [ $rc -ne 0 ] && [ $rc -ne 124 ]; } || { echo "G=$g kill: FAILED"; fail=1; }
+  fi
 done
 if [ "${SANITIZE:-1}" = 1 ] && [ "$gpus" -ge 2 ]; then
-  echo "=== compute-sanitizer memcheck, G=2, check --transport ipc"
-  mpirun 2 compute-sanitizer --tool memcheck --error-exitcode 9 --log-file "$LOGS/memcheck-rank%q{OMPI_COMM_WORLD_RANK}.log" \
-    python3 -m cupy_qknorm check --transport ipc --tokens 1,7,300,3000 --max-tokens 1024 > "$LOGS/memcheck.out" 2>&1
-  rc=$?
-  tail -1 "$LOGS/memcheck.out"; grep -h "ERROR SUMMARY" "$LOGS"/memcheck-rank*.log | sed 's/^/memcheck: /'
-  [ $rc -eq 0 ] || { echo "memcheck FAILED (exit $rc)"; fail=1; }
+  for tool in memcheck racecheck; do
+    echo "=== compute-sanitizer $tool, G=2, check --transport ipc"
+    mpirun 2 compute-sanitizer --tool $tool --error-exitcode 9 \
+      --log-file "$LOGS/$tool-rank%q{OMPI_COMM_WORLD_RANK}.log" \
+      python3 -m cupy_qknorm check --transport ipc --tokens 1,7,300,3000 --max-tokens 1024 \
+      > "$LOGS/$tool.out" 2>&1
+    rc=$?
+    tail -1 "$LOGS/$tool.out"
+    grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS"/$tool-rank*.log | sed "s/^/$tool: /"
+    [ $rc -eq 0 ] || { echo "$tool FAILED (exit $rc)"; fail=1; }
+  done
 fi
+if [ "${SOAK:-0}" = 1 ] && [ "$largest" -ge 2 ]; then
+  echo "=== G=$largest: ${CYCLES:-500} construct/close cycles"
+  mpirun "$largest" python3 scripts/cycles.py --cycles "${CYCLES:-500}" || fail=1
+  echo "=== G=$largest: soak, ${SOAK_CALLS:-1000000} calls eager and in graphs"
+  STAGE_TIMEOUT=${SOAK_TIMEOUT:-900} mpirun "$largest" python3 scripts/soak.py \
+    --calls "${SOAK_CALLS:-1000000}" || fail=1
+fi
+[ -s "$LOGS/faults.jsonl" ] && sed 's/^/fault: /' "$LOGS/faults.jsonl"
 [ $fail -eq 0 ] && echo "GPU SUITE PASSED" || echo "GPU SUITE FAILED"
 exit $fail

@@ -1,0 +1,61 @@
+"""Fault: one rank is killed (SIGKILL) in the middle of a loop of calls.
+
+    mpiexec -n G python scripts/fault_kill.py [--timeout 1.0] [--calls-before-kill 2000]
+
+The last rank kills itself after N calls. The others keep calling: their kernels stop
+waiting after --timeout, the next call raises PeerTimeoutError, and they abort the job
+(what an application should do: a peer is gone). Each survivor prints the seconds from the
+kill to its error. The run must end, with a non-zero exit, instead of hanging;
+scripts/gpu_suite.sh runs it under `timeout` and checks exactly that."""
+import argparse
+import os
+import signal
+import sys
+import time
+
+import cupy
+from mpi4py import MPI
+
+from cupy_qknorm import PeerTimeoutError, TPQKNorm
+from cupy_qknorm.cli import _select_device
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--timeout", type=float, default=1.0)
+    ap.add_argument("--calls-before-kill", type=int, default=2000)
+    args = ap.parse_args()
+    comm = MPI.COMM_WORLD
+    _select_device(comm)
+    G, rank = comm.size, comm.rank
+    victim = G - 1
+    q = cupy.ones((16, 6144 // G), cupy.uint16)
+    k = cupy.ones((16, 1024 // G), cupy.uint16)
+    qw = cupy.ones(6144 // G, cupy.uint16)
+    kw = cupy.ones(1024 // G, cupy.uint16)
+    norm = TPQKNorm(comm, 6144, 1024, "bfloat16", max_tokens=64, transport="ipc",
+                    timeout_s=args.timeout)
+    comm.Barrier()
+    kill_at = None
+    for i in range(10_000_000):
+        if i == args.calls_before_kill:
+            cupy.cuda.get_current_stream().synchronize()
+            comm.Barrier()  # every rank is here: the kill happens at a known time
+            kill_at = time.perf_counter()
+            if rank == victim:
+                print(f"rank {rank}: SIGKILL after {i} calls", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            norm(q, k, qw, kw)
+        except PeerTimeoutError as e:
+            took = time.perf_counter() - kill_at
+            print(f"rank {rank}: PeerTimeoutError {took:.2f} s after the kill, {i} calls: "
+                  f"{e}", flush=True)
+            sys.stdout.flush()
+            comm.Abort(3)
+        if i % 64 == 63:
+            cupy.cuda.get_current_stream().synchronize()  # bound the queue of launches
+
+
+if __name__ == "__main__":
+    main()
