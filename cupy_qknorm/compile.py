@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ C_TYPES = {"bfloat16": "qknorm::bf16_t", "float16": "qknorm::f16_t", "float32": 
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 MAX_WORLD = 8            # the width of Params.slots
 VECTORS_PER_THREAD = 4   # target 16-byte vectors a thread holds per token
+VPT_ENV = "CUPY_QKNORM_VECTORS_PER_THREAD"  # overrides it (benchmark experiments only)
 MIN_ARCH = 80            # cvt.rn.bf16x2.f32 and friends
 
 
@@ -100,7 +102,8 @@ class Spec:
                 raise ValueError(f"local {name} width {d} must be a positive multiple of {n} "
                                  f"({dtype}: 16-byte vectors)")
         vectors = (q_local + k_local) // n
-        warps = min(32, -(-vectors // (32 * VECTORS_PER_THREAD)))
+        vpt = int(os.environ.get(VPT_ENV) or VECTORS_PER_THREAD)
+        warps = min(32, -(-vectors // (32 * vpt)))
         return cls(dtype, weight_dtype, world, q_local, k_local, warps)
 
     @property

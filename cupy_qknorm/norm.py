@@ -191,8 +191,8 @@ class TPQKNorm:
         # Fast path: CuPy arrays whose shapes, strides, dtypes, device and alignment were
         # validated before are not validated again (validation depends on nothing else).
         key, ptrs = arrays.cupy_signature(arrs)
-        plan = self._plans.get(key) if key is not None else None
-        if plan is None:
+        run = self._plans.get(key) if key is not None else None
+        if run is None:
             ops = self._validate(*arrs)
             if ops[0].device is None:
                 if ops[0].shape[0]:
@@ -201,13 +201,12 @@ class TPQKNorm:
                 return qo, ko
             plan = arrays.Plan.of(ops)
             ptrs = [op.ptr for op in ops]
+            run = self._transport.prepare(plan) if plan.tokens else _no_tokens
             if key is not None:
                 if len(self._plans) >= _MAX_PLANS:
                     self._plans.clear()
-                self._plans[key] = plan
-        if plan.tokens:
-            self._transport.run(ptrs, plan, stream if stream is not None
-                                else self._current_stream())
+                self._plans[key] = run
+        run(ptrs, stream if stream is not None else self._current_stream())
         return qo, ko
 
     def _validate(self, q, k, q_weight, k_weight, qo, ko):
@@ -266,6 +265,7 @@ class TPQKNorm:
         for such graphs to be destroyed."""
         t, self._transport = self._transport, None
         self._closed = True
+        self._plans.clear()  # its launch functions hold the transport
         if t is not None:
             t.close()
 
@@ -294,17 +294,21 @@ class _HostCapable:
         self.cfg, self.comm = cfg, comm
         self._device = None
 
-    def run(self, ptrs, plan, stream):
+    def prepare(self, plan):
         if self._device is None:
             from .transports import MpiTransport
             self._device = MpiTransport(self.cfg, self.comm)
-        self._device.run(ptrs, plan, stream)
+        return self._device.prepare(plan)
 
     def check(self):
         pass
 
     def close(self):
         self._device = None
+
+
+def _no_tokens(ptrs, stream):
+    """T = 0: nothing is read, written or launched."""
 
 
 def _pair(out):

@@ -99,28 +99,50 @@ class _Launcher:
         except AttributeError:
             return None
 
-    def __call__(self, kernel, grid, block, stream, pdl=False):
+    def bind(self, kernel, block, pdl=False):
+        """A function go(grid, stream) that launches `kernel` ((RawKernel, CUfunction or
+        None)) with the parameters currently in `buf`: the per-call work is two field
+        stores and one foreign call."""
         raw, fn = kernel
         if fn is None:
-            params = np.frombuffer(self.buf.raw, kc.PARAMS_DTYPE)[0]
-            with stream:
-                raw((grid,), (block,), (params,))
-            return
+            def go_cupy(grid, stream):
+                params = np.frombuffer(self.buf.raw, kc.PARAMS_DTYPE)[0]
+                with stream:
+                    raw((grid,), (block,), (params,))
+            return go_cupy
+        fn_ptr, argv, fail = ctypes.c_void_p(fn), self._argv, self._fail
         if pdl and self.pdl:
-            c = self._config
-            c.gridDimX, c.blockDimX, c.hStream = grid, block, stream.ptr
-            rc = self._launch_ex(self._config_ref, fn, self._argv, None)
-        else:
-            rc = self._launch(fn, grid, 1, 1, block, 1, 1, 0, stream.ptr, self._argv, None)
-        if rc:
-            name = ctypes.c_char_p()
-            self._error_name(rc, ctypes.byref(name))
-            raise QKNormError(f"cuLaunchKernel failed: {(name.value or b'?').decode()} ({rc})")
+            config = _LaunchConfig(gridDimY=1, gridDimZ=1, blockDimX=block, blockDimY=1,
+                                   blockDimZ=1, attrs=ctypes.pointer(self._attr),
+                                   numAttrs=1)
+            config_ref, launch_ex = ctypes.byref(config), self._launch_ex
+
+            def go_ex(grid, stream):
+                config.gridDimX = grid
+                config.hStream = stream.ptr
+                rc = launch_ex(config_ref, fn_ptr, argv, None)
+                if rc:
+                    fail(rc)
+            go_ex.config = config  # keeps the structure alive with the function
+            return go_ex
+        launch = self._launch
+
+        def go(grid, stream):
+            rc = launch(fn_ptr, grid, 1, 1, block, 1, 1, 0, stream.ptr, argv, None)
+            if rc:
+                fail(rc)
+        return go
+
+    def _fail(self, rc):
+        name = ctypes.c_char_p()
+        self._error_name(rc, ctypes.byref(name))
+        raise QKNormError(f"kernel launch failed: {(name.value or b'?').decode()} ({rc})")
 
 
 class DeviceTransport:
     """Common part of the GPU transports: kernels, launch parameters, chunking."""
     name = "?"
+    PDL_KINDS = ()  # kernels launched with programmatic dependent launch
 
     def __init__(self, cfg, comm, pdl=False):
         import cupy
@@ -137,14 +159,16 @@ class DeviceTransport:
         self._static_packed = False
 
     def kernels(self, weight_dtype):
-        """(spec, {kind: (RawKernel, CUfunction or None)}, grid cap) for a weight dtype."""
+        """(spec, {kind: go(grid, stream)}, grid cap) for a weight dtype."""
         k = self._kernels.get(weight_dtype)
         if k is None:
             spec = kc.Spec.plan(self.cfg.dtype, weight_dtype, self.cfg.world,
                                 self.cfg.q_local, self.cfg.k_local)
             raw = kc.load(spec)
-            fns = {kind: (r, self._launch.handle(r)) for kind, r in raw.items()}
-            k = (spec, fns, self._grid_cap(spec, raw))
+            go = {kind: self._launch.bind((r, self._launch.handle(r)), spec.threads,
+                                          pdl=kind in self.PDL_KINDS)
+                  for kind, r in raw.items()}
+            k = (spec, go, self._grid_cap(spec, raw))
             self._kernels[weight_dtype] = k
         return k
 
@@ -172,29 +196,40 @@ class DeviceTransport:
             float(cfg.k_dim))
         self._static_packed = True
 
-    def run(self, ptrs, plan, stream):
-        """Launch over tokens [0, plan.tokens) in chunks of at most max_tokens.
-
-        ptrs: addresses of q, k, q_weight, k_weight, q_out, k_out (validated)."""
-        spec, kern, cap = self.kernels(plan.weight_dtype)
+    def prepare(self, plan):
+        """A function run(ptrs, stream) for arrays that match `plan` (validated):
+        ptrs are the addresses of q, k, q_weight, k_weight, q_out, k_out. It walks the
+        tokens in chunks of at most max_tokens; one chunk (the common case) takes the
+        shortest path."""
+        spec, go, cap = self.kernels(plan.weight_dtype)
         if not self._static_packed:
             self._pack_static()
-        q, k, qw, kw, qo, ko = ptrs
-        strides = plan.strides
-        buf = self._launch.buf
-        tokens, chunk = plan.tokens, self.cfg.max_tokens
-        if tokens <= chunk:  # one launch: the common case, kept short
-            _HEAD.pack_into(buf, 0, q, k, qo, ko, qw, kw, *strides)
-            _TOKENS.pack_into(buf, _TOKENS_AT, tokens)
-            self.launch(kern, spec, tokens, min(tokens, cap), stream)
-            return
+        buf, strides, tokens = self._launch.buf, plan.strides, plan.tokens
+        chunk, launch = self.cfg.max_tokens, self.launch
+        pack_head, pack_tokens = _HEAD.pack_into, _TOKENS.pack_into
+        if tokens <= chunk:
+            grid = min(tokens, cap)
+
+            def run_one(ptrs, stream):
+                q, k, qw, kw, qo, ko = ptrs
+                pack_head(buf, 0, q, k, qo, ko, qw, kw, *strides)
+                pack_tokens(buf, _TOKENS_AT, tokens)
+                launch(go, tokens, grid, stream)
+            return run_one
         step = [s * plan.itemsize for s in strides]
-        for start in range(0, tokens, chunk):
-            n = min(chunk, tokens - start)
-            _HEAD.pack_into(buf, 0, q + start * step[0], k + start * step[1],
-                            qo + start * step[2], ko + start * step[3], qw, kw, *strides)
-            _TOKENS.pack_into(buf, _TOKENS_AT, n)
-            self.launch(kern, spec, n, min(n, cap), stream)
+
+        def run_chunks(ptrs, stream):
+            q, k, qw, kw, qo, ko = ptrs
+            for start in range(0, tokens, chunk):
+                n = min(chunk, tokens - start)
+                pack_head(buf, 0, q + start * step[0], k + start * step[1],
+                          qo + start * step[2], ko + start * step[3], qw, kw, *strides)
+                pack_tokens(buf, _TOKENS_AT, n)
+                launch(go, n, min(n, cap), stream)
+        return run_chunks
+
+    def run(self, ptrs, plan, stream):
+        self.prepare(plan)(ptrs, stream)
 
     def check(self):
         """Raise a pending asynchronous error. Reads host memory only: no synchronization."""
@@ -236,8 +271,10 @@ class IpcTransport(DeviceTransport):
     def pdl(self):
         return self._launch.pdl
 
-    def launch(self, kern, spec, tokens, grid, stream):
-        self._launch(kern["fused"], grid, spec.threads, stream, pdl=True)
+    PDL_KINDS = ("fused",)  # it waits (griddepcontrol.wait) before touching memory
+
+    def launch(self, go, tokens, grid, stream):
+        go["fused"](grid, stream)
 
     def check(self):
         w = self._host_words
@@ -295,14 +332,14 @@ class NcclTransport(DeviceTransport):
             count = min(4 * count, 2 * cfg.max_tokens)
         cupy.cuda.runtime.deviceSynchronize()
 
-    def launch(self, kern, spec, tokens, grid, stream):
+    def launch(self, go, tokens, grid, stream):
         from cupy.cuda import nccl
-        self._launch(kern["partial_sums"], grid, spec.threads, stream)
+        go["partial_sums"](grid, stream)
         if self.cfg.world > 1:
             ptr = self.sums.data.ptr
             self._nccl.allReduce(ptr, ptr, 2 * tokens, nccl.NCCL_FLOAT32, nccl.NCCL_SUM,
                                  stream.ptr)
-        self._launch(kern["apply"], grid, spec.threads, stream)
+        go["apply"](grid, stream)
 
     def close(self):
         """Collective. CUDA graphs that captured calls of this object must be destroyed
@@ -328,16 +365,16 @@ class MpiTransport(DeviceTransport):
         self._host = cupy.cuda.alloc_pinned_memory(cfg.max_tokens * 8)
         self._host_sums = np.frombuffer(self._host, np.float32, 2 * cfg.max_tokens)
 
-    def launch(self, kern, spec, tokens, grid, stream):
+    def launch(self, go, tokens, grid, stream):
         from mpi4py import MPI
-        self._launch(kern["partial_sums"], grid, spec.threads, stream)
+        go["partial_sums"](grid, stream)
         if self.cfg.world > 1:
             host = self._host_sums[:2 * tokens]
             self.sums[:tokens].ravel().get(stream=stream, out=host)
             stream.synchronize()
             self.comm.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
             self.sums[:tokens].ravel().set(host, stream=stream)
-        self._launch(kern["apply"], grid, spec.threads, stream)
+        go["apply"](grid, stream)
 
 
 def run_host(cfg, comm, ops, tokens):

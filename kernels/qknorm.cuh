@@ -313,10 +313,14 @@ __device__ __forceinline__ float2 warp_sum(float2 v) {
 }
 
 // Sum over the block, in a fixed order. Every thread calls it; every lane of warp 0 gets it.
+// It is a barrier for the block (for one warp, __syncwarp).
 template <int WARPS>
 __device__ __forceinline__ float2 block_sum(float2 v, float2* scratch) {
   v = warp_sum(v);
-  if constexpr (WARPS == 1) return v;
+  if constexpr (WARPS == 1) {
+    __syncwarp();  // the barrier callers rely on: earlier shared reads are done
+    return v;
+  }
   const int warp = threadIdx.x >> 5;
   if ((threadIdx.x & 31) == 0) scratch[warp] = v;
   __syncthreads();
@@ -344,10 +348,13 @@ struct Fused {
   static constexpr int NT = WARPS * 32;
   using R = Row<T, DQ, DK, NT>;
 
+  // One set per token in flight (row a uses [0], row b [1]): the block sum of the next
+  // token and the scale of the current one overlap in time, and so do the last two
+  // finish() calls of a block, which no begin() separates.
   struct Shared {
-    float2 scratch[2][WARPS];  // one per token in flight: the two sums may overlap
-    float2 scale;
-    int ok;
+    float2 scratch[2][WARPS];
+    float2 scale[2];
+    int ok[2];
   };
 
   // A token between begin() and finish(), as warp 0 knows it.
@@ -381,7 +388,7 @@ struct Fused {
   template <class WT>
   static __device__ __forceinline__ void finish(const Params& p, const R& row, long long t,
                                                 const Pending& pending, const WT& wt,
-                                                Shared& sh) {
+                                                Shared& sh, int set) {
     if (threadIdx.x < 32) {
       const unsigned int uses = pending.uses;
       const int lane = threadIdx.x;
@@ -419,15 +426,15 @@ struct Fused {
         sk = pending.part.y;
       }
       if (lane == 0) {
-        sh.scale = inv_rms(p, sq, sk);
-        sh.ok = ok;
+        sh.scale[set] = inv_rms(p, sq, sk);
+        sh.ok[set] = ok;
         if (G > 1) p.counters[t] = uses + 1;
       }
     }
     __syncthreads();
-    if (sh.ok) row.scale_store(p, t, sh.scale, wt);
-    // scratch, scale and ok are rewritten only after another barrier that every thread
-    // reaches after reading them (the next begin's block sum, or the next finish).
+    if (sh.ok[set]) row.scale_store(p, t, sh.scale[set], wt);
+    // A set is rewritten only by the next begin() and finish() of the same row, after the
+    // barrier in that begin()'s block sum, which every thread reaches after these reads.
   }
 };
 
@@ -447,12 +454,12 @@ __global__ void __launch_bounds__(WARPS * 32) fused(const Params p) {
   for (;;) {
     long long next = t + gridDim.x;
     if (next < p.tokens) pb = F::begin(p, b, next, sh.scratch[1]);
-    F::finish(p, a, t, pa, wt, sh);
+    F::finish(p, a, t, pa, wt, sh, 0);
     if (next >= p.tokens) break;
     t = next;
     next = t + gridDim.x;
     if (next < p.tokens) pa = F::begin(p, a, next, sh.scratch[0]);
-    F::finish(p, b, t, pb, wt, sh);
+    F::finish(p, b, t, pb, wt, sh, 1);
     if (next >= p.tokens) break;
     t = next;
   }

@@ -46,15 +46,17 @@ with TPQKNorm(comm, 6144, 1024, "bfloat16", max_tokens=64, transport="ipc") as n
     ops = norm._validate(*arrs)
     plan = arrays.Plan.of(ops)
     ptrs = [op.ptr for op in ops]
-    spec, kern, cap = t.kernels(plan.weight_dtype)
+    spec, go, cap = t.kernels(plan.weight_dtype)
+    run = t.prepare(plan)
     parts = {
         "cupy empty kernel": lambda: empty((1,), (32,), ()),
         "full validation": lambda: norm._validate(*arrs),
         "signature": lambda: arrays.cupy_signature(arrs),
-        "pack+launch": lambda: t.run(ptrs, plan, s),
+        "pack+launch": lambda: run(ptrs, s),
         "full call": lambda: norm(q, k, qw, kw, out=(qo, ko)),
     }
-    path = "cuLaunchKernel" if kern["fused"][1] is not None else "CuPy launch (fallback)"
+    path = ("CuPy launch (fallback)" if go["fused"].__name__ == "go_cupy" else
+            "cuLaunchKernelEx" if t.pdl else "cuLaunchKernel")
     res = {name: batches(fn) for name, fn in parts.items()}
     s.synchronize()
     comm.Barrier()

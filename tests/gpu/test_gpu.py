@@ -48,7 +48,7 @@ def run_case(norm, comm, seed, tokens, dtype, wdtype=None, eps=1e-6):
     return assert_close(comm, outs, (qr, kr), dtype, f"T={tokens} {dtype}/{wdtype}")
 
 
-@pytest.mark.parametrize("transport", ["ipc", "nccl"])
+@pytest.mark.parametrize("transport", ["ipc", "nccl", "mpi"])
 @pytest.mark.parametrize("dtype,wdtype", [("bfloat16", None), ("bfloat16", "float32"),
                                           ("float16", None), ("float32", None)])
 def test_parity(comm, transport, dtype, wdtype):
