@@ -21,8 +21,11 @@ from .errors import QKNormError
 C_TYPES = {"bfloat16": "qknorm::bf16_t", "float16": "qknorm::f16_t", "float32": "float"}
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 MAX_WORLD = 8            # the width of Params.slots
-VECTORS_PER_THREAD = 4   # target 16-byte vectors a thread holds per token
-VPT_ENV = "CUPY_QKNORM_VECTORS_PER_THREAD"  # overrides it (benchmark experiments only)
+# 16-byte vectors a thread holds per token: few (more threads per token) for short
+# launches, whose time is latency; many (more bytes in flight per thread) for long ones,
+# whose time is bandwidth. Measured on H100: BENCHMARKS.md, "vectors per thread".
+NARROW_VPT, WIDE_VPT = 2, 8
+VPT_ENV = "CUPY_QKNORM_VECTORS_PER_THREAD"  # one value for both (benchmark experiments)
 MIN_ARCH = 80            # cvt.rn.bf16x2.f32 and friends
 
 
@@ -88,8 +91,10 @@ class Spec:
     warps: int
 
     @classmethod
-    def plan(cls, dtype: str, weight_dtype: str, world: int, q_local: int, k_local: int):
-        """Warps per token: the fewest that keep about VECTORS_PER_THREAD vectors a thread."""
+    def plan(cls, dtype: str, weight_dtype: str, world: int, q_local: int, k_local: int,
+             wide: bool = False):
+        """Warps per token: the fewest that keep about NARROW_VPT (or, `wide`, WIDE_VPT)
+        vectors a thread."""
         if dtype not in C_TYPES:
             raise ValueError(f"dtype must be one of {sorted(C_TYPES)}, got {dtype!r}")
         if weight_dtype not in (dtype, "float32"):
@@ -102,7 +107,7 @@ class Spec:
                 raise ValueError(f"local {name} width {d} must be a positive multiple of {n} "
                                  f"({dtype}: 16-byte vectors)")
         vectors = (q_local + k_local) // n
-        vpt = int(os.environ.get(VPT_ENV) or VECTORS_PER_THREAD)
+        vpt = int(os.environ.get(VPT_ENV) or (WIDE_VPT if wide else NARROW_VPT))
         warps = min(32, -(-vectors // (32 * vpt)))
         return cls(dtype, weight_dtype, world, q_local, k_local, warps)
 
@@ -188,7 +193,8 @@ OTHER_LOCAL_DIMS = (1024, 128)  # per rank, for every G: covers G that MiniMax's
 
 
 def shipped_specs() -> list:
-    """Every specialization the package ships and the compile test builds."""
+    """Every specialization the package ships and the compile test builds: both the
+    narrow and the wide layout for MiniMax's widths, the narrow one for the other shape."""
     specs = []
     for dtype in C_TYPES:
         for wdt in sorted({dtype, "float32"}):
@@ -197,6 +203,8 @@ def shipped_specs() -> list:
                 n = vector_elems(dtype)
                 if q % world == 0 and k % world == 0 and (q // world) % n == 0 \
                         and (k // world) % n == 0:
-                    specs.append(Spec.plan(dtype, wdt, world, q // world, k // world))
+                    for wide in (False, True):
+                        specs.append(Spec.plan(dtype, wdt, world, q // world, k // world,
+                                               wide))
                 specs.append(Spec.plan(dtype, wdt, world, *OTHER_LOCAL_DIMS))
-    return specs
+    return list(dict.fromkeys(specs))  # narrow and wide coincide for some widths

@@ -33,6 +33,8 @@ SLOT_BYTES = 16         # one exchange slot: {sum_q, sum_k, tokens, use number}
 ERROR_WORDS = 8         # qknorm::kErrorWords: {code, peer, token, rank, theirs, ours, 0, 0}
 ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE = 1, 2, 3
 PDL_ENV = "CUPY_QKNORM_PDL"  # "0": launch the fused kernel without programmatic dependence
+WIDE_FROM = 8192  # launches of this many tokens or more use the wide layout (compile.py)
+WIDE_FROM_ENV = "CUPY_QKNORM_WIDE_FROM"  # overrides it (benchmark experiments)
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute
@@ -157,19 +159,20 @@ class DeviceTransport:
         self.sums = None
         self._launch = _Launcher(pdl)
         self._static_packed = False
+        self.wide_from = int(os.environ.get(WIDE_FROM_ENV) or WIDE_FROM)
 
-    def kernels(self, weight_dtype):
-        """(spec, {kind: go(grid, stream)}, grid cap) for a weight dtype."""
-        k = self._kernels.get(weight_dtype)
+    def kernels(self, weight_dtype, wide=False):
+        """(spec, {kind: go(grid, stream)}, grid cap) for a weight dtype and layout."""
+        k = self._kernels.get((weight_dtype, wide))
         if k is None:
             spec = kc.Spec.plan(self.cfg.dtype, weight_dtype, self.cfg.world,
-                                self.cfg.q_local, self.cfg.k_local)
+                                self.cfg.q_local, self.cfg.k_local, wide)
             raw = kc.load(spec)
             go = {kind: self._launch.bind((r, self._launch.handle(r)), spec.threads,
                                           pdl=kind in self.PDL_KINDS)
                   for kind, r in raw.items()}
             k = (spec, go, self._grid_cap(spec, raw))
-            self._kernels[weight_dtype] = k
+            self._kernels[(weight_dtype, wide)] = k
         return k
 
     def _grid_cap(self, spec, raw):
@@ -199,15 +202,15 @@ class DeviceTransport:
     def prepare(self, plan):
         """A function run(ptrs, stream) for arrays that match `plan` (validated):
         ptrs are the addresses of q, k, q_weight, k_weight, q_out, k_out. It walks the
-        tokens in chunks of at most max_tokens; one chunk (the common case) takes the
-        shortest path."""
-        spec, go, cap = self.kernels(plan.weight_dtype)
+        tokens in chunks of at most max_tokens, each launched with the layout its length
+        calls for; one chunk (the common case) takes the shortest path."""
         if not self._static_packed:
             self._pack_static()
         buf, strides, tokens = self._launch.buf, plan.strides, plan.tokens
         chunk, launch = self.cfg.max_tokens, self.launch
         pack_head, pack_tokens = _HEAD.pack_into, _TOKENS.pack_into
         if tokens <= chunk:
+            _, go, cap = self.kernels(plan.weight_dtype, tokens >= self.wide_from)
             grid = min(tokens, cap)
 
             def run_one(ptrs, stream):
@@ -217,15 +220,19 @@ class DeviceTransport:
                 launch(go, tokens, grid, stream)
             return run_one
         step = [s * plan.itemsize for s in strides]
+        pieces = []
+        for start in range(0, tokens, chunk):
+            n = min(chunk, tokens - start)
+            _, go, cap = self.kernels(plan.weight_dtype, n >= self.wide_from)
+            pieces.append((start, n, go, min(n, cap)))
 
         def run_chunks(ptrs, stream):
             q, k, qw, kw, qo, ko = ptrs
-            for start in range(0, tokens, chunk):
-                n = min(chunk, tokens - start)
+            for start, n, go, grid in pieces:
                 pack_head(buf, 0, q + start * step[0], k + start * step[1],
                           qo + start * step[2], ko + start * step[3], qw, kw, *strides)
                 pack_tokens(buf, _TOKENS_AT, n)
-                launch(go, n, min(n, cap), stream)
+                launch(go, n, grid, stream)
         return run_chunks
 
     def run(self, ptrs, plan, stream):
