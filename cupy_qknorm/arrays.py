@@ -1,11 +1,14 @@
 """Zero-copy views of the caller's arrays: pointer, shape, row stride, dtype and device.
 
-Accepted: cupy and numpy arrays, and any producer of __cuda_array_interface__ (torch,
-numba, JAX on GPU). bf16 data is held as uint16 bit patterns (or numpy's "bfloat16" from
-ml_dtypes). Every check happens here, before anything is launched or written.
+Accepted: cupy and numpy arrays, any producer of __cuda_array_interface__ (numba, torch),
+and any DLPack producer (__dlpack__ and __dlpack_device__: torch, JAX, ...), which is how
+torch's bfloat16 tensors come in. bf16 data is held as uint16 bit patterns (or numpy's
+"bfloat16" from ml_dtypes), or as a DLPack bfloat16 tensor. Every check happens here,
+before anything is launched or written.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import NamedTuple
 
 import numpy as np
@@ -49,6 +52,7 @@ class Operand(NamedTuple):
     dtype: str | None
     itemsize: int
     device: int | None   # None: host memory
+    writable: bool = True  # False where the producer says read-only
 
 
 def describe(x, role: str) -> Operand:
@@ -58,8 +62,11 @@ def describe(x, role: str) -> Operand:
                        mem.device_id)
     if isinstance(x, np.ndarray):
         return Operand(x, x.ctypes.data, x.shape, x.strides, dtype_name(x.dtype),
-                       x.dtype.itemsize, None)
-    cai = getattr(x, "__cuda_array_interface__", None)
+                       x.dtype.itemsize, None, bool(x.flags.writeable))
+    try:
+        cai = x.__cuda_array_interface__
+    except (AttributeError, TypeError):  # torch raises TypeError for bfloat16: use DLPack
+        cai = None
     if cai is not None:
         import cupy
         shape = tuple(cai["shape"])
@@ -72,9 +79,79 @@ def describe(x, role: str) -> Operand:
                 acc *= d
         ptr = int(cai["data"][0])
         dev = cupy.cuda.runtime.pointerGetAttributes(ptr).device if ptr else None
-        return Operand(x, ptr, shape, tuple(strides), _TYPESTR.get(cai["typestr"]), item, dev)
-    raise TypeError(f"{role}: expected a cupy or numpy array or a __cuda_array_interface__ "
-                    f"producer, got {type(x).__name__}")
+        return Operand(x, ptr, shape, tuple(strides), _TYPESTR.get(cai["typestr"]), item, dev,
+                       not cai["data"][1])
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        return _describe_dlpack(x, role)
+    raise TypeError(f"{role}: expected a cupy or numpy array, a __cuda_array_interface__ "
+                    f"producer or a DLPack producer, got {type(x).__name__}")
+
+
+# DLPack (dlpack.h): the structures a "dltensor" capsule points to.
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
+_DL_TYPES = {(1, 16): "bfloat16", (4, 16): "bfloat16", (2, 16): "float16", (2, 32): "float32"}
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int), ("device_id", ctypes.c_int)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int),
+                ("dtype", _DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def dlpack_view(x):
+    """(data address, shape, strides in bytes, dtype name or None, itemsize, (device type,
+    device id)) of a DLPack producer, without taking ownership: the capsule is left
+    unconsumed, so it releases its own reference when dropped, while `x` (which the caller
+    keeps) owns the memory. No synchronization is asked of the producer (stream -1 for CUDA);
+    order the producer's work before the call as for any other input."""
+    dev_type, dev_id = (int(v) for v in x.__dlpack_device__())
+    stream = -1 if dev_type in (_DL_CUDA, _DL_CUDA_MANAGED) else None
+    capsule = x.__dlpack__(stream=stream)
+    t = _DLTensor.from_address(_capsule_pointer(capsule, b"dltensor"))
+    shape = tuple(t.shape[i] for i in range(t.ndim))
+    item = max(1, t.dtype.bits // 8)
+    if t.strides:
+        strides = tuple(t.strides[i] * item for i in range(t.ndim))
+    else:  # C-contiguous
+        strides, acc = [], item
+        for d in reversed(shape):
+            strides.insert(0, acc)
+            acc *= d
+        strides = tuple(strides)
+    name = _DL_TYPES.get((t.dtype.code, t.dtype.bits)) if t.dtype.lanes == 1 else None
+    ptr = (t.data or 0) + t.byte_offset
+    del capsule
+    return ptr, shape, strides, name, item, (dev_type, dev_id)
+
+
+def _describe_dlpack(x, role):
+    try:
+        ptr, shape, strides, name, item, (dev_type, dev_id) = dlpack_view(x)
+    except (TypeError, ValueError, BufferError, AttributeError) as e:
+        raise TypeError(f"{role}: its DLPack export failed: {e}") from e
+    if dev_type == _DL_CPU:  # the host path computes with numpy: view it as numpy
+        try:
+            host = np.from_dlpack(x)
+        except (TypeError, ValueError, BufferError, RuntimeError) as e:
+            raise TypeError(f"{role}: numpy cannot view this host tensor ({e}); pass "
+                            f"bfloat16 in host memory as uint16 bits") from e
+        return describe(host, role)
+    if dev_type not in (_DL_CUDA, _DL_CUDA_MANAGED):
+        raise TypeError(f"{role}: DLPack device type {dev_type} is neither CPU nor CUDA")
+    return Operand(x, ptr, shape, strides, name, item, dev_id)
 
 
 def cupy_signature(arrs):

@@ -21,8 +21,8 @@ GRAPH_CALLS = 8
 def add_parser(sub):
     b = sub.add_parser("bench", help="fused vs unfused latency and the hardware floors")
     b.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    b.add_argument("--q-dim", type=int, default=6144)
-    b.add_argument("--k-dim", type=int, default=1024)
+    b.add_argument("--q-dim", type=int, help="default: 6144, or what splits over G ranks")
+    b.add_argument("--k-dim", type=int, help="default: 1024, or what splits over G ranks")
     b.add_argument("--tokens", default="1,8,64,512,2048,8192,16384",
                    type=lambda s: [int(v) for v in s.split(",") if v])
     b.add_argument("--mode", default="both", choices=("graph", "eager", "both"))
@@ -173,8 +173,10 @@ def run(args):
     from .cli import _select_device
     from .compile import ITEMSIZE
     comm = MPI.COMM_WORLD
+    from .cli import _default_dims
     _select_device(comm)
     world = comm.size
+    _default_dims(args, world)
     dq, dk = args.q_dim // world, args.k_dim // world
     stream = cupy.cuda.Stream(non_blocking=True)
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)

@@ -43,6 +43,7 @@ def cmd_check(args):
     comm = MPI.COMM_WORLD
     rank, world = comm.rank, comm.size
     _select_device(comm)
+    _default_dims(args, world)
     worst = 0.0
     bad_total = 0
     with TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, args.eps, args.max_tokens,
@@ -118,6 +119,16 @@ def _host(a):
     return a.get() if hasattr(a, "get") else a
 
 
+def _default_dims(args, world):
+    """Fill --q-dim/--k-dim left out with widths that split over `world` ranks."""
+    from .compile import default_dims
+    q, k = default_dims(world)
+    if args.q_dim is None:
+        args.q_dim = q
+    if args.k_dim is None:
+        args.k_dim = k
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m cupy_qknorm", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -126,8 +137,9 @@ def main(argv=None):
     k = sub.add_parser("check", help="parity against the float64 reference (under mpiexec)")
     k.add_argument("--transport", default="auto", choices=("auto", "ipc", "nccl", "mpi"))
     k.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    k.add_argument("--q-dim", type=int, default=6144)
-    k.add_argument("--k-dim", type=int, default=1024)
+    k.add_argument("--q-dim", type=int, help="full q width (default: 6144, or what splits "
+                   "over G ranks: cupy_qknorm.compile.default_dims)")
+    k.add_argument("--k-dim", type=int, help="full k width (default: 1024, or as --q-dim)")
     k.add_argument("--eps", type=float, default=1e-6)
     k.add_argument("--tokens", type=_ints, default=[0, 1, 7, 64, 1000, 3000])
     k.add_argument("--max-tokens", type=int, default=2048)

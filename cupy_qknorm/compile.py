@@ -192,6 +192,17 @@ MINIMAX_DIMS = (6144, 1024)
 OTHER_LOCAL_DIMS = (1024, 128)  # per rank, for every G: covers G that MiniMax's widths miss
 
 
+def default_dims(world: int) -> tuple:
+    """Full (q_dim, k_dim) for tests, checks and scripts at `world` ranks: MiniMax's widths
+    where they split into whole 16-byte vectors of bf16 (G = 1, 2, 4, 8), else 6144 / 1536
+    (G = 3, 6), else 1024 / 128 per rank (G = 5, 7)."""
+    for q, k in (MINIMAX_DIMS, (6144, 1536)):
+        if q % world == 0 and k % world == 0 and (q // world) % 8 == 0 and \
+                (k // world) % 8 == 0:
+            return q, k
+    return OTHER_LOCAL_DIMS[0] * world, OTHER_LOCAL_DIMS[1] * world
+
+
 def shipped_specs() -> list:
     """Every specialization the package ships and the compile test builds: both the
     narrow and the wide layout for MiniMax's widths, the narrow one for the other shape."""

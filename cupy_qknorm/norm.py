@@ -218,6 +218,10 @@ class TPQKNorm:
         for op, role, width in ((ops[0], "q", dq), (ops[1], "k", dk),
                                 (ops[4], "out[0]", dq), (ops[5], "out[1]", dk)):
             arrays.check_rows(op, role, width, cfg.dtype)
+        for op, role in ((ops[4], "out[0]" if qo is not q else "q (in place)"),
+                         (ops[5], "out[1]" if ko is not k else "k (in place)")):
+            if not op.writable:
+                raise ValueError(f"{role}: the array is read-only")
         arrays.check_weight(ops[2], "q_weight", dq, cfg.dtype)
         arrays.check_weight(ops[3], "k_weight", dk, cfg.dtype)
         if ops[2].dtype != ops[3].dtype:

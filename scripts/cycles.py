@@ -17,6 +17,7 @@ from mpi4py import MPI
 from cupy_qknorm import TPQKNorm, peers
 from cupy_qknorm import reference as ref
 from cupy_qknorm.cli import _select_device
+from cupy_qknorm.compile import default_dims
 
 
 def main():
@@ -27,7 +28,8 @@ def main():
     comm = MPI.COMM_WORLD
     _select_device(comm)
     G, rank = comm.size, comm.rank
-    q, k, qw, kw, qr, kr = ref.make_case(5, 7, 6144, 1024, "bfloat16")
+    q_dim, k_dim = default_dims(G)
+    q, k, qw, kw, qr, kr = ref.make_case(5, 7, q_dim, k_dim, "bfloat16")
     sh = [cupy.asarray(np.ascontiguousarray(ref.shard(a, G, rank))) for a in (q, k, qw, kw)]
     want = [ref.shard(qr, G, rank), ref.shard(kr, G, rank)]
     pool = cupy.get_default_memory_pool()
@@ -35,7 +37,7 @@ def main():
     def cycle():
         outs = [cupy.full_like(sh[0], ref.poison("bfloat16")),
                 cupy.full_like(sh[1], ref.poison("bfloat16"))]
-        with TPQKNorm(comm, 6144, 1024, "bfloat16", max_tokens=4096,
+        with TPQKNorm(comm, q_dim, k_dim, "bfloat16", max_tokens=4096,
                       transport=args.transport) as norm:
             norm(*sh, out=outs)
             norm.synchronize()

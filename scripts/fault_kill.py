@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from cupy_qknorm import PeerTimeoutError, TPQKNorm
 from cupy_qknorm.cli import _select_device
+from cupy_qknorm.compile import default_dims
 
 
 def main():
@@ -29,11 +30,12 @@ def main():
     _select_device(comm)
     G, rank = comm.size, comm.rank
     victim = G - 1
-    q = cupy.ones((16, 6144 // G), cupy.uint16)
-    k = cupy.ones((16, 1024 // G), cupy.uint16)
-    qw = cupy.ones(6144 // G, cupy.uint16)
-    kw = cupy.ones(1024 // G, cupy.uint16)
-    norm = TPQKNorm(comm, 6144, 1024, "bfloat16", max_tokens=64, transport="ipc",
+    q_dim, k_dim = default_dims(G)
+    q = cupy.ones((16, q_dim // G), cupy.uint16)
+    k = cupy.ones((16, k_dim // G), cupy.uint16)
+    qw = cupy.ones(q_dim // G, cupy.uint16)
+    kw = cupy.ones(k_dim // G, cupy.uint16)
+    norm = TPQKNorm(comm, q_dim, k_dim, "bfloat16", max_tokens=64, transport="ipc",
                     timeout_s=args.timeout)
     comm.Barrier()
     kill_at = None

@@ -19,6 +19,7 @@ from mpi4py import MPI
 from cupy_qknorm import TPQKNorm
 from cupy_qknorm import reference as ref
 from cupy_qknorm.cli import _select_device
+from cupy_qknorm.compile import default_dims
 
 DTYPE = "bfloat16"
 
@@ -31,7 +32,7 @@ def draw(rng, n, max_t):
 class Case:
     def __init__(self, comm, max_t):
         G, r = comm.size, comm.rank
-        q, k, qw, kw, qr, kr = ref.make_case(17, max_t, 6144, 1024, DTYPE)
+        q, k, qw, kw, qr, kr = ref.make_case(17, max_t, *default_dims(G), DTYPE)
         self.q, self.k, self.qw, self.kw = [
             cupy.asarray(np.ascontiguousarray(ref.shard(a, G, r))) for a in (q, k, qw, kw)]
         self.want = (ref.shard(qr, G, r), ref.shard(kr, G, r))
@@ -141,7 +142,7 @@ def main():
     case = Case(comm, args.max_t)
     ok = True
     modes = ("eager", "graph") if args.mode == "both" else (args.mode,)
-    with TPQKNorm(comm, 6144, 1024, DTYPE, max_tokens=args.max_tokens,
+    with TPQKNorm(comm, *default_dims(G), DTYPE, max_tokens=args.max_tokens,
                   transport="ipc") as norm:
         for mode in modes:
             rng = np.random.default_rng(args.seed)  # the same T sequence on every rank

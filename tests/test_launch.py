@@ -1,4 +1,4 @@
-"""Start the MPI test files under mpiexec with 2 and 3 ranks, as a user would, and
+"""Start the MPI test files under mpiexec with 2, 3, 5 and 8 ranks, as a user would, and
 require every rank to pass (the CuPy distributed tests' pattern)."""
 import os
 import shutil
@@ -17,7 +17,7 @@ def mpiexec():
 
 
 @pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install mpich)")
-@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("ranks", [2, 3, 5, 8])
 def test_mpi_suite_under_mpiexec(ranks):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
@@ -33,9 +33,10 @@ def test_mpi_suite_under_mpiexec(ranks):
 
 
 @pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install mpich)")
-def test_check_command_under_mpiexec():
+@pytest.mark.parametrize("ranks", [2, 7])
+def test_check_command_under_mpiexec(ranks):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "cupy_qknorm", "check",
+    r = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, "-m", "cupy_qknorm", "check",
                         "--transport", "mpi", "--tokens", "0,1,33"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -1,4 +1,4 @@
-"""The MPI paths with numpy arrays: run under `mpiexec -n 2|3 python -m pytest --with-mpi`
+"""The MPI paths with numpy arrays: run under `mpiexec -n G python -m pytest --with-mpi`
 (tests/test_launch.py does that). Every rank must raise the same error together."""
 import numpy as np
 import pytest
@@ -11,7 +11,8 @@ pytestmark = pytest.mark.mpi(min_size=2)
 
 
 def dims(world):
-    return (6144, 1024) if 1024 % world == 0 else (6144, 1536)
+    from cupy_qknorm.compile import default_dims
+    return default_dims(world)
 
 
 @pytest.mark.parametrize("dtype,wdtype", [("bfloat16", None), ("bfloat16", "float32"),
@@ -51,8 +52,9 @@ def test_config_mismatch_raises_on_every_rank(comm):
 
 
 def test_one_rank_bad_config_raises_everywhere(comm):
-    q_dim = 6144 if comm.rank else 6000  # only rank 0 is wrong
-    with pytest.raises(ValueError, match="rank 0"):
+    good = dims(comm.size)[0]
+    q_dim = good if comm.rank else good + 1  # only rank 0 is wrong
+    with pytest.raises(ValueError, match=r"^rank 0: q_dim="):
         TPQKNorm(comm, q_dim, dims(comm.size)[1], "float32", transport="mpi")
 
 

@@ -155,3 +155,57 @@ def test_spec_plan():
         Spec.plan("float32", "bfloat16", 2, 3072, 512)
     with pytest.raises(ValueError, match="multiple of 8"):
         Spec.plan("float16", "float16", 2, 3076, 512)
+
+
+class DLPackOnly:
+    """A producer that offers only the DLPack protocol (as torch or JAX tensors do)."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, stream=None, **kw):
+        assert stream is None, "a host tensor must be exported with stream=None"
+        return self._a.__dlpack__(stream=stream, **kw)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def test_dlpack_view_reads_the_capsule():
+    from cupy_qknorm.arrays import dlpack_view
+    a = np.zeros((5, 24), np.float32)[1:, :16]  # offset start, strided rows
+    ptr, shape, strides, name, item, dev = dlpack_view(a)
+    assert (ptr, shape, strides, name, item, dev) == (
+        a.ctypes.data, (4, 16), (96, 4), "float32", 4, (1, 0))
+    b = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    assert dlpack_view(b)[1:5] == ((3, 4), (8, 2), "bfloat16", 2)  # uint16 holds bf16 bits
+    assert dlpack_view(np.zeros(3, np.float64))[3] is None
+
+
+def test_dlpack_producers_run_and_are_written_in_place(norm):
+    q, k, qw, kw = arrays(6)
+    qr, kr = ref.qk_norm(q, k, qw, kw, 1e-6)
+    qo, ko = np.full_like(q, np.nan), np.full_like(k, np.nan)
+    got = norm(DLPackOnly(q), DLPackOnly(k), DLPackOnly(qw), DLPackOnly(kw),
+               out=(DLPackOnly(qo), DLPackOnly(ko)))
+    assert isinstance(got[0], DLPackOnly)
+    assert ref.compare(qo, qr, "float32")[1] == 0  # written through the zero-copy view
+    assert ref.compare(ko, kr, "float32")[1] == 0
+
+
+def test_dlpack_bad_producer_is_a_type_error(norm):
+    q, k, qw, kw = arrays()
+    with pytest.raises(TypeError, match="dtype must be float32"):
+        norm(DLPackOnly(q.astype(np.float64)), k, qw, kw)
+
+
+def test_read_only_output_is_refused_before_anything_is_written(norm):
+    q, k, qw, kw = arrays()
+    qo, ko = np.full_like(q, 7.0), np.full_like(k, 7.0)
+    ko.flags.writeable = False
+    with pytest.raises(ValueError, match=r"out\[1\]: the array is read-only"):
+        norm(q, k, qw, kw, out=(qo, ko))
+    assert (qo == 7.0).all() and (ko == 7.0).all()
+    q.flags.writeable = False
+    with pytest.raises(ValueError, match=r"q \(in place\): the array is read-only"):
+        norm(q, k, qw, kw)

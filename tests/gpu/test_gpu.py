@@ -15,9 +15,10 @@ MINIMAX = (6144, 1024)
 
 
 def dims_for(world):
-    """MiniMax's widths where they split evenly (G = 1, 2, 4, 8), else 6144 / 1536."""
-    q, k = MINIMAX
-    return (q, k) if k % world == 0 and (k // world) % 8 == 0 else (6144, 1536)
+    """MiniMax's widths where they split evenly (G = 1, 2, 4, 8), else 6144 / 1536
+    (G = 3, 6), else 1024 / 128 per rank (G = 5, 7)."""
+    from cupy_qknorm.compile import default_dims
+    return default_dims(world)
 
 
 def shards(arrays, comm):
@@ -188,3 +189,49 @@ def test_two_groups_side_by_side(comm):
 def test_auto_picks_ipc(comm):
     with TPQKNorm(comm, *dims_for(comm.size), "bfloat16", max_tokens=16) as norm:
         assert norm.transport == "ipc"
+
+
+class DLPackOnly:
+    """Offers only the DLPack protocol, as a JAX or torch tensor does."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kw):
+        return self._a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def test_dlpack_producers(comm):
+    """Inputs and outputs seen only through DLPack: CuPy arrays behind a wrapper, and
+    torch bfloat16 tensors (torch has no bf16 in __cuda_array_interface__) where torch
+    is installed. Exact, and written in place through the zero-copy views."""
+    import cupy
+    dtype = "bfloat16"
+    q_dim, k_dim = dims_for(comm.size)
+    q, k, qw, kw, qr, kr = ref.make_case(61, 37, q_dim, k_dim, dtype)
+    qs, ks, qws, kws = shards((q, k, qw, kw), comm)
+    outs = [cupy.full_like(qs, ref.poison(dtype)), cupy.full_like(ks, ref.poison(dtype))]
+    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=64, transport="ipc") as norm:
+        norm(*[DLPackOnly(a) for a in (qs, ks, qws, kws)],
+             out=(DLPackOnly(outs[0]), DLPackOnly(outs[1])))
+        norm.synchronize()
+        assert_close(comm, outs, (qr, kr), dtype, "cupy through DLPack")
+        try:
+            import torch
+        except ImportError:
+            return
+        dev = torch.device("cuda", cupy.cuda.Device().id)
+        tq, tk, tqw, tkw = [torch.from_numpy(a.get().view(np.int16)).to(dev).view(torch.bfloat16)
+                            for a in (qs, ks, qws, kws)]
+        to = [torch.empty_like(tq), torch.empty_like(tk)]
+        for t in to:
+            t.view(torch.int16).fill_(int(np.uint16(ref.poison(dtype)).view(np.int16)))
+        torch.cuda.synchronize(dev)
+        norm(tq, tk, tqw, tkw, out=to)
+        norm.synchronize()
+        torch.cuda.synchronize(dev)
+        got = [cupy.asarray(t.view(torch.int16).cpu().numpy().view(np.uint16)) for t in to]
+        assert_close(comm, got, (qr, kr), dtype, "torch bfloat16 tensors")
