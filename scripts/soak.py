@@ -78,8 +78,9 @@ def eager(norm, case, calls, args, rng, log):
 
 
 def graph(norm, case, calls, args, rng, log):
+    """Returns (elements bad, samples, seconds, rows); calls = replays * calls_per_graph."""
     stream = cupy.cuda.Stream(non_blocking=True)
-    graphs, widest = [], []
+    graphs, widest, rows_of = [], [], []
     with stream:
         case.call(norm, 8)
         stream.synchronize()
@@ -90,6 +91,7 @@ def graph(norm, case, calls, args, rng, log):
                 case.call(norm, int(t))
             graphs.append(stream.end_capture())
             widest.append(int(sizes.max()))
+            rows_of.append(int(sizes.sum()))
         replays = calls // args.calls_per_graph
         order = rng.integers(0, args.graphs, replays)
         every = max(1, args.check_every // args.calls_per_graph)
@@ -116,7 +118,7 @@ def graph(norm, case, calls, args, rng, log):
         norm.synchronize(stream)
         took = time.perf_counter() - t0
     del graphs
-    return bad, checks, took, replays * args.calls_per_graph
+    return bad, checks, took, int(sum(rows_of[g] for g in order))
 
 
 def main():

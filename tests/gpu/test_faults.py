@@ -44,6 +44,14 @@ def case_arrays(comm, tokens, seed=3):
     return (q_dim, k_dim), (qs, ks, qws, kws), outs, (qr, kr)
 
 
+def warm_up(norm, qs, ks, qws, kws):
+    """One correct call (same T everywhere) into scratch outputs: compiles and loads."""
+    import cupy
+    scratch = (cupy.empty_like(qs[:1]), cupy.empty_like(ks[:1]))
+    norm(qs[:1], ks[:1], qws, kws, out=scratch)
+    norm.synchronize()
+
+
 def untouched(outs):
     p = ref.poison(DTYPE)
     return all(bool((o == p).all()) for o in outs)
@@ -66,6 +74,7 @@ def test_tokens_differ_between_ranks(comm):
     t = 5 if comm.rank == 0 else 3
     norm = TPQKNorm(comm, *dims, DTYPE, max_tokens=64, transport="ipc", timeout_s=TIMEOUT_S)
     try:
+        warm_up(norm, qs, ks, qws, kws)  # the time to raise must not include compiling
         comm.Barrier()
         t0 = time.perf_counter()
         norm(qs[:t], ks[:t], qws, kws, out=(outs[0][:t], outs[1][:t]))
@@ -191,3 +200,20 @@ def after_fault_the_process_works(comm):
     dims = dims_for(comm.size)
     with TPQKNorm(comm, *dims, DTYPE, max_tokens=64, transport="ipc") as norm:
         run_case(norm, comm, 123, 17, DTYPE)
+
+
+def test_array_on_another_device_is_refused(comm):
+    """An input on another GPU of the node: TypeError before anything is launched."""
+    import cupy
+    n = cupy.cuda.runtime.getDeviceCount()
+    if n < 2:
+        pytest.skip("needs two GPUs visible to the process")
+    dims, (qs, ks, qws, kws), outs, _ = case_arrays(comm, 4)
+    other = (cupy.cuda.Device().id + 1) % n
+    with cupy.cuda.Device(other):
+        q_elsewhere = cupy.asarray(qs.get())
+    with TPQKNorm(comm, *dims, DTYPE, max_tokens=64, transport="ipc") as norm:
+        with pytest.raises(TypeError, match="device"):
+            norm(q_elsewhere, ks, qws, kws, out=outs)
+        assert untouched(outs)
+        run_case(norm, comm, 5, 9, DTYPE)  # every rank still makes the same calls
