@@ -87,9 +87,6 @@ class _Launcher:
             self._launch_ex.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
                                         ctypes.c_void_p, ctypes.c_void_p]
             self._attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-            self._config = _LaunchConfig(gridDimY=1, gridDimZ=1, blockDimY=1, blockDimZ=1,
-                                         attrs=ctypes.pointer(self._attr), numAttrs=1)
-            self._config_ref = ctypes.byref(self._config)
             self.pdl = True
 
     def handle(self, kernel):
