@@ -4,21 +4,23 @@
 # Per G: the GPU tests (parity, graphs, faults), check ipc/nccl, and the SIGKILL fault.
 # Then compute-sanitizer memcheck and racecheck at G=2 (SANITIZE=0 skips them), and with
 # SOAK=1 the construct/close cycles and the soak at the largest G (RELIABILITY.md).
-# Logs go to ${OUT:-gpu-logs}/; one summary line per rank; exit non-zero if anything failed.
+# Logs go to ${GPU_LOGS:-gpu-logs}/ (and, when $OUT is set, as one archive to
+# $OUT/gpu-logs.tgz); one summary line per rank; exit non-zero if anything failed.
 # Uses the host's own MPI (never install an MPI wheel there) and picks GPUs from the
 # node-local rank, not CUDA_VISIBLE_DEVICES.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-LOGS=${OUT:-gpu-logs}
+LOGS=${GPU_LOGS:-gpu-logs}
 mkdir -p "$LOGS"
-export CUPY_QKNORM_FAULT_LOG="$PWD/$LOGS/faults.jsonl"
-case "$LOGS" in /*) export CUPY_QKNORM_FAULT_LOG="$LOGS/faults.jsonl" ;; esac
-gpus=$(nvidia-smi -L | grep -c '^GPU')
+LOGS=$(cd "$LOGS" && pwd)
+export CUPY_QKNORM_FAULT_LOG="$LOGS/faults.jsonl"
+rm -f "$CUPY_QKNORM_FAULT_LOG"
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 ranks=("$@")
 [ ${#ranks[@]} -gt 0 ] || ranks=(2 3 4)
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | sed 's/^/gpu: /'
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
 fail=0
 # every stage is bounded: a hang becomes a failure with a stack dump, never a stuck host
 mpirun() { timeout "${STAGE_TIMEOUT:-400}" mpiexec --allow-run-as-root --bind-to none -n "$@"; }
@@ -65,6 +67,9 @@ if [ "${SOAK:-0}" = 1 ] && [ "$largest" -ge 2 ]; then
   STAGE_TIMEOUT=${SOAK_TIMEOUT:-900} mpirun "$largest" python3 scripts/soak.py \
     --calls "${SOAK_CALLS:-1000000}" || fail=1
 fi
+[ "$largest" -gt 0 ] || { echo "no G could run here ($gpus GPUs): nothing was tested"; fail=1; }
 [ -s "$LOGS/faults.jsonl" ] && sed 's/^/fault: /' "$LOGS/faults.jsonl"
+# one file, so that a runner that fetches few files back gets every log
+[ -n "${OUT:-}" ] && tar czf "$OUT/gpu-logs.tgz" -C "$LOGS" . && echo "logs: $OUT/gpu-logs.tgz"
 [ $fail -eq 0 ] && echo "GPU SUITE PASSED" || echo "GPU SUITE FAILED"
 exit $fail
