@@ -127,6 +127,7 @@ class TPQKNorm:
         self._transport = None
         self._closed = True
         self._plans = {}
+        self._current_stream = _no_stream
         self.comm = comm
         world, rank = comm.Get_size(), comm.Get_rank()
         error = None
@@ -208,6 +209,29 @@ class TPQKNorm:
                 self._plans[key] = run
         run(ptrs, stream if stream is not None else self._current_stream())
         return qo, ko
+
+    def bind(self, q, k, q_weight, k_weight, *, out=None):
+        """Validate these arrays once; return a BoundCall that normalizes them on each
+        call with no validation at all: `call(stream=None)` -> (q_out, k_out). The least
+        host time per eager call, for pipelines that reuse their buffers. The call holds
+        the arrays; they must keep their shapes and strides (no in-place reshape) and the
+        same contract holds as for __call__ (every rank calls, same T)."""
+        self._check_usable()
+        qo, ko = (q, k) if out is None else _pair(out)
+        arrs = (q, k, q_weight, k_weight, qo, ko)
+        ops = self._validate(*arrs)
+        tokens = ops[0].shape[0]
+        if not tokens:
+            run = _no_tokens
+        elif ops[0].device is None:
+            from .transports import run_host
+            cfg, comm = self.config, self.comm
+
+            def run(ptrs, stream):
+                run_host(cfg, comm, ops, tokens)
+        else:
+            run = self._transport.prepare(arrays.Plan.of(ops))
+        return BoundCall(self, run, [op.ptr for op in ops], arrs)
 
     def _validate(self, q, k, q_weight, k_weight, qo, ko):
         cfg = self.config
@@ -311,8 +335,26 @@ class _HostCapable:
         self._device = None
 
 
+class BoundCall:
+    """TPQKNorm.bind(...)'s result: the same normalization of the same arrays, again."""
+    __slots__ = ("_norm", "_run", "_ptrs", "arrays")
+
+    def __init__(self, norm, run, ptrs, arrs):
+        self._norm, self._run, self._ptrs, self.arrays = norm, run, ptrs, arrs
+
+    def __call__(self, stream=None):
+        norm = self._norm
+        norm._check_usable()
+        self._run(self._ptrs, stream if stream is not None else norm._current_stream())
+        return self.arrays[4], self.arrays[5]
+
+
 def _no_tokens(ptrs, stream):
     """T = 0: nothing is read, written or launched."""
+
+
+def _no_stream():
+    """The current stream of an object built without a GPU: there is none."""
 
 
 def _pair(out):

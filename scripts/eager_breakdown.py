@@ -54,6 +54,7 @@ with TPQKNorm(comm, 6144, 1024, "bfloat16", max_tokens=64, transport="ipc") as n
         "signature": lambda: arrays.cupy_signature(arrs),
         "pack+launch": lambda: run(ptrs, s),
         "full call": lambda: norm(q, k, qw, kw, out=(qo, ko)),
+        "bound call": norm.bind(q, k, qw, kw, out=(qo, ko)),
     }
     path = ("CuPy launch (fallback)" if go["fused"].__name__ == "go_cupy" else
             "cuLaunchKernelEx" if t.pdl else "cuLaunchKernel")

@@ -209,3 +209,30 @@ def test_read_only_output_is_refused_before_anything_is_written(norm):
     q.flags.writeable = False
     with pytest.raises(ValueError, match=r"q \(in place\): the array is read-only"):
         norm(q, k, qw, kw)
+
+
+def test_bound_call_reuses_validated_arrays(norm):
+    q, k, qw, kw = arrays(5)
+    qo, ko = np.full_like(q, np.nan), np.full_like(k, np.nan)
+    call = norm.bind(q, k, qw, kw, out=(qo, ko))
+    for seed in range(3):  # new contents in the same buffers, normalized on each call
+        rng = np.random.default_rng(seed)
+        q[...] = rng.standard_normal(q.shape) * 10.0 ** seed
+        k[...] = rng.standard_normal(k.shape)
+        qo.fill(np.nan)
+        got = call()
+        assert got[0] is qo and got[1] is ko
+        qr, kr = ref.qk_norm(q, k, qw, kw, 1e-6)
+        assert ref.compare(qo, qr, "float32")[1] == 0
+        assert ref.compare(ko, kr, "float32")[1] == 0
+
+
+def test_bind_validates_at_once_and_stops_after_close():
+    n = TPQKNorm(MPI.COMM_SELF, Q, K, "float32", transport="mpi")
+    q, k, qw, kw = arrays()
+    with pytest.raises(ValueError, match="k has 3 rows but q has 4"):
+        n.bind(q, k[:3], qw, kw)
+    call = n.bind(q, k, qw, kw)
+    n.close()
+    with pytest.raises(ClosedError):
+        call()
