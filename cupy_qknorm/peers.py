@@ -11,7 +11,7 @@ import traceback
 
 from .errors import QKNormError, TransportUnavailableError
 
-EMPTY_WORD = 0x80000000        # one half of qknorm::kEmpty: the float -0.0
+EMPTY_WORD = 0x80000000        # qknorm::kEmptyWord (the float -0.0): every slot word, empty
 PROBE_ENV = "CUPY_QKNORM_BREAK_P2P_PROBE"  # "1": the probe writes a wrong value (fault tests)
 _OPEN_MAPPINGS = set()  # peer buffers this process has mapped and not yet unmapped
 
