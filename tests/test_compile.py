@@ -44,3 +44,12 @@ def test_params_layout_matches_header():
 
 def test_source_hash_is_in_the_code_string():
     assert kc.SOURCES_HASH in kc.SOURCE
+
+
+def test_cupy_cache_warming_needs_a_gpu(capsys):
+    from cupy_qknorm import cli
+    from tests.conftest import HAS_GPU
+    if HAS_GPU:
+        pytest.skip("a GPU is present: warming would compile every specialization")
+    assert cli._warm_cupy_cache(kc, kc.shipped_specs()[:1]) == 1
+    assert "--cupy-cache needs a GPU" in capsys.readouterr().out
