@@ -236,3 +236,34 @@ def test_bind_validates_at_once_and_stops_after_close():
     n.close()
     with pytest.raises(ClosedError):
         call()
+
+
+def test_fast_path_signature_covers_what_validation_reads():
+    """The cached-validation key of CuPy arrays changes with everything validation looks
+    at (shape, strides, dtype, device, address modulo 16) and with nothing else. CuPy
+    arrays over host memory stand in for device arrays: no GPU is touched."""
+    cupy = pytest.importorskip("cupy")
+    from cupy_qknorm.arrays import cupy_signature
+    host = np.zeros(1 << 16, np.uint8)
+
+    def arr(shape, offset=0, dtype=np.uint16, device=0, strides=None):
+        mem = cupy.cuda.UnownedMemory(host.ctypes.data + offset, host.nbytes - offset,
+                                      host, device_id=device)
+        return cupy.ndarray(shape, dtype, memptr=cupy.cuda.MemoryPointer(mem, 0),
+                            strides=strides)
+
+    def key(**change):
+        six = [arr((2, 64)), arr((2, 16)), arr((64,)), arr((16,)), arr((2, 64)), arr((2, 16))]
+        for i, a in change.items():
+            six[int(i[1:])] = a
+        return cupy_signature(tuple(six))
+
+    base, ptrs = key()
+    assert len(ptrs) == 6
+    assert key(a4=arr((2, 64), offset=4096))[0] == base       # another aligned address
+    assert key(a0=arr((2, 64), offset=2))[0] != base          # misaligned
+    assert key(a0=arr((3, 64)))[0] != base                    # T
+    assert key(a1=arr((2, 16), strides=(64, 2)))[0] != base   # row stride
+    assert key(a2=arr((32,), dtype=np.float32))[0] != base    # dtype
+    assert key(a3=arr((16,), device=1))[0] != base            # device
+    assert cupy_signature((np.zeros(2),) * 6) == (None, None)  # not CuPy: no fast path
