@@ -63,9 +63,24 @@ def describe(x, role: str) -> Operand:
     if isinstance(x, np.ndarray):
         return Operand(x, x.ctypes.data, x.shape, x.strides, dtype_name(x.dtype),
                        x.dtype.itemsize, None, bool(x.flags.writeable))
+    # DLPack first where both are offered: its dtype codes tell bfloat16 from float16,
+    # while __cuda_array_interface__ has no bf16 typestr (torch has exported bf16 as "<f2",
+    # float16's, and later as "<V2"). The interface is the fallback when the export fails.
+    dlpack_error = None
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        try:
+            op = _describe_dlpack(x, role)
+        except _ExportFailed as e:
+            dlpack_error = e.error
+        else:  # DLPack has no read-only flag: take the interface's where it has one
+            try:
+                read_only = bool(x.__cuda_array_interface__["data"][1])
+            except Exception:  # noqa: BLE001 - no interface, or none for this dtype
+                read_only = False
+            return op._replace(writable=op.writable and not read_only)
     try:
         cai = x.__cuda_array_interface__
-    except (AttributeError, TypeError):  # torch raises TypeError for bfloat16: use DLPack
+    except (AttributeError, TypeError):  # torch raises TypeError for some dtypes
         cai = None
     if cai is not None:
         import cupy
@@ -81,8 +96,8 @@ def describe(x, role: str) -> Operand:
         dev = cupy.cuda.runtime.pointerGetAttributes(ptr).device if ptr else None
         return Operand(x, ptr, shape, tuple(strides), _TYPESTR.get(cai["typestr"]), item, dev,
                        not cai["data"][1])
-    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
-        return _describe_dlpack(x, role)
+    if dlpack_error is not None:
+        raise TypeError(f"{role}: its DLPack export failed: {dlpack_error}") from dlpack_error
     raise TypeError(f"{role}: expected a cupy or numpy array, a __cuda_array_interface__ "
                     f"producer or a DLPack producer, got {type(x).__name__}")
 
@@ -137,11 +152,19 @@ def dlpack_view(x):
     return ptr, shape, strides, name, item, (dev_type, dev_id)
 
 
+class _ExportFailed(Exception):
+    """The producer's __dlpack__ or __dlpack_device__ raised: try another protocol."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
 def _describe_dlpack(x, role):
     try:
         ptr, shape, strides, name, item, (dev_type, dev_id) = dlpack_view(x)
     except (TypeError, ValueError, BufferError, AttributeError) as e:
-        raise TypeError(f"{role}: its DLPack export failed: {e}") from e
+        raise _ExportFailed(e) from e
     if dev_type == _DL_CPU:  # the host path computes with numpy: view it as numpy
         try:
             host = np.from_dlpack(x)

@@ -199,6 +199,51 @@ def test_dlpack_bad_producer_is_a_type_error(norm):
         norm(DLPackOnly(q.astype(np.float64)), k, qw, kw)
 
 
+class BothProtocols(DLPackOnly):
+    """DLPack plus a __cuda_array_interface__ that names a dtype of its own, as torch
+    does for bfloat16 ("<f2", float16's typestr, in some versions)."""
+
+    def __init__(self, a, typestr="<f2", read_only=False, export_error=None):
+        super().__init__(a)
+        self.typestr, self.read_only, self.export_error = typestr, read_only, export_error
+
+    def __dlpack__(self, stream=None, **kw):
+        if self.export_error is not None:
+            raise self.export_error
+        return super().__dlpack__(stream=stream, **kw)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self._a.shape, "typestr": self.typestr, "strides": None,
+                "data": (0, self.read_only), "version": 3}
+
+
+def test_dlpack_dtype_wins_over_the_array_interface_typestr():
+    from cupy_qknorm.arrays import describe
+    bits = np.zeros((3, 16), np.uint16)  # bf16 bit patterns; the interface says float16
+    op = describe(BothProtocols(bits), "q")
+    assert (op.dtype, op.shape, op.ptr) == ("bfloat16", (3, 16), bits.ctypes.data)
+    assert op.writable
+    assert not describe(BothProtocols(bits, read_only=True), "q_out").writable
+
+
+def test_array_interface_is_the_fallback_when_the_dlpack_export_fails():
+    pytest.importorskip("cupy")
+    from cupy_qknorm.arrays import describe
+    a = np.zeros((0, 16), np.float32)
+    op = describe(BothProtocols(a, "<f4", export_error=BufferError("no")), "q")
+    assert (op.dtype, op.shape, op.ptr, op.device) == ("float32", (0, 16), 0, None)
+
+
+def test_dlpack_export_failure_without_an_interface_is_a_type_error(norm):
+    class Broken(DLPackOnly):
+        def __dlpack__(self, stream=None, **kw):
+            raise BufferError("cannot export")
+    q, k, qw, kw = arrays()
+    with pytest.raises(TypeError, match="q: its DLPack export failed: cannot export"):
+        norm(Broken(q), k, qw, kw)
+
+
 def test_read_only_output_is_refused_before_anything_is_written(norm):
     q, k, qw, kw = arrays()
     qo, ko = np.full_like(q, 7.0), np.full_like(k, 7.0)

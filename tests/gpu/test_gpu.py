@@ -230,8 +230,9 @@ class DLPackOnly:
 
 def test_dlpack_producers(comm):
     """Inputs and outputs seen only through DLPack: CuPy arrays behind a wrapper, and
-    torch bfloat16 tensors (torch has no bf16 in __cuda_array_interface__) where torch
-    is installed. Exact, and written in place through the zero-copy views."""
+    torch bfloat16 tensors where torch is installed (they offer both protocols; the
+    array interface has no bf16 typestr of its own, so DLPack's dtype must win). Exact,
+    and written in place through the zero-copy views."""
     import cupy
     dtype = "bfloat16"
     q_dim, k_dim = dims_for(comm.size)
