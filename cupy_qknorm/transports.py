@@ -33,7 +33,10 @@ SLOT_BYTES = 16         # one exchange slot: {sum_q, sum_k, tokens, use number}
 ERROR_WORDS = 8         # qknorm::kErrorWords: {code, peer, token, rank, theirs, ours, 0, 0}
 ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE = 1, 2, 3
 PDL_ENV = "CUPY_QKNORM_PDL"  # "0": launch the fused kernel without programmatic dependence
-WIDE_FROM = 8192  # launches of this many tokens or more use the wide layout (compile.py)
+# Launches of this many tokens or more use the wide layout (compile.py). Measured on H100,
+# bf16, MiniMax dims (BENCHMARKS.md): narrow is as fast or faster up to 4096 tokens, wide
+# faster from 6144 (G=2: 38.7 vs 42.2 us there; 73.0 vs 80.8 at 12288).
+WIDE_FROM = 6144
 WIDE_FROM_ENV = "CUPY_QKNORM_WIDE_FROM"  # overrides it (benchmark experiments)
 
 
