@@ -14,14 +14,20 @@ def cmd_compile(args):
     """Build every shipped specialization with NVRTC: no GPU needed."""
     from . import compile as kc
     specs = kc.shipped_specs()
-    failed = 0
+    failed, spilled = 0, []
     t0 = time.perf_counter()
     for arch in args.arch:
         for i, spec in enumerate(specs, 1):
             t = time.perf_counter()
             try:
                 r = kc.nvrtc_compile(spec, arch)
-                status = f"ok   {r['cubin_bytes']:>7} B"
+                fused = r["resources"]["fused"] or {}
+                spill = fused.get("spill_stores", 0) + fused.get("spill_loads", 0)
+                if spill:
+                    spilled.append(f"{arch} {spec}")
+                status = (f"ok   {r['cubin_bytes']:>7} B; fused kernel: "
+                          f"{fused.get('registers', '?')} registers, {spill} B spilled, "
+                          f"{_blocks_per_sm(fused.get('registers'), spec.threads)} blocks/SM")
             except Exception as e:  # noqa: BLE001 - reported, counted, and the run fails
                 failed += 1
                 status = f"FAIL {e}"
@@ -29,10 +35,22 @@ def cmd_compile(args):
                   f"({time.perf_counter() - t:.2f} s)", flush=True)
     n = len(specs) * len(args.arch)
     print(f"compiled {n - failed}/{n} specializations for {', '.join(args.arch)} in "
-          f"{time.perf_counter() - t0:.1f} s; sources {kc.SOURCES_HASH}")
+          f"{time.perf_counter() - t0:.1f} s; sources {kc.SOURCES_HASH}; register spills: "
+          f"{', '.join(spilled) if spilled else 'none'}")
     if args.cupy_cache and not failed:
         failed = _warm_cupy_cache(kc, specs)
     return 1 if failed else 0
+
+
+def _blocks_per_sm(registers, threads):
+    """Blocks of `threads` that an sm_90 multiprocessor holds at once by its 64K registers
+    (allocated per warp in units of 256), its 64 warps and its 32 blocks. Shared memory
+    never limits these kernels (a few hundred bytes a block)."""
+    if not registers:
+        return "?"
+    warps = -(-threads // 32)
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(65536 // (per_warp * warps), 64 // warps, 32)
 
 
 def _warm_cupy_cache(kc, specs):

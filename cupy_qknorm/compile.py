@@ -164,15 +164,36 @@ def _check(result, prog=None):
     return result[1:]
 
 
+_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def ptxas_resources(log: str) -> dict:
+    """{entry name: {registers, stack, spill_stores, spill_loads, smem}} from ptxas -v."""
+    out, entry = {}, None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            entry = out.setdefault(m.group(1), {})
+        elif entry is not None and (m := _FRAME.search(line)):
+            entry.update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                         spill_loads=int(m.group(3)))
+        elif entry is not None and (m := _USED.search(line)):
+            entry.update(registers=int(m.group(1)), smem=int(m.group(2) or 0))
+    return out
+
+
 def nvrtc_compile(spec: Spec, arch: str = "sm_90") -> dict:
-    """Compile `spec` for `arch` with NVRTC (no GPU needed). Returns sizes and the log."""
+    """Compile `spec` for `arch` with NVRTC (no GPU needed). Returns sizes, the log and the
+    compiler's resource report of each kernel of the spec (registers, spills, smem)."""
     from cuda.bindings import nvrtc
     src = (KERNEL_DIR / "qknorm.cu").read_text()
     prog, = _check(nvrtc.nvrtcCreateProgram(src.encode(), b"qknorm.cu", 0, [], []))
     try:
         for name in spec.names.values():
             _check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
-        opts = [o.encode() for o in OPTIONS] + [f"--gpu-architecture={arch}".encode()]
+        opts = [o.encode() for o in OPTIONS] + [f"--gpu-architecture={arch}".encode(),
+                                                 b"--ptxas-options=-v"]
         _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog)
         lowered = {}
         for kind, name in spec.names.items():
@@ -182,8 +203,10 @@ def nvrtc_compile(spec: Spec, arch: str = "sm_90") -> dict:
         _, n = nvrtc.nvrtcGetProgramLogSize(prog)
         log = b" " * n
         nvrtc.nvrtcGetProgramLog(prog, log)
-        return {"cubin_bytes": size, "lowered": lowered,
-                "log": log.decode(errors="replace").strip(" \0\n")}
+        log = log.decode(errors="replace").strip(" \0\n")
+        found = ptxas_resources(log)
+        return {"cubin_bytes": size, "lowered": lowered, "log": log,
+                "resources": {kind: found.get(name) for kind, name in lowered.items()}}
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 

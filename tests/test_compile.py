@@ -27,6 +27,37 @@ def test_nvrtc_compiles(spec, arch):
     assert r["cubin_bytes"] > 1000
     assert set(r["lowered"]) == {"fused", "partial_sums", "apply"}
     assert "warning" not in r["log"].lower(), r["log"]
+    for kind, res in r["resources"].items():  # the compiler's report, for every kernel
+        assert res is not None, f"{kind}: no ptxas report in\n{r['log']}"
+        assert 0 < res["registers"] <= 255 and res["spill_stores"] >= 0, (kind, res)
+
+
+PTXAS_LOG = """ptxas info    : 65 bytes gmem
+ptxas info    : Compiling entry function '_Z5fusedv' for 'sm_90'
+ptxas info    : Function properties for _Z5fusedv
+ptxas         .     8 bytes stack frame, 16 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 56 registers, used 1 barriers, 136 bytes smem
+ptxas info    : Compiling entry function 'qknorm_empty' for 'sm_90'
+ptxas info    : Function properties for qknorm_empty
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 4 registers, used 0 barriers
+"""
+
+
+def test_ptxas_report_is_parsed_per_kernel():
+    assert kc.ptxas_resources(PTXAS_LOG) == {
+        "_Z5fusedv": {"stack": 8, "spill_stores": 16, "spill_loads": 12, "registers": 56,
+                      "smem": 136},
+        "qknorm_empty": {"stack": 0, "spill_stores": 0, "spill_loads": 0, "registers": 4,
+                         "smem": 0}}
+
+
+def test_blocks_per_sm_from_registers():
+    from cupy_qknorm.cli import _blocks_per_sm
+    assert _blocks_per_sm(64, 224) == 4     # 7 warps of 2048 registers: 65536 // 14336
+    assert _blocks_per_sm(148, 64) == 6     # 152 a thread allocated: 65536 // 9728
+    assert _blocks_per_sm(16, 32) == 32     # the 32-block limit
+    assert _blocks_per_sm(None, 64) == "?"
 
 
 def test_compile_error_is_reported():
