@@ -163,8 +163,8 @@ class _ExportFailed(Exception):
 def _describe_dlpack(x, role):
     try:
         ptr, shape, strides, name, item, (dev_type, dev_id) = dlpack_view(x)
-    except (TypeError, ValueError, BufferError, AttributeError) as e:
-        raise _ExportFailed(e) from e
+    except (TypeError, ValueError, BufferError, AttributeError, RuntimeError) as e:
+        raise _ExportFailed(e) from e  # e.g. JAX's XlaRuntimeError, torch's requires_grad
     if dev_type == _DL_CPU:  # the host path computes with numpy: view it as numpy
         try:
             host = np.from_dlpack(x)

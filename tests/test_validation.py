@@ -231,8 +231,9 @@ def test_array_interface_is_the_fallback_when_the_dlpack_export_fails():
     pytest.importorskip("cupy")
     from cupy_qknorm.arrays import describe
     a = np.zeros((0, 16), np.float32)
-    op = describe(BothProtocols(a, "<f4", export_error=BufferError("no")), "q")
-    assert (op.dtype, op.shape, op.ptr, op.device) == ("float32", (0, 16), 0, None)
+    for error in (BufferError("no"), RuntimeError("XlaRuntimeError is one")):
+        op = describe(BothProtocols(a, "<f4", export_error=error), "q")
+        assert (op.dtype, op.shape, op.ptr, op.device) == ("float32", (0, 16), 0, None)
 
 
 def test_dlpack_export_failure_without_an_interface_is_a_type_error(norm):
