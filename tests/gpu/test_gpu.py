@@ -63,6 +63,21 @@ def test_parity(comm, transport, dtype, wdtype):
             run_case(norm, comm, 100 * i + 7, tokens, dtype, wdtype)
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
+@pytest.mark.parametrize("dtype,wdtype", [("bfloat16", None), ("bfloat16", "float32"),
+                                          ("float16", None), ("float32", None)])
+def test_parity_each_layout(comm, dtype, wdtype, wide):
+    """Each layout of the fused kernel for every dtype, at small and chunked T: the
+    threshold is moved so that one layout takes every launch (by default the wide one
+    runs only from 6144 tokens a launch, which test_parity reaches in bf16 alone)."""
+    q_dim, k_dim = dims_for(comm.size)
+    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=1024, transport="ipc") as norm:
+        norm._transport.wide_from = 1 if wide else 10 ** 9
+        for i, tokens in enumerate([1, 7, 300, 2500]):  # 2500 > max_tokens: three chunks
+            run_case(norm, comm, 31 * i + 3, tokens, dtype, wdtype)
+        assert {w for _, w in norm._transport._kernels} == {wide}
+
+
 @pytest.mark.parametrize("transport", ["ipc", "nccl"])
 def test_in_place_strided_qkv(comm, transport):
     """q and k are views into one fused qkv buffer (strided rows), normalized in place."""
