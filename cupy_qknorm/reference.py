@@ -31,7 +31,8 @@ def f32_to_bf16(x) -> np.ndarray:
 def to_f64(x, dtype: str) -> np.ndarray:
     """Data of `dtype` ("bfloat16" as uint16 bits) -> float64."""
     if dtype == "bfloat16":
-        return bf16_to_f32(x).astype(np.float64)
+        with np.errstate(invalid="ignore"):  # signaling NaNs (the poison) convert quietly
+            return bf16_to_f32(x).astype(np.float64)
     return np.asarray(x).astype(np.float64)
 
 
