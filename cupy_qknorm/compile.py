@@ -26,6 +26,11 @@ MAX_WORLD = 8            # the width of Params.slots
 # whose time is bandwidth. Measured on H100: BENCHMARKS.md, "vectors per thread".
 NARROW_VPT, WIDE_VPT = 2, 8
 VPT_ENV = "CUPY_QKNORM_VECTORS_PER_THREAD"  # one value for both (benchmark experiments)
+# Tokens a block of the fused kernel keeps in flight (rows of registers). More rows let a
+# block issue later rows' loads earlier, but cost registers and so blocks: on H100 depth 3
+# and 4 were slower than 2 at every T from 512 to 4096 (BENCHMARKS.md, kernel 3).
+DEPTH = 2
+DEPTH_ENV = "CUPY_QKNORM_DEPTH"  # overrides it (benchmark experiments)
 MIN_ARCH = 80            # cvt.rn.bf16x2.f32 and friends
 
 
@@ -89,6 +94,7 @@ class Spec:
     q_local: int
     k_local: int
     warps: int
+    depth: int = DEPTH
 
     @classmethod
     def plan(cls, dtype: str, weight_dtype: str, world: int, q_local: int, k_local: int,
@@ -109,7 +115,10 @@ class Spec:
         vectors = (q_local + k_local) // n
         vpt = int(os.environ.get(VPT_ENV) or (WIDE_VPT if wide else NARROW_VPT))
         warps = min(32, -(-vectors // (32 * vpt)))
-        return cls(dtype, weight_dtype, world, q_local, k_local, warps)
+        depth = int(os.environ.get(DEPTH_ENV) or DEPTH)
+        if depth < 2:
+            raise ValueError(f"{DEPTH_ENV} must be 2 or more, got {depth}")
+        return cls(dtype, weight_dtype, world, q_local, k_local, warps, depth)
 
     @property
     def threads(self) -> int:
@@ -120,14 +129,14 @@ class Spec:
         t, w = C_TYPES[self.dtype], C_TYPES[self.weight_dtype]
         dims = f"{self.q_local}, {self.k_local}, {self.warps}"
         return {
-            "fused": f"qknorm::fused<{t}, {w}, {self.world}, {dims}>",
+            "fused": f"qknorm::fused<{t}, {w}, {self.world}, {dims}, {self.depth}>",
             "partial_sums": f"qknorm::partial_sums<{t}, {dims}>",
             "apply": f"qknorm::apply<{t}, {w}, {dims}>",
         }
 
     def __str__(self):
         return (f"{self.dtype}/w:{self.weight_dtype} G={self.world} q={self.q_local} "
-                f"k={self.k_local} warps={self.warps}")
+                f"k={self.k_local} warps={self.warps} depth={self.depth}")
 
 
 @functools.lru_cache(maxsize=None)

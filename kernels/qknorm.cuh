@@ -338,41 +338,63 @@ __device__ __forceinline__ float2 inv_rms(const Params& p, float sq, float sk) {
 }
 
 // ---------------------------------------------------------------------------------------
+template <int V> struct Constant { static constexpr int value = V; };
+
+// f(Constant<I>{}) for I = FROM, FROM + 1, ... < TO while it returns true; true if all did.
+template <int FROM, int TO, class Fn>
+__device__ __forceinline__ bool each_phase(Fn& f) {
+  if constexpr (FROM < TO) {
+    if (!f(Constant<FROM>{})) return false;
+    return each_phase<FROM + 1, TO>(f);
+  }
+  return true;
+}
+
 // The fused kernel: per token, local sums -> push to every rank's slot -> wait for all G
 // partials -> sum them in rank order (identical on every rank) -> scale and store.
 // A persistent grid walks the tokens; every rank launches the same grid for the same call.
-// Each block keeps two tokens in flight: it loads, sums and pushes its next token before
-// it waits for the partials of the current one, so the peers' latency overlaps memory work.
-template <class T, class W, int G, int DQ, int DK, int WARPS>
+// Each block keeps DEPTH tokens in flight, one row of registers each: while it waits for
+// the partials of token t it has already pushed token t + 1, and it has issued the loads of
+// tokens up to t + DEPTH - 1, so the peers' latency and the memory latency of the next rows
+// overlap. DEPTH = 2: the next row's load is issued only once the current row is done;
+// DEPTH = 3: two rows' loads are in flight while the third waits for its partials.
+template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH>
 struct Fused {
+  static_assert(DEPTH >= 2, "at least two tokens in flight");
   static constexpr int NT = WARPS * 32;
   using R = Row<T, DQ, DK, NT>;
 
-  // One set per token in flight (row a uses [0], row b [1]): the block sum of the next
-  // token and the scale of the current one overlap in time, and so do the last two
-  // finish() calls of a block, which no begin() separates.
+  // One set per row: a set is rewritten only by the next push() and finish() of the same
+  // row, DEPTH tokens later, after the barrier of another row's finish() that every thread
+  // reaches after its last read of the set.
   struct Shared {
-    float2 scratch[2][WARPS];
-    float2 scale[2];
-    int ok[2];
+    float2 scratch[DEPTH][WARPS];
+    float2 scale[DEPTH];
+    int ok[DEPTH];
   };
 
-  // A token between begin() and finish(), as warp 0 knows it.
+  // A token between load() and finish(), as warp 0 knows it.
   struct Pending {
     unsigned int uses;  // use number of the token's slot: which half of the buffer it takes
     float2 part;        // this rank's sums of squares
   };
 
-  // Loads token t, sums it and pushes the partials to every rank.
-  static __device__ __forceinline__ Pending begin(const Params& p, R& row, long long t,
-                                                  float2* scratch) {
-    unsigned int uses = 0;
-    if (G > 1 && threadIdx.x == 0) uses = p.counters[t];
+  // Issues the loads of token t's row and of its slot's use count; nothing waits for them.
+  static __device__ __forceinline__ void load(const Params& p, R& row, long long t,
+                                              Pending& pending) {
+    if (G > 1 && threadIdx.x == 0) pending.uses = p.counters[t];
     row.load(p, t);
+  }
+
+  // Sums token t's row (waiting for its loads) and pushes the partials to every rank.
+  static __device__ __forceinline__ void push(const Params& p, const R& row, long long t,
+                                              Pending& pending, float2* scratch) {
     const float2 part = block_sum<WARPS>(row.sums(), scratch);
+    pending.part = part;
     if (G > 1 && threadIdx.x < 32) {
       const int lane = threadIdx.x;
-      uses = __shfl_sync(0xffffffffu, uses, 0);
+      const unsigned int uses = __shfl_sync(0xffffffffu, pending.uses, 0);
+      pending.uses = uses;
       if (lane < G) {
         uint4* peer = nullptr;
 #pragma unroll
@@ -381,7 +403,6 @@ struct Fused {
         store_volatile(peer + base + p.rank, make_slot(part.x, part.y, p.tokens, uses));
       }
     }
-    return Pending{uses, part};
   }
 
   // Waits for token t's partials from every rank, then scales and stores the row.
@@ -433,36 +454,41 @@ struct Fused {
     }
     __syncthreads();
     if (sh.ok[set]) row.scale_store(p, t, sh.scale[set], wt);
-    // A set is rewritten only by the next begin() and finish() of the same row, after the
-    // barrier in that begin()'s block sum, which every thread reaches after these reads.
   }
 };
 
-template <class T, class W, int G, int DQ, int DK, int WARPS>
+template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH>
 __global__ void __launch_bounds__(WARPS * 32) fused(const Params p) {
-  using F = Fused<T, W, G, DQ, DK, WARPS>;
+  using F = Fused<T, W, G, DQ, DK, WARPS, DEPTH>;
   __shared__ typename F::Shared sh;
   grid_dependency_wait();  // the previous kernel of the stream is complete from here on
   allow_dependents();      // the next launch may start its own wait now
+  const long long step = gridDim.x;
   long long t = blockIdx.x;
   if (t >= p.tokens) return;
   Weights<T, W, DQ, DK, F::NT> wt;
   wt.load(p);
-  typename F::R a, b;
-  typename F::Pending pa = F::begin(p, a, t, sh.scratch[0]), pb{};
-  // The two rows alternate roles; written out twice so that they stay in registers.
-  for (;;) {
-    long long next = t + gridDim.x;
-    if (next < p.tokens) pb = F::begin(p, b, next, sh.scratch[1]);
-    F::finish(p, a, t, pa, wt, sh, 0);
-    if (next >= p.tokens) break;
+  // Row i of the ring holds token t + ((i - phase) mod DEPTH) * step. Each phase is its
+  // own copy of the code (a compiler loop kept DEPTH = 2 in local memory), so every index
+  // into the ring is a constant and the rows stay in registers.
+  typename F::R rows[DEPTH];
+  typename F::Pending pend[DEPTH] = {};
+#pragma unroll
+  for (int i = 0; i + 1 < DEPTH; ++i)
+    if (t + i * step < p.tokens) F::load(p, rows[i], t + i * step, pend[i]);
+  F::push(p, rows[0], t, pend[0], sh.scratch[0]);
+  auto phase = [&](auto cur_) {  // false once the block's last token is done
+    constexpr int D = DEPTH, cur = decltype(cur_)::value;
+    constexpr int nxt = (cur + 1) % D, last = (cur + D - 1) % D;
+    const long long ahead = t + (D - 1) * step;  // into the row the last phase finished
+    if (ahead < p.tokens) F::load(p, rows[last], ahead, pend[last]);
+    const long long next = t + step;
+    if (next < p.tokens) F::push(p, rows[nxt], next, pend[nxt], sh.scratch[nxt]);
+    F::finish(p, rows[cur], t, pend[cur], wt, sh, cur);
     t = next;
-    next = t + gridDim.x;
-    if (next < p.tokens) pa = F::begin(p, a, next, sh.scratch[0]);
-    F::finish(p, b, t, pb, wt, sh, 1);
-    if (next >= p.tokens) break;
-    t = next;
-  }
+    return next < p.tokens;
+  };
+  while (each_phase<0, DEPTH>(phase)) {}
 }
 
 // ---------------------------------------------------------------------------------------

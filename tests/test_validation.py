@@ -144,17 +144,28 @@ def test_choose_transport(asked, facts, want):
 
 
 def test_spec_plan():
-    # 448 vectors of 16 bytes per row: narrow = 2 a thread (7 warps), wide = 8 (2 warps)
+    # 448 vectors of 16 bytes per row: narrow = 2 a thread (7 warps), wide = 8 (2 warps);
+    # blocks of either keep 2 tokens in flight
     s = Spec.plan("bfloat16", "float32", 2, 3072, 512)
-    assert s.warps == 7 and s.threads == 224
-    assert s.names["fused"] == "qknorm::fused<qknorm::bf16_t, float, 2, 3072, 512, 7>"
-    assert Spec.plan("bfloat16", "float32", 2, 3072, 512, wide=True).warps == 2
+    assert s.warps == 7 and s.threads == 224 and s.depth == 2
+    assert s.names["fused"] == "qknorm::fused<qknorm::bf16_t, float, 2, 3072, 512, 7, 2>"
+    w = Spec.plan("bfloat16", "float32", 2, 3072, 512, wide=True)
+    assert w.warps == 2 and w.depth == 2
     assert Spec.plan("float32", "float32", 1, 6144, 1024).warps == 28
     assert Spec.plan("float32", "float32", 1, 12288, 2048).warps == 32  # capped
     with pytest.raises(ValueError, match="weight dtype"):
         Spec.plan("float32", "bfloat16", 2, 3072, 512)
     with pytest.raises(ValueError, match="multiple of 8"):
         Spec.plan("float16", "float16", 2, 3076, 512)
+
+
+def test_spec_depth_override(monkeypatch):
+    monkeypatch.setenv("CUPY_QKNORM_DEPTH", "4")
+    assert Spec.plan("bfloat16", "bfloat16", 2, 3072, 512).depth == 4
+    assert Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, wide=True).depth == 4
+    monkeypatch.setenv("CUPY_QKNORM_DEPTH", "1")
+    with pytest.raises(ValueError, match="2 or more"):
+        Spec.plan("bfloat16", "bfloat16", 2, 3072, 512)
 
 
 class DLPackOnly:
