@@ -4,7 +4,9 @@ graph mode: 8 calls on 8 distinct input sets captured in one CUDA graph, >= 20 r
 median replay time / 8. eager mode: host wall time per call over >= 200 calls,
 synchronized at the end. Floors, measured in the same run: an empty kernel as a graph
 node, one-way GPU-to-GPU latency (flag ping-pong through IPC memory, halved), and
-device-to-device copy bandwidth. Progress goes to stderr, the table to stdout (rank 0).
+device-to-device copy bandwidth; and per T in graph mode, the same bytes through a plain
+copy kernel timed like the fused one (the memory floor at that size, launch and ramp
+included). Progress goes to stderr, the table to stdout (rank 0).
 """
 from __future__ import annotations
 
@@ -117,6 +119,38 @@ def floor_copy_gbps(stream, nbytes=1 << 30):
     return 2 * nbytes / (ms * 1e-3) / 1e9  # read + write
 
 
+COPY_THREADS = 256
+
+
+def time_copy_graph_us(sets, stream, replays):
+    """The same bytes as one call (read q and k, write them) through a plain copy kernel,
+    timed like the fused kernel: a graph of one launch per input set, median replay / sets.
+    This is the memory floor at this T, launch and ramp included."""
+    import cupy
+    from .compile import load_plain
+    copy = load_plain("qknorm_copy")
+    nq, nk = sets[0][0].nbytes // 16, sets[0][1].nbytes // 16
+    sms = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"]
+    blocks = max(1, min(-(-(nq + nk) // (4 * COPY_THREADS)), 8 * sms))
+
+    def launch(q, k, qo, ko):
+        copy((blocks,), (COPY_THREADS,), (q, qo, np.int64(nq), k, ko, np.int64(nk)))
+    with stream:
+        for s in sets:
+            launch(*s)
+        stream.synchronize()
+        for q, k, qo, ko in sets:  # the copy is exact: check it, so that it cannot be wrong
+            if not (bool((qo == q).all()) and bool((ko == k).all())):
+                raise RuntimeError("qknorm_copy did not copy its input")
+        stream.begin_capture()
+        for s in sets:
+            launch(*s)
+        g = stream.end_capture()
+        g.launch(stream)
+        ms = _median_event_ms(lambda: g.launch(stream), replays, stream)
+    return 1000 * ms / len(sets)
+
+
 def _inputs(comm, dtype, dq, dk, tokens, sets):
     import cupy
     from . import reference as ref
@@ -211,6 +245,10 @@ def run(args):
                     us = (time_graph_us(norm, sets, w, stream, args.replays) if mode == "graph"
                           else time_eager_us(norm, sets, w, stream, args.calls))
                     row[f"{t}_{mode}_us"] = comm.allreduce(us, op=MPI.MAX)
+            if "graph" in modes:
+                _say(comm, f"T={tokens} copy kernel graph ...")
+                row["copy_graph_us"] = comm.allreduce(
+                    time_copy_graph_us(sets, stream, args.replays), op=MPI.MAX)
             rows.append(row)
             del sets
     finally:
@@ -237,11 +275,19 @@ def _table(r, modes, transports, floor_us):
              f"floors: empty kernel (graph node) {f['empty_kernel_graph_us']:.2f} us; one-way "
              f"GPU-to-GPU {f['one_way_us']:.2f} us; device copy {f['copy_GBps']:.0f} GB/s",
              "floor(T) = max(empty kernel + one-way latency, bytes / copy bandwidth)"]
+    if r["rows"] and all("copy_graph_us" in row for row in r["rows"]):
+        lines.append("copy us: the same bytes through a plain copy kernel, timed like ipc "
+                     "(graph); ipc/copy: the fused call over it")
     for mode in modes:
         head = f"{'T':>6} | " + " | ".join(f"{t + ' us':>9}" for t in transports)
         if "ipc" in transports and "nccl" in transports:
             head += " | speedup"
-        head += " | floor us | ipc GB/s | % copy"
+        copy_col = mode == "graph" and "ipc" in transports and \
+            all("copy_graph_us" in row for row in r["rows"])
+        if "ipc" in transports:
+            head += " | floor us | ipc GB/s | % copy"
+        if copy_col:
+            head += " |  copy us | ipc/copy"
         lines += ["", f"[{mode}]", head, "-" * len(head)]
         for row in r["rows"]:
             floor = max(floor_us, row["bytes"] / (f["copy_GBps"] * 1e3))
@@ -252,6 +298,9 @@ def _table(r, modes, transports, floor_us):
             if "ipc" in transports:
                 gbps = row["bytes"] / (row[f"ipc_{mode}_us"] * 1e3)
                 s += f" | {floor:>8.2f} | {gbps:>8.0f} | {100 * gbps / f['copy_GBps']:>5.0f}%"
+            if copy_col:
+                c = row["copy_graph_us"]
+                s += f" | {c:>8.2f} | {row['ipc_graph_us'] / c:>7.2f}x"
             lines.append(s)
     return "\n".join(lines)
 
@@ -273,6 +322,9 @@ def _plot(r, modes, transports, floor_us, path):
                     label=f"{t} ({mode})")
     floor = [max(floor_us, row["bytes"] / (r["floors"]["copy_GBps"] * 1e3)) for row in r["rows"]]
     ax.plot(ts, floor, "k--", label="floor")
+    if "graph" in modes and all("copy_graph_us" in row for row in r["rows"]):
+        ax.plot(ts, [row["copy_graph_us"] for row in r["rows"]], "k:",
+                label="copy kernel (graph)")
     ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="us per call",
            title=f"TP QK norm, {r['card']} x{r['G']}, {r['dtype']}")
     ax.legend()

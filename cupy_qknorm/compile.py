@@ -56,7 +56,10 @@ def _sources_hash() -> str:
 
 SOURCES_HASH = _sources_hash()
 SOURCE = f'// cupy_qknorm kernels {SOURCES_HASH}\n#include "qknorm.cu"\n'
-OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
+MIN_BLOCKS_ENV = "CUPY_QKNORM_MIN_BLOCKS"  # a register cap for the fused kernel (experiments)
+OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}") + \
+    ((f"-DQKNORM_MIN_BLOCKS={int(os.environ[MIN_BLOCKS_ENV])}",)
+     if os.environ.get(MIN_BLOCKS_ENV) else ())
 
 # Launch parameters: the same layout as struct qknorm::Params.
 PARAMS_DTYPE = np.dtype(

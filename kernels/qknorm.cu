@@ -21,3 +21,27 @@ extern "C" __global__ void qknorm_pingpong(unsigned long long* mine, unsigned lo
     if (!initiator) qknorm::store_volatile(peer, i);
   }
 }
+
+// The bench's per-T memory floor: the bytes the op must move (read q and k, write them),
+// copied by a plain kernel in 16-byte vectors, one launch for both, four vectors in flight
+// a thread. Timed like the fused kernel (a graph of calls on distinct input sets), it
+// includes what the launch and the ramp cost at this size.
+extern "C" __global__ void qknorm_copy(const uint4* q, uint4* q_out, long long nq,
+                                       const uint4* k, uint4* k_out, long long nk) {
+  const long long n = nq + nk, step = (long long)gridDim.x * blockDim.x;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += 4 * step) {
+    uint4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const long long j = i + u * step;
+      if (j < n) v[u] = j < nq ? q[j] : k[j - nq];
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const long long j = i + u * step;
+      if (j < n) {
+        if (j < nq) q_out[j] = v[u]; else k_out[j - nq] = v[u];
+      }
+    }
+  }
+}

@@ -457,8 +457,13 @@ struct Fused {
   }
 };
 
+// Blocks an SM must fit (a register cap): 1 unless an experiment sets it (compile.py).
+#ifndef QKNORM_MIN_BLOCKS
+#define QKNORM_MIN_BLOCKS 1
+#endif
+
 template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH>
-__global__ void __launch_bounds__(WARPS * 32) fused(const Params p) {
+__global__ void __launch_bounds__(WARPS * 32, QKNORM_MIN_BLOCKS) fused(const Params p) {
   using F = Fused<T, W, G, DQ, DK, WARPS, DEPTH>;
   __shared__ typename F::Shared sh;
   grid_dependency_wait();  // the previous kernel of the stream is complete from here on

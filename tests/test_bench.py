@@ -1,0 +1,38 @@
+"""The benchmark's table and plot input, on CPU (the timings themselves need GPUs)."""
+from cupy_qknorm.bench import _table
+
+RESULT = {"card": "X", "G": 2, "dtype": "bfloat16", "q_dim": 6144, "k_dim": 1024,
+          "commit": "abc", "pdl": True, "date": "2026-11-28",
+          "floors": {"empty_kernel_graph_us": 1.3, "one_way_us": 0.6, "copy_GBps": 3000.0},
+          "rows": [{"T": 1, "bytes": 14336, "ipc_graph_us": 3.4, "nccl_graph_us": 10.2,
+                    "copy_graph_us": 1.7},
+                   {"T": 1024, "bytes": 14680064, "ipc_graph_us": 9.2, "nccl_graph_us": 19.0,
+                    "copy_graph_us": 7.4}]}
+
+
+def rows_of(text):
+    return [ln for ln in text.splitlines() if ln.strip()[:1].isdigit() and "|" in ln]
+
+
+def test_table_columns_line_up_with_rows():
+    text = _table(RESULT, ["graph"], ["ipc", "nccl"], 1.9)
+    head = next(ln for ln in text.splitlines() if ln.lstrip().startswith("T |"))
+    for row in rows_of(text):
+        assert row.count("|") == head.count("|"), (head, row)
+    assert "copy us" in head and "ipc/copy" in head
+    t1024 = rows_of(text)[1].split("|")
+    assert t1024[3].strip() == "2.1x"              # nccl / ipc
+    assert t1024[4].strip() == "4.89"              # bytes / copy bandwidth beats 1.9 us
+    assert t1024[-1].strip() == "1.24x"            # ipc / copy kernel
+
+
+def test_table_without_copy_rows_or_ipc():
+    old = {**RESULT, "rows": [{k: v for k, v in r.items() if k != "copy_graph_us"}
+                              for r in RESULT["rows"]]}
+    text = _table(old, ["graph"], ["ipc", "nccl"], 1.9)
+    assert "copy us" not in text
+    nccl_only = _table(old, ["graph"], ["nccl"], 1.9)
+    head = next(ln for ln in nccl_only.splitlines() if ln.lstrip().startswith("T |"))
+    assert "floor" not in head
+    for row in rows_of(nccl_only):
+        assert row.count("|") == head.count("|")
