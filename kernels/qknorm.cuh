@@ -357,7 +357,8 @@ __device__ __forceinline__ bool each_phase(Fn& f) {
 // the partials of token t it has already pushed token t + 1, and it has issued the loads of
 // tokens up to t + DEPTH - 1, so the peers' latency and the memory latency of the next rows
 // overlap. DEPTH = 2: the next row's load is issued only once the current row is done;
-// DEPTH = 3: two rows' loads are in flight while the third waits for its partials.
+// DEPTH = 3: two rows' loads are in flight while the third waits for its partials (more
+// registers, so fewer blocks: slower on H100 and H200, BENCHMARKS.md; the default is 2).
 template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH>
 struct Fused {
   static_assert(DEPTH >= 2, "at least two tokens in flight");
