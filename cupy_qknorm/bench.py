@@ -199,6 +199,17 @@ def time_eager_us(norm, sets, w, stream, calls):
     return 1e6 * dt / calls
 
 
+def _no_gpu_reason():
+    """None where CuPy sees a GPU, else why not (no driver, no device, no CuPy)."""
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return None
+        return "no CUDA device"
+    except Exception as e:  # noqa: BLE001 - ImportError, CUDARuntimeError: say which
+        return f"{type(e).__name__}: {e}"
+
+
 def run(args):
     import cupy
     from mpi4py import MPI
@@ -209,6 +220,10 @@ def run(args):
     comm = MPI.COMM_WORLD
     from .cli import _default_dims
     _select_device(comm)
+    reason = _no_gpu_reason()
+    if reason is not None:
+        _say(comm, f"bench: needs one CUDA GPU per rank; this host has none usable ({reason})")
+        return 2
     world = comm.size
     _default_dims(args, world)
     dq, dk = args.q_dim // world, args.k_dim // world

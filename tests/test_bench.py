@@ -1,5 +1,12 @@
 """The benchmark's table and plot input, on CPU (the timings themselves need GPUs)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from cupy_qknorm.bench import _table
+from tests.conftest import HAS_GPU
 
 RESULT = {"card": "X", "G": 2, "dtype": "bfloat16", "q_dim": 6144, "k_dim": 1024,
           "commit": "abc", "pdl": True, "date": "2026-11-28",
@@ -36,3 +43,13 @@ def test_table_without_copy_rows_or_ipc():
     assert "floor" not in head
     for row in rows_of(nccl_only):
         assert row.count("|") == head.count("|")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the message of a host without a GPU")
+def test_bench_without_gpu_says_so():
+    r = subprocess.run([sys.executable, "-m", "cupy_qknorm", "bench", "--tokens", "1"],
+                       capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2, r.stderr
+    assert "needs one CUDA GPU per rank" in r.stderr
+    assert "Traceback" not in r.stderr
