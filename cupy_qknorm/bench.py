@@ -4,8 +4,9 @@ graph mode: 8 calls on 8 distinct input sets captured in one CUDA graph, >= 20 r
 median replay time / 8. eager mode: host wall time per call over >= 200 calls,
 synchronized at the end. Floors, measured in the same run: an empty kernel as a graph
 node, one-way GPU-to-GPU latency (flag ping-pong through IPC memory, halved), and
-device-to-device copy bandwidth; and per T in graph mode, the same bytes through a plain
-copy kernel timed like the fused one (the memory floor at that size, launch and ramp
+device-to-device copy bandwidth; with --exchange-floor, the exchange alone as a graph
+node (the decode floor); and per T in graph mode, the same bytes through a plain copy
+kernel timed like the fused one (the memory floor at that size, launch and ramp
 included). Progress goes to stderr, the table to stdout (rank 0).
 """
 from __future__ import annotations
@@ -34,6 +35,9 @@ def add_parser(sub):
     b.add_argument("--json", help="write every number to this file (rank 0)")
     b.add_argument("--plot", help="latency vs T, log-log, to this PNG (needs matplotlib)")
     b.add_argument("--commit", help="the commit to print (default: git rev-parse HEAD)")
+    b.add_argument("--exchange-floor", action="store_true",
+                   help="also time the exchange alone (a one-warp kernel that only pushes "
+                        "and waits) as a graph node: the decode floor of this host")
 
 
 def _say(comm, msg):
@@ -104,6 +108,51 @@ def floor_one_way_us(comm, stream, iters=2000):
     finally:
         pair.Free()
     return comm.bcast(result, root=0)
+
+
+def floor_exchange_us(comm, stream, timeout_ns=10 ** 9):
+    """The exchange alone (qknorm_exchange: push a call number to every rank, wait for
+    theirs; no row), 8 calls in one graph like the fused kernel, median replay / 8, the
+    slowest rank. What a call cannot go below at decode on this host, launch included."""
+    import cupy
+    from .compile import MAX_WORLD, load_plain
+    from .peers import PeerBuffers
+    if comm.size < 2:
+        return float("nan")
+    buf = PeerBuffers(comm, 8 * comm.size)
+    try:
+        cupy.cuda.runtime.memset(buf.local, 0, 8 * comm.size)  # no call seen yet
+        state = cupy.zeros(2, cupy.uint64)                      # calls made, timed out
+        cupy.cuda.runtime.deviceSynchronize()
+        comm.Barrier()
+        exchange = load_plain("qknorm_exchange")
+        ptrs = list(buf.ptrs) + [0] * (MAX_WORLD - comm.size)
+        args = tuple(np.uint64(p) for p in ptrs) + (
+            state, np.int32(comm.size), np.int32(comm.rank), np.int64(timeout_ns))
+        with stream:
+            exchange((1,), (32,), args)  # warm up: module load, first touch
+            stream.synchronize()
+            comm.Barrier()
+            stream.begin_capture()
+            for _ in range(GRAPH_CALLS):
+                exchange((1,), (32,), args)
+            g = stream.end_capture()
+            g.launch(stream)
+            stream.synchronize()
+            comm.Barrier()
+            ms = _median_event_ms(lambda: g.launch(stream), 50, stream)
+        stream.synchronize()
+        del g
+        calls, timed_out = (int(v) for v in state.get())
+        expected = 1 + GRAPH_CALLS * 51  # the warm-up, the first launch, 50 timed replays
+        wrong = comm.allgather(f"rank {comm.rank} made {calls} of {expected} calls"
+                               f"{', a wait timed out' if timed_out else ''}"
+                               if timed_out or calls != expected else None)
+        if any(wrong):
+            raise RuntimeError("exchange floor: " + "; ".join(w for w in wrong if w))
+    finally:
+        buf.close()
+    return 1000 * ms / GRAPH_CALLS
 
 
 def floor_copy_gbps(stream, nbytes=1 << 30):
@@ -242,6 +291,9 @@ def run(args):
     floors = {"empty_kernel_graph_us": floor_empty_kernel_us(stream),
               "one_way_us": floor_one_way_us(comm, stream),
               "copy_GBps": floor_copy_gbps(stream)}
+    if args.exchange_floor:
+        _say(comm, "exchange floor ...")
+        floors["exchange_graph_us"] = floor_exchange_us(comm, stream)
     floors = {k: comm.allreduce(v, op=MPI.MAX) if k != "copy_GBps" else
               comm.allreduce(v, op=MPI.MIN) for k, v in floors.items()}
     modes = ["graph", "eager"] if args.mode == "both" else [args.mode]
@@ -290,6 +342,8 @@ def _table(r, modes, transports, floor_us):
              f"floors: empty kernel (graph node) {f['empty_kernel_graph_us']:.2f} us; one-way "
              f"GPU-to-GPU {f['one_way_us']:.2f} us; device copy {f['copy_GBps']:.0f} GB/s",
              "floor(T) = max(empty kernel + one-way latency, bytes / copy bandwidth)"]
+    if "exchange_graph_us" in f:
+        lines.insert(2, f"exchange alone (graph node, no row): {f['exchange_graph_us']:.2f} us")
     if r["rows"] and all("copy_graph_us" in row for row in r["rows"]):
         lines.append("copy us: the same bytes through a plain copy kernel, timed like ipc "
                      "(graph); ipc/copy: the fused call over it")

@@ -45,3 +45,49 @@ extern "C" __global__ void qknorm_copy(const uint4* q, uint4* q_out, long long n
     }
   }
 }
+
+// The bench's decode floor (`bench --exchange-floor`): the exchange alone, with no row to
+// load or store. One warp: lanes < world push this call's number into slot [rank] of their
+// rank's buffer, then wait until every slot of ours holds it or a later one (a peer may be
+// one call ahead, never two: its next push needs ours of the next call). state[0] counts
+// the calls made; state[1] is set to 1 if a wait passed timeout_ns, and the kernel stops.
+__device__ __forceinline__ unsigned long long* qknorm_pick(
+    int i, unsigned long long* p0, unsigned long long* p1, unsigned long long* p2,
+    unsigned long long* p3, unsigned long long* p4, unsigned long long* p5,
+    unsigned long long* p6, unsigned long long* p7) {
+  unsigned long long* const p[8] = {p0, p1, p2, p3, p4, p5, p6, p7};
+  unsigned long long* out = nullptr;
+#pragma unroll
+  for (int r = 0; r < 8; ++r) if (i == r) out = p[r];  // selects, not a local array
+  return out;
+}
+
+extern "C" __global__ void qknorm_exchange(
+    unsigned long long* p0, unsigned long long* p1, unsigned long long* p2,
+    unsigned long long* p3, unsigned long long* p4, unsigned long long* p5,
+    unsigned long long* p6, unsigned long long* p7, unsigned long long* state, int world,
+    int rank, long long timeout_ns) {
+  qknorm::grid_dependency_wait();
+  if (qknorm::load_volatile(state + 1) != 0) return;  // a wait already timed out
+  const int lane = threadIdx.x;
+  const unsigned long long call = qknorm::load_volatile(state) + 1;
+  bool ok = true;
+  if (lane < world) {
+    qknorm::store_volatile(qknorm_pick(lane, p0, p1, p2, p3, p4, p5, p6, p7) + rank, call);
+    const unsigned long long* mine =
+        qknorm_pick(rank, p0, p1, p2, p3, p4, p5, p6, p7) + lane;
+    const unsigned long long start = qknorm::global_timer_ns();
+    for (unsigned int spin = 0; qknorm::load_volatile(mine) < call; ++spin) {
+      if ((spin & 63u) == 63u &&
+          (long long)(qknorm::global_timer_ns() - start) > timeout_ns) {
+        ok = false;
+        break;
+      }
+    }
+  }
+  ok = __all_sync(0xffffffffu, ok);
+  if (lane == 0) {
+    if (!ok) qknorm::store_volatile(state + 1, 1ull);
+    qknorm::store_volatile(state, call);
+  }
+}

@@ -33,6 +33,13 @@ def test_table_columns_line_up_with_rows():
     assert t1024[-1].strip() == "1.24x"            # ipc / copy kernel
 
 
+def test_table_names_the_exchange_floor_when_measured():
+    assert "exchange alone" not in _table(RESULT, ["graph"], ["ipc"], 1.9)
+    floors = {**RESULT["floors"], "exchange_graph_us": 2.02}
+    lines = _table({**RESULT, "floors": floors}, ["graph"], ["ipc"], 1.9).splitlines()
+    assert lines[2] == "exchange alone (graph node, no row): 2.02 us"
+
+
 def test_table_without_copy_rows_or_ipc():
     old = {**RESULT, "rows": [{k: v for k, v in r.items() if k != "copy_graph_us"}
                               for r in RESULT["rows"]]}
