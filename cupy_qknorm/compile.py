@@ -57,9 +57,28 @@ def _sources_hash() -> str:
 SOURCES_HASH = _sources_hash()
 SOURCE = f'// cupy_qknorm kernels {SOURCES_HASH}\n#include "qknorm.cu"\n'
 MIN_BLOCKS_ENV = "CUPY_QKNORM_MIN_BLOCKS"  # a register cap for the fused kernel (experiments)
-OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}") + \
-    ((f"-DQKNORM_MIN_BLOCKS={int(os.environ[MIN_BLOCKS_ENV])}",)
-     if os.environ.get(MIN_BLOCKS_ENV) else ())
+
+
+def env_int(name: str, default: int, minimum: int) -> int:
+    """An integer experiment knob from the environment, or `default` where it is unset or
+    empty; anything else than an integer >= minimum raises ValueError naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be {minimum} or more, got {value}")
+    return value
+
+
+def options() -> tuple:
+    """NVRTC options of every compile (read when compiling, so a bad knob raises there)."""
+    min_blocks = env_int(MIN_BLOCKS_ENV, 0, 1)
+    return ("-std=c++17", f"-I{KERNEL_DIR}") + \
+        ((f"-DQKNORM_MIN_BLOCKS={min_blocks}",) if min_blocks else ())
 
 # Launch parameters: the same layout as struct qknorm::Params.
 PARAMS_DTYPE = np.dtype(
@@ -116,11 +135,9 @@ class Spec:
                 raise ValueError(f"local {name} width {d} must be a positive multiple of {n} "
                                  f"({dtype}: 16-byte vectors)")
         vectors = (q_local + k_local) // n
-        vpt = int(os.environ.get(VPT_ENV) or (WIDE_VPT if wide else NARROW_VPT))
+        vpt = env_int(VPT_ENV, WIDE_VPT if wide else NARROW_VPT, 1)
         warps = min(32, -(-vectors // (32 * vpt)))
-        depth = int(os.environ.get(DEPTH_ENV) or DEPTH)
-        if depth < 2:
-            raise ValueError(f"{DEPTH_ENV} must be 2 or more, got {depth}")
+        depth = env_int(DEPTH_ENV, DEPTH, 2)
         return cls(dtype, weight_dtype, world, q_local, k_local, warps, depth)
 
     @property
@@ -146,7 +163,7 @@ class Spec:
 def _module(spec: Spec):
     import cupy
     names = tuple(spec.names.values())
-    return cupy.RawModule(code=SOURCE, options=OPTIONS, name_expressions=names)
+    return cupy.RawModule(code=SOURCE, options=options(), name_expressions=names)
 
 
 def load(spec: Spec) -> dict:
@@ -159,7 +176,7 @@ def load(spec: Spec) -> dict:
 def load_plain(name: str):
     """An extern "C" kernel of qknorm.cu: qknorm_probe, qknorm_empty, qknorm_pingpong."""
     import cupy
-    return cupy.RawModule(code=SOURCE, options=OPTIONS).get_function(name)
+    return cupy.RawModule(code=SOURCE, options=options()).get_function(name)
 
 
 def _check(result, prog=None):
@@ -204,7 +221,7 @@ def nvrtc_compile(spec: Spec, arch: str = "sm_90") -> dict:
     try:
         for name in spec.names.values():
             _check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
-        opts = [o.encode() for o in OPTIONS] + [f"--gpu-architecture={arch}".encode(),
+        opts = [o.encode() for o in options()] + [f"--gpu-architecture={arch}".encode(),
                                                  b"--ptxas-options=-v"]
         _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog)
         lowered = {}

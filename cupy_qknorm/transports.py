@@ -159,7 +159,7 @@ class DeviceTransport:
         self.sums = None
         self._launch = _Launcher(pdl)
         self._static_packed = False
-        self.wide_from = int(os.environ.get(WIDE_FROM_ENV) or WIDE_FROM)
+        self.wide_from = kc.env_int(WIDE_FROM_ENV, WIDE_FROM, 1)
 
     def kernels(self, weight_dtype, wide=False):
         """(spec, {kind: go(grid, stream)}, grid cap) for a weight dtype and layout."""

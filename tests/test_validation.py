@@ -164,8 +164,33 @@ def test_spec_depth_override(monkeypatch):
     assert Spec.plan("bfloat16", "bfloat16", 2, 3072, 512).depth == 4
     assert Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, wide=True).depth == 4
     monkeypatch.setenv("CUPY_QKNORM_DEPTH", "1")
-    with pytest.raises(ValueError, match="2 or more"):
+    with pytest.raises(ValueError, match="CUPY_QKNORM_DEPTH must be 2 or more, got 1"):
         Spec.plan("bfloat16", "bfloat16", 2, 3072, 512)
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("CUPY_QKNORM_VECTORS_PER_THREAD", "0", "must be 1 or more, got 0"),
+    ("CUPY_QKNORM_VECTORS_PER_THREAD", "two", "must be an integer, got 'two'"),
+    ("CUPY_QKNORM_DEPTH", "3.5", "must be an integer"),
+])
+def test_experiment_knobs_fail_clearly(monkeypatch, name, value, match):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name} {match}"):
+        Spec.plan("bfloat16", "bfloat16", 2, 3072, 512)
+
+
+def test_env_int(monkeypatch):
+    from cupy_qknorm.compile import env_int, options
+    monkeypatch.delenv("CUPY_QKNORM_MIN_BLOCKS", raising=False)
+    assert not any("MIN_BLOCKS" in o for o in options())
+    for raw, want in (("", 7), ("  ", 7), ("5", 5), (" 6 ", 6)):
+        monkeypatch.setenv("X_KNOB", raw)
+        assert env_int("X_KNOB", 7, 1) == want
+    monkeypatch.setenv("CUPY_QKNORM_MIN_BLOCKS", "5")
+    assert "-DQKNORM_MIN_BLOCKS=5" in options()
+    monkeypatch.setenv("CUPY_QKNORM_MIN_BLOCKS", "0")
+    with pytest.raises(ValueError, match="CUPY_QKNORM_MIN_BLOCKS must be 1 or more"):
+        options()
 
 
 class DLPackOnly:
