@@ -60,3 +60,20 @@ def test_bench_without_gpu_says_so():
     assert r.returncode == 2, r.stderr
     assert "needs one CUDA GPU per rank" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_table_header_says_in_place():
+    assert "in place" not in _table(RESULT, ["graph"], ["ipc"], 1.9).splitlines()[0]
+    head = _table({**RESULT, "in_place": True}, ["graph"], ["ipc"], 1.9).splitlines()[0]
+    assert head.endswith("pdl=True  in place  2026-11-28"), head
+
+
+def test_bench_parses_in_place():
+    import argparse
+
+    from cupy_qknorm.bench import add_parser
+    sub = argparse.ArgumentParser().add_subparsers(dest="cmd")
+    add_parser(sub)
+    p = sub.choices["bench"]
+    assert p.parse_args(["--in-place"]).in_place is True
+    assert p.parse_args([]).in_place is False
