@@ -332,9 +332,20 @@ __device__ __forceinline__ float2 block_sum(float2 v, float2* scratch) {
   return s;
 }
 
+// QKNORM_FAST_RSQRT (an experiment knob, compile.py): the hardware's approximate division
+// and reciprocal square root, a few fp32 units in the last place, instead of IEEE ones.
+#ifndef QKNORM_FAST_RSQRT
+#define QKNORM_FAST_RSQRT 0
+#endif
+
 __device__ __forceinline__ float2 inv_rms(const Params& p, float sq, float sk) {
+#if QKNORM_FAST_RSQRT
+  return make_float2(rsqrtf(__fdividef(sq, p.q_dim) + p.eps),
+                     rsqrtf(__fdividef(sk, p.k_dim) + p.eps));
+#else
   // IEEE division and square root: the scale matches the reference to one rounding
   return make_float2(1.0f / sqrtf(sq / p.q_dim + p.eps), 1.0f / sqrtf(sk / p.k_dim + p.eps));
+#endif
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 # see the run-to-run spread). Runs `bench --mode graph --transports ipc` once per variant
 # and prints only the table rows, each tagged with its variant, so that a long sweep still
 # fits the end of a captured output. Each run's log and JSON go to ${BENCH_OUT:-bench-variants}/
-# and, when $OUT is set, as one archive to $OUT/bench-variants.tgz.
+# and, when $OUT is set, as one archive to $OUT/bench-variants.tgz. $BENCH_ARGS is added
+# to every bench command (e.g. BENCH_ARGS=--in-place).
 set -u
 cd "$(dirname "$0")/.."
 [ $# -ge 3 ] || { sed -n 2,9p "$0"; exit 2; }
@@ -25,7 +26,7 @@ for v in "$@"; do
   # shellcheck disable=SC2086 # the variant is a list of assignments, split on purpose
   timeout "${VARIANT_TIMEOUT:-120}" env $v "${mpi[@]}" -n "$g" \
     python3 -m cupy_qknorm bench --mode graph --transports ipc --tokens "$tokens" \
-    --json "$out/variant$i.json" > "$out/variant$i.log" 2>&1
+    --json "$out/variant$i.json" ${BENCH_ARGS:-} > "$out/variant$i.log" 2>&1
   rc=$?
   grep -E "^NVIDIA|^floors" "$out/variant$i.log" | head -2 | sed "s/^/[$i $label] /"
   grep -E "^ +[0-9]+ \|" "$out/variant$i.log" | sed "s/^/[$i $label] /"

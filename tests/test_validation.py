@@ -193,6 +193,20 @@ def test_env_int(monkeypatch):
         options()
 
 
+def test_fast_rsqrt_knob(monkeypatch):
+    from cupy_qknorm.compile import options
+    monkeypatch.delenv("CUPY_QKNORM_FAST_RSQRT", raising=False)
+    assert not any("FAST_RSQRT" in o for o in options())
+    monkeypatch.setenv("CUPY_QKNORM_FAST_RSQRT", "0")
+    assert not any("FAST_RSQRT" in o for o in options())
+    monkeypatch.setenv("CUPY_QKNORM_FAST_RSQRT", "1")
+    assert "-DQKNORM_FAST_RSQRT=1" in options()
+    for bad, match in (("2", "must be 0 or 1"), ("yes", "must be an integer")):
+        monkeypatch.setenv("CUPY_QKNORM_FAST_RSQRT", bad)
+        with pytest.raises(ValueError, match=f"CUPY_QKNORM_FAST_RSQRT {match}"):
+            options()
+
+
 class DLPackOnly:
     """A producer that offers only the DLPack protocol (as torch or JAX tensors do)."""
 
