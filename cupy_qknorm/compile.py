@@ -57,7 +57,7 @@ def _sources_hash() -> str:
 SOURCES_HASH = _sources_hash()
 SOURCE = f'// cupy_qknorm kernels {SOURCES_HASH}\n#include "qknorm.cu"\n'
 MIN_BLOCKS_ENV = "CUPY_QKNORM_MIN_BLOCKS"  # a register cap for the fused kernel (experiments)
-FAST_RSQRT_ENV = "CUPY_QKNORM_FAST_RSQRT"  # 1: approximate rsqrt and division (experiments)
+IEEE_RSQRT_ENV = "CUPY_QKNORM_IEEE_RSQRT"  # 1: IEEE division and sqrt for the scale (experiments)
 
 
 def env_int(name: str, default: int, minimum: int) -> int:
@@ -78,12 +78,12 @@ def env_int(name: str, default: int, minimum: int) -> int:
 def options() -> tuple:
     """NVRTC options of every compile (read when compiling, so a bad knob raises there)."""
     min_blocks = env_int(MIN_BLOCKS_ENV, 0, 1)
-    fast = env_int(FAST_RSQRT_ENV, 0, 0)
-    if fast > 1:
-        raise ValueError(f"{FAST_RSQRT_ENV} must be 0 or 1, got {fast}")
+    ieee = env_int(IEEE_RSQRT_ENV, 0, 0)
+    if ieee > 1:
+        raise ValueError(f"{IEEE_RSQRT_ENV} must be 0 or 1, got {ieee}")
     return ("-std=c++17", f"-I{KERNEL_DIR}") + \
         ((f"-DQKNORM_MIN_BLOCKS={min_blocks}",) if min_blocks else ()) + \
-        (("-DQKNORM_FAST_RSQRT=1",) if fast else ())
+        (("-DQKNORM_IEEE_RSQRT=1",) if ieee else ())
 
 # Launch parameters: the same layout as struct qknorm::Params.
 PARAMS_DTYPE = np.dtype(

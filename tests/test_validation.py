@@ -193,17 +193,17 @@ def test_env_int(monkeypatch):
         options()
 
 
-def test_fast_rsqrt_knob(monkeypatch):
+def test_ieee_rsqrt_knob(monkeypatch):
     from cupy_qknorm.compile import options
-    monkeypatch.delenv("CUPY_QKNORM_FAST_RSQRT", raising=False)
-    assert not any("FAST_RSQRT" in o for o in options())
-    monkeypatch.setenv("CUPY_QKNORM_FAST_RSQRT", "0")
-    assert not any("FAST_RSQRT" in o for o in options())
-    monkeypatch.setenv("CUPY_QKNORM_FAST_RSQRT", "1")
-    assert "-DQKNORM_FAST_RSQRT=1" in options()
+    monkeypatch.delenv("CUPY_QKNORM_IEEE_RSQRT", raising=False)
+    assert not any("IEEE_RSQRT" in o for o in options())
+    monkeypatch.setenv("CUPY_QKNORM_IEEE_RSQRT", "0")
+    assert not any("IEEE_RSQRT" in o for o in options())
+    monkeypatch.setenv("CUPY_QKNORM_IEEE_RSQRT", "1")
+    assert "-DQKNORM_IEEE_RSQRT=1" in options()
     for bad, match in (("2", "must be 0 or 1"), ("yes", "must be an integer")):
-        monkeypatch.setenv("CUPY_QKNORM_FAST_RSQRT", bad)
-        with pytest.raises(ValueError, match=f"CUPY_QKNORM_FAST_RSQRT {match}"):
+        monkeypatch.setenv("CUPY_QKNORM_IEEE_RSQRT", bad)
+        with pytest.raises(ValueError, match=f"CUPY_QKNORM_IEEE_RSQRT {match}"):
             options()
 
 
