@@ -334,10 +334,11 @@ __device__ __forceinline__ float2 block_sum(float2 v, float2* scratch) {
 
 // The scale 1 / sqrt(S / D + eps) with the hardware's approximate division and reciprocal
 // square root (2 fp32 units in the last place each, denormals handled, no branches): three
-// orders of magnitude below a 16-bit output's unit, inside fp32's tolerance, and 0.3-0.6 us
-// faster per call on H200 than IEEE division and square root, whose special-case branches
-// sit on the serial path between the peers' partials arriving and the block barrier
-// (BENCHMARKS.md). QKNORM_IEEE_RSQRT=1 (an experiment knob, compile.py) restores those.
+// orders of magnitude below a 16-bit output's unit, inside fp32's tolerance. On H200 at G=2
+// it made calls 6-7% faster from T=4096 up and up to 0.5 us faster at small T than IEEE
+// division and square root, whose special-case branches sit on the serial path between the
+// peers' partials arriving and the block barrier, once per token (BENCHMARKS.md).
+// QKNORM_IEEE_RSQRT=1 (an experiment knob, compile.py) restores those.
 #ifndef QKNORM_IEEE_RSQRT
 #define QKNORM_IEEE_RSQRT 0
 #endif

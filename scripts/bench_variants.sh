@@ -10,7 +10,7 @@
 # to every bench command (e.g. BENCH_ARGS=--in-place).
 set -u
 cd "$(dirname "$0")/.."
-[ $# -ge 3 ] || { sed -n 2,9p "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n 2,10p "$0"; exit 2; }
 g=$1 tokens=$2
 shift 2
 out=${BENCH_OUT:-bench-variants}
@@ -23,7 +23,7 @@ fail=0 i=0
 for v in "$@"; do
   i=$((i + 1))
   label=${v:-default}
-  # shellcheck disable=SC2086 # the variant is a list of assignments, split on purpose
+  # shellcheck disable=SC2086 # the variant and BENCH_ARGS are lists, split on purpose
   timeout "${VARIANT_TIMEOUT:-120}" env $v "${mpi[@]}" -n "$g" \
     python3 -m cupy_qknorm bench --mode graph --transports ipc --tokens "$tokens" \
     --json "$out/variant$i.json" ${BENCH_ARGS:-} > "$out/variant$i.log" 2>&1
