@@ -60,3 +60,12 @@ def test_shims_compile_with_nvrtc():
         _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
+
+
+def test_check_verdict_fails_on_bad_outputs():
+    verdict = load_script().check_verdict
+    good = {"sglang T=64": (2.0, 28), "ours T=64": (1.0, 0)}
+    assert verdict(good) is None
+    assert "ours T=64: 3 elements past 1 ulp" in verdict({**good, "ours T=64": (2.0, 3)})
+    assert "built or launched wrongly" in verdict({**good, "sglang T=64": (9.0, 100)})
+    assert "built or launched wrongly" in verdict({**good, "sglang T=64": (float("nan"), 0)})
