@@ -31,6 +31,13 @@ VPT_ENV = "CUPY_QKNORM_VECTORS_PER_THREAD"  # one value for both (benchmark expe
 # and 4 were slower than 2 at every T from 512 to 4096 (BENCHMARKS.md, kernel 3).
 DEPTH = 2
 DEPTH_ENV = "CUPY_QKNORM_DEPTH"  # overrides it (benchmark experiments)
+# Where a block holds its rows in flight: registers (0) or shared memory, filled by
+# asynchronous copies (1), which buys depth without registers. Staged rows must fit
+# STAGE_BYTES_MAX of static shared memory (48 KB a block, less the block's other arrays);
+# a spec whose rows do not fits keeps them in registers.
+STAGED = 0
+STAGED_ENV = "CUPY_QKNORM_STAGED"  # overrides it (benchmark experiments)
+STAGE_BYTES_MAX = 44 * 1024
 MIN_ARCH = 80            # cvt.rn.bf16x2.f32 and friends
 
 
@@ -122,6 +129,7 @@ class Spec:
     k_local: int
     warps: int
     depth: int = DEPTH
+    staged: int = STAGED
 
     @classmethod
     def plan(cls, dtype: str, weight_dtype: str, world: int, q_local: int, k_local: int,
@@ -143,25 +151,42 @@ class Spec:
         vpt = env_int(VPT_ENV, WIDE_VPT if wide else NARROW_VPT, 1)
         warps = min(32, -(-vectors // (32 * vpt)))
         depth = env_int(DEPTH_ENV, DEPTH, 2)
-        return cls(dtype, weight_dtype, world, q_local, k_local, warps, depth)
+        staged = env_int(STAGED_ENV, STAGED, 0)
+        if staged > 1:
+            raise ValueError(f"{STAGED_ENV} must be 0 or 1, got {staged}")
+        spec = cls(dtype, weight_dtype, world, q_local, k_local, warps, depth, staged)
+        if staged and spec.stage_bytes > STAGE_BYTES_MAX:
+            spec = cls(dtype, weight_dtype, world, q_local, k_local, warps, depth, 0)
+        return spec
 
     @property
     def threads(self) -> int:
         return 32 * self.warps
 
     @property
+    def stage_bytes(self) -> int:
+        """Shared memory the fused kernel's staged rows take (0 in registers): DEPTH rows
+        of whole 16-byte vectors for every thread."""
+        if not self.staged:
+            return 0
+        vectors = (self.q_local + self.k_local) // vector_elems(self.dtype)
+        return self.depth * -(-vectors // self.threads) * self.threads * 16
+
+    @property
     def names(self) -> dict:
         t, w = C_TYPES[self.dtype], C_TYPES[self.weight_dtype]
         dims = f"{self.q_local}, {self.k_local}, {self.warps}"
+        fused = f"{self.depth}, {self.staged}"
         return {
-            "fused": f"qknorm::fused<{t}, {w}, {self.world}, {dims}, {self.depth}>",
+            "fused": f"qknorm::fused<{t}, {w}, {self.world}, {dims}, {fused}>",
             "partial_sums": f"qknorm::partial_sums<{t}, {dims}>",
             "apply": f"qknorm::apply<{t}, {w}, {dims}>",
         }
 
     def __str__(self):
         return (f"{self.dtype}/w:{self.weight_dtype} G={self.world} q={self.q_local} "
-                f"k={self.k_local} warps={self.warps} depth={self.depth}")
+                f"k={self.k_local} warps={self.warps} depth={self.depth}" +
+                (" staged" if self.staged else ""))
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,5 +1,5 @@
 // Entry file of the qknorm module: cupy_qknorm/compile.py compiles this with
-// name_expressions such as "qknorm::fused<qknorm::bf16_t, float, 2, 3072, 512, 4>",
+// name_expressions such as "qknorm::fused<qknorm::bf16_t, float, 2, 3072, 512, 7, 2, 0>",
 // which instantiate exactly the specializations asked for.
 #include "qknorm.cuh"
 

@@ -173,6 +173,22 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
+// Asynchronous copies global -> shared (sm_80+), 16 bytes each, through L2 only. A thread
+// waits for its own copies (by commit group) and then reads what it copied itself, so no
+// other thread's barrier is involved. An empty group (a commit with no copy) is legal and
+// keeps the group count of every phase the same.
+__device__ __forceinline__ void copy_async16(void* dst_shared, const void* src) {
+  const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(dst_shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int PENDING>  // waits until at most PENDING of this thread's newest groups are left
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+}
+
 // Marks the call as failed (first failure wins) in device memory and, if mapped, in host
 // memory, where the host reads it without synchronizing.
 __device__ void record_error(const Params& p, int code, int peer, int token, int theirs,
@@ -249,31 +265,29 @@ struct Weights {
   }
 };
 
-// This thread's part of one token's row.
+// The arithmetic on this thread's part of one token's row, wherever the row is held:
+// `get(j)` returns its vector j (a register, or a read of shared memory).
 template <class T, int DQ, int DK, int NT>
-struct Row {
+struct RowMath {
   using L = Layout<T, DQ, DK, NT>;
   static constexpr int N = L::N;
-  uint4 x[L::NV];
 
-  __device__ __forceinline__ void load(const Params& p, long long t) {
-#pragma unroll
-    for (int j = 0; j < L::NV; ++j) {
-      if (!L::valid(j)) continue;
-      const T* src = L::is_q(j) ? static_cast<const T*>(p.q) + t * p.q_stride + L::offset(j)
-                                : static_cast<const T*>(p.k) + t * p.k_stride + L::offset(j);
-      x[j] = *reinterpret_cast<const uint4*>(src);
-    }
+  static __device__ __forceinline__ const void* source(const Params& p, long long t, int j) {
+    return L::is_q(j) ? static_cast<const void*>(static_cast<const T*>(p.q) + t * p.q_stride +
+                                                 L::offset(j))
+                      : static_cast<const void*>(static_cast<const T*>(p.k) + t * p.k_stride +
+                                                 L::offset(j));
   }
 
   // this thread's share of sum(q^2) and sum(k^2)
-  __device__ __forceinline__ float2 sums() const {
+  template <class Get>
+  static __device__ __forceinline__ float2 sums(const Get& get) {
     float2 s = make_float2(0.f, 0.f);
 #pragma unroll
     for (int j = 0; j < L::NV; ++j) {
       if (!L::valid(j)) continue;
       float f[N];
-      Vec<T>::unpack(x[j], f);
+      Vec<T>::unpack(get(j), f);
       float a = 0.f;
 #pragma unroll
       for (int e = 0; e < N; ++e) a = fmaf(f[e], f[e], a);
@@ -282,15 +296,17 @@ struct Row {
     return s;
   }
 
-  template <class W>
-  __device__ __forceinline__ void scale_store(const Params& p, long long t, float2 scale,
-                                              const Weights<T, W, DQ, DK, NT>& wt) const {
+  template <class W, class Get>
+  static __device__ __forceinline__ void scale_store(const Params& p, long long t,
+                                                     float2 scale,
+                                                     const Weights<T, W, DQ, DK, NT>& wt,
+                                                     const Get& get) {
     constexpr int WV = Weights<T, W, DQ, DK, NT>::WV;
 #pragma unroll
     for (int j = 0; j < L::NV; ++j) {
       if (!L::valid(j)) continue;
       float f[N], wf[N];
-      Vec<T>::unpack(x[j], f);
+      Vec<T>::unpack(get(j), f);
 #pragma unroll
       for (int u = 0; u < WV; ++u) Vec<W>::unpack(wt.w[j][u], wf + u * Vec<W>::N);
       const float s = L::is_q(j) ? scale.x : scale.y;
@@ -302,6 +318,63 @@ struct Row {
     }
   }
 };
+
+// This thread's part of one token's row, held in registers.
+template <class T, int DQ, int DK, int NT>
+struct Row {
+  using L = Layout<T, DQ, DK, NT>;
+  using M = RowMath<T, DQ, DK, NT>;
+  uint4 x[L::NV];
+
+  __device__ __forceinline__ void load(const Params& p, long long t) {
+#pragma unroll
+    for (int j = 0; j < L::NV; ++j)
+      if (L::valid(j)) x[j] = *static_cast<const uint4*>(M::source(p, t, j));
+  }
+  static __device__ __forceinline__ void skip() {}  // no row to load in this phase
+  template <int PENDING>
+  __device__ __forceinline__ void ready() const {}  // a register load is waited for on use
+  __device__ __forceinline__ float2 sums() const {
+    return M::sums([&](int j) { return x[j]; });
+  }
+  template <class W>
+  __device__ __forceinline__ void scale_store(const Params& p, long long t, float2 scale,
+                                              const Weights<T, W, DQ, DK, NT>& wt) const {
+    M::scale_store(p, t, scale, wt, [&](int j) { return x[j]; });
+  }
+};
+
+// This thread's part of one token's row, held in shared memory: vector j at at[j * NT],
+// copied there asynchronously, so a block keeps several rows' loads in flight for the
+// price of shared memory, not registers. Each load is one commit group; ready<P>() waits
+// for this row's group while the P groups committed after it may still be in flight.
+template <class T, int DQ, int DK, int NT>
+struct StagedRow {
+  using L = Layout<T, DQ, DK, NT>;
+  using M = RowMath<T, DQ, DK, NT>;
+  uint4* at;  // this thread's first vector in the row's stage
+
+  __device__ __forceinline__ void load(const Params& p, long long t) {
+#pragma unroll
+    for (int j = 0; j < L::NV; ++j)
+      if (L::valid(j)) copy_async16(at + j * NT, M::source(p, t, j));
+    copy_async_commit();
+  }
+  static __device__ __forceinline__ void skip() { copy_async_commit(); }
+  template <int PENDING>
+  __device__ __forceinline__ void ready() const { copy_async_wait<PENDING>(); }
+  __device__ __forceinline__ float2 sums() const {
+    return M::sums([&](int j) { return at[j * NT]; });
+  }
+  template <class W>
+  __device__ __forceinline__ void scale_store(const Params& p, long long t, float2 scale,
+                                              const Weights<T, W, DQ, DK, NT>& wt) const {
+    M::scale_store(p, t, scale, wt, [&](int j) { return at[j * NT]; });
+  }
+};
+
+template <bool C, class A, class B> struct Pick { using type = A; };
+template <class A, class B> struct Pick<false, A, B> { using type = B; };
 
 __device__ __forceinline__ float2 warp_sum(float2 v) {
 #pragma unroll
@@ -368,17 +441,19 @@ __device__ __forceinline__ bool each_phase(Fn& f) {
 // The fused kernel: per token, local sums -> push to every rank's slot -> wait for all G
 // partials -> sum them in rank order (identical on every rank) -> scale and store.
 // A persistent grid walks the tokens; every rank launches the same grid for the same call.
-// Each block keeps DEPTH tokens in flight, one row of registers each: while it waits for
-// the partials of token t it has already pushed token t + 1, and it has issued the loads of
-// tokens up to t + DEPTH - 1, so the peers' latency and the memory latency of the next rows
-// overlap. DEPTH = 2: the next row's load is issued only once the current row is done;
-// DEPTH = 3: two rows' loads are in flight while the third waits for its partials (more
-// registers, so fewer blocks: slower on H100 and H200, BENCHMARKS.md; the default is 2).
-template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH>
+// Each block keeps DEPTH tokens in flight: while it waits for the partials of token t it
+// has already pushed token t + 1, and it has issued the loads of tokens up to
+// t + DEPTH - 1, so the peers' latency and the memory latency of the next rows overlap.
+// DEPTH = 2: the next row's load is issued only once the current row is done; DEPTH = 3:
+// two rows' loads are in flight while the third waits for its partials. STAGED = 0 holds
+// the rows in registers (DEPTH 3 then costs blocks: slower on H100 and H200,
+// BENCHMARKS.md); STAGED = 1 holds them in shared memory, filled by asynchronous copies.
+template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH, int STAGED>
 struct Fused {
   static_assert(DEPTH >= 2, "at least two tokens in flight");
   static constexpr int NT = WARPS * 32;
-  using R = Row<T, DQ, DK, NT>;
+  using R = typename Pick<STAGED != 0, StagedRow<T, DQ, DK, NT>, Row<T, DQ, DK, NT>>::type;
+  static constexpr int kStageVectors = STAGED ? Layout<T, DQ, DK, NT>::NV * NT : 0;
 
   // One set per row: a set is rewritten only by the next push() and finish() of the same
   // row, DEPTH tokens later, after the barrier of another row's finish() that every thread
@@ -405,6 +480,7 @@ struct Fused {
   // Sums token t's row (waiting for its loads) and pushes the partials to every rank.
   static __device__ __forceinline__ void push(const Params& p, const R& row, long long t,
                                               Pending& pending, float2* scratch) {
+    row.template ready<DEPTH - 2>();  // the rows after this one may still be loading
     const float2 part = block_sum<WARPS>(row.sums(), scratch);
     pending.part = part;
     if (G > 1 && threadIdx.x < 32) {
@@ -478,10 +554,11 @@ struct Fused {
 #define QKNORM_MIN_BLOCKS 1
 #endif
 
-template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH>
+template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH, int STAGED>
 __global__ void __launch_bounds__(WARPS * 32, QKNORM_MIN_BLOCKS) fused(const Params p) {
-  using F = Fused<T, W, G, DQ, DK, WARPS, DEPTH>;
+  using F = Fused<T, W, G, DQ, DK, WARPS, DEPTH, STAGED>;
   __shared__ typename F::Shared sh;
+  __shared__ uint4 stages[STAGED ? DEPTH * F::kStageVectors : 1];  // STAGED: the rows
   grid_dependency_wait();  // the previous kernel of the stream is complete from here on
   allow_dependents();      // the next launch may start its own wait now
   const long long step = gridDim.x;
@@ -491,18 +568,27 @@ __global__ void __launch_bounds__(WARPS * 32, QKNORM_MIN_BLOCKS) fused(const Par
   wt.load(p);
   // Row i of the ring holds token t + ((i - phase) mod DEPTH) * step. Each phase is its
   // own copy of the code (a compiler loop kept DEPTH = 2 in local memory), so every index
-  // into the ring is a constant and the rows stay in registers.
+  // into the ring is a constant and the rows stay in registers. Every phase loads one row
+  // or skips (an empty commit group, for staged rows), so ready<DEPTH - 2>() always finds
+  // the row it needs DEPTH - 2 groups back.
   typename F::R rows[DEPTH];
+  if constexpr (STAGED != 0) {
+#pragma unroll
+    for (int i = 0; i < DEPTH; ++i) rows[i].at = stages + i * F::kStageVectors + threadIdx.x;
+  }
   typename F::Pending pend[DEPTH] = {};
 #pragma unroll
-  for (int i = 0; i + 1 < DEPTH; ++i)
+  for (int i = 0; i + 1 < DEPTH; ++i) {
     if (t + i * step < p.tokens) F::load(p, rows[i], t + i * step, pend[i]);
+    else F::R::skip();
+  }
   F::push(p, rows[0], t, pend[0], sh.scratch[0]);
   auto phase = [&](auto cur_) {  // false once the block's last token is done
     constexpr int D = DEPTH, cur = decltype(cur_)::value;
     constexpr int nxt = (cur + 1) % D, last = (cur + D - 1) % D;
     const long long ahead = t + (D - 1) * step;  // into the row the last phase finished
     if (ahead < p.tokens) F::load(p, rows[last], ahead, pend[last]);
+    else F::R::skip();
     const long long next = t + step;
     if (next < p.tokens) F::push(p, rows[nxt], next, pend[nxt], sh.scratch[nxt]);
     F::finish(p, rows[cur], t, pend[cur], wt, sh, cur);

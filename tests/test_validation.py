@@ -148,7 +148,7 @@ def test_spec_plan():
     # blocks of either keep 2 tokens in flight
     s = Spec.plan("bfloat16", "float32", 2, 3072, 512)
     assert s.warps == 7 and s.threads == 224 and s.depth == 2
-    assert s.names["fused"] == "qknorm::fused<qknorm::bf16_t, float, 2, 3072, 512, 7, 2>"
+    assert s.names["fused"] == "qknorm::fused<qknorm::bf16_t, float, 2, 3072, 512, 7, 2, 0>"
     w = Spec.plan("bfloat16", "float32", 2, 3072, 512, wide=True)
     assert w.warps == 2 and w.depth == 2
     assert Spec.plan("float32", "float32", 1, 6144, 1024).warps == 28
