@@ -26,18 +26,21 @@ MAX_WORLD = 8            # the width of Params.slots
 # whose time is bandwidth. Measured on H100: BENCHMARKS.md, "vectors per thread".
 NARROW_VPT, WIDE_VPT = 2, 8
 VPT_ENV = "CUPY_QKNORM_VECTORS_PER_THREAD"  # one value for both (benchmark experiments)
-# Tokens a block of the fused kernel keeps in flight (rows of registers). More rows let a
-# block issue later rows' loads earlier, but cost registers and so blocks: on H100 depth 3
-# and 4 were slower than 2 at every T from 512 to 4096 (BENCHMARKS.md, kernel 3).
-DEPTH = 2
-DEPTH_ENV = "CUPY_QKNORM_DEPTH"  # overrides it (benchmark experiments)
-# Where a block holds its rows in flight: registers (0) or shared memory, filled by
-# asynchronous copies (1), which buys depth without registers. Staged rows must fit
-# STAGE_BYTES_MAX of static shared memory (48 KB a block, less the block's other arrays);
-# a spec whose rows do not fits keeps them in registers.
-STAGED = 0
-STAGED_ENV = "CUPY_QKNORM_STAGED"  # overrides it (benchmark experiments)
+# Tokens a block of the fused kernel keeps in flight, and where it holds their rows.
+# In registers, more rows cost blocks: on H100 and H200 depth 3 and 4 were slower than 2
+# at every T from 512 (BENCHMARKS.md, kernel 3). In shared memory ("staged": filled by
+# asynchronous copies) depth costs no registers: depth 3 was 8-13% faster than registers
+# from 2048 tokens a launch on H200, but 0.2-0.3 us slower at 512 and 1024 (BENCHMARKS.md,
+# fifth session). Staged rows must fit STAGE_BYTES_MAX of static shared memory (48 KB a
+# block, less the block's other arrays); a spec whose rows do not keeps them in registers.
+DEPTH, STAGED_DEPTH = 2, 3
+DEPTH_ENV = "CUPY_QKNORM_DEPTH"  # overrides both (benchmark experiments)
+STAGED_ENV = "CUPY_QKNORM_STAGED"  # 0: rows in registers in every layout (experiments)
 STAGE_BYTES_MAX = 44 * 1024
+# The fused kernel's layouts, picked by tokens per launch (transports.py):
+# name: (vectors a thread, rows staged in shared memory)
+LAYOUTS = {"narrow": (NARROW_VPT, False), "staged": (NARROW_VPT, True),
+           "wide": (WIDE_VPT, True)}
 MIN_ARCH = 80            # cvt.rn.bf16x2.f32 and friends
 
 
@@ -119,6 +122,13 @@ def vector_elems(dtype: str) -> int:
     return 16 // ITEMSIZE[dtype]
 
 
+def _staging_allowed() -> bool:
+    value = env_int(STAGED_ENV, 1, 0)
+    if value > 1:
+        raise ValueError(f"{STAGED_ENV} must be 0 or 1, got {value}")
+    return value == 1
+
+
 @dataclass(frozen=True)
 class Spec:
     """One specialization of the kernels."""
@@ -129,13 +139,14 @@ class Spec:
     k_local: int
     warps: int
     depth: int = DEPTH
-    staged: int = STAGED
+    staged: int = 0
 
     @classmethod
     def plan(cls, dtype: str, weight_dtype: str, world: int, q_local: int, k_local: int,
-             wide: bool = False):
-        """Warps per token: the fewest that keep about NARROW_VPT (or, `wide`, WIDE_VPT)
-        vectors a thread."""
+             layout: str = "narrow"):
+        """The spec of one layout (LAYOUTS): warps per token, the fewest that keep about
+        its vectors a thread; depth and staging as it says, rows in registers at DEPTH
+        where staged rows would not fit shared memory."""
         if dtype not in C_TYPES:
             raise ValueError(f"dtype must be one of {sorted(C_TYPES)}, got {dtype!r}")
         if weight_dtype not in (dtype, "float32"):
@@ -147,16 +158,16 @@ class Spec:
             if d <= 0 or d % n:
                 raise ValueError(f"local {name} width {d} must be a positive multiple of {n} "
                                  f"({dtype}: 16-byte vectors)")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
         vectors = (q_local + k_local) // n
-        vpt = env_int(VPT_ENV, WIDE_VPT if wide else NARROW_VPT, 1)
-        warps = min(32, -(-vectors // (32 * vpt)))
-        depth = env_int(DEPTH_ENV, DEPTH, 2)
-        staged = env_int(STAGED_ENV, STAGED, 0)
-        if staged > 1:
-            raise ValueError(f"{STAGED_ENV} must be 0 or 1, got {staged}")
-        spec = cls(dtype, weight_dtype, world, q_local, k_local, warps, depth, staged)
-        if staged and spec.stage_bytes > STAGE_BYTES_MAX:
-            spec = cls(dtype, weight_dtype, world, q_local, k_local, warps, depth, 0)
+        vpt, staged = LAYOUTS[layout]
+        warps = min(32, -(-vectors // (32 * env_int(VPT_ENV, vpt, 1))))
+        spec = cls(dtype, weight_dtype, world, q_local, k_local, warps,
+                   env_int(DEPTH_ENV, STAGED_DEPTH if staged else DEPTH, 2), int(staged))
+        if staged and (spec.stage_bytes > STAGE_BYTES_MAX or not _staging_allowed()):
+            spec = cls(dtype, weight_dtype, world, q_local, k_local, warps,
+                       env_int(DEPTH_ENV, DEPTH, 2), 0)
         return spec
 
     @property
@@ -286,18 +297,19 @@ def default_dims(world: int) -> tuple:
 
 
 def shipped_specs() -> list:
-    """Every specialization the package ships and the compile test builds: both the
-    narrow and the wide layout for MiniMax's widths, the narrow one for the other shape."""
+    """Every specialization the package ships and the compile test builds: every layout
+    for MiniMax's widths and for the other shape."""
     specs = []
     for dtype in C_TYPES:
         for wdt in sorted({dtype, "float32"}):
             for world in range(1, MAX_WORLD + 1):
                 q, k = MINIMAX_DIMS
                 n = vector_elems(dtype)
+                shapes = [OTHER_LOCAL_DIMS]
                 if q % world == 0 and k % world == 0 and (q // world) % n == 0 \
                         and (k // world) % n == 0:
-                    for wide in (False, True):
-                        specs.append(Spec.plan(dtype, wdt, world, q // world, k // world,
-                                               wide))
-                specs.append(Spec.plan(dtype, wdt, world, *OTHER_LOCAL_DIMS))
-    return list(dict.fromkeys(specs))  # narrow and wide coincide for some widths
+                    shapes.insert(0, (q // world, k // world))
+                for shape in shapes:
+                    for layout in LAYOUTS:
+                        specs.append(Spec.plan(dtype, wdt, world, *shape, layout))
+    return list(dict.fromkeys(specs))  # layouts coincide for some widths

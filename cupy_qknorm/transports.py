@@ -33,11 +33,19 @@ SLOT_BYTES = 16         # one exchange slot: {sum_q, sum_k, tokens, use number}
 ERROR_WORDS = 8         # qknorm::kErrorWords: {code, peer, token, rank, theirs, ours, 0, 0}
 ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE = 1, 2, 3
 PDL_ENV = "CUPY_QKNORM_PDL"  # "0": launch the fused kernel without programmatic dependence
-# Launches of this many tokens or more use the wide layout (compile.py). Measured on H100,
-# bf16, MiniMax dims (BENCHMARKS.md): narrow is as fast or faster up to 4096 tokens, wide
-# faster from 6144 (G=2: 38.7 vs 42.2 us there; 73.0 vs 80.8 at 12288).
-WIDE_FROM = 6144
-WIDE_FROM_ENV = "CUPY_QKNORM_WIDE_FROM"  # overrides it (benchmark experiments)
+# Which layout of the fused kernel (compile.LAYOUTS) a launch uses, by its token count:
+# "narrow" (rows in registers) below STAGED_FROM, "staged" (rows in shared memory, three
+# tokens in flight) from there, "wide" (more vectors a thread, staged) from WIDE_FROM.
+# Measured on H200, bf16, MiniMax dims (BENCHMARKS.md, fifth session): staged rows lose
+# 0.2-0.3 us at 512 and 1024 tokens and win 8-13% from 2048; wide wins at 16384.
+STAGED_FROM, WIDE_FROM = 2048, 6144
+STAGED_FROM_ENV = "CUPY_QKNORM_STAGED_FROM"  # override them (benchmark experiments)
+WIDE_FROM_ENV = "CUPY_QKNORM_WIDE_FROM"
+
+
+def layout_for(tokens, staged_from=STAGED_FROM, wide_from=WIDE_FROM):
+    """The fused kernel's layout (compile.LAYOUTS) for a launch of `tokens` tokens."""
+    return "wide" if tokens >= wide_from else "staged" if tokens >= staged_from else "narrow"
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute
@@ -159,20 +167,25 @@ class DeviceTransport:
         self.sums = None
         self._launch = _Launcher(pdl)
         self._static_packed = False
+        self.staged_from = kc.env_int(STAGED_FROM_ENV, STAGED_FROM, 1)
         self.wide_from = kc.env_int(WIDE_FROM_ENV, WIDE_FROM, 1)
 
-    def kernels(self, weight_dtype, wide=False):
+    def layout(self, tokens):
+        """The fused kernel's layout for a launch of `tokens` tokens."""
+        return layout_for(tokens, self.staged_from, self.wide_from)
+
+    def kernels(self, weight_dtype, layout="narrow"):
         """(spec, {kind: go(grid, stream)}, grid cap) for a weight dtype and layout."""
-        k = self._kernels.get((weight_dtype, wide))
+        k = self._kernels.get((weight_dtype, layout))
         if k is None:
             spec = kc.Spec.plan(self.cfg.dtype, weight_dtype, self.cfg.world,
-                                self.cfg.q_local, self.cfg.k_local, wide)
+                                self.cfg.q_local, self.cfg.k_local, layout)
             raw = kc.load(spec)
             go = {kind: self._launch.bind((r, self._launch.handle(r)), spec.threads,
                                           pdl=kind in self.PDL_KINDS)
                   for kind, r in raw.items()}
             k = (spec, go, self._grid_cap(spec, raw))
-            self._kernels[(weight_dtype, wide)] = k
+            self._kernels[(weight_dtype, layout)] = k
         return k
 
     def _grid_cap(self, spec, raw):
@@ -210,7 +223,7 @@ class DeviceTransport:
         chunk, launch = self.cfg.max_tokens, self.launch
         pack_head, pack_tokens = _HEAD.pack_into, _TOKENS.pack_into
         if tokens <= chunk:
-            _, go, cap = self.kernels(plan.weight_dtype, tokens >= self.wide_from)
+            _, go, cap = self.kernels(plan.weight_dtype, self.layout(tokens))
             grid = min(tokens, cap)
 
             def run_one(ptrs, stream):
@@ -223,7 +236,7 @@ class DeviceTransport:
         pieces = []
         for start in range(0, tokens, chunk):
             n = min(chunk, tokens - start)
-            _, go, cap = self.kernels(plan.weight_dtype, n >= self.wide_from)
+            _, go, cap = self.kernels(plan.weight_dtype, self.layout(n))
             pieces.append((start, n, go, min(n, cap)))
 
         def run_chunks(ptrs, stream):

@@ -46,7 +46,7 @@ with TPQKNorm(comm, 6144, 1024, "bfloat16", max_tokens=64, transport="ipc") as n
     ops = norm._validate(*arrs)
     plan = arrays.Plan.of(ops)
     ptrs = [op.ptr for op in ops]
-    spec, go, cap = t.kernels(plan.weight_dtype, False)
+    spec, go, cap = t.kernels(plan.weight_dtype, "narrow")
     run = t.prepare(plan)
     parts = {
         "cupy empty kernel": lambda: empty((1,), (32,), ()),

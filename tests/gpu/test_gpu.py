@@ -63,19 +63,21 @@ def test_parity(comm, transport, dtype, wdtype):
             run_case(norm, comm, 100 * i + 7, tokens, dtype, wdtype)
 
 
-@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
+@pytest.mark.parametrize("layout", ["narrow", "staged", "wide"])
 @pytest.mark.parametrize("dtype,wdtype", [("bfloat16", None), ("bfloat16", "float32"),
                                           ("float16", None), ("float32", None)])
-def test_parity_each_layout(comm, dtype, wdtype, wide):
+def test_parity_each_layout(comm, dtype, wdtype, layout):
     """Each layout of the fused kernel for every dtype, at small and chunked T: the
-    threshold is moved so that one layout takes every launch (by default the wide one
-    runs only from 6144 tokens a launch, which test_parity reaches in bf16 alone)."""
+    thresholds are moved so that one layout takes every launch (by default the staged
+    and wide ones run only from 2048 and 6144 tokens a launch)."""
     q_dim, k_dim = dims_for(comm.size)
     with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=1024, transport="ipc") as norm:
-        norm._transport.wide_from = 1 if wide else 10 ** 9
-        for i, tokens in enumerate([1, 7, 300, 2500]):  # 2500 > max_tokens: three chunks
+        t = norm._transport
+        t.staged_from = 1 if layout == "staged" else 10 ** 9
+        t.wide_from = 1 if layout == "wide" else 10 ** 9
+        for i, tokens in enumerate([1, 2, 3, 7, 300, 2500]):  # 2500: three chunks
             run_case(norm, comm, 31 * i + 3, tokens, dtype, wdtype)
-        assert {w for _, w in norm._transport._kernels} == {wide}
+        assert {lay for _, lay in t._kernels} == {layout}
 
 
 @pytest.mark.parametrize("transport", ["ipc", "nccl"])
