@@ -36,9 +36,10 @@ PDL_ENV = "CUPY_QKNORM_PDL"  # "0": launch the fused kernel without programmatic
 # Which layout of the fused kernel (compile.LAYOUTS) a launch uses, by its token count:
 # "narrow" (rows in registers) below STAGED_FROM, "staged" (rows in shared memory, three
 # tokens in flight) from there, "wide" (more vectors a thread, staged) from WIDE_FROM.
-# Measured on H200, bf16, MiniMax dims (BENCHMARKS.md, fifth session): staged rows lose
-# 0.2-0.3 us at 512 and 1024 tokens and win 8-13% from 2048; wide wins at 16384.
-STAGED_FROM, WIDE_FROM = 2048, 6144
+# Measured on H200, G=2, bf16, MiniMax dims (BENCHMARKS.md, fifth session): staged rows
+# lose 0.2-0.4 us at 512 and 1024 tokens and win 6-14% from 2048 (12.2 vs 13.1-13.3 us
+# there); wide staged rows win another 8-9% at 3072 and 4096 and 5-7% at 16384.
+STAGED_FROM, WIDE_FROM = 2048, 3072
 STAGED_FROM_ENV = "CUPY_QKNORM_STAGED_FROM"  # override them (benchmark experiments)
 WIDE_FROM_ENV = "CUPY_QKNORM_WIDE_FROM"
 
