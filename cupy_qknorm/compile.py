@@ -29,18 +29,18 @@ VPT_ENV = "CUPY_QKNORM_VECTORS_PER_THREAD"  # one value for both (benchmark expe
 # Tokens a block of the fused kernel keeps in flight, and where it holds their rows.
 # In registers, more rows cost blocks: on H100 and H200 depth 3 and 4 were slower than 2
 # at every T from 512 (BENCHMARKS.md, kernel 3). In shared memory ("staged": filled by
-# asynchronous copies) depth costs no registers: depth 3 was 8-13% faster than registers
-# from 2048 tokens a launch on H200, but 0.2-0.3 us slower at 512 and 1024 (BENCHMARKS.md,
-# fifth session). Staged rows must fit STAGE_BYTES_MAX of static shared memory (48 KB a
-# block, less the block's other arrays); a spec whose rows do not keeps them in registers.
+# asynchronous copies) depth costs no registers: on H200 the wide layout with three staged
+# rows was 8-14% faster than rows in registers from 2048 tokens a launch, while staged rows
+# were 0.2-0.4 us slower at 512 and 1024 (BENCHMARKS.md, fifth session). Staged rows must
+# fit STAGE_BYTES_MAX of static shared memory (48 KB a block, less the block's other
+# arrays); a spec whose rows do not keeps them in registers.
 DEPTH, STAGED_DEPTH = 2, 3
 DEPTH_ENV = "CUPY_QKNORM_DEPTH"  # overrides both (benchmark experiments)
 STAGED_ENV = "CUPY_QKNORM_STAGED"  # 0: rows in registers in every layout (experiments)
 STAGE_BYTES_MAX = 44 * 1024
-# The fused kernel's layouts, picked by tokens per launch (transports.py):
+# The fused kernel's layouts, picked by tokens a launch (transports.py):
 # name: (vectors a thread, rows staged in shared memory)
-LAYOUTS = {"narrow": (NARROW_VPT, False), "staged": (NARROW_VPT, True),
-           "wide": (WIDE_VPT, True)}
+LAYOUTS = {"narrow": (NARROW_VPT, False), "wide": (WIDE_VPT, True)}
 MIN_ARCH = 80            # cvt.rn.bf16x2.f32 and friends
 
 

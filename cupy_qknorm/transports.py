@@ -33,20 +33,18 @@ SLOT_BYTES = 16         # one exchange slot: {sum_q, sum_k, tokens, use number}
 ERROR_WORDS = 8         # qknorm::kErrorWords: {code, peer, token, rank, theirs, ours, 0, 0}
 ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE = 1, 2, 3
 PDL_ENV = "CUPY_QKNORM_PDL"  # "0": launch the fused kernel without programmatic dependence
-# Which layout of the fused kernel (compile.LAYOUTS) a launch uses, by its token count:
-# "narrow" (rows in registers) below STAGED_FROM, "staged" (rows in shared memory, three
-# tokens in flight) from there, "wide" (more vectors a thread, staged) from WIDE_FROM.
-# Measured on H200, G=2, bf16, MiniMax dims (BENCHMARKS.md, fifth session): staged rows
-# lose 0.2-0.4 us at 512 and 1024 tokens and win 6-14% from 2048 (12.2 vs 13.1-13.3 us
-# there); wide staged rows win another 8-9% at 3072 and 4096 and 5-7% at 16384.
-STAGED_FROM, WIDE_FROM = 2048, 3072
-STAGED_FROM_ENV = "CUPY_QKNORM_STAGED_FROM"  # override them (benchmark experiments)
-WIDE_FROM_ENV = "CUPY_QKNORM_WIDE_FROM"
+# Launches of this many tokens or more use the wide layout (compile.LAYOUTS: 8 vectors a
+# thread, three rows in flight in shared memory), fewer the narrow one (2 vectors a thread,
+# two rows in registers). Measured on H200, G=2, bf16, MiniMax dims (BENCHMARKS.md, fifth
+# session): narrow 0.3-0.9 us faster up to 1024 tokens, even at 1536, wide 6-8% faster at
+# 2048 (11.3-11.5 vs 12.2-12.5 us) and 9-14% faster than the narrow layout from 3072 up.
+WIDE_FROM = 2048
+WIDE_FROM_ENV = "CUPY_QKNORM_WIDE_FROM"  # overrides it (benchmark experiments)
 
 
-def layout_for(tokens, staged_from=STAGED_FROM, wide_from=WIDE_FROM):
+def layout_for(tokens, wide_from=WIDE_FROM):
     """The fused kernel's layout (compile.LAYOUTS) for a launch of `tokens` tokens."""
-    return "wide" if tokens >= wide_from else "staged" if tokens >= staged_from else "narrow"
+    return "wide" if tokens >= wide_from else "narrow"
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute
@@ -168,12 +166,11 @@ class DeviceTransport:
         self.sums = None
         self._launch = _Launcher(pdl)
         self._static_packed = False
-        self.staged_from = kc.env_int(STAGED_FROM_ENV, STAGED_FROM, 1)
         self.wide_from = kc.env_int(WIDE_FROM_ENV, WIDE_FROM, 1)
 
     def layout(self, tokens):
         """The fused kernel's layout for a launch of `tokens` tokens."""
-        return layout_for(tokens, self.staged_from, self.wide_from)
+        return layout_for(tokens, self.wide_from)
 
     def kernels(self, weight_dtype, layout="narrow"):
         """(spec, {kind: go(grid, stream)}, grid cap) for a weight dtype and layout."""

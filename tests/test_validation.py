@@ -144,18 +144,16 @@ def test_choose_transport(asked, facts, want):
 
 
 def test_spec_plan():
-    # 448 vectors of 16 bytes per row: narrow and staged = 2 a thread (7 warps), wide = 8
-    # (2 warps); narrow keeps 2 tokens in flight in registers, the others 3 in shared memory
+    # 448 vectors of 16 bytes per row: narrow = 2 a thread (7 warps), 2 rows in flight in
+    # registers; wide = 8 a thread (2 warps), 3 rows in flight in shared memory
     s = Spec.plan("bfloat16", "float32", 2, 3072, 512)
     assert s.warps == 7 and s.threads == 224 and s.depth == 2 and not s.staged
     assert s.stage_bytes == 0
     assert s.names["fused"] == "qknorm::fused<qknorm::bf16_t, float, 2, 3072, 512, 7, 2, 0>"
-    st = Spec.plan("bfloat16", "float32", 2, 3072, 512, "staged")
-    assert (st.warps, st.depth, st.staged, st.stage_bytes) == (7, 3, 1, 3 * 448 * 16)
-    assert st.names["fused"].endswith(", 7, 3, 1>") and str(st).endswith("depth=3 staged")
     w = Spec.plan("bfloat16", "float32", 2, 3072, 512, "wide")
     assert (w.warps, w.depth, w.staged) == (2, 3, 1)
     assert w.stage_bytes == 3 * 7 * 64 * 16  # whole vectors for each of the 64 threads
+    assert w.names["fused"].endswith(", 2, 3, 1>") and str(w).endswith("depth=3 staged")
     assert Spec.plan("float32", "float32", 1, 6144, 1024).warps == 28
     assert Spec.plan("float32", "float32", 1, 12288, 2048).warps == 32  # capped
     with pytest.raises(ValueError, match="weight dtype"):
@@ -167,28 +165,26 @@ def test_spec_plan():
 
 
 def test_staged_rows_too_big_for_shared_memory_stay_in_registers():
-    # G=1 fp32: a row is 28 KB, three of them do not fit 44 KB of shared memory
-    s = Spec.plan("float32", "float32", 1, 6144, 1024, "staged")
+    # G=1 fp32, wide: 7 warps of 8 vectors, 28 KB a row; three do not fit 44 KB
+    s = Spec.plan("float32", "float32", 1, 6144, 1024, "wide")
     assert (s.staged, s.depth, s.stage_bytes) == (0, 2, 0)
-    assert Spec.plan("bfloat16", "bfloat16", 1, 6144, 1024, "staged").stage_bytes == 43008
+    assert Spec.plan("bfloat16", "bfloat16", 1, 6144, 1024, "wide").stage_bytes == 43008
 
 
 def test_layout_by_tokens_a_launch():
-    from cupy_qknorm.transports import STAGED_FROM, WIDE_FROM, layout_for
-    assert [layout_for(t) for t in (1, STAGED_FROM - 1, STAGED_FROM, WIDE_FROM - 1,
-                                    WIDE_FROM, 10 ** 6)] == \
-        ["narrow", "narrow", "staged", "staged", "wide", "wide"]
-    assert layout_for(5000, 10 ** 9, 10 ** 9) == "narrow"
-    assert layout_for(1, 1, 10 ** 9) == "staged" and layout_for(1, 10 ** 9, 1) == "wide"
+    from cupy_qknorm.transports import WIDE_FROM, layout_for
+    assert [layout_for(t) for t in (1, WIDE_FROM - 1, WIDE_FROM, 10 ** 6)] == \
+        ["narrow", "narrow", "wide", "wide"]
+    assert layout_for(5000, 10 ** 9) == "narrow" and layout_for(1, 1) == "wide"
 
 
 def test_staging_switched_off(monkeypatch):
-    monkeypatch.setenv("CUPY_QKNORM_STAGED", "0")  # the layouts before staged rows
+    monkeypatch.setenv("CUPY_QKNORM_STAGED", "0")  # the wide layout before staged rows
     w = Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, "wide")
     assert (w.warps, w.depth, w.staged) == (2, 2, 0)
     monkeypatch.setenv("CUPY_QKNORM_STAGED", "2")
     with pytest.raises(ValueError, match="CUPY_QKNORM_STAGED must be 0 or 1, got 2"):
-        Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, "staged")
+        Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, "wide")
 
 
 def test_spec_depth_override(monkeypatch):
