@@ -29,11 +29,11 @@ VPT_ENV = "CUPY_QKNORM_VECTORS_PER_THREAD"  # one value for both (benchmark expe
 # Tokens a block of the fused kernel keeps in flight, and where it holds their rows.
 # In registers, more rows cost blocks: on H100 and H200 depth 3 and 4 were slower than 2
 # at every T from 512 (BENCHMARKS.md, kernel 3). In shared memory ("staged": filled by
-# asynchronous copies) depth costs no registers: on H200 the wide layout with three staged
-# rows was 8-14% faster than rows in registers from 2048 tokens a launch, while staged rows
-# were 0.2-0.4 us slower at 512 and 1024 (BENCHMARKS.md, fifth session). Staged rows must
-# fit STAGE_BYTES_MAX of static shared memory (48 KB a block, less the block's other
-# arrays); a spec whose rows do not keeps them in registers.
+# asynchronous copies) depth costs no registers: on H200 (G=2) the wide layout with three
+# staged rows was 13-21% faster than the layouts with rows in registers from 2048 tokens a
+# launch, while staged rows were 0.1-0.45 us slower at 512 and 1024 (BENCHMARKS.md, fifth
+# session). Staged rows must fit STAGE_BYTES_MAX of static shared memory (48 KB a block,
+# less the block's other arrays); a spec whose rows do not keeps them in registers.
 DEPTH, STAGED_DEPTH = 2, 3
 DEPTH_ENV = "CUPY_QKNORM_DEPTH"  # overrides both (benchmark experiments)
 STAGED_ENV = "CUPY_QKNORM_STAGED"  # 0: rows in registers in every layout (experiments)

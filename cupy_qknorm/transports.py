@@ -36,8 +36,9 @@ PDL_ENV = "CUPY_QKNORM_PDL"  # "0": launch the fused kernel without programmatic
 # Launches of this many tokens or more use the wide layout (compile.LAYOUTS: 8 vectors a
 # thread, three rows in flight in shared memory), fewer the narrow one (2 vectors a thread,
 # two rows in registers). Measured on H200, G=2, bf16, MiniMax dims (BENCHMARKS.md, fifth
-# session): narrow 0.3-0.9 us faster up to 1024 tokens, even at 1536, wide 6-8% faster at
-# 2048 (11.3-11.5 vs 12.2-12.5 us) and 9-14% faster than the narrow layout from 3072 up.
+# session): narrow 0.3-0.9 us faster up to 1024 tokens, even at 1536; from 2048 the wide
+# layout is 6-10% faster than narrow rows staged the same way and 13-21% faster than
+# either layout with its rows in registers.
 WIDE_FROM = 2048
 WIDE_FROM_ENV = "CUPY_QKNORM_WIDE_FROM"  # overrides it (benchmark experiments)
 
