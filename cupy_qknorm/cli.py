@@ -27,7 +27,9 @@ def cmd_compile(args):
                     spilled.append(f"{arch} {spec}")
                 status = (f"ok   {r['cubin_bytes']:>7} B; fused kernel: "
                           f"{fused.get('registers', '?')} registers, {spill} B spilled, "
-                          f"{_blocks_per_sm(fused.get('registers'), spec.threads)} blocks/SM")
+                          f"{fused.get('smem', 0)} B shared, "
+                          f"{_blocks_per_sm(fused.get('registers'), spec.threads, fused.get('smem', 0))}"
+                          f" blocks/SM")
             except Exception as e:  # noqa: BLE001 - reported, counted, and the run fails
                 failed += 1
                 status = f"FAIL {e}"
@@ -42,15 +44,16 @@ def cmd_compile(args):
     return 1 if failed else 0
 
 
-def _blocks_per_sm(registers, threads):
+def _blocks_per_sm(registers, threads, smem=0):
     """Blocks of `threads` that an sm_90 multiprocessor holds at once by its 64K registers
-    (allocated per warp in units of 256), its 64 warps and its 32 blocks. Shared memory
-    never limits these kernels (a few hundred bytes a block)."""
+    (allocated per warp in units of 256), its 64 warps, its 32 blocks and its 228 KB of
+    shared memory (each block also takes 1 KB the system reserves). Staged rows make shared
+    memory the limit for some specs (43 KB a block: 5 at most)."""
     if not registers:
         return "?"
     warps = -(-threads // 32)
     per_warp = -(-registers * 32 // 256) * 256
-    return min(65536 // (per_warp * warps), 64 // warps, 32)
+    return min(65536 // (per_warp * warps), 64 // warps, 32, 228 * 1024 // (smem + 1024))
 
 
 def _warm_cupy_cache(kc, specs):

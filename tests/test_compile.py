@@ -58,6 +58,9 @@ def test_blocks_per_sm_from_registers():
     assert _blocks_per_sm(148, 64) == 6     # 152 a thread allocated: 65536 // 9728
     assert _blocks_per_sm(16, 32) == 32     # the 32-block limit
     assert _blocks_per_sm(None, 64) == "?"
+    assert _blocks_per_sm(122, 64, 21600) == 8   # wide staged, G=2: registers bind
+    assert _blocks_per_sm(122, 32, 10816) == 16  # wide staged, G=4: registers (smem: 19)
+    assert _blocks_per_sm(64, 128, 43008) == 5   # 43 KB of staged rows: shared memory
 
 
 def test_compile_error_is_reported():
