@@ -347,7 +347,9 @@ struct Row {
 // This thread's part of one token's row, held in shared memory: vector j at at[j * NT],
 // copied there asynchronously, so a block keeps several rows' loads in flight for the
 // price of shared memory, not registers. Each load is one commit group; ready<P>() waits
-// for this row's group while the P groups committed after it may still be in flight.
+// for this row's group while the P groups committed after it may still be in flight. A
+// stage is refilled only after the same thread's last reads of it have returned: their
+// values went into the stores of finish(), issued before the next load of the stage.
 template <class T, int DQ, int DK, int NT>
 struct StagedRow {
   using L = Layout<T, DQ, DK, NT>;
