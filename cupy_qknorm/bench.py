@@ -309,6 +309,8 @@ def run(args):
                          max_tokens=max(args.tokens), transport=t) for t in args.transports}
     ipc = norms.get("ipc")
     pdl = bool(getattr(ipc._transport, "pdl", False)) if ipc is not None else None
+    layouts = _layouts(args.dtype, world, dq, dk, ipc._transport.wide_from) \
+        if ipc is not None else None
     try:
         for tokens in args.tokens:
             sets, w = _inputs(comm, args.dtype, dq, dk, tokens, GRAPH_CALLS, args.in_place)
@@ -331,7 +333,7 @@ def run(args):
     floor_us = floors["empty_kernel_graph_us"] + (floors["one_way_us"] if world > 1 else 0)
     result = {"card": card, "G": world, "dtype": args.dtype, "q_dim": args.q_dim,
               "k_dim": args.k_dim, "commit": commit, "pdl": pdl, "in_place": args.in_place,
-              "floors": floors, "rows": rows,
+              "layouts": layouts, "floors": floors, "rows": rows,
               "date": time.strftime("%Y-%m-%d")}
     if comm.rank == 0:
         print(_table(result, modes, args.transports, floor_us))
@@ -341,6 +343,25 @@ def run(args):
         if args.plot:
             _plot(result, modes, args.transports, floor_us, args.plot)
     return 0
+
+
+def _layouts(dtype, world, q_local, k_local, wide_from):
+    """What the fused kernel runs at this shape (experiment knobs included), for the
+    header: {"wide_from": tokens, layout: {warps, depth, staged}}."""
+    from .compile import LAYOUTS, Spec
+    out = {"wide_from": wide_from}
+    for name in LAYOUTS:
+        s = Spec.plan(dtype, dtype, world, q_local, k_local, name)
+        out[name] = {"warps": s.warps, "depth": s.depth, "staged": bool(s.staged)}
+    return out
+
+
+def _layout_line(layouts):
+    def one(d):
+        rows = "shared memory" if d["staged"] else "registers"
+        return f"{d['warps']} warps a token, {d['depth']} tokens in flight in {rows}"
+    return (f"fused kernel: narrow below {layouts['wide_from']} tokens a launch "
+            f"({one(layouts['narrow'])}); wide from there ({one(layouts['wide'])})")
 
 
 def _table(r, modes, transports, floor_us):
@@ -353,6 +374,8 @@ def _table(r, modes, transports, floor_us):
              "floor(T) = max(empty kernel + one-way latency, bytes / copy bandwidth)"]
     if "exchange_graph_us" in f:
         lines.insert(2, f"exchange alone (graph node, no row): {f['exchange_graph_us']:.2f} us")
+    if r.get("layouts"):
+        lines.insert(1, _layout_line(r["layouts"]))
     if r["rows"] and all("copy_graph_us" in row for row in r["rows"]):
         lines.append("copy us: the same bytes through a plain copy kernel, timed like ipc "
                      "(graph); ipc/copy: the fused call over it")

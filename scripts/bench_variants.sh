@@ -28,7 +28,7 @@ for v in "$@"; do
     python3 -m cupy_qknorm bench --mode graph --transports ipc --tokens "$tokens" \
     --json "$out/variant$i.json" ${BENCH_ARGS:-} > "$out/variant$i.log" 2>&1
   rc=$?
-  grep -E "^NVIDIA|^floors" "$out/variant$i.log" | head -2 | sed "s/^/[$i $label] /"
+  grep -E "^NVIDIA|^fused kernel|^floors" "$out/variant$i.log" | head -3 | sed "s/^/[$i $label] /"
   grep -E "^ +[0-9]+ \|" "$out/variant$i.log" | sed "s/^/[$i $label] /"
   [ $rc -eq 0 ] || { echo "[$i $label] FAILED (exit $rc): see $out/variant$i.log"; fail=1; }
 done

@@ -62,6 +62,19 @@ def test_bench_without_gpu_says_so():
     assert "Traceback" not in r.stderr
 
 
+def test_table_names_the_layouts_when_known():
+    from cupy_qknorm.bench import _layouts
+    layouts = _layouts("bfloat16", 2, 3072, 512, 2048)
+    assert layouts["narrow"] == {"warps": 7, "depth": 2, "staged": False}
+    assert layouts["wide"] == {"warps": 2, "depth": 3, "staged": True}
+    lines = _table({**RESULT, "layouts": layouts}, ["graph"], ["ipc"], 1.9).splitlines()
+    assert lines[1] == ("fused kernel: narrow below 2048 tokens a launch (7 warps a token, "
+                        "2 tokens in flight in registers); wide from there (2 warps a token, "
+                        "3 tokens in flight in shared memory)")
+    assert lines[2].startswith("floors:")
+    assert "fused kernel" not in _table(RESULT, ["graph"], ["ipc"], 1.9)  # older JSON
+
+
 def test_table_header_says_in_place():
     assert "in place" not in _table(RESULT, ["graph"], ["ipc"], 1.9).splitlines()[0]
     head = _table({**RESULT, "in_place": True}, ["graph"], ["ipc"], 1.9).splitlines()[0]
