@@ -132,17 +132,20 @@ def test_zero_nan_inf_rows(comm, transport):
 
 def test_back_to_back_random_tokens(comm):
     """10,000 calls with a random T each (the same on every rank), checked along the way
-    and at the end: the slot halves and counters stay consistent across any T sequence."""
+    and at the end: the slot halves and counters stay consistent across any T sequence,
+    with launches of both layouts back to back (chunks of 2048 tokens take the wide one)."""
     import cupy
+    from cupy_qknorm.transports import WIDE_FROM
     dtype = "bfloat16"
     q_dim, k_dim = dims_for(comm.size)
-    q, k, qw, kw, qr, kr = ref.make_case(21, 3000, q_dim, k_dim, dtype)
+    q, k, qw, kw, qr, kr = ref.make_case(21, 5000, q_dim, k_dim, dtype)
     qs, ks, qws, kws = shards((q, k, qw, kw), comm)
     rng = np.random.default_rng(99)
     sizes = np.where(rng.random(10_000) < 0.9, rng.integers(1, 65, 10_000),
-                     rng.integers(1, 3001, 10_000))
+                     rng.integers(1, 5001, 10_000))
     outs = [cupy.empty_like(qs), cupy.empty_like(ks)]
-    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=1024, transport="ipc") as norm:
+    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=WIDE_FROM,
+                  transport="ipc") as norm:
         for i, t in enumerate(sizes):
             t = int(t)
             if i % 1000 == 999 or i == len(sizes) - 1:
