@@ -3,7 +3,9 @@ graphs, parity sampled along the way. No error, no hang, every sample exact.
 
     mpiexec -n G python scripts/soak.py [--calls 1000000] [--mode eager|graph|both]
 
-T is drawn per call: 80% in 1..64 (decode), 20% in 65..--max-t (prefill). Every
+T is drawn per call: 80% in 1..64 (decode), 20% in 65..--max-t (prefill); launches are
+chunked at --max-tokens, so with the defaults (4096, 2048) both layouts of the fused
+kernel run, the wide one for every chunk of 2048 tokens or more. Every
 --check-every calls the outputs are poisoned, one call (eager) or one graph replay runs,
 and its rows are compared with the float64 reference. Graph mode captures --graphs
 graphs of --calls-per-graph calls (random T each) and replays them in a random order.
@@ -125,8 +127,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=1_000_000)
     ap.add_argument("--mode", choices=("eager", "graph", "both"), default="both")
-    ap.add_argument("--max-t", type=int, default=2048)
-    ap.add_argument("--max-tokens", type=int, default=1024)
+    ap.add_argument("--max-t", type=int, default=4096)
+    ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--check-every", type=int, default=10_000)
     ap.add_argument("--graphs", type=int, default=16)
     ap.add_argument("--calls-per-graph", type=int, default=200)
