@@ -25,11 +25,10 @@ def cmd_compile(args):
                 spill = fused.get("spill_stores", 0) + fused.get("spill_loads", 0)
                 if spill:
                     spilled.append(f"{arch} {spec}")
+                regs, smem = fused.get("registers"), fused.get("smem", 0)
                 status = (f"ok   {r['cubin_bytes']:>7} B; fused kernel: "
-                          f"{fused.get('registers', '?')} registers, {spill} B spilled, "
-                          f"{fused.get('smem', 0)} B shared, "
-                          f"{_blocks_per_sm(fused.get('registers'), spec.threads, fused.get('smem', 0))}"
-                          f" blocks/SM")
+                          f"{regs or '?'} registers, {spill} B spilled, {smem} B shared, "
+                          f"{_blocks_per_sm(regs, spec.threads, smem)} blocks/SM")
             except Exception as e:  # noqa: BLE001 - reported, counted, and the run fails
                 failed += 1
                 status = f"FAIL {e}"

@@ -165,7 +165,7 @@ class Spec:
         warps = min(32, -(-vectors // (32 * env_int(VPT_ENV, vpt, 1))))
         spec = cls(dtype, weight_dtype, world, q_local, k_local, warps,
                    env_int(DEPTH_ENV, STAGED_DEPTH if staged else DEPTH, 2), int(staged))
-        if staged and (spec.stage_bytes > STAGE_BYTES_MAX or not _staging_allowed()):
+        if staged and (not _staging_allowed() or spec.stage_bytes > STAGE_BYTES_MAX):
             spec = cls(dtype, weight_dtype, world, q_local, k_local, warps,
                        env_int(DEPTH_ENV, DEPTH, 2), 0)
         return spec
