@@ -222,16 +222,16 @@ class TPQKNorm:
         ops = self._validate(*arrs)
         tokens = ops[0].shape[0]
         if not tokens:
-            run = _no_tokens
+            go = _no_tokens_bound
         elif ops[0].device is None:
             from .transports import run_host
             cfg, comm = self.config, self.comm
 
-            def run(ptrs, stream):
+            def go(stream):
                 run_host(cfg, comm, ops, tokens)
         else:
-            run = self._transport.prepare(arrays.Plan.of(ops))
-        return BoundCall(self, run, [op.ptr for op in ops], arrs)
+            go = self._transport.bound(arrays.Plan.of(ops), [op.ptr for op in ops])
+        return BoundCall(self, go, arrs)
 
     def _validate(self, q, k, q_weight, k_weight, qo, ko):
         cfg = self.config
@@ -322,11 +322,17 @@ class _HostCapable:
         self.cfg, self.comm = cfg, comm
         self._device = None
 
-    def prepare(self, plan):
+    def _on_device(self):
         if self._device is None:
             from .transports import MpiTransport
             self._device = MpiTransport(self.cfg, self.comm)
-        return self._device.prepare(plan)
+        return self._device
+
+    def prepare(self, plan):
+        return self._on_device().prepare(plan)
+
+    def bound(self, plan, ptrs):
+        return self._on_device().bound(plan, ptrs)
 
     def check(self):
         pass
@@ -337,20 +343,24 @@ class _HostCapable:
 
 class BoundCall:
     """TPQKNorm.bind(...)'s result: the same normalization of the same arrays, again."""
-    __slots__ = ("_norm", "_run", "_ptrs", "arrays")
+    __slots__ = ("_norm", "_go", "arrays")
 
-    def __init__(self, norm, run, ptrs, arrs):
-        self._norm, self._run, self._ptrs, self.arrays = norm, run, ptrs, arrs
+    def __init__(self, norm, go, arrs):
+        self._norm, self._go, self.arrays = norm, go, arrs
 
     def __call__(self, stream=None):
         norm = self._norm
         norm._check_usable()
-        self._run(self._ptrs, stream if stream is not None else norm._current_stream())
+        self._go(stream if stream is not None else norm._current_stream())
         return self.arrays[4], self.arrays[5]
 
 
 def _no_tokens(ptrs, stream):
     """T = 0: nothing is read, written or launched."""
+
+
+def _no_tokens_bound(stream):
+    """T = 0, bound: nothing is read, written or launched."""
 
 
 def _no_stream():

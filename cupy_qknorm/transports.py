@@ -109,38 +109,57 @@ class _Launcher:
         except AttributeError:
             return None
 
-    def bind(self, kernel, block, pdl=False):
+    def bind(self, kernel, block, pdl=False, buf=None, grid=None):
         """A function go(grid, stream) that launches `kernel` ((RawKernel, CUfunction or
-        None)) with the parameters currently in `buf`: the per-call work is two field
-        stores and one foreign call."""
+        None)) with the parameters currently in `buf` (default: the shared one): the
+        per-call work is two field stores and one foreign call. With `grid` fixed, the
+        function is go(stream) and the grid is set once here."""
         raw, fn = kernel
+        buf = self.buf if buf is None else buf
         if fn is None:
-            def go_cupy(grid, stream):
-                params = np.frombuffer(self.buf.raw, kc.PARAMS_DTYPE)[0]
+            def go_cupy(grid_, stream):
+                params = np.frombuffer(buf.raw, kc.PARAMS_DTYPE)[0]
                 with stream:
-                    raw((grid,), (block,), (params,))
-            return go_cupy
-        fn_ptr, argv, fail = ctypes.c_void_p(fn), self._argv, self._fail
+                    raw((grid_,), (block,), (params,))
+            if grid is None:
+                return go_cupy
+            return lambda stream: go_cupy(grid, stream)
+        fn_ptr, fail = ctypes.c_void_p(fn), self._fail
+        argv = self._argv if buf is self.buf else \
+            (ctypes.c_void_p * 1)(ctypes.addressof(buf))
         if pdl and self.pdl:
-            config = _LaunchConfig(gridDimY=1, gridDimZ=1, blockDimX=block, blockDimY=1,
-                                   blockDimZ=1, attrs=ctypes.pointer(self._attr),
-                                   numAttrs=1)
+            config = _LaunchConfig(gridDimX=grid or 0, gridDimY=1, gridDimZ=1,
+                                   blockDimX=block, blockDimY=1, blockDimZ=1,
+                                   attrs=ctypes.pointer(self._attr), numAttrs=1)
             config_ref, launch_ex = ctypes.byref(config), self._launch_ex
 
-            def go_ex(grid, stream):
-                config.gridDimX = grid
-                config.hStream = stream.ptr
-                rc = launch_ex(config_ref, fn_ptr, argv, None)
-                if rc:
-                    fail(rc)
-            go_ex.config = config  # keeps the structure alive with the function
+            if grid is None:
+                def go_ex(grid_, stream):
+                    config.gridDimX = grid_
+                    config.hStream = stream.ptr
+                    rc = launch_ex(config_ref, fn_ptr, argv, None)
+                    if rc:
+                        fail(rc)
+            else:
+                def go_ex(stream):
+                    config.hStream = stream.ptr
+                    rc = launch_ex(config_ref, fn_ptr, argv, None)
+                    if rc:
+                        fail(rc)
+            go_ex.keep = (config, buf, argv)  # alive as long as the function
             return go_ex
         launch = self._launch
-
-        def go(grid, stream):
-            rc = launch(fn_ptr, grid, 1, 1, block, 1, 1, 0, stream.ptr, argv, None)
-            if rc:
-                fail(rc)
+        if grid is None:
+            def go(grid_, stream):
+                rc = launch(fn_ptr, grid_, 1, 1, block, 1, 1, 0, stream.ptr, argv, None)
+                if rc:
+                    fail(rc)
+        else:
+            def go(stream):
+                rc = launch(fn_ptr, grid, 1, 1, block, 1, 1, 0, stream.ptr, argv, None)
+                if rc:
+                    fail(rc)
+        go.keep = (buf, argv)
         return go
 
     def _fail(self, rc):
@@ -160,6 +179,7 @@ class DeviceTransport:
         self.comm = comm
         self.device = cupy.cuda.Device()
         self._kernels = {}
+        self._raw = {}  # the RawKernels behind self._kernels, for bound()
         self.slots = (0,) * kc.MAX_WORLD
         self.counters = 0
         self.error = 0
@@ -185,6 +205,7 @@ class DeviceTransport:
                   for kind, r in raw.items()}
             k = (spec, go, self._grid_cap(spec, raw))
             self._kernels[(weight_dtype, layout)] = k
+            self._raw[(weight_dtype, layout)] = raw
         return k
 
     def _grid_cap(self, spec, raw):
@@ -247,6 +268,35 @@ class DeviceTransport:
                 launch(go, n, grid, stream)
         return run_chunks
 
+    def bound(self, plan, ptrs):
+        """go(stream) that normalizes these very arrays (ptrs as in prepare). A call of one
+        chunk gets its own parameter buffer, packed once here, and launch functions with
+        the grid fixed, so a call is the launch alone (TPQKNorm.bind). Longer calls take
+        prepare()'s path."""
+        tokens = plan.tokens
+        if tokens > self.cfg.max_tokens:
+            run, ptrs = self.prepare(plan), list(ptrs)
+            return lambda stream: run(ptrs, stream)
+        if not self._static_packed:
+            self._pack_static()
+        layout = self.layout(tokens)
+        spec, _, cap = self.kernels(plan.weight_dtype, layout)
+        buf = ctypes.create_string_buffer(self._launch.buf.raw, _PARAMS.size)
+        q, k, qw, kw, qo, ko = ptrs
+        _HEAD.pack_into(buf, 0, q, k, qo, ko, qw, kw, *plan.strides)
+        _TOKENS.pack_into(buf, _TOKENS_AT, tokens)
+        grid = min(tokens, cap)
+        go = {kind: self._launch.bind((r, self._launch.handle(r)), spec.threads,
+                                      pdl=kind in self.PDL_KINDS, buf=buf, grid=grid)
+              for kind, r in self._raw[(plan.weight_dtype, layout)].items()}
+        return self.launch_fixed(go, tokens)
+
+    def launch_fixed(self, go, tokens):
+        """go(stream) from launch functions whose grid and parameters are fixed."""
+        launch = self.launch
+        fixed = {kind: (lambda f: lambda grid, stream: f(stream))(f) for kind, f in go.items()}
+        return lambda stream: launch(fixed, tokens, None, stream)
+
     def run(self, ptrs, plan, stream):
         self.prepare(plan)(ptrs, stream)
 
@@ -294,6 +344,9 @@ class IpcTransport(DeviceTransport):
 
     def launch(self, go, tokens, grid, stream):
         go["fused"](grid, stream)
+
+    def launch_fixed(self, go, tokens):
+        return go["fused"]  # one launch, nothing else
 
     def check(self):
         w = self._host_words

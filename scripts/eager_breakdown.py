@@ -48,6 +48,7 @@ with TPQKNorm(comm, 6144, 1024, "bfloat16", max_tokens=64, transport="ipc") as n
     ptrs = [op.ptr for op in ops]
     spec, go, cap = t.kernels(plan.weight_dtype, "narrow")
     run = t.prepare(plan)
+    fixed = t.bound(plan, ptrs)
     parts = {
         "cupy empty kernel": lambda: empty((1,), (32,), ()),
         "full validation": lambda: norm._validate(*arrs),
@@ -55,6 +56,7 @@ with TPQKNorm(comm, 6144, 1024, "bfloat16", max_tokens=64, transport="ipc") as n
         "pack+launch": lambda: run(ptrs, s),
         "full call": lambda: norm(q, k, qw, kw, out=(qo, ko)),
         "bound call": norm.bind(q, k, qw, kw, out=(qo, ko)),
+        "bound launch alone": lambda: fixed(s),
     }
     path = ("CuPy launch (fallback)" if go["fused"].__name__ == "go_cupy" else
             "cuLaunchKernelEx" if t.pdl else "cuLaunchKernel")

@@ -205,28 +205,53 @@ def test_two_groups_side_by_side(comm):
         sub.Free()
 
 
-def test_bound_call(comm):
-    """bind() validates once; each call normalizes the buffers' current contents."""
+@pytest.mark.parametrize("transport,tokens", [
+    ("ipc", (9, 2048, 3000)), ("nccl", (9, 3000)), ("mpi", (9,))])
+def test_bound_call(comm, transport, tokens):
+    """bind() validates once; each call normalizes the buffers' current contents. Bound
+    calls of both layouts (9: narrow, 2048: wide) and a chunked one (3000 > max_tokens)
+    alternate, each with its own packed parameters, eager and captured in a graph."""
     import cupy
     dtype = "bfloat16"
     q_dim, k_dim = dims_for(comm.size)
-    q, k, qw, kw, qr, kr = ref.make_case(71, 9, q_dim, k_dim, dtype)
+    top = max(tokens)
+    q, k, qw, kw, qr, kr = ref.make_case(71, top, q_dim, k_dim, dtype)
     qs, ks, qws, kws = shards((q, k, qw, kw), comm)
-    outs = [cupy.empty_like(qs), cupy.empty_like(ks)]
-    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=64, transport="ipc") as norm:
-        qin, kin = cupy.empty_like(qs), cupy.empty_like(ks)
-        call = norm.bind(qin, kin, qws, kws, out=outs)
-        for rep in range(50):
-            qin[...] = qs
-            kin[...] = ks
-            if rep % 10 == 9:
+    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=2048, transport=transport) as norm:
+        cases = []
+        for t in tokens:
+            qin, kin = cupy.empty_like(qs[:t]), cupy.empty_like(ks[:t])
+            outs = [cupy.empty_like(qin), cupy.empty_like(kin)]
+            cases.append((t, qin, kin, outs, norm.bind(qin, kin, qws, kws, out=outs)))
+        for rep in range(30):
+            for t, qin, kin, outs, call in cases:
+                qin[...] = qs[:t]
+                kin[...] = ks[:t]
+                if rep % 10 == 9:
+                    outs[0].fill(ref.poison(dtype))
+                    outs[1].fill(ref.poison(dtype))
+                got = call()
+                assert got[0] is outs[0] and got[1] is outs[1]
+                if rep % 10 == 9:
+                    norm.synchronize()
+                    assert_close(comm, outs, (qr[:t], kr[:t]), dtype, f"bound T={t} rep {rep}")
+        if transport == "mpi":
+            return  # its launch synchronizes with the host: not capturable
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            for _, _, _, _, call in cases:
+                call(stream)
+            graph = stream.end_capture()
+            for _, _, _, outs, _ in cases:
                 outs[0].fill(ref.poison(dtype))
                 outs[1].fill(ref.poison(dtype))
-            got = call()
-            assert got[0] is outs[0]
-            if rep % 10 == 9:
-                norm.synchronize()
-                assert_close(comm, outs, (qr, kr), dtype, f"bound call {rep}")
+            for rep in range(3):
+                graph.launch(stream)
+            stream.synchronize()
+        for t, _, _, outs, _ in cases:
+            assert_close(comm, outs, (qr[:t], kr[:t]), dtype, f"bound T={t} in a graph")
+        del graph
 
 
 def test_auto_picks_ipc(comm):
