@@ -68,6 +68,8 @@ SOURCES_HASH = _sources_hash()
 SOURCE = f'// cupy_qknorm kernels {SOURCES_HASH}\n#include "qknorm.cu"\n'
 MIN_BLOCKS_ENV = "CUPY_QKNORM_MIN_BLOCKS"  # a register cap for the fused kernel (experiments)
 IEEE_RSQRT_ENV = "CUPY_QKNORM_IEEE_RSQRT"  # 1: IEEE division and sqrt for the scale (experiments)
+TRACE_ENV = "CUPY_QKNORM_TRACE"  # 1: the fused kernel records where its time goes (experiments)
+TRACE_WORDS = 10                 # qknorm::kTraceWords: 64-bit words a block records
 
 
 def env_int(name: str, default: int, minimum: int) -> int:
@@ -85,15 +87,26 @@ def env_int(name: str, default: int, minimum: int) -> int:
     return value
 
 
+def _flag(name: str, default: int = 0) -> int:
+    """A 0/1 experiment knob from the environment (env_int's rules, at most 1)."""
+    value = env_int(name, default, 0)
+    if value > 1:
+        raise ValueError(f"{name} must be 0 or 1, got {value}")
+    return value
+
+
+def tracing() -> bool:
+    """Whether CUPY_QKNORM_TRACE asks the fused kernel for its time records."""
+    return _flag(TRACE_ENV) == 1
+
+
 def options() -> tuple:
     """NVRTC options of every compile (read when compiling, so a bad knob raises there)."""
     min_blocks = env_int(MIN_BLOCKS_ENV, 0, 1)
-    ieee = env_int(IEEE_RSQRT_ENV, 0, 0)
-    if ieee > 1:
-        raise ValueError(f"{IEEE_RSQRT_ENV} must be 0 or 1, got {ieee}")
     return ("-std=c++17", f"-I{KERNEL_DIR}") + \
         ((f"-DQKNORM_MIN_BLOCKS={min_blocks}",) if min_blocks else ()) + \
-        (("-DQKNORM_IEEE_RSQRT=1",) if ieee else ())
+        (("-DQKNORM_IEEE_RSQRT=1",) if _flag(IEEE_RSQRT_ENV) else ()) + \
+        (("-DQKNORM_TRACE=1",) if tracing() else ())
 
 # Launch parameters: the same layout as struct qknorm::Params.
 PARAMS_DTYPE = np.dtype(
@@ -123,10 +136,7 @@ def vector_elems(dtype: str) -> int:
 
 
 def _staging_allowed() -> bool:
-    value = env_int(STAGED_ENV, 1, 0)
-    if value > 1:
-        raise ValueError(f"{STAGED_ENV} must be 0 or 1, got {value}")
-    return value == 1
+    return _flag(STAGED_ENV, 1) == 1
 
 
 @dataclass(frozen=True)

@@ -335,6 +335,16 @@ class IpcTransport(DeviceTransport):
         self.counters = self._counters.data.ptr
         self.error = self._error.data.ptr
         self.error_host = self._host
+        if kc.tracing():  # an experiment: each block of the fused kernel records its time
+            blocks = self.device.attributes["MultiProcessorCount"] * 32  # at most 32 an SM
+            self.sums = cupy.zeros((blocks, kc.TRACE_WORDS), cupy.uint64)
+
+    def trace(self, blocks):
+        """The fused kernel's time records of its last launch's `blocks` blocks (numpy,
+        [blocks, compile.TRACE_WORDS]; see qknorm::Trace), with CUPY_QKNORM_TRACE=1."""
+        if not kc.tracing() or self.sums is None:
+            raise QKNormError("the trace needs CUPY_QKNORM_TRACE=1 when the object is built")
+        return self.sums[:blocks].get()
 
     @property
     def pdl(self):

@@ -427,6 +427,74 @@ __device__ __forceinline__ float2 inv_rms(const Params& p, float sq, float sk) {
 #endif
 }
 
+// Where a block's time goes (an experiment knob, compile.py: CUPY_QKNORM_TRACE=1, read by
+// scripts/trace_fused.py). Thread 0 of each block counts SM cycles and writes one record
+// of kTraceWords to p.sums (the IPC transport allocates it for the trace):
+//   {globaltimer at entry, cycles to pass griddepcontrol.wait, cycles from there to the
+//    first push, cycles waiting for partials (every token), cycles of the block, tokens,
+//    globaltimer at the end, cycles waiting for rows and the block's sum (every token),
+//    cycles waiting for the first token's partials, longest single wait}
+// Off (the default), Trace is empty and every call on it compiles to nothing.
+#ifndef QKNORM_TRACE
+#define QKNORM_TRACE 0
+#endif
+constexpr int kTraceWords = 10;
+
+struct Trace {
+#if QKNORM_TRACE
+  struct Data {  // thread 0's counters, in shared memory (registers would cost blocks)
+    unsigned long long g_entry;
+    long long entry, passed, pushed, wait, ready, first_wait, longest, mark;
+    int tokens;
+  };
+  Data* d;
+  static __device__ __forceinline__ bool mine() { return threadIdx.x == 0; }
+  __device__ __forceinline__ void start(Data* data) {
+    d = data;
+    if (!mine()) return;
+    d->g_entry = global_timer_ns();
+    d->entry = clock64();
+    d->wait = d->ready = d->first_wait = d->longest = 0;
+    d->tokens = 0;
+  }
+  __device__ __forceinline__ void passed() { if (mine()) d->passed = clock64(); }
+  __device__ __forceinline__ void pushed() { if (mine()) d->pushed = clock64(); }
+  __device__ __forceinline__ void begin() { if (mine()) d->mark = clock64(); }
+  __device__ __forceinline__ void waited() {  // a finish()'s wait for partials ended
+    if (!mine()) return;
+    const long long t = clock64() - d->mark;
+    if (d->tokens == 0) d->first_wait = t;
+    d->wait += t;
+    d->longest = t > d->longest ? t : d->longest;
+    ++d->tokens;
+  }
+  __device__ __forceinline__ void summed() { if (mine()) d->ready += clock64() - d->mark; }
+  __device__ __forceinline__ void write(const Params& p) {
+    if (!mine()) return;
+    unsigned long long* r = reinterpret_cast<unsigned long long*>(p.sums) +
+                            (long long)blockIdx.x * kTraceWords;
+    const long long end = clock64();
+    const unsigned long long words[kTraceWords] = {
+        d->g_entry, (unsigned long long)(d->passed - d->entry),
+        (unsigned long long)(d->pushed - d->passed), (unsigned long long)d->wait,
+        (unsigned long long)(end - d->entry), (unsigned long long)d->tokens,
+        global_timer_ns(), (unsigned long long)d->ready, (unsigned long long)d->first_wait,
+        (unsigned long long)d->longest};
+#pragma unroll
+    for (int i = 0; i < kTraceWords; ++i) r[i] = words[i];
+  }
+#else
+  struct Data {};
+  __device__ __forceinline__ void start(Data*) {}
+  __device__ __forceinline__ void passed() {}
+  __device__ __forceinline__ void pushed() {}
+  __device__ __forceinline__ void begin() {}
+  __device__ __forceinline__ void waited() {}
+  __device__ __forceinline__ void summed() {}
+  __device__ __forceinline__ void write(const Params&) {}
+#endif
+};
+
 // ---------------------------------------------------------------------------------------
 template <int V> struct Constant { static constexpr int value = V; };
 
@@ -481,9 +549,11 @@ struct Fused {
 
   // Sums token t's row (waiting for its loads) and pushes the partials to every rank.
   static __device__ __forceinline__ void push(const Params& p, const R& row, long long t,
-                                              Pending& pending, float2* scratch) {
+                                              Pending& pending, float2* scratch, Trace& tr) {
+    tr.begin();
     row.template ready<DEPTH - 2>();  // the rows after this one may still be loading
     const float2 part = block_sum<WARPS>(row.sums(), scratch);
+    tr.summed();
     pending.part = part;
     if (G > 1 && threadIdx.x < 32) {
       const int lane = threadIdx.x;
@@ -503,8 +573,9 @@ struct Fused {
   template <class WT>
   static __device__ __forceinline__ void finish(const Params& p, const R& row, long long t,
                                                 const Pending& pending, const WT& wt,
-                                                Shared& sh, int set) {
+                                                Shared& sh, int set, Trace& tr) {
     if (threadIdx.x < 32) {
+      tr.begin();
       const unsigned int uses = pending.uses;
       const int lane = threadIdx.x;
       float sq, sk;
@@ -529,6 +600,7 @@ struct Fused {
                                                         kEmptyWord));
         }
         ok = __all_sync(0xffffffffu, ok);
+        tr.waited();
         sq = 0.f;
         sk = 0.f;
 #pragma unroll
@@ -561,8 +633,12 @@ __global__ void __launch_bounds__(WARPS * 32, QKNORM_MIN_BLOCKS) fused(const Par
   using F = Fused<T, W, G, DQ, DK, WARPS, DEPTH, STAGED>;
   __shared__ typename F::Shared sh;
   __shared__ uint4 stages[STAGED ? DEPTH * F::kStageVectors : 1];  // STAGED: the rows
+  __shared__ Trace::Data trace_data;
+  Trace tr;
+  tr.start(&trace_data);
   grid_dependency_wait();  // the previous kernel of the stream is complete from here on
   allow_dependents();      // the next launch may start its own wait now
+  tr.passed();
   const long long step = gridDim.x;
   long long t = blockIdx.x;
   if (t >= p.tokens) return;
@@ -584,7 +660,8 @@ __global__ void __launch_bounds__(WARPS * 32, QKNORM_MIN_BLOCKS) fused(const Par
     if (t + i * step < p.tokens) F::load(p, rows[i], t + i * step, pend[i]);
     else F::R::skip();
   }
-  F::push(p, rows[0], t, pend[0], sh.scratch[0]);
+  F::push(p, rows[0], t, pend[0], sh.scratch[0], tr);
+  tr.pushed();
   auto phase = [&](auto cur_) {  // false once the block's last token is done
     constexpr int D = DEPTH, cur = decltype(cur_)::value;
     constexpr int nxt = (cur + 1) % D, last = (cur + D - 1) % D;
@@ -592,12 +669,13 @@ __global__ void __launch_bounds__(WARPS * 32, QKNORM_MIN_BLOCKS) fused(const Par
     if (ahead < p.tokens) F::load(p, rows[last], ahead, pend[last]);
     else F::R::skip();
     const long long next = t + step;
-    if (next < p.tokens) F::push(p, rows[nxt], next, pend[nxt], sh.scratch[nxt]);
-    F::finish(p, rows[cur], t, pend[cur], wt, sh, cur);
+    if (next < p.tokens) F::push(p, rows[nxt], next, pend[nxt], sh.scratch[nxt], tr);
+    F::finish(p, rows[cur], t, pend[cur], wt, sh, cur, tr);
     t = next;
     return next < p.tokens;
   };
   while (each_phase<0, DEPTH>(phase)) {}
+  tr.write(p);
 }
 
 // ---------------------------------------------------------------------------------------

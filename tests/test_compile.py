@@ -32,6 +32,19 @@ def test_nvrtc_compiles(spec, arch):
         assert 0 < res["registers"] <= 255 and res["spill_stores"] >= 0, (kind, res)
 
 
+@pytest.mark.parametrize("layout", ["narrow", "wide"])
+def test_trace_build_compiles(monkeypatch, layout):
+    """The experiment build that records where the fused kernel's time goes
+    (CUPY_QKNORM_TRACE=1, scripts/trace_fused.py) compiles for both layouts, and its
+    record width matches the header's."""
+    monkeypatch.setenv(kc.TRACE_ENV, "1")
+    spec = kc.Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, layout)
+    r = kc.nvrtc_compile(spec, "sm_90")
+    assert "warning" not in r["log"].lower(), r["log"]
+    text = (kc.KERNEL_DIR / "qknorm.cuh").read_text()
+    assert int(re.search(r"kTraceWords\s*=\s*(\d+)", text).group(1)) == kc.TRACE_WORDS
+
+
 PTXAS_LOG = """ptxas info    : 65 bytes gmem
 ptxas info    : Compiling entry function '_Z5fusedv' for 'sm_90'
 ptxas info    : Function properties for _Z5fusedv

@@ -221,17 +221,19 @@ def test_env_int(monkeypatch):
         options()
 
 
-def test_ieee_rsqrt_knob(monkeypatch):
+@pytest.mark.parametrize("knob", ["IEEE_RSQRT", "TRACE"])
+def test_flag_knobs(monkeypatch, knob):
     from cupy_qknorm.compile import options
-    monkeypatch.delenv("CUPY_QKNORM_IEEE_RSQRT", raising=False)
-    assert not any("IEEE_RSQRT" in o for o in options())
-    monkeypatch.setenv("CUPY_QKNORM_IEEE_RSQRT", "0")
-    assert not any("IEEE_RSQRT" in o for o in options())
-    monkeypatch.setenv("CUPY_QKNORM_IEEE_RSQRT", "1")
-    assert "-DQKNORM_IEEE_RSQRT=1" in options()
+    name, define = f"CUPY_QKNORM_{knob}", f"-DQKNORM_{knob}=1"
+    monkeypatch.delenv(name, raising=False)
+    assert not any(knob in o for o in options())
+    monkeypatch.setenv(name, "0")
+    assert not any(knob in o for o in options())
+    monkeypatch.setenv(name, "1")
+    assert define in options()
     for bad, match in (("2", "must be 0 or 1"), ("yes", "must be an integer")):
-        monkeypatch.setenv("CUPY_QKNORM_IEEE_RSQRT", bad)
-        with pytest.raises(ValueError, match=f"CUPY_QKNORM_IEEE_RSQRT {match}"):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=f"{name} {match}"):
             options()
 
 
