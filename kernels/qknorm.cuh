@@ -205,10 +205,13 @@ __device__ void record_error(const Params& p, int code, int peer, int token, int
   }
 }
 
-// Spins until every word of `slot` is written. Gives up (returns false) past the timeout,
-// read from the GPU's own clock, or as soon as an earlier wait of this object failed.
+// Spins until every word of `slot` is written. `value` comes in as a read of the slot made
+// earlier (finish()'s peek) or as empty, and leaves as the written slot. Gives up (returns
+// false) past the timeout, read from the GPU's own clock, or as soon as an earlier wait of
+// this object failed.
 __device__ bool wait_slot(const uint4* slot, const Params& p, int peer, int token,
                           uint4& value) {
+  if (complete(value)) return true;
   value = load_volatile(slot);
   if (complete(value)) return true;
   const unsigned long long start = global_timer_ns();
@@ -518,10 +521,25 @@ __device__ __forceinline__ bool each_phase(Fn& f) {
 // two rows' loads are in flight while the third waits for its partials. STAGED = 0 holds
 // the rows in registers (DEPTH 3 then costs blocks: slower on H100 and H200,
 // BENCHMARKS.md); STAGED = 1 holds them in shared memory, filled by asynchronous copies.
+// Experiment knobs (compile.py): QKNORM_PEEK=0 polls a token's slots only when its wait
+// begins (staged rows peek by default); QKNORM_AHEAD=2 pushes the partials of two tokens ahead of the one waited for,
+// where DEPTH allows it (a row must be loaded before it is pushed), instead of one.
+#ifndef QKNORM_PEEK
+#define QKNORM_PEEK 1
+#endif
+#ifndef QKNORM_AHEAD
+#define QKNORM_AHEAD 1
+#endif
+
 template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH, int STAGED>
 struct Fused {
   static_assert(DEPTH >= 2, "at least two tokens in flight");
   static constexpr int NT = WARPS * 32;
+  // tokens pushed ahead of the one a block waits for
+  static constexpr int AHEAD = QKNORM_AHEAD < DEPTH - 1 ? QKNORM_AHEAD : DEPTH - 1;
+  // Peeking pays where a block has many tokens (the staged, wide layout); in the narrow
+  // layout (one or two tokens a block) the value's registers would cost it a block an SM.
+  static constexpr bool kPeek = G > 1 && QKNORM_PEEK && STAGED;
   using R = typename Pick<STAGED != 0, StagedRow<T, DQ, DK, NT>, Row<T, DQ, DK, NT>>::type;
   static constexpr int kStageVectors = STAGED ? Layout<T, DQ, DK, NT>::NV * NT : 0;
 
@@ -538,7 +556,28 @@ struct Fused {
   struct Pending {
     unsigned int uses;  // use number of the token's slot: which half of the buffer it takes
     float2 part;        // this rank's sums of squares
+    uint4 early;        // lanes < G: peek()'s read of the token's slot from that rank
   };
+
+  static __device__ __forceinline__ uint4* slot(const Params& p, unsigned int uses,
+                                                long long t, int from) {
+    uint4* mine = nullptr;
+#pragma unroll
+    for (int r = 0; r < G; ++r) if (p.rank == r) mine = p.slots[r];
+    return mine + ((long long)(uses & 1u) * p.max_tokens + t) * G + from;
+  }
+
+  // Lanes < G of warp 0 issue their read of token t's slot (after its push) and go on:
+  // nothing waits for the value until finish(), which takes it if every word is there
+  // and polls otherwise. So a partial that arrived while the block worked costs no
+  // round trip of its own (the poll's load waits in the memory system's queues, over a
+  // microsecond when the GPU's memory is busy: BENCHMARKS.md, sixth session).
+  static __device__ __forceinline__ void peek(const Params& p, long long t,
+                                              Pending& pending) {
+    if constexpr (kPeek) {
+      if (threadIdx.x < G) pending.early = load_volatile(slot(p, pending.uses, t, threadIdx.x));
+    }
+  }
 
   // Issues the loads of token t's row and of its slot's use count; nothing waits for them.
   static __device__ __forceinline__ void load(const Params& p, R& row, long long t,
@@ -547,11 +586,13 @@ struct Fused {
     row.load(p, t);
   }
 
-  // Sums token t's row (waiting for its loads) and pushes the partials to every rank.
+  // Sums token t's row (waiting for its loads, while the PENDING rows loaded after it may
+  // still be in flight) and pushes the partials to every rank.
+  template <int PENDING>
   static __device__ __forceinline__ void push(const Params& p, const R& row, long long t,
                                               Pending& pending, float2* scratch, Trace& tr) {
     tr.begin();
-    row.template ready<DEPTH - 2>();  // the rows after this one may still be loading
+    row.template ready<PENDING>();
     const float2 part = block_sum<WARPS>(row.sums(), scratch);
     tr.summed();
     pending.part = part;
@@ -581,13 +622,11 @@ struct Fused {
       float sq, sk;
       bool ok = true;
       if constexpr (G > 1) {
-        uint4* mine = nullptr;
-#pragma unroll
-        for (int r = 0; r < G; ++r) if (p.rank == r) mine = p.slots[r];
-        const long long base = ((long long)(uses & 1u) * p.max_tokens + t) * G;
-        uint4 got = make_uint4(0u, 0u, 0u, 0u);
+        const uint4 empty = make_uint4(kEmptyWord, kEmptyWord, kEmptyWord, kEmptyWord);
+        uint4 got = kPeek ? pending.early : empty;
         if (lane < G) {
-          ok = wait_slot(mine + base + lane, p, lane, (int)t, got);
+          uint4* const from = slot(p, uses, t, lane);
+          ok = wait_slot(from, p, lane, (int)t, got);
           if (ok && got.z != (unsigned int)p.tokens) {
             record_error(p, kErrorTokens, lane, (int)t, (int)got.z, p.tokens);
             ok = false;
@@ -596,8 +635,7 @@ struct Fused {
                          (int)(uses & 0x7fffffffu));
             ok = false;
           }
-          store_volatile(mine + base + lane, make_uint4(kEmptyWord, kEmptyWord, kEmptyWord,
-                                                        kEmptyWord));
+          store_volatile(from, empty);
         }
         ok = __all_sync(0xffffffffu, ok);
         tr.waited();
@@ -647,8 +685,8 @@ __global__ void __launch_bounds__(WARPS * 32, QKNORM_MIN_BLOCKS) fused(const Par
   // Row i of the ring holds token t + ((i - phase) mod DEPTH) * step. Each phase is its
   // own copy of the code (a compiler loop kept DEPTH = 2 in local memory), so every index
   // into the ring is a constant and the rows stay in registers. Every phase loads one row
-  // or skips (an empty commit group, for staged rows), so ready<DEPTH - 2>() always finds
-  // the row it needs DEPTH - 2 groups back.
+  // or skips (an empty commit group, for staged rows), so a push finds its row's group a
+  // constant number of groups back.
   typename F::R rows[DEPTH];
   if constexpr (STAGED != 0) {
 #pragma unroll
@@ -660,19 +698,30 @@ __global__ void __launch_bounds__(WARPS * 32, QKNORM_MIN_BLOCKS) fused(const Par
     if (t + i * step < p.tokens) F::load(p, rows[i], t + i * step, pend[i]);
     else F::R::skip();
   }
-  F::push(p, rows[0], t, pend[0], sh.scratch[0], tr);
+  auto first = [&](auto i_) {  // pushes the block's first AHEAD tokens
+    constexpr int i = decltype(i_)::value;
+    if (t + i * step < p.tokens)
+      F::template push<DEPTH - 2 - i>(p, rows[i], t + i * step, pend[i], sh.scratch[i], tr);
+    return true;
+  };
+  each_phase<0, F::AHEAD>(first);
   tr.pushed();
+  // Phase `cur` finishes token t (row cur), after loading token t + (DEPTH - 1) step into
+  // the row the last phase finished and pushing token t + AHEAD step, loaded
+  // DEPTH - 1 - AHEAD phases ago (one group a phase: that many may still be in flight).
   auto phase = [&](auto cur_) {  // false once the block's last token is done
-    constexpr int D = DEPTH, cur = decltype(cur_)::value;
-    constexpr int nxt = (cur + 1) % D, last = (cur + D - 1) % D;
-    const long long ahead = t + (D - 1) * step;  // into the row the last phase finished
+    constexpr int D = DEPTH, A = F::AHEAD, cur = decltype(cur_)::value;
+    constexpr int last = (cur + D - 1) % D, pushed = (cur + A) % D;
+    F::peek(p, t, pend[cur]);
+    const long long ahead = t + (D - 1) * step;
     if (ahead < p.tokens) F::load(p, rows[last], ahead, pend[last]);
     else F::R::skip();
-    const long long next = t + step;
-    if (next < p.tokens) F::push(p, rows[nxt], next, pend[nxt], sh.scratch[nxt], tr);
+    const long long next = t + A * step;
+    if (next < p.tokens)
+      F::template push<D - 1 - A>(p, rows[pushed], next, pend[pushed], sh.scratch[pushed], tr);
     F::finish(p, rows[cur], t, pend[cur], wt, sh, cur, tr);
-    t = next;
-    return next < p.tokens;
+    t += step;
+    return t < p.tokens;
   };
   while (each_phase<0, DEPTH>(phase)) {}
   tr.write(p);
