@@ -69,7 +69,6 @@ SOURCE = f'// cupy_qknorm kernels {SOURCES_HASH}\n#include "qknorm.cu"\n'
 MIN_BLOCKS_ENV = "CUPY_QKNORM_MIN_BLOCKS"  # a register cap for the fused kernel (experiments)
 IEEE_RSQRT_ENV = "CUPY_QKNORM_IEEE_RSQRT"  # 1: IEEE division and sqrt for the scale (experiments)
 TRACE_ENV = "CUPY_QKNORM_TRACE"  # 1: the fused kernel records where its time goes (experiments)
-PEEK_ENV = "CUPY_QKNORM_PEEK"    # 0: poll a token's slots only when its wait begins (experiments)
 AHEAD_ENV = "CUPY_QKNORM_AHEAD"  # tokens pushed ahead of the one waited for (experiments)
 TRACE_WORDS = 10                 # qknorm::kTraceWords: 64-bit words a block records
 
@@ -109,7 +108,6 @@ def options() -> tuple:
     return ("-std=c++17", f"-I{KERNEL_DIR}") + \
         ((f"-DQKNORM_MIN_BLOCKS={min_blocks}",) if min_blocks else ()) + \
         ((f"-DQKNORM_AHEAD={ahead}",) if ahead else ()) + \
-        (() if _flag(PEEK_ENV, 1) else ("-DQKNORM_PEEK=0",)) + \
         (("-DQKNORM_IEEE_RSQRT=1",) if _flag(IEEE_RSQRT_ENV) else ()) + \
         (("-DQKNORM_TRACE=1",) if tracing() else ())
 

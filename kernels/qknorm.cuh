@@ -205,13 +205,10 @@ __device__ void record_error(const Params& p, int code, int peer, int token, int
   }
 }
 
-// Spins until every word of `slot` is written. `value` comes in as a read of the slot made
-// earlier (finish()'s peek) or as empty, and leaves as the written slot. Gives up (returns
-// false) past the timeout, read from the GPU's own clock, or as soon as an earlier wait of
-// this object failed.
+// Spins until every word of `slot` is written. Gives up (returns false) past the timeout,
+// read from the GPU's own clock, or as soon as an earlier wait of this object failed.
 __device__ bool wait_slot(const uint4* slot, const Params& p, int peer, int token,
                           uint4& value) {
-  if (complete(value)) return true;
   value = load_volatile(slot);
   if (complete(value)) return true;
   const unsigned long long start = global_timer_ns();
@@ -521,12 +518,9 @@ __device__ __forceinline__ bool each_phase(Fn& f) {
 // two rows' loads are in flight while the third waits for its partials. STAGED = 0 holds
 // the rows in registers (DEPTH 3 then costs blocks: slower on H100 and H200,
 // BENCHMARKS.md); STAGED = 1 holds them in shared memory, filled by asynchronous copies.
-// Experiment knobs (compile.py): QKNORM_PEEK=0 polls a token's slots only when its wait
-// begins (staged rows peek by default); QKNORM_AHEAD=2 pushes the partials of two tokens ahead of the one waited for,
-// where DEPTH allows it (a row must be loaded before it is pushed), instead of one.
-#ifndef QKNORM_PEEK
-#define QKNORM_PEEK 1
-#endif
+// An experiment knob (compile.py): QKNORM_AHEAD=2 pushes the partials of two tokens ahead
+// of the one a block waits for, where DEPTH allows it (a row is loaded before it is
+// pushed), instead of one. Not faster on H200 (BENCHMARKS.md, sixth session).
 #ifndef QKNORM_AHEAD
 #define QKNORM_AHEAD 1
 #endif
@@ -537,9 +531,6 @@ struct Fused {
   static constexpr int NT = WARPS * 32;
   // tokens pushed ahead of the one a block waits for
   static constexpr int AHEAD = QKNORM_AHEAD < DEPTH - 1 ? QKNORM_AHEAD : DEPTH - 1;
-  // Peeking pays where a block has many tokens (the staged, wide layout); in the narrow
-  // layout (one or two tokens a block) the value's registers would cost it a block an SM.
-  static constexpr bool kPeek = G > 1 && QKNORM_PEEK && STAGED;
   using R = typename Pick<STAGED != 0, StagedRow<T, DQ, DK, NT>, Row<T, DQ, DK, NT>>::type;
   static constexpr int kStageVectors = STAGED ? Layout<T, DQ, DK, NT>::NV * NT : 0;
 
@@ -556,7 +547,6 @@ struct Fused {
   struct Pending {
     unsigned int uses;  // use number of the token's slot: which half of the buffer it takes
     float2 part;        // this rank's sums of squares
-    uint4 early;        // lanes < G: peek()'s read of the token's slot from that rank
   };
 
   static __device__ __forceinline__ uint4* slot(const Params& p, unsigned int uses,
@@ -565,18 +555,6 @@ struct Fused {
 #pragma unroll
     for (int r = 0; r < G; ++r) if (p.rank == r) mine = p.slots[r];
     return mine + ((long long)(uses & 1u) * p.max_tokens + t) * G + from;
-  }
-
-  // Lanes < G of warp 0 issue their read of token t's slot (after its push) and go on:
-  // nothing waits for the value until finish(), which takes it if every word is there
-  // and polls otherwise. So a partial that arrived while the block worked costs no
-  // round trip of its own (the poll's load waits in the memory system's queues, over a
-  // microsecond when the GPU's memory is busy: BENCHMARKS.md, sixth session).
-  static __device__ __forceinline__ void peek(const Params& p, long long t,
-                                              Pending& pending) {
-    if constexpr (kPeek) {
-      if (threadIdx.x < G) pending.early = load_volatile(slot(p, pending.uses, t, threadIdx.x));
-    }
   }
 
   // Issues the loads of token t's row and of its slot's use count; nothing waits for them.
@@ -623,7 +601,7 @@ struct Fused {
       bool ok = true;
       if constexpr (G > 1) {
         const uint4 empty = make_uint4(kEmptyWord, kEmptyWord, kEmptyWord, kEmptyWord);
-        uint4 got = kPeek ? pending.early : empty;
+        uint4 got = empty;
         if (lane < G) {
           uint4* const from = slot(p, uses, t, lane);
           ok = wait_slot(from, p, lane, (int)t, got);
@@ -712,7 +690,6 @@ __global__ void __launch_bounds__(WARPS * 32, QKNORM_MIN_BLOCKS) fused(const Par
   auto phase = [&](auto cur_) {  // false once the block's last token is done
     constexpr int D = DEPTH, A = F::AHEAD, cur = decltype(cur_)::value;
     constexpr int last = (cur + D - 1) % D, pushed = (cur + A) % D;
-    F::peek(p, t, pend[cur]);
     const long long ahead = t + (D - 1) * step;
     if (ahead < p.tokens) F::load(p, rows[last], ahead, pend[last]);
     else F::R::skip();

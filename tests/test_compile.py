@@ -33,11 +33,14 @@ def test_nvrtc_compiles(spec, arch):
 
 
 @pytest.mark.parametrize("layout", ["narrow", "wide"])
-def test_trace_build_compiles(monkeypatch, layout):
-    """The experiment build that records where the fused kernel's time goes
-    (CUPY_QKNORM_TRACE=1, scripts/trace_fused.py) compiles for both layouts, and its
-    record width matches the header's."""
-    monkeypatch.setenv(kc.TRACE_ENV, "1")
+@pytest.mark.parametrize("knobs", [{kc.TRACE_ENV: "1"}, {kc.AHEAD_ENV: "2"},
+                                   {kc.AHEAD_ENV: "2", kc.DEPTH_ENV: "4"}], ids=str)
+def test_experiment_builds_compile(monkeypatch, layout, knobs):
+    """The experiment builds compile for both layouts: the one that records where the
+    fused kernel's time goes (CUPY_QKNORM_TRACE=1, scripts/trace_fused.py; its record
+    width matches the header's) and pushing two tokens ahead (CUPY_QKNORM_AHEAD=2)."""
+    for name, value in knobs.items():
+        monkeypatch.setenv(name, value)
     spec = kc.Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, layout)
     r = kc.nvrtc_compile(spec, "sm_90")
     assert "warning" not in r["log"].lower(), r["log"]

@@ -219,6 +219,13 @@ def test_env_int(monkeypatch):
     monkeypatch.setenv("CUPY_QKNORM_MIN_BLOCKS", "0")
     with pytest.raises(ValueError, match="CUPY_QKNORM_MIN_BLOCKS must be 1 or more"):
         options()
+    monkeypatch.delenv("CUPY_QKNORM_MIN_BLOCKS")
+    assert not any("AHEAD" in o for o in options())
+    monkeypatch.setenv("CUPY_QKNORM_AHEAD", "2")
+    assert "-DQKNORM_AHEAD=2" in options()
+    monkeypatch.setenv("CUPY_QKNORM_AHEAD", "0")
+    with pytest.raises(ValueError, match="CUPY_QKNORM_AHEAD must be 1 or more"):
+        options()
 
 
 @pytest.mark.parametrize("knob", ["IEEE_RSQRT", "TRACE"])
