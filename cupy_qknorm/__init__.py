@@ -1,10 +1,11 @@
-"""Fused tensor-parallel QK RMSNorm for CuPy and MPI: one kernel, no PyTorch."""
+"""Fused tensor-parallel QK RMSNorm (and RoPE) for CuPy and MPI: one kernel, no PyTorch."""
 from .errors import (CallMismatchError, ClosedError, ConfigMismatchError, PeerTimeoutError,
-                     QKNormError, TransportUnavailableError)
+                     PositionError, QKNormError, TransportUnavailableError)
 from .norm import BoundCall, TPQKNorm
+from .rope import RoPE
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["TPQKNorm", "BoundCall", "QKNormError", "ConfigMismatchError",
-           "TransportUnavailableError", "PeerTimeoutError", "CallMismatchError", "ClosedError",
-           "__version__"]
+__all__ = ["TPQKNorm", "BoundCall", "RoPE", "QKNormError", "ConfigMismatchError",
+           "TransportUnavailableError", "PeerTimeoutError", "CallMismatchError",
+           "PositionError", "ClosedError", "__version__"]

@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-_TYPESTR = {"<f4": "float32", "<f2": "float16", "<u2": "bfloat16"}
+_TYPESTR = {"<f4": "float32", "<f2": "float16", "<u2": "bfloat16", "<i4": "int32",
+            "<i8": "int64"}
 
 
 _NAMES: dict = {}
@@ -25,7 +26,7 @@ def dtype_name(dt) -> str | None:
     if name is False:
         d = np.dtype(dt)
         name = {"float32": "float32", "float16": "float16", "uint16": "bfloat16",
-                "bfloat16": "bfloat16"}.get(d.name)
+                "bfloat16": "bfloat16", "int32": "int32", "int64": "int64"}.get(d.name)
         _NAMES[dt] = name
     return name
 
@@ -104,7 +105,8 @@ def describe(x, role: str) -> Operand:
 
 # DLPack (dlpack.h): the structures a "dltensor" capsule points to.
 _DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
-_DL_TYPES = {(1, 16): "bfloat16", (4, 16): "bfloat16", (2, 16): "float16", (2, 32): "float32"}
+_DL_TYPES = {(1, 16): "bfloat16", (4, 16): "bfloat16", (2, 16): "float16", (2, 32): "float32",
+             (0, 32): "int32", (0, 64): "int64"}
 
 
 class _DLDevice(ctypes.Structure):
@@ -177,35 +179,24 @@ def _describe_dlpack(x, role):
     return Operand(x, ptr, shape, strides, name, item, dev_id)
 
 
-def cupy_signature(arrs):
-    """(key, pointers) of a tuple of CuPy arrays, or (None, None) if any is not one.
-
-    The key holds everything validation looks at (shape, strides, dtype, device, address
-    modulo 16), so a key seen before needs no validation again."""
-    cls = _cupy_ndarray()
-    key, ptrs = [], []
-    for x in arrs:
-        if type(x) is not cls:
-            return None, None
-        mem = x.data
-        p = mem.ptr
-        ptrs.append(p)
-        key += (x.shape, x.strides, x.dtype, mem.device_id, p & 15)
-    return tuple(key), ptrs
-
-
 class Plan(NamedTuple):
     """What a launch needs besides the pointers, derived from validated operands."""
     tokens: int
     weight_dtype: str
-    strides: tuple   # elements between rows of q, k, q_out, k_out
+    strides: tuple       # elements between rows of q, k, q_out, k_out
     itemsize: int
+    position_bytes: int  # 4 or 8 with RoPE, else 0
 
     @classmethod
     def of(cls, ops):
-        q, k, qw, _, qo, ko = ops
+        q, k, qw, _, qo, ko, pos = ops
         return cls(q.shape[0], qw.dtype, tuple(row_stride(op) for op in (q, k, qo, ko)),
-                   q.itemsize)
+                   q.itemsize, pos.itemsize if pos is not None else 0)
+
+    @staticmethod
+    def pointers(ops):
+        """The launch's addresses: q, k, q_weight, k_weight, q_out, k_out, positions."""
+        return [op.ptr if op is not None else 0 for op in ops]
 
 
 def check_rows(op: Operand, role: str, width: int, dtype: str):
@@ -243,3 +234,44 @@ def check_weight(op: Operand, role: str, width: int, dtype: str):
 def row_stride(op: Operand) -> int:
     """Elements between rows (any value for a single row)."""
     return op.strides[0] // op.itemsize if op.shape[0] > 1 else op.shape[1]
+
+
+def check_positions(op: Operand, tokens: int):
+    """RoPE positions: [T] int32 or int64, contiguous."""
+    if op.dtype not in ("int32", "int64"):
+        raise TypeError(f"positions: dtype must be int32 or int64, got "
+                        f"{getattr(op.obj, 'dtype', op.dtype)}")
+    if len(op.shape) != 1 or op.shape[0] != tokens:
+        raise ValueError(f"positions: shape must be [{tokens}] (one per token), got "
+                         f"{list(op.shape)}")
+    if tokens > 1 and op.strides[0] != op.itemsize:
+        raise ValueError("positions: must be contiguous")
+    if tokens and op.ptr % op.itemsize:
+        raise ValueError(f"positions: data must be {op.itemsize}-byte aligned")
+
+
+def _span(op: Operand):
+    """(first byte, end byte, row stride in bytes, row bytes) of a 1-D or 2-D operand."""
+    if not op.shape or 0 in op.shape:
+        return None
+    width = op.shape[-1] * op.itemsize
+    rows = op.shape[0] if len(op.shape) == 2 else 1
+    stride = op.strides[0] if len(op.shape) == 2 and rows > 1 else width
+    return op.ptr, op.ptr + (rows - 1) * stride + width, stride, width
+
+
+def overlap(a: Operand, b: Operand) -> bool:
+    """Whether two row-major operands share a byte. Exact for equal row strides (views
+    into one fused qkv buffer interleave without touching); otherwise by their extents."""
+    sa, sb = _span(a), _span(b)
+    if sa is None or sb is None or sa[1] <= sb[0] or sb[1] <= sa[0]:
+        return False
+    if sa[2] != sb[2]:
+        return True
+    stride = sa[2]
+    d = (sb[0] - sa[0]) % stride  # b's row start within a's period
+    return d < sa[3] or d + sb[3] > stride
+
+
+def same_view(a: Operand, b: Operand) -> bool:
+    return a.ptr == b.ptr and a.shape == b.shape and a.strides == b.strides

@@ -119,7 +119,8 @@ def floor_exchange_us(comm, stream, timeout_ns=10 ** 9):
     theirs; no row), 8 calls in one graph like the fused kernel, median replay / 8, the
     slowest rank. What a call cannot go below at decode on this host, launch included."""
     import cupy
-    from .compile import MAX_WORLD, load_plain
+    from .compile import load_plain
+    from .shapes import MAX_WORLD
     from .peers import PeerBuffers
     if comm.size < 2:
         return float("nan")
@@ -255,33 +256,23 @@ def time_eager_us(norm, sets, w, stream, calls):
     return 1e6 * dt / calls
 
 
-def _no_gpu_reason():
-    """None where CuPy sees a GPU, else why not (no driver, no device, no CuPy)."""
-    try:
-        import cupy
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return None
-        return "no CUDA device"
-    except Exception as e:  # noqa: BLE001 - ImportError, CUDARuntimeError: say which
-        return f"{type(e).__name__}: {e}"
-
-
 def run(args):
     import cupy
     from mpi4py import MPI
 
     from . import TPQKNorm
-    from .cli import _select_device
-    from .compile import ITEMSIZE
+    from .placement import no_gpu_reason, select_device
+    from .shapes import ITEMSIZE, default_dims
     comm = MPI.COMM_WORLD
-    from .cli import _default_dims
-    _select_device(comm)
-    reason = _no_gpu_reason()
+    select_device(comm)
+    reason = no_gpu_reason()
     if reason is not None:
         _say(comm, f"bench: needs one CUDA GPU per rank; this host has none usable ({reason})")
         return 2
     world = comm.size
-    _default_dims(args, world)
+    q, k = default_dims(world)
+    args.q_dim = args.q_dim or q
+    args.k_dim = args.k_dim or k
     dq, dk = args.q_dim // world, args.k_dim // world
     stream = cupy.cuda.Stream(non_blocking=True)
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
@@ -348,7 +339,7 @@ def run(args):
 def _layouts(dtype, world, q_local, k_local, wide_from):
     """What the fused kernel runs at this shape (experiment knobs included), for the
     header: {"wide_from": tokens, layout: {warps, depth, staged}}."""
-    from .compile import LAYOUTS, Spec
+    from .tuning import LAYOUTS, Spec
     out = {"wide_from": wide_from}
     for name in LAYOUTS:
         s = Spec.plan(dtype, dtype, world, q_local, k_local, name)

@@ -13,7 +13,8 @@ def _ints(s):
 def cmd_compile(args):
     """Build every shipped specialization with NVRTC: no GPU needed."""
     from . import compile as kc
-    specs = kc.shipped_specs()
+    from .tuning import shipped_specs
+    specs = shipped_specs()
     failed, spilled = 0, []
     t0 = time.perf_counter()
     for arch in args.arch:
@@ -83,9 +84,10 @@ def cmd_check(args):
 
     from . import TPQKNorm
     from . import reference as ref
+    from .placement import select_device
     comm = MPI.COMM_WORLD
     rank, world = comm.rank, comm.size
-    _select_device(comm)
+    select_device(comm)
     _default_dims(args, world)
     worst = 0.0
     bad_total = 0
@@ -135,21 +137,6 @@ def cmd_info(args):
     return 0
 
 
-def _select_device(comm):
-    """Pick the GPU from the node-local rank (never by masking CUDA_VISIBLE_DEVICES)."""
-    from mpi4py import MPI
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        import cupy
-        n = cupy.cuda.runtime.getDeviceCount()
-        if n:
-            cupy.cuda.Device(local.rank % n).use()
-    except Exception:  # noqa: BLE001 - no GPU: numpy arrays and the mpi transport
-        pass
-    finally:
-        local.Free()
-
-
 def _array_module(norm):
     if norm._device is None:
         import numpy
@@ -164,7 +151,7 @@ def _host(a):
 
 def _default_dims(args, world):
     """Fill --q-dim/--k-dim left out with widths that split over `world` ranks."""
-    from .compile import default_dims
+    from .shapes import default_dims
     q, k = default_dims(world)
     if args.q_dim is None:
         args.q_dim = q

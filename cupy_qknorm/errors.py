@@ -34,3 +34,14 @@ class CallMismatchError(QKNormError, RuntimeError):
 
 class ClosedError(QKNormError, RuntimeError):
     """The object was used after close() or after a failed call."""
+
+
+class PositionError(QKNormError, ValueError):
+    """A RoPE position outside the cos/sin table: that token's row was not written. Raised
+    by the next call or synchronize() after the launch (the device checks it); the object
+    is closed for use."""
+
+    def __init__(self, message, token=None, position=None):
+        super().__init__(message)
+        self.token = token
+        self.position = position

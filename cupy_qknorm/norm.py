@@ -1,16 +1,21 @@
 """TPQKNorm: validates, picks a transport, launches."""
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
+import weakref
 from dataclasses import dataclass
 
 from . import arrays
-from .compile import ITEMSIZE, MAX_WORLD, vector_elems
+from .collectives import agree, run_collectively
 from .errors import ClosedError, ConfigMismatchError, QKNormError, TransportUnavailableError
-from .peers import agree, run_collectively
+from .placement import choose_transport, local_facts
+from .rope import RoPE, check as check_rope
+from .shapes import DTYPES, MAX_WORLD, vector_elems
 
 TRANSPORTS = ("auto", "ipc", "nccl", "mpi")
-_MAX_PLANS = 1024  # validated array signatures kept per object (one per T seen, typically)
+MAX_CACHED_CALLS = 1024  # array sets whose validation is remembered per object
 
 
 @dataclass(frozen=True)
@@ -20,9 +25,10 @@ class Config:
     dtype: str
     eps: float
     max_tokens: int
-    timeout_ns: int
+    timeout_ns: int      # 0: wait forever
     world: int
     rank: int
+    rope: RoPE | None = None
 
     @property
     def q_local(self):
@@ -34,76 +40,57 @@ class Config:
 
     def shared(self):
         """What every rank must agree on."""
+        rope = None if self.rope is None else (
+            self.rope.head_dim, self.rope.rotary_dim, self.rope.style, self.rope.rows(),
+            None if self.rope.table is not None else float(self.rope.theta))
         return (self.q_dim, self.k_dim, self.dtype, self.eps, self.max_tokens,
-                self.timeout_ns, self.world)
+                self.timeout_ns, self.world, rope)
 
 
-def check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world):
-    """Raise TypeError/ValueError for a bad configuration. Pure: no GPU, no MPI."""
-    if dtype not in ITEMSIZE:
-        raise ValueError(f"dtype must be one of {sorted(ITEMSIZE)}, got {dtype!r}")
+def _int(name, v, low, high=None):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {v!r}")
+    if v < low or (high is not None and v > high):
+        raise ValueError(f"{name} must be an int in {low}..{high if high else 'inf'}, "
+                         f"got {v!r}")
+    return int(v)
+
+
+def _real(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, numbers.Real)
+
+
+def check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world, rope=None):
+    """Raise TypeError/ValueError for a bad configuration. Pure: no GPU, no MPI.
+    Returns (q_dim, k_dim, eps, max_tokens, timeout_ns) as plain Python numbers."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if not 1 <= world <= MAX_WORLD:
         raise ValueError(f"the communicator has {world} ranks; 1..{MAX_WORLD} are supported")
     n = vector_elems(dtype)
+    dims = []
     for name, d in (("q_dim", q_dim), ("k_dim", k_dim)):
-        if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d <= 0:
             raise ValueError(f"{name} must be a positive int, got {d!r}")
+        d = int(d)
         if d % world or (d // world) % n:
             raise ValueError(
                 f"{name}={d} must split over {world} ranks into slices that are multiples of "
                 f"{n} elements ({dtype}: 16-byte vectors); {d}/{world} = {d / world:g}")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or \
-            not 1 <= max_tokens <= 1 << 24:
-        raise ValueError(f"max_tokens must be an int in 1..{1 << 24}, got {max_tokens!r}")
-    if not (isinstance(eps, (int, float)) and eps >= 0 and eps == eps and eps != float("inf")):
+        dims.append(d)
+    max_tokens = _int("max_tokens", max_tokens, 1, 1 << 24)
+    if not (_real(eps) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if not (isinstance(timeout_s, (int, float)) and timeout_s == timeout_s):
-        raise ValueError(f"timeout_s must be a number of seconds, got {timeout_s!r}")
-
-
-def _local_facts():
-    """(GPU usable, device PCI bus id, host name, NCCL usable) of this rank; never raises."""
-    import socket
-    host = socket.gethostname()
-    try:
-        import cupy
-        dev = cupy.cuda.Device()
-        bus = dev.pci_bus_id
-    except Exception:  # noqa: BLE001 - no cupy, no driver or no GPU: CPU only
-        return False, None, host, False
-    try:
-        from cupy.cuda import nccl
-        has_nccl = bool(getattr(nccl, "available", True))
-    except Exception:  # noqa: BLE001
-        has_nccl = False
-    return True, bus, host, has_nccl
-
-
-def choose_transport(asked, facts):
-    """Which transport a call of `asked` gets, from every rank's _local_facts(). Pure.
-
-    Returns (name, reason); name None with a reason when `asked` cannot run here."""
-    gpus = all(f[0] for f in facts)
-    nccl_available = all(f[3] for f in facts)
-    one_node = len({f[2] for f in facts}) == 1
-    distinct = len({f[1] for f in facts}) == len(facts)
-    if asked == "mpi":
-        return "mpi", "asked for"
-    if not gpus:
-        if asked == "auto":
-            return "mpi", "no GPU on some rank"
-        return None, "needs a GPU on every rank"
-    if asked in ("auto", "ipc"):
-        if one_node and distinct:
-            return "ipc", "one node, one GPU per rank"
-        if asked == "ipc":
-            return None, ("needs every rank on one node" if not one_node
-                          else "needs a distinct GPU per rank")
-    if nccl_available:
-        return "nccl", "asked for" if asked == "nccl" else "ranks span nodes or share a GPU"
-    if asked == "auto":
-        return "mpi", "NCCL is not available"
-    return None, "NCCL is not available in this CuPy"
+    if timeout_s is None:
+        timeout_ns = 0
+    elif _real(timeout_s) and math.isfinite(timeout_s) and timeout_s > 0:
+        timeout_ns = max(1, int(timeout_s * 1e9))
+    else:
+        raise ValueError(f"timeout_s must be a finite number of seconds > 0, or None to "
+                         f"wait forever; got {timeout_s!r}")
+    if rope is not None:
+        check_rope(rope, dtype, world, *dims)
+    return dims[0], dims[1], float(eps), max_tokens, timeout_ns
 
 
 class TPQKNorm:
@@ -111,129 +98,217 @@ class TPQKNorm:
 
         q_out = q * q_weight / sqrt(sum over ranks of sum(q^2) / q_dim + eps)   (same for k)
 
-    One MPI rank per GPU; rank r of `comm` holds columns [r*q_dim/G, (r+1)*q_dim/G) of every
-    row of q (and likewise of k and of both weights). Accumulation is fp32 and the result is
+    then, with `rope`, the rotary embedding of every head (cupy_qknorm.RoPE). One MPI rank
+    per GPU; rank r of `comm` holds columns [r*q_dim/G, (r+1)*q_dim/G) of every row of q
+    (and likewise of k and of both weights). Accumulation is fp32 and the result is
     rounded once to `dtype`.
 
     Collective contract: every rank of `comm` constructs the object with the same
     arguments, makes the same calls in the same order with the same T, and closes it.
     Calls are asynchronous on the current CuPy stream (or `stream`) and can be captured
-    in a CUDA graph; they make no MPI call (except transport "mpi").
+    in a CUDA graph; they make no MPI call (except transport "mpi"). `timeout_s` bounds
+    every wait for a peer (None: wait forever).
     """
 
     def __init__(self, comm, q_dim: int, k_dim: int, dtype: str = "bfloat16",
                  eps: float = 1e-6, max_tokens: int = 8192, *, transport: str = "auto",
-                 timeout_s: float = 5.0):
+                 timeout_s: float | None = 5.0, rope: RoPE | None = None):
         self._transport = None
         self._closed = True
-        self._plans = {}
+        self._calls = {}
+        self._validations = 0
         self._current_stream = _no_stream
+        self._device = None
         self.comm = comm
         world, rank = comm.Get_size(), comm.Get_rank()
-        error = None
+        error, checked = None, None
         try:
             if transport not in TRANSPORTS:
                 raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-            check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world)
+            checked = check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world,
+                                   rope)
         except (TypeError, ValueError) as e:
             error = str(e)
         agree(comm, error, ValueError)
-        self.config = Config(q_dim, k_dim, dtype, float(eps), max_tokens,
-                             int(timeout_s * 1e9), world, rank)
+        q_dim, k_dim, eps, max_tokens, timeout_ns = checked
+        self.config = Config(q_dim, k_dim, dtype, eps, max_tokens, timeout_ns, world, rank,
+                             rope)
         configs = comm.allgather((self.config.shared(), transport))
         if len(set(configs)) > 1:
             lines = "; ".join(f"rank {r}: (q_dim, k_dim, dtype, eps, max_tokens, timeout_ns, "
-                              f"world) = {c[0]}, transport={c[1]!r}"
+                              f"world, rope) = {c[0]}, transport={c[1]!r}"
                               for r, c in enumerate(configs))
             raise ConfigMismatchError(f"ranks disagree on the configuration: {lines}")
-
-        facts = comm.allgather(_local_facts())
-        self._gpu = facts[rank][0]
+        facts = comm.allgather(local_facts())
         name, reason = choose_transport(transport, facts)
         if name is None:
-            raise TransportUnavailableError(f"transport {transport!r} {reason}")
-        self.transport = self._open(name, transport)
+            raise TransportUnavailableError(f"transport {transport!r}: {reason}")
+        # the object's own communicator: a request a fault leaves pending on it can never
+        # match a later collective of the caller's
+        self._comm = comm.Dup()
+        try:
+            self.transport = self._open(name, transport, facts[rank])
+        except BaseException:
+            self._comm.Free()
+            raise
         self._closed = False
 
-    def _open(self, name, asked):
+    def _open(self, name, asked, mine):
         from . import transports
-        self._device = None
-        if self._gpu:
+        if mine.gpu:
             import cupy
-            self._device = cupy.cuda.Device().id
+            self._device = mine.device
             self._current_stream = cupy.cuda.get_current_stream
         if name == "mpi":
-            self._transport = _HostCapable(self.config, self.comm)
+            self._transport = transports.MpiTransport(self.config, self._comm)
             return "mpi"
-        cls = {"ipc": transports.IpcTransport, "nccl": transports.NcclTransport}[name]
+        comm = self._comm
         try:
             self._transport = run_collectively(
-                self.comm, lambda: cls(self.config, self.comm), TransportUnavailableError)
+                comm, lambda: transports.CLASSES[name](self.config, comm),
+                TransportUnavailableError)
         except TransportUnavailableError as e:
             if not (name == "ipc" and asked == "auto"):
                 raise
             warnings.warn(f"cupy_qknorm: the fused IPC path is unavailable ({e}); "
                           f"falling back to transport 'nccl'", RuntimeWarning, stacklevel=3)
             self._transport = run_collectively(
-                self.comm, lambda: transports.NcclTransport(self.config, self.comm),
+                comm, lambda: transports.NcclTransport(self.config, comm),
                 TransportUnavailableError)
             return "nccl"
         return name
 
     # ------------------------------------------------------------------------------------
-    def __call__(self, q, k, q_weight, k_weight, *, out=None, stream=None):
-        """Normalize q [T, q_dim/G] and k [T, k_dim/G] (in place, or into out=(q2, k2)).
+    def __call__(self, q, k, q_weight, k_weight, *, out=None, positions=None, stream=None):
+        """Normalize q [T, q_dim/G] and k [T, k_dim/G] (in place, or into out=(q2, k2));
+        with RoPE, then rotate by `positions` ([T] int32 or int64).
 
         Returns the output pair. Raises TypeError/ValueError before anything is launched
-        for bad input, and PeerTimeoutError/CallMismatchError if an earlier call failed."""
-        self._check_usable()
-        qo, ko = (q, k) if out is None else _pair(out)
-        arrs = (q, k, q_weight, k_weight, qo, ko)
-        # Fast path: CuPy arrays whose shapes, strides, dtypes, device and alignment were
-        # validated before are not validated again (validation depends on nothing else).
-        key, ptrs = arrays.cupy_signature(arrs)
-        run = self._plans.get(key) if key is not None else None
-        if run is None:
-            ops = self._validate(*arrs)
-            if ops[0].device is None:
-                if ops[0].shape[0]:
-                    from .transports import run_host
-                    run_host(self.config, self.comm, ops, ops[0].shape[0])
-                return qo, ko
-            plan = arrays.Plan.of(ops)
-            ptrs = [op.ptr for op in ops]
-            run = self._transport.prepare(plan) if plan.tokens else _no_tokens
-            if key is not None:
-                if len(self._plans) >= _MAX_PLANS:
-                    self._plans.clear()
-                self._plans[key] = run
-        run(ptrs, stream if stream is not None else self._current_stream())
-        return qo, ko
+        for bad input, and the error of an earlier call (PeerTimeoutError,
+        CallMismatchError, PositionError) if one failed."""
+        if out is None:
+            qo, ko = q, k
+        else:
+            qo, ko = _pair(out)
+        # Fast path: the same CuPy array objects as an earlier call. What validation read
+        # can change on a live CuPy array only through its shape (strides, dtype and data
+        # are read-only), so the shapes are compared; a dead array drops its entry.
+        entry = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(qo), id(ko),
+                                 id(positions)))
+        if entry is not None and entry[0] == (q.shape, k.shape, q_weight.shape,
+                                              k_weight.shape, qo.shape, ko.shape):
+            if self._closed:
+                raise ClosedError("this TPQKNorm is closed")
+            t = self._transport
+            if t.failed():
+                self._fail()
+            entry[1](stream if stream is not None else self._current_stream())
+            return qo, ko
+        return self._call_slow((q, k, q_weight, k_weight, qo, ko, positions), stream)
 
-    def bind(self, q, k, q_weight, k_weight, *, out=None):
+    def _call_slow(self, arrs, stream):
+        self._check_usable()
+        if self.transport == "mpi":
+            return self._call_mpi(arrs, stream)
+        try:
+            ops = self._validate(*arrs)
+        except (TypeError, ValueError):
+            self._refuse(arrs)
+            raise
+        if not ops[0].shape[0]:
+            return arrs[4], arrs[5]
+        go = self._transport.bound(arrays.Plan.of(ops), arrays.Plan.pointers(ops))
+        self._remember(arrs, go)
+        go(stream if stream is not None else self._current_stream())
+        return arrs[4], arrs[5]
+
+    def _remember(self, arrs, go):
+        """Cache a validated call of CuPy arrays, keyed by the arrays' identity."""
+        import cupy
+        if not all(type(a) is cupy.ndarray for a in arrs[:6]) or \
+                not (arrs[6] is None or type(arrs[6]) is cupy.ndarray):
+            return
+        if len(self._calls) >= MAX_CACHED_CALLS:
+            self._calls.clear()
+        key = tuple(id(a) for a in arrs)
+        calls = weakref.ref(self._calls)
+
+        def forget(_, key=key):
+            c = calls()
+            if c is not None:
+                c.pop(key, None)
+        refs = [weakref.ref(a, forget) for a in arrs if a is not None]
+        self._calls[key] = ((arrs[0].shape, arrs[1].shape, arrs[2].shape, arrs[3].shape,
+                             arrs[4].shape, arrs[5].shape), go, refs)
+
+    def _refuse(self, arrs):
+        """This rank refused its input of a call the peers make: on "ipc", tell them at once
+        through the exchange (they raise CallMismatchError instead of waiting for the
+        timeout). The call is broken for every rank, so this object closes for use."""
+        self._closed = True
+        self._calls.clear()
+        if self.transport == "ipc" and self._device is not None:
+            try:
+                w = self.config.dtype
+                self._transport.reject(w, self._current_stream())
+            except Exception:  # noqa: BLE001 - the input error is what the caller sees
+                pass
+
+    def _call_mpi(self, arrs, stream):
+        error, ops = None, None
+        try:
+            ops = self._validate(*arrs)
+        except (TypeError, ValueError) as e:
+            error = e
+        tokens = ops[0].shape[0] if ops is not None else -1
+        t = self._transport
+        try:
+            t.agree_on_call(tokens, error)
+        except QKNormError as e:
+            if t.broken:  # a timed-out collective: this object cannot make another
+                self._closed = True
+            raise e from None
+        if tokens:
+            if ops[0].device is None:
+                t.run_host(ops, tokens)
+            else:
+                t.prepare(arrays.Plan.of(ops))(
+                    arrays.Plan.pointers(ops),
+                    stream if stream is not None else self._current_stream())
+        return arrs[4], arrs[5]
+
+    def bind(self, q, k, q_weight, k_weight, *, out=None, positions=None):
         """Validate these arrays once; return a BoundCall that normalizes them on each
         call with no validation at all: `call(stream=None)` -> (q_out, k_out). The least
         host time per eager call, for pipelines that reuse their buffers. The call holds
-        the arrays; they must keep their shapes and strides (no in-place reshape) and the
-        same contract holds as for __call__ (every rank calls, same T)."""
+        the arrays; they must keep their shapes (no in-place reshape) and the same
+        contract holds as for __call__ (every rank calls, same T)."""
         self._check_usable()
         qo, ko = (q, k) if out is None else _pair(out)
-        arrs = (q, k, q_weight, k_weight, qo, ko)
+        arrs = (q, k, q_weight, k_weight, qo, ko, positions)
         ops = self._validate(*arrs)
         tokens = ops[0].shape[0]
-        if not tokens:
-            go = _no_tokens_bound
-        elif ops[0].device is None:
-            from .transports import run_host
-            cfg, comm = self.config, self.comm
+        t = self._transport
+        if self.transport == "mpi":
+            plan, ptrs = arrays.Plan.of(ops), arrays.Plan.pointers(ops)
+            run = None if ops[0].device is None or not tokens else t.prepare(plan)
 
             def go(stream):
-                run_host(cfg, comm, ops, tokens)
+                t.agree_on_call(tokens, None)
+                if not tokens:
+                    return
+                if run is None:
+                    t.run_host(ops, tokens)
+                else:
+                    run(ptrs, stream)
+        elif not tokens:
+            go = _no_tokens
         else:
-            go = self._transport.bound(arrays.Plan.of(ops), [op.ptr for op in ops])
+            go = t.bound(arrays.Plan.of(ops), arrays.Plan.pointers(ops))
         return BoundCall(self, go, arrs)
 
-    def _validate(self, q, k, q_weight, k_weight, qo, ko):
+    def _validate(self, q, k, q_weight, k_weight, qo, ko, positions):
+        self._validations += 1
         cfg = self.config
         dq, dk = cfg.q_local, cfg.k_local
         ops = [arrays.describe(x, role) for x, role in (
@@ -255,7 +330,17 @@ class TPQKNorm:
         for op, role in ((ops[1], "k"), (ops[4], "out[0]"), (ops[5], "out[1]")):
             if op.shape[0] != tokens:
                 raise ValueError(f"{role} has {op.shape[0]} rows but q has {tokens}")
-        where = {op.device for op in ops}
+        pos = None
+        if cfg.rope is not None:
+            if positions is None:
+                raise TypeError("this object applies RoPE: pass positions=[T] int32 or int64")
+            pos = arrays.describe(positions, "positions")
+            arrays.check_positions(pos, tokens)
+        elif positions is not None:
+            raise TypeError("positions given, but this object was built without rope=")
+        ops.append(pos)
+        _check_overlaps(ops)
+        where = {op.device for op in ops if op is not None}
         if len(where) > 1:
             raise TypeError(f"all arrays must be on one device; got devices "
                             f"{sorted(where, key=str)} (None = host memory)")
@@ -272,11 +357,15 @@ class TPQKNorm:
     def _check_usable(self):
         if self._closed:
             raise ClosedError("this TPQKNorm is closed")
-        try:
-            self._transport.check()
-        except QKNormError:
-            self._closed = True  # a timed-out exchange leaves the buffers in an unknown state
-            raise
+        if self._transport.failed():
+            self._fail()
+
+    def _fail(self):
+        """Raise the error a kernel recorded; the buffers are in an unknown state, so the
+        object closes for use."""
+        self._closed = True
+        self._calls.clear()
+        self._transport.check()
 
     def synchronize(self, stream=None):
         """Wait for this object's work on `stream` (default: current) and raise any error."""
@@ -293,9 +382,13 @@ class TPQKNorm:
         for such graphs to be destroyed."""
         t, self._transport = self._transport, None
         self._closed = True
-        self._plans.clear()  # its launch functions hold the transport
+        self._calls.clear()  # their launch functions hold the transport
         if t is not None:
+            healthy = not t.failed() and not getattr(t, "broken", None) and \
+                not getattr(t, "aborted", False)
             t.close()
+            if healthy:
+                self._comm.Free()
 
     def __enter__(self):
         return self
@@ -312,33 +405,22 @@ class TPQKNorm:
         c = self.config
         return (f"TPQKNorm(q_dim={c.q_dim}, k_dim={c.k_dim}, dtype={c.dtype!r}, eps={c.eps}, "
                 f"max_tokens={c.max_tokens}, transport={getattr(self, 'transport', None)!r}, "
-                f"rank={c.rank}/{c.world})")
+                f"rope={c.rope!r}, rank={c.rank}/{c.world})")
 
 
-class _HostCapable:
-    """Transport "mpi": numpy arrays on the host, or GPU arrays through the device path."""
-
-    def __init__(self, cfg, comm):
-        self.cfg, self.comm = cfg, comm
-        self._device = None
-
-    def _on_device(self):
-        if self._device is None:
-            from .transports import MpiTransport
-            self._device = MpiTransport(self.cfg, self.comm)
-        return self._device
-
-    def prepare(self, plan):
-        return self._on_device().prepare(plan)
-
-    def bound(self, plan, ptrs):
-        return self._on_device().bound(plan, ptrs)
-
-    def check(self):
-        pass
-
-    def close(self):
-        self._device = None
+def _check_overlaps(ops):
+    """Outputs may be their own inputs exactly (in place), nothing else may overlap them."""
+    q, k, qw, kw, qo, ko, pos = ops
+    names = ("q", "k", "q_weight", "k_weight", "out[0]", "out[1]", "positions")
+    for i, out in ((4, qo), (5, ko)):
+        for j, other in enumerate(ops):
+            if j == i or other is None:
+                continue
+            if (i, j) in ((4, 0), (5, 1)) and arrays.same_view(out, other):
+                continue  # in place
+            if arrays.overlap(out, other):
+                raise ValueError(f"{names[i]} overlaps {names[j]} (outputs may only be their "
+                                 f"own input exactly, in place)")
 
 
 class BoundCall:
@@ -350,17 +432,16 @@ class BoundCall:
 
     def __call__(self, stream=None):
         norm = self._norm
-        norm._check_usable()
+        if norm._closed:
+            raise ClosedError("this TPQKNorm is closed")
+        if norm._transport.failed():
+            norm._fail()
         self._go(stream if stream is not None else norm._current_stream())
         return self.arrays[4], self.arrays[5]
 
 
-def _no_tokens(ptrs, stream):
+def _no_tokens(stream):
     """T = 0: nothing is read, written or launched."""
-
-
-def _no_tokens_bound(stream):
-    """T = 0, bound: nothing is read, written or launched."""
 
 
 def _no_stream():

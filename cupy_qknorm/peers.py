@@ -1,18 +1,16 @@
 """IPC buffers: allocate, exchange handles over MPI, open, prove a peer write, close.
 
 Every function here is collective over `comm`: all ranks call it, and where any rank fails,
-all ranks raise the same error (`agree`), so no rank is left blocked in a collective.
+all ranks raise the same error (collectives.py), so no rank is left blocked in a collective.
 """
 from __future__ import annotations
 
-import os
 import secrets
-import traceback
 
-from .errors import QKNormError, TransportUnavailableError
+from .collectives import run_collectively
+from .errors import TransportUnavailableError
+from .params import EMPTY_WORD
 
-EMPTY_WORD = 0x80000000        # qknorm::kEmptyWord (the float -0.0): every slot word, empty
-PROBE_ENV = "CUPY_QKNORM_BREAK_P2P_PROBE"  # "1": the probe writes a wrong value (fault tests)
 _OPEN_MAPPINGS = set()  # peer buffers this process has mapped and not yet unmapped
 
 
@@ -21,34 +19,13 @@ def open_mappings() -> int:
     return len(_OPEN_MAPPINGS)
 
 
-def agree(comm, error, exc_type=QKNormError):
-    """Collective: raise `exc_type` on every rank if `error` (a message or None) is set on any.
-
-    The message names each failing rank, so every rank reports the same cause."""
-    errors = comm.allgather(error)
-    bad = [(r, e) for r, e in enumerate(errors) if e]
-    if bad:
-        raise exc_type("; ".join(f"rank {r}: {e}" for r, e in bad))
-
-
-def run_collectively(comm, fn, exc_type=QKNormError):
-    """Run fn() on every rank; if it raises anywhere, raise `exc_type` everywhere."""
-    result, error = None, None
-    try:
-        result = fn()
-    except Exception as e:  # noqa: BLE001 - reported to every rank below
-        error = f"{type(e).__name__}: {e}"
-        if os.environ.get("CUPY_QKNORM_DEBUG"):
-            traceback.print_exc()
-    agree(comm, error, exc_type)
-    return result
-
-
 class PeerBuffers:
     """One exchange buffer per rank, each mapped into every rank's process.
 
     ptrs[r] is rank r's buffer as seen from this process (ptrs[rank] is our own). The last
     `8 * world` bytes of each buffer are the probe area: word r is written by rank r."""
+
+    corrupt_probe = False  # tests set it: the probe then writes a wrong value (a broken P2P)
 
     def __init__(self, comm, nbytes: int):
         from cupy.cuda import runtime
@@ -105,7 +82,7 @@ class PeerBuffers:
         from cupy.cuda import runtime
         from .compile import load_plain
         nonce = self._comm.bcast(secrets.randbits(62) if self.rank == 0 else None, root=0)
-        broken = os.environ.get(PROBE_ENV) == "1"
+        broken = self.corrupt_probe
 
         def expected(writer):
             return (nonce ^ (0x9E3779B97F4A7C15 * (writer + 1))) & 0x7FFFFFFFFFFFFFFF

@@ -1,0 +1,109 @@
+"""Where the ranks are (GPU, host) and which transport can run there.
+
+`choose_transport` is a pure function of every rank's `local_facts()`, tested without a
+GPU; `select_device` picks this rank's GPU from its node-local rank."""
+from __future__ import annotations
+
+import socket
+from typing import NamedTuple
+
+
+class Facts(NamedTuple):
+    gpu: bool            # CuPy sees a usable current device
+    bus: str | None      # its PCI bus id: the same GPU seen by two ranks has the same one
+    host: str
+    nccl: bool           # cupy.cuda.nccl can be used
+    device: int | None   # the device index in this process
+
+
+def local_facts() -> Facts:
+    """This rank's placement; never raises (no CuPy, no driver or no GPU: CPU only)."""
+    host = socket.gethostname()
+    try:
+        import cupy
+        dev = cupy.cuda.Device()
+        bus = dev.pci_bus_id
+        index = dev.id
+    except Exception:  # noqa: BLE001 - ImportError, CUDARuntimeError: no GPU here
+        return Facts(False, None, host, False, None)
+    try:
+        from cupy.cuda import nccl
+        has_nccl = bool(getattr(nccl, "available", True)) and \
+            hasattr(nccl, "NcclCommunicator")
+    except Exception:  # noqa: BLE001
+        has_nccl = False
+    return Facts(True, bus, host, has_nccl, index)
+
+
+def _shared_gpu(facts):
+    """(rank a, rank b, device index) of two ranks on one GPU of one host, or None."""
+    seen = {}
+    for r, f in enumerate(facts):
+        key = (f.host, f.bus)
+        if key in seen:
+            return seen[key], r, f.device
+        seen[key] = r
+    return None
+
+
+def choose_transport(asked: str, facts) -> tuple:
+    """(transport, reason) for a request of `asked` given every rank's Facts; transport
+    None with a one-line reason where `asked` cannot run on this placement. Pure."""
+    facts = [Facts(*f) for f in facts]
+    if asked == "mpi":
+        return "mpi", "asked for"
+    if not all(f.gpu for f in facts):
+        if asked == "auto":
+            return "mpi", "no GPU on some rank"
+        cpu = [r for r, f in enumerate(facts) if not f.gpu]
+        return None, f"{asked} needs a GPU on every rank; rank {cpu[0]} has none"
+    shared = _shared_gpu(facts)
+    if shared is not None:
+        # NCCL refuses two ranks on one device, and the fused kernel's spin-waits would need
+        # both ranks' kernels resident on the GPU at once.
+        if asked == "auto":
+            return "mpi", "ranks share a GPU"
+        a, b, dev = shared
+        return None, (f"{asked} needs one GPU per rank; ranks {a} and {b} share GPU {dev}; "
+                      f"transport 'mpi' runs there")
+    one_node = len({f.host for f in facts}) == 1
+    if asked in ("auto", "ipc") and one_node:
+        return "ipc", "one node, one GPU per rank"
+    if asked == "ipc":
+        return None, "ipc needs every rank on one node; transport 'nccl' spans nodes"
+    if all(f.nccl for f in facts):
+        return "nccl", "asked for" if asked == "nccl" else "ranks span nodes"
+    if asked == "auto":
+        return "mpi", "NCCL is not available"
+    return None, "nccl is not available in this CuPy (pip install nvidia-nccl-cu13 or -cu12)"
+
+
+def select_device(comm) -> bool:
+    """Make this rank's GPU current: node-local rank modulo the GPUs visible (never by
+    masking CUDA_VISIBLE_DEVICES, which breaks peer access). False where there is none."""
+    from mpi4py import MPI
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        import cupy
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n:
+            cupy.cuda.Device(local.rank % n).use()
+            return True
+    except Exception:  # noqa: BLE001 - no CuPy, no driver or no GPU: numpy and "mpi"
+        pass
+    finally:
+        local.Free()
+    return False
+
+
+def no_gpu_reason() -> str | None:
+    """None where CuPy sees a GPU, else why not (no CuPy, no driver, no device)."""
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return None
+        return "no CUDA device"
+    except ImportError:
+        return "CuPy is not installed (pip install 'cupy-qknorm[cuda13]' or '[cuda12]')"
+    except Exception as e:  # noqa: BLE001 - CUDARuntimeError: no driver
+        return f"{type(e).__name__}: {e}"

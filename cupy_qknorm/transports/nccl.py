@@ -1,0 +1,120 @@
+"""Transport "nccl": partial_sums kernel -> NCCL all-reduce of the sums -> apply kernel.
+The baseline, and the path across nodes.
+
+NCCL's own wait has no deadline, so a watchdog thread bounds it (the design of PyTorch's
+NCCL watchdog): partial_sums writes the number of its launch to host-mapped memory and
+apply writes the number it follows, so the host sees an all-reduce in flight without
+synchronizing; one that stays in flight past timeout_s (or an asynchronous NCCL error)
+makes the watchdog record the error where the kernels read it (apply then stores
+nothing) and abort the communicator, which ends NCCL's kernel. The stream then drains,
+and the next call or synchronize() raises. Works the same for calls replayed from a
+CUDA graph, since the counters are written by the kernels themselves.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from ..params import ERROR_TIMEOUT, ERROR_WORDS, SUMS_HEADER
+from .device import DeviceTransport
+
+POLL_S = 0.02     # how often the watchdog looks
+STARTED, FOLLOWED = 6, 7  # error-record words: launches of partial_sums / apply so far
+
+
+class NcclTransport(DeviceTransport):
+    name = "nccl"
+
+    def __init__(self, cfg, comm):
+        import cupy
+        from cupy.cuda import nccl
+        super().__init__(cfg, comm)
+        self._nccl = None
+        self._watchdog = None
+        self._stop = threading.Event()
+        self.aborted = False
+        self._counter = cupy.zeros(1, cupy.uint32)
+        self.counters = self._counter.data.ptr
+        self.sums = cupy.zeros(SUMS_HEADER + 2 * cfg.max_tokens, cupy.float32)
+        uid = comm.bcast(nccl.get_unique_id() if comm.rank == 0 else None, root=0)
+        self._nccl = nccl.NcclCommunicator(comm.size, uid, comm.rank)
+        # NCCL connects the channels of an algorithm/protocol lazily, at its first use: do
+        # that now, for every size a call can use, so that no first use falls inside a
+        # CUDA graph capture (where the connection cannot be made).
+        ptr = self.sums.data.ptr
+        count = 2
+        while True:
+            self._nccl.allReduce(ptr, ptr, count, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, 0)
+            if count >= SUMS_HEADER + 2 * cfg.max_tokens:
+                break
+            count = min(4 * count, SUMS_HEADER + 2 * cfg.max_tokens)
+        cupy.cuda.runtime.deviceSynchronize()
+        self.sums.fill(0)
+        cupy.cuda.runtime.deviceSynchronize()
+        if cfg.world > 1 and cfg.timeout_ns > 0:
+            self._watchdog = threading.Thread(target=self._watch, name="cupy_qknorm nccl "
+                                              "watchdog", daemon=True)
+            self._watchdog.start()
+
+    def launch(self, go, tokens, grid, stream):
+        from cupy.cuda import nccl
+        go["partial_sums"](grid, stream)
+        if self.cfg.world > 1:
+            ptr = self.sums.data.ptr
+            self._nccl.allReduce(ptr, ptr, SUMS_HEADER + 2 * tokens, nccl.NCCL_FLOAT32,
+                                 nccl.NCCL_SUM, stream.ptr)
+        go["apply"](grid, stream)
+
+    def _watch(self):
+        words, limit = self._host_words, self.cfg.timeout_ns / 1e9
+        seen, since = None, 0.0
+        while not self._stop.wait(POLL_S):
+            if words[0]:
+                return  # a kernel recorded an error: the next call raises it
+            reason = None
+            try:
+                self._nccl.check_async_error()
+            except Exception as e:  # noqa: BLE001 - NcclError: a peer or the network failed
+                reason = str(e)
+            started, followed = words[STARTED], words[FOLLOWED]
+            if started == followed:
+                seen = None
+            elif started != seen:
+                seen, since = started, time.monotonic()
+            elif time.monotonic() - since > limit:
+                reason = "timeout"
+            if reason is not None:
+                self._abort()
+                return
+
+    def _abort(self):
+        """Record a timeout where apply and the host read it, then end NCCL's kernel."""
+        words = self._host_words
+        record = [ERROR_TIMEOUT, -1, 0, self.cfg.rank, 0, 0]
+        for i in range(1, len(record)):
+            words[i] = record[i]
+        words[0] = record[0]
+        self.aborted = True
+        self._nccl.abort()
+
+    def close(self):
+        """Collective unless a fault ended the communicator (then local). CUDA graphs that
+        captured calls of this object must be destroyed first: NCCL's teardown waits
+        for them. Abort rather than destroy: after the device synchronization and the
+        barrier nothing of ours is in flight, and abort needs no handshake."""
+        self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
+            self._watchdog = None
+        if self._nccl is not None:
+            import cupy
+            cupy.cuda.runtime.deviceSynchronize()
+            if not self.aborted:
+                if not self.failed():
+                    self.comm.Barrier()
+                self._nccl.abort()
+            self._nccl = None
+        super().close()
+
+
+assert ERROR_WORDS > FOLLOWED

@@ -1,0 +1,157 @@
+"""Which kernel specialization runs where: the layouts of the fused kernel, the token
+count between them, and the specializations the package ships. Pure: no GPU.
+
+The measured reasons (H200, G=2, bf16, MiniMax widths; BENCHMARKS.md):
+- Few 16-byte vectors a thread (more threads a token) for short launches, whose time is
+  latency; many for long ones, whose time is bandwidth.
+- In registers, a third row in flight costs blocks and was slower from 512 tokens up; in
+  shared memory (filled by cp.async) it costs no registers: the wide layout with three
+  staged rows is 13-21% faster than rows in registers from 2048 tokens a launch, and
+  0.1-0.45 us slower at 512-1024, hence the narrow layout below 2048.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import knobs
+from .rope import RoPE, check as check_rope
+from .shapes import DTYPES, MAX_WORLD, MINIMAX_DIMS, OTHER_LOCAL_DIMS, vector_elems
+
+C_TYPES = {"bfloat16": "qknorm::bf16_t", "float16": "qknorm::f16_t", "float32": "float"}
+# name: (16-byte vectors a thread, rows staged in shared memory, tokens in flight)
+LAYOUTS = {"narrow": (2, False, 2), "wide": (8, True, 3)}
+STAGE_BYTES_MAX = 44 * 1024   # static shared memory a block may use for staged rows
+MIN_ARCH = 80                 # cvt.rn.bf16x2.f32, cp.async
+
+
+def layout_for(tokens: int, wide_from: int | None = None) -> str:
+    """The fused kernel's layout for a launch of `tokens` tokens."""
+    if wide_from is None:
+        wide_from = knobs.get("CUPY_QKNORM_WIDE_FROM")
+    return "wide" if tokens >= wide_from else "narrow"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One specialization of the kernels: everything a template argument depends on."""
+    dtype: str
+    weight_dtype: str
+    world: int
+    q_local: int
+    k_local: int
+    warps: int
+    depth: int = 2
+    staged: int = 0
+    head: int = 0      # RoPE: head_dim (0: no RoPE)
+    rot: int = 0       # RoPE: rotary_dim
+    style: int = 0     # RoPE: 0 none, 1 NeoX, 2 GPT-J
+
+    @classmethod
+    def plan(cls, dtype: str, weight_dtype: str, world: int, q_local: int, k_local: int,
+             layout: str = "narrow", rope: RoPE | None = None):
+        """The spec of one layout: warps per token, the fewest that keep about its
+        vectors a thread; depth and staging as the layout says (tuning knobs included),
+        rows in registers where staged rows would not fit shared memory."""
+        if dtype not in C_TYPES:
+            raise ValueError(f"dtype must be one of {sorted(C_TYPES)}, got {dtype!r}")
+        if weight_dtype not in (dtype, "float32"):
+            raise ValueError(f"weight dtype must be {dtype!r} or 'float32', got "
+                             f"{weight_dtype!r}")
+        if not 1 <= world <= MAX_WORLD:
+            raise ValueError(f"world size must be 1..{MAX_WORLD}, got {world}")
+        n = vector_elems(dtype)
+        for name, d in (("q", q_local), ("k", k_local)):
+            if d <= 0 or d % n:
+                raise ValueError(f"local {name} width {d} must be a positive multiple of {n} "
+                                 f"({dtype}: 16-byte vectors)")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+        head = rot = style = 0
+        if rope is not None:
+            check_rope(rope, dtype, world, q_local * world, k_local * world)
+            head, rot, style = rope.head_dim, rope.rotary_dim, rope.style_code
+        vectors = (q_local + k_local) // n
+        vpt, staged, depth = LAYOUTS[layout]
+        vpt = knobs.get("CUPY_QKNORM_VECTORS_PER_THREAD") or vpt
+        warps = min(32, -(-vectors // (32 * vpt)))
+        staged = staged and knobs.get("CUPY_QKNORM_STAGED") == 1
+        forced = knobs.get("CUPY_QKNORM_DEPTH")
+        spec = cls(dtype, weight_dtype, world, q_local, k_local, warps, forced or depth,
+                   int(staged), head, rot, style)
+        if spec.stage_bytes > STAGE_BYTES_MAX:  # rows in registers, at the register depth
+            spec = cls(dtype, weight_dtype, world, q_local, k_local, warps,
+                       forced or LAYOUTS["narrow"][2], 0, head, rot, style)
+        return spec
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def stage_bytes(self) -> int:
+        """Shared memory the fused kernel's staged rows take (0 in registers): `depth`
+        rows of whole 16-byte vectors for every thread."""
+        if not self.staged:
+            return 0
+        vectors = (self.q_local + self.k_local) // vector_elems(self.dtype)
+        return self.depth * -(-vectors // self.threads) * self.threads * 16
+
+    @property
+    def names(self) -> dict:
+        """{kind: the template instance NVRTC compiles} of every kernel of this spec."""
+        t, w = C_TYPES[self.dtype], C_TYPES[self.weight_dtype]
+        dims = f"{self.q_local}, {self.k_local}, {self.warps}"
+        rope = f"{self.head}, {self.rot}, {self.style}"
+        out = {
+            "fused": f"qknorm::fused<{t}, {w}, {self.world}, {dims}, {self.depth}, "
+                     f"{self.staged}, {rope}>",
+            "partial_sums": f"qknorm::partial_sums<{t}, {dims}>",
+            "apply": f"qknorm::apply<{t}, {w}, {dims}, {rope}>",
+        }
+        if self.style:
+            out["rope"] = f"qknorm::rope<{t}, {dims}, {rope}>"
+        if self.world > 1:
+            out["reject"] = f"qknorm::reject<{self.world}>"
+        return out
+
+    def __str__(self):
+        rope = f" rope={self.head}/{self.rot}/{'neox' if self.style == 1 else 'gptj'}" \
+            if self.style else ""
+        return (f"{self.dtype}/w:{self.weight_dtype} G={self.world} q={self.q_local} "
+                f"k={self.k_local} warps={self.warps} depth={self.depth}" +
+                (" staged" if self.staged else "") + rope)
+
+
+def _minimax_local(world: int, dtype: str):
+    q, k = MINIMAX_DIMS
+    n = vector_elems(dtype)
+    if q % world or k % world or (q // world) % n or (k // world) % n:
+        return None
+    return q // world, k // world
+
+
+def shipped_specs() -> list:
+    """Every specialization the package ships (the compile command and its test build
+    each): every layout, dtype, weight dtype and G for MiniMax's widths and for the
+    other shape; with MiniMax's RoPE where its heads are whole on every rank; GPT-J
+    style and full rotation at G=2 in bf16."""
+    minimax = RoPE.minimax_m2()
+    specs = []
+    for dtype in DTYPES:
+        for wdt in sorted({dtype, "float32"}):
+            for world in range(1, MAX_WORLD + 1):
+                shapes = [OTHER_LOCAL_DIMS]
+                mm = _minimax_local(world, dtype)
+                if mm is not None:
+                    shapes.insert(0, mm)
+                for shape in shapes:
+                    ropes = [None]
+                    if shape == mm and all(d % minimax.head_dim == 0 for d in shape):
+                        ropes.append(minimax)
+                    for rope in ropes:
+                        for layout in LAYOUTS:
+                            specs.append(Spec.plan(dtype, wdt, world, *shape, layout, rope))
+    for rope in (RoPE(128, 64, style="gptj", max_position=1), RoPE(128, 128, max_position=1)):
+        for layout in LAYOUTS:
+            specs.append(Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, layout, rope))
+    return list(dict.fromkeys(specs))  # layouts coincide for some widths
