@@ -1,16 +1,20 @@
 """mpiexec -n G python -m cupy_qknorm bench: fused ("ipc") vs unfused ("nccl") vs floors.
 
-graph mode: 8 calls on 8 distinct input sets captured in one CUDA graph, >= 20 replays,
-median replay time / 8. eager mode: host wall time per call over >= 200 calls,
-synchronized at the end. Floors, measured in the same run: an empty kernel as a graph
-node, one-way GPU-to-GPU latency (flag ping-pong through IPC memory, halved), and
-device-to-device copy bandwidth; with --exchange-floor, the exchange alone as a graph
-node (the decode floor); and per T in graph mode, the same bytes through a plain copy
-kernel timed like the fused one (the memory floor at that size, launch and ramp
-included). Progress goes to stderr, the table to stdout (rank 0).
+graph mode: 8 calls on 8 distinct input sets captured in one CUDA graph, median replay
+time / 8. eager mode: host wall time per call, --calls calls back to back on the same
+arrays after a warm-up, synchronized at the end, for `norm(...)` and for a bound call,
+against CuPy's own launch of an empty kernel timed the same way. Floors, measured in the
+same run: an empty kernel as a graph node, one-way GPU-to-GPU latency (flag ping-pong
+through IPC memory, halved), and device-to-device copy bandwidth; with --exchange-floor,
+the exchange alone as a graph node (the decode floor); and per T in graph mode, the same
+bytes through a plain copy kernel timed like the fused one (the memory floor at that
+size, launch and ramp included). With --rope, also the norm with MiniMax M2's RoPE,
+fused and as the norm followed by a separate RoPE kernel. Every number is the slowest
+rank's. Progress goes to stderr, the table to stdout (rank 0).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -21,17 +25,51 @@ import numpy as np
 GRAPH_CALLS = 8
 
 
+TRANSPORT_CHOICES = ("ipc", "nccl", "mpi")
+
+
+def _transports(text):
+    names = [v for v in text.split(",") if v]
+    bad = [v for v in names if v not in TRANSPORT_CHOICES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"transports must be a comma-separated list of {', '.join(TRANSPORT_CHOICES)}; "
+            f"got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def _token_list(text):
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"tokens must be positive ints, e.g. 1,64,4096; "
+                                         f"got {text!r}")
+    return values
+
+
 def add_parser(sub):
-    b = sub.add_parser("bench", help="fused vs unfused latency and the hardware floors")
-    b.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    b.add_argument("--q-dim", type=int, help="default: 6144, or what splits over G ranks")
-    b.add_argument("--k-dim", type=int, help="default: 1024, or what splits over G ranks")
-    b.add_argument("--tokens", default="1,8,64,512,2048,8192,16384",
-                   type=lambda s: [int(v) for v in s.split(",") if v])
-    b.add_argument("--mode", default="both", choices=("graph", "eager", "both"))
-    b.add_argument("--transports", default="ipc,nccl", type=lambda s: s.split(","))
-    b.add_argument("--replays", type=int, default=30)
-    b.add_argument("--calls", type=int, default=200)
+    b = sub.add_parser("bench", help="fused vs unfused latency and the hardware floors",
+                       description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="data type of q and k")
+    b.add_argument("--q-dim", type=int, help="full q width (default: 6144, or what splits "
+                   "over G ranks: cupy_qknorm.shapes.default_dims)")
+    b.add_argument("--k-dim", type=int, help="full k width (default: 1024, or as --q-dim)")
+    b.add_argument("--tokens", default="1,8,64,512,2048,8192,16384", type=_token_list,
+                   help="token counts T, comma-separated")
+    b.add_argument("--mode", default="both", choices=("graph", "eager", "both"),
+                   help="graph: CUDA-graph replays (device time); eager: host time per call, "
+                        "back to back")
+    b.add_argument("--transports", default="ipc,nccl", type=_transports,
+                   help="comma-separated, of ipc, nccl, mpi")
+    b.add_argument("--rope", action="store_true",
+                   help="also time the norm with MiniMax M2's RoPE: fused (T+rope), and for "
+                        "ipc the norm followed by a separate RoPE kernel (ipc>rope)")
+    b.add_argument("--replays", type=int, default=30, help="graph replays per timing")
+    b.add_argument("--calls", type=int, default=3000, help="eager calls per timing")
     b.add_argument("--json", help="write every number to this file (rank 0)")
     b.add_argument("--plot", help="latency vs T, log-log, to this PNG (needs matplotlib)")
     b.add_argument("--commit", help="the commit to print (default: git rev-parse HEAD)")
@@ -42,6 +80,7 @@ def add_parser(sub):
                    help="every call writes its output over its input (as SGLang's kernel "
                         "and benchmark do); the copy kernel then copies each buffer onto "
                         "itself. Default: separate output arrays")
+    return b
 
 
 def _say(comm, msg):
@@ -206,53 +245,95 @@ def time_copy_graph_us(sets, stream, replays):
 
 
 def _inputs(comm, dtype, dq, dk, tokens, sets, in_place=False):
-    """`sets` tuples (q, k, q_out, k_out); in place, q_out is q and k_out is k. The weights
-    are ones, so calls in place keep every row's RMS at 1 however often a graph replays."""
+    """`sets` tuples (q, k, q_out, k_out, positions); in place, q_out is q and k_out is k.
+    The weights are ones, so calls in place keep every row's RMS at 1 however often a
+    graph replays (and a rotation keeps it too)."""
     import cupy
     from . import reference as ref
+    from .shapes import MINIMAX_ROPE
     rng = np.random.default_rng(1000 + comm.rank)
+    pos_rng = np.random.default_rng(77)  # the same positions on every rank
     out = []
     for _ in range(sets):
         q = cupy.asarray(ref.from_f64(ref.random_rows(rng, tokens, dq, (-1, 1)), dtype))
         k = cupy.asarray(ref.from_f64(ref.random_rows(rng, tokens, dk, (-1, 1)), dtype))
-        out.append((q, k, q, k) if in_place else
-                   (q, k, cupy.empty_like(q), cupy.empty_like(k)))
+        pos = cupy.asarray(pos_rng.integers(0, MINIMAX_ROPE["max_position"], tokens))
+        out.append((q, k, q, k, pos) if in_place else
+                   (q, k, cupy.empty_like(q), cupy.empty_like(k), pos))
     w = (cupy.asarray(ref.from_f64(np.ones(dq), dtype)), cupy.asarray(ref.from_f64(np.ones(dk),
                                                                                    dtype)))
     return out, w
 
 
-def time_graph_us(norm, sets, w, stream, replays):
+def _variants(norms, rope_norms, w, separate_rope):
+    """{column: call(q, k, q_out, k_out, positions, stream)} of what is timed."""
+    out = {}
+    for t, norm in norms.items():
+        out[t] = (lambda n: lambda q, k, qo, ko, pos, stream:
+                  n(q, k, *w, out=(qo, ko), stream=stream))(norm)
+    for t, norm in rope_norms.items():
+        out[f"{t}+rope"] = (lambda n: lambda q, k, qo, ko, pos, stream:
+                            n(q, k, *w, out=(qo, ko), positions=pos, stream=stream))(norm)
+    if separate_rope is not None:
+        plain, rope = separate_rope
+
+        def norm_then_rope(q, k, qo, ko, pos, stream):
+            plain(q, k, *w, out=(qo, ko), stream=stream)
+            rope.rope_only(qo, ko, pos, stream)
+        out["ipc>rope"] = norm_then_rope
+    return out
+
+
+def time_graph_us(call, sets, stream, replays, comm):
+    """8 calls on 8 input sets captured in one CUDA graph; median replay / 8."""
     with stream:
-        for q, k, qo, ko in sets:  # warm up: compile, first touch
-            norm(q, k, *w, out=(qo, ko))
+        for s in sets:  # warm up: compile, first touch
+            call(*s, stream)
         stream.synchronize()
-        norm.comm.Barrier()
+        comm.Barrier()
         stream.begin_capture()
-        for q, k, qo, ko in sets:
-            norm(q, k, *w, out=(qo, ko))
+        for s in sets:
+            call(*s, stream)
         g = stream.end_capture()
         g.launch(stream)
         stream.synchronize()
-        norm.comm.Barrier()
+        comm.Barrier()
         ms = _median_event_ms(lambda: g.launch(stream), replays, stream)
-    norm.synchronize(stream)
+        stream.synchronize()
+    del g
     return 1000 * ms / len(sets)
 
 
-def time_eager_us(norm, sets, w, stream, calls):
+def time_eager_us(call, s, stream, calls, comm):
+    """Host wall time per call, `calls` calls back to back on the same arrays after a
+    warm-up, synchronized at the end (sustained: the launch queue does not hide it)."""
     with stream:
-        for q, k, qo, ko in sets:
-            norm(q, k, *w, out=(qo, ko))
+        for _ in range(10):
+            call(*s, stream)
         stream.synchronize()
-        norm.comm.Barrier()
+        comm.Barrier()
         t = time.perf_counter()
-        for i in range(calls):
-            q, k, qo, ko = sets[i % len(sets)]
-            norm(q, k, *w, out=(qo, ko))
+        for _ in range(calls):
+            call(*s, stream)
         stream.synchronize()
         dt = time.perf_counter() - t
-    norm.synchronize(stream)
+    return 1e6 * dt / calls
+
+
+def time_cupy_launch_us(stream, calls):
+    """CuPy's own launch of an empty kernel (qknorm_empty), timed like time_eager_us:
+    the eager floor of a Python launch."""
+    from .compile import load_plain
+    empty = load_plain("qknorm_empty")
+    with stream:
+        for _ in range(10):
+            empty((1,), (32,), ())
+        stream.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            empty((1,), (32,), ())
+        stream.synchronize()
+        dt = time.perf_counter() - t
     return 1e6 * dt / calls
 
 
@@ -260,9 +341,9 @@ def run(args):
     import cupy
     from mpi4py import MPI
 
-    from . import TPQKNorm
+    from . import RoPE, TPQKNorm
     from .placement import no_gpu_reason, select_device
-    from .shapes import ITEMSIZE, default_dims
+    from .shapes import ITEMSIZE, default_dims, whole_heads
     comm = MPI.COMM_WORLD
     select_device(comm)
     reason = no_gpu_reason()
@@ -274,6 +355,11 @@ def run(args):
     args.q_dim = args.q_dim or q
     args.k_dim = args.k_dim or k
     dq, dk = args.q_dim // world, args.k_dim // world
+    rope = RoPE.minimax_m2() if args.rope else None
+    if rope is not None and not whole_heads(world, args.q_dim, args.k_dim, rope.head_dim):
+        _say(comm, f"bench --rope: q_dim={args.q_dim}, k_dim={args.k_dim} do not split into "
+                   f"whole heads of {rope.head_dim} over {world} ranks")
+        return 2
     stream = cupy.cuda.Stream(non_blocking=True)
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     card = props["name"].decode()
@@ -285,54 +371,82 @@ def run(args):
                                     timeout=5).stdout.strip() or "unknown"
         except Exception:  # noqa: BLE001 - no git, or not a checkout
             commit = "unknown"
+    modes = ["graph", "eager"] if args.mode == "both" else [args.mode]
     _say(comm, "floors ...")
     floors = {"empty_kernel_graph_us": floor_empty_kernel_us(stream),
               "one_way_us": floor_one_way_us(comm, stream),
               "copy_GBps": floor_copy_gbps(stream)}
+    if "eager" in modes:
+        floors["cupy_launch_us"] = time_cupy_launch_us(stream, args.calls)
     if args.exchange_floor:
         _say(comm, "exchange floor ...")
         floors["exchange_graph_us"] = floor_exchange_us(comm, stream)
     floors = {k: comm.allreduce(v, op=MPI.MAX) if k != "copy_GBps" else
               comm.allreduce(v, op=MPI.MIN) for k, v in floors.items()}
-    modes = ["graph", "eager"] if args.mode == "both" else [args.mode]
     rows = []
-    norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype,
-                         max_tokens=max(args.tokens), transport=t) for t in args.transports}
+    top = max(args.tokens)
+    norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
+                         transport=t) for t in args.transports}
+    rope_norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
+                              transport=t, rope=rope)
+                  for t in (args.transports if rope is not None else ())}
+    separate = None
+    if rope is not None and "ipc" in norms:
+        separate = (norms["ipc"], rope_norms["ipc"])
     ipc = norms.get("ipc")
     pdl = bool(getattr(ipc._transport, "pdl", False)) if ipc is not None else None
     layouts = _layouts(args.dtype, world, dq, dk, ipc._transport.wide_from) \
         if ipc is not None else None
+    columns = []
     try:
         for tokens in args.tokens:
             sets, w = _inputs(comm, args.dtype, dq, dk, tokens, GRAPH_CALLS, args.in_place)
+            variants = _variants(norms, rope_norms, w, separate)
+            columns = list(variants)
             row = {"T": tokens, "bytes": 2 * tokens * (dq + dk) * ITEMSIZE[args.dtype]}
             for mode in modes:
-                for t, norm in norms.items():
-                    _say(comm, f"T={tokens} {t} {mode} ...")
-                    us = (time_graph_us(norm, sets, w, stream, args.replays) if mode == "graph"
-                          else time_eager_us(norm, sets, w, stream, args.calls))
-                    row[f"{t}_{mode}_us"] = comm.allreduce(us, op=MPI.MAX)
+                for name, call in variants.items():
+                    _say(comm, f"T={tokens} {name} {mode} ...")
+                    if mode == "graph":
+                        us = time_graph_us(call, sets, stream, args.replays, comm)
+                    else:
+                        us = time_eager_us(call, sets[0], stream, args.calls, comm)
+                    row[f"{name}_{mode}_us"] = comm.allreduce(us, op=MPI.MAX)
+                if mode == "eager":
+                    for t, norm in {**norms, **{f"{t}+rope": n for t, n in
+                                                rope_norms.items()}}.items():
+                        _say(comm, f"T={tokens} {t} bound eager ...")
+                        q_, k_, qo, ko, pos = sets[0]
+                        bound = norm.bind(q_, k_, *w, out=(qo, ko),
+                                          positions=pos if "+rope" in t else None)
+                        us = time_eager_us(lambda *a: bound(a[-1]), sets[0], stream,
+                                           args.calls, comm)
+                        row[f"{t}_bound_eager_us"] = comm.allreduce(us, op=MPI.MAX)
             if "graph" in modes:
                 _say(comm, f"T={tokens} copy kernel graph ...")
                 row["copy_graph_us"] = comm.allreduce(
-                    time_copy_graph_us(sets, stream, args.replays), op=MPI.MAX)
+                    time_copy_graph_us([s[:4] for s in sets], stream, args.replays),
+                    op=MPI.MAX)
+            for n in (*norms.values(), *rope_norms.values()):
+                n.synchronize()
             rows.append(row)
             del sets
     finally:
-        for n in norms.values():
+        for n in (*norms.values(), *rope_norms.values()):
             n.close()
     floor_us = floors["empty_kernel_graph_us"] + (floors["one_way_us"] if world > 1 else 0)
     result = {"card": card, "G": world, "dtype": args.dtype, "q_dim": args.q_dim,
               "k_dim": args.k_dim, "commit": commit, "pdl": pdl, "in_place": args.in_place,
+              "rope": None if rope is None else repr(rope), "columns": columns,
               "layouts": layouts, "floors": floors, "rows": rows,
               "date": time.strftime("%Y-%m-%d")}
     if comm.rank == 0:
-        print(_table(result, modes, args.transports, floor_us))
+        print(_table(result, modes, columns, floor_us))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
         if args.plot:
-            _plot(result, modes, args.transports, floor_us, args.plot)
+            _plot(result, modes, columns, floor_us, args.plot)
     return 0
 
 
@@ -355,7 +469,7 @@ def _layout_line(layouts):
             f"({one(layouts['narrow'])}); wide from there ({one(layouts['wide'])})")
 
 
-def _table(r, modes, transports, floor_us):
+def _table(r, modes, columns, floor_us):
     f = r["floors"]
     lines = [f"{r['card']} x{r['G']}  dtype={r['dtype']}  q_dim={r['q_dim']} k_dim={r['k_dim']}"
              f"  commit={r['commit']}  pdl={r.get('pdl')}"
@@ -365,36 +479,57 @@ def _table(r, modes, transports, floor_us):
              "floor(T) = max(empty kernel + one-way latency, bytes / copy bandwidth)"]
     if "exchange_graph_us" in f:
         lines.insert(2, f"exchange alone (graph node, no row): {f['exchange_graph_us']:.2f} us")
+    if "cupy_launch_us" in f:
+        lines.append(f"eager floor: CuPy's launch of an empty kernel, back to back: "
+                     f"{f['cupy_launch_us']:.2f} us")
     if r.get("layouts"):
         lines.insert(1, _layout_line(r["layouts"]))
-    if r["rows"] and all("copy_graph_us" in row for row in r["rows"]):
+    if r.get("rope"):
+        lines.append(f"rope: {r['rope']}; T+rope: fused; ipc>rope: the ipc norm, then a "
+                     f"separate RoPE kernel (two launches)")
+    rows = r["rows"]
+    if rows and all("copy_graph_us" in row for row in rows):
         lines.append("copy us: the same bytes through a plain copy kernel, timed like ipc "
                      "(graph); ipc/copy: the fused call over it")
     for mode in modes:
-        head = f"{'T':>6} | " + " | ".join(f"{t + ' us':>9}" for t in transports)
-        if "ipc" in transports and "nccl" in transports:
-            head += " | speedup"
-        copy_col = mode == "graph" and "ipc" in transports and \
-            all("copy_graph_us" in row for row in r["rows"])
-        if "ipc" in transports:
-            head += " | floor us | ipc GB/s | % copy"
-        if copy_col:
-            head += " |  copy us | ipc/copy"
+        cols = [c for c in columns if all(f"{c}_{mode}_us" in row for row in rows)]
+        if mode == "eager":
+            cols += [f"{c}_bound" for c in columns
+                     if all(f"{c}_bound_{mode}_us" in row for row in rows)]
+        extra = []  # (title, function of the row)
+
+        def ratio(a, b, title):
+            if a in cols and b in cols:
+                extra.append((title, lambda row, a=a, b=b:
+                              f"{row[f'{a}_{mode}_us'] / row[f'{b}_{mode}_us']:.2f}x"))
+        ratio("nccl", "ipc", "nccl/ipc")
+        ratio("ipc+rope", "ipc", "ipc+rope/ipc")
+        ratio("ipc>rope", "ipc+rope", "ipc>rope/ipc+rope")
+        if mode == "eager" and "cupy_launch_us" in f:
+            for c in ("ipc", "ipc_bound", "nccl", "nccl_bound"):
+                if c in cols:
+                    extra.append((f"{c}/launch", lambda row, c=c:
+                                  f"{row[f'{c}_{mode}_us'] / f['cupy_launch_us']:.2f}x"))
+        if mode == "graph" and "ipc" in cols:
+            extra.append(("floor us", lambda row: f"{_floor(row, f, floor_us):.2f}"))
+            extra.append(("ipc GB/s", lambda row: f"{row['bytes'] / (row['ipc_graph_us'] * 1e3):.0f}"))
+            extra.append(("% copy", lambda row: f"{100 * row['bytes'] / (row['ipc_graph_us'] * 1e3) / f['copy_GBps']:.0f}%"))
+            if all("copy_graph_us" in row for row in rows):
+                extra.append(("copy us", lambda row: f"{row['copy_graph_us']:.2f}"))
+                extra.append(("ipc/copy", lambda row: f"{row['ipc_graph_us'] / row['copy_graph_us']:.2f}x"))
+        titles = [f"{c.replace('_bound', ' bound')} us" for c in cols] + [t for t, _ in extra]
+        widths = [max(9, len(t)) for t in titles]
+        head = f"{'T':>6} | " + " | ".join(f"{t:>{w}}" for t, w in zip(titles, widths))
         lines += ["", f"[{mode}]", head, "-" * len(head)]
-        for row in r["rows"]:
-            floor = max(floor_us, row["bytes"] / (f["copy_GBps"] * 1e3))
-            cells = [f"{row[f'{t}_{mode}_us']:>9.2f}" for t in transports]
-            s = f"{row['T']:>6} | " + " | ".join(cells)
-            if "ipc" in transports and "nccl" in transports:
-                s += f" | {row[f'nccl_{mode}_us'] / row[f'ipc_{mode}_us']:>6.1f}x"
-            if "ipc" in transports:
-                gbps = row["bytes"] / (row[f"ipc_{mode}_us"] * 1e3)
-                s += f" | {floor:>8.2f} | {gbps:>8.0f} | {100 * gbps / f['copy_GBps']:>5.0f}%"
-            if copy_col:
-                c = row["copy_graph_us"]
-                s += f" | {c:>8.2f} | {row['ipc_graph_us'] / c:>7.2f}x"
-            lines.append(s)
+        for row in rows:
+            cells = [f"{row[f'{c}_{mode}_us']:.2f}" for c in cols] + [fn(row) for _, fn in extra]
+            lines.append(f"{row['T']:>6} | " + " | ".join(f"{v:>{w}}" for v, w in
+                                                           zip(cells, widths)))
     return "\n".join(lines)
+
+
+def _floor(row, f, floor_us):
+    return max(floor_us, row["bytes"] / (f["copy_GBps"] * 1e3))
 
 
 def _plot(r, modes, transports, floor_us, path):
@@ -410,8 +545,9 @@ def _plot(r, modes, transports, floor_us, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mode in modes:
         for t in transports:
-            ax.plot(ts, [row[f"{t}_{mode}_us"] for row in r["rows"]], marker="o",
-                    label=f"{t} ({mode})")
+            if all(f"{t}_{mode}_us" in row for row in r["rows"]):
+                ax.plot(ts, [row[f"{t}_{mode}_us"] for row in r["rows"]], marker="o",
+                        label=f"{t} ({mode})")
     floor = [max(floor_us, row["bytes"] / (r["floors"]["copy_GBps"] * 1e3)) for row in r["rows"]]
     ax.plot(ts, floor, "k--", label="floor")
     if "graph" in modes and all("copy_graph_us" in row for row in r["rows"]):

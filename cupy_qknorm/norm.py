@@ -277,6 +277,29 @@ class TPQKNorm:
                     stream if stream is not None else self._current_stream())
         return arrs[4], arrs[5]
 
+    def rope_only(self, q, k, positions, stream=None):
+        """Rotate q and k in place by this object's RoPE, with no norm and no exchange: the
+        separate RoPE kernel that the benchmark compares the fused call against."""
+        self._check_usable()
+        if self.config.rope is None or self._device is None or self.transport == "mpi":
+            raise TypeError("rope_only needs an object built with rope= on a GPU transport")
+        key = ("rope", id(q), id(k), id(positions))
+        entry = self._calls.get(key)
+        if entry is None or entry[0] != (q.shape, k.shape):
+            ops = self._validate(q, k, *self._unit_weights(), q, k, positions)
+            go = self._transport.bound_kind(arrays.Plan.of(ops), arrays.Plan.pointers(ops),
+                                            "rope")
+            entry = self._calls[key] = ((q.shape, k.shape), go, (q, k, positions))
+        entry[1](stream if stream is not None else self._current_stream())
+
+    def _unit_weights(self):
+        if getattr(self, "_ones", None) is None:
+            import cupy
+            c = self.config
+            dt = "uint16" if c.dtype == "bfloat16" else c.dtype
+            self._ones = (cupy.zeros(c.q_local, dt), cupy.zeros(c.k_local, dt))
+        return self._ones
+
     def bind(self, q, k, q_weight, k_weight, *, out=None, positions=None):
         """Validate these arrays once; return a BoundCall that normalizes them on each
         call with no validation at all: `call(stream=None)` -> (q_out, k_out). The least

@@ -25,12 +25,34 @@ def test_table_columns_line_up_with_rows():
     text = _table(RESULT, ["graph"], ["ipc", "nccl"], 1.9)
     head = next(ln for ln in text.splitlines() if ln.lstrip().startswith("T |"))
     for row in rows_of(text):
-        assert row.count("|") == head.count("|"), (head, row)
+        assert len(row) == len(head) and row.count("|") == head.count("|"), (head, row)
     assert "copy us" in head and "ipc/copy" in head
     t1024 = rows_of(text)[1].split("|")
-    assert t1024[3].strip() == "2.1x"              # nccl / ipc
+    assert t1024[3].strip() == "2.07x"             # nccl / ipc
     assert t1024[4].strip() == "4.89"              # bytes / copy bandwidth beats 1.9 us
     assert t1024[-1].strip() == "1.24x"            # ipc / copy kernel
+
+
+def test_table_eager_shows_bound_calls_against_cupy_launch():
+    rows = [{"T": 1, "bytes": 14336, "ipc_eager_us": 9.0, "ipc_bound_eager_us": 6.0}]
+    floors = {**RESULT["floors"], "cupy_launch_us": 6.0}
+    text = _table({**RESULT, "rows": rows, "floors": floors}, ["eager"], ["ipc"], 1.9)
+    head = next(ln for ln in text.splitlines() if ln.lstrip().startswith("T |"))
+    assert [c.strip() for c in head.split("|")] == [
+        "T", "ipc us", "ipc bound us", "ipc/launch", "ipc_bound/launch"]
+    assert [c.strip() for c in rows_of(text)[0].split("|")] == ["1", "9.00", "6.00", "1.50x",
+                                                                "1.00x"]
+    assert "CuPy's launch of an empty kernel, back to back: 6.00 us" in text
+
+
+def test_table_rope_ratios():
+    rows = [{"T": 64, "bytes": 1, "ipc_graph_us": 3.0, "ipc+rope_graph_us": 3.15,
+             "ipc>rope_graph_us": 5.04}]
+    text = _table({**RESULT, "rows": rows, "rope": "RoPE(...)"}, ["graph"],
+                  ["ipc", "ipc+rope", "ipc>rope"], 1.9)
+    cells = [c.strip() for c in rows_of(text)[0].split("|")]
+    assert cells[4:6] == ["1.05x", "1.60x"]        # fused over norm; separate over fused
+    assert "ipc>rope: the ipc norm, then a separate RoPE kernel" in text
 
 
 def test_table_names_the_exchange_floor_when_measured():
@@ -81,12 +103,15 @@ def test_table_header_says_in_place():
     assert head.endswith("pdl=True  in place  2026-11-28"), head
 
 
-def test_bench_parses_in_place():
+def test_bench_refuses_unknown_transports_and_tokens(capsys):
     import argparse
 
     from cupy_qknorm.bench import add_parser
     sub = argparse.ArgumentParser().add_subparsers(dest="cmd")
-    add_parser(sub)
-    p = sub.choices["bench"]
-    assert p.parse_args(["--in-place"]).in_place is True
-    assert p.parse_args([]).in_place is False
+    p = add_parser(sub)
+    assert p.parse_args(["--transports", "nccl,ipc,nccl"]).transports == ["nccl", "ipc"]
+    for bad in (["--transports", "bogus"], ["--transports", ""], ["--tokens", "0,4"],
+                ["--tokens", "x"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+    assert "transports must be" in capsys.readouterr().err

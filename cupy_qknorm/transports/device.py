@@ -154,6 +154,21 @@ class DeviceTransport:
               for kind, r in self._raw[(plan.weight_dtype, layout)].items()}
         return self.launch_fixed(go, tokens)
 
+    def bound_kind(self, plan, ptrs, kind):
+        """go(stream) launching one kernel of this object's spec (such as "rope", the
+        benchmark's separate RoPE kernel) on these arrays, parameters packed once."""
+        if not self._static_packed:
+            self._pack_static()
+        layout = self.layout(min(plan.tokens, self.cfg.max_tokens))
+        spec, _, cap = self.kernels(plan.weight_dtype, layout)
+        raw = self._raw[(plan.weight_dtype, layout)][kind]
+        buf = ctypes.create_string_buffer(self._launch.buf.raw, PARAMS.size)
+        q, k, qw, kw, qo, ko, pos = ptrs
+        HEAD.pack_into(buf, 0, q, k, qo, ko, qw, kw, *plan.strides, pos, plan.tokens,
+                       plan.position_bytes)
+        return self._launch.bind((raw, self._launch.handle(raw)), spec.threads, buf=buf,
+                                 grid=min(plan.tokens, cap))
+
     def launch_fixed(self, go, tokens):
         """go(stream) from launch functions whose grid and parameters are fixed."""
         launch = self.launch
