@@ -15,8 +15,8 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 LOGS=${GPU_LOGS:-gpu-logs}
 mkdir -p "$LOGS"
 LOGS=$(cd "$LOGS" && pwd)
-export CUPY_QKNORM_FAULT_LOG="$LOGS/faults.jsonl"
-rm -f "$CUPY_QKNORM_FAULT_LOG"
+export QKNORM_TEST_FAULT_LOG="$LOGS/faults.jsonl"
+rm -f "$QKNORM_TEST_FAULT_LOG"
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 ranks=("$@")
 [ ${#ranks[@]} -gt 0 ] || ranks=(2 3 4)
@@ -32,34 +32,42 @@ for g in "${ranks[@]}"; do
   [ "$g" -gt "$largest" ] && largest=$g
   echo "=== G=$g: pytest tests/gpu"
   mpirun "$g" python3 scripts/rank_pytest.py "$LOGS" gpu -- -q "${per_test[@]}" tests/gpu || fail=1
-  echo "=== G=$g: check (ipc, nccl) bf16"
+  echo "=== G=$g: check (ipc, nccl) bf16, without and with RoPE"
   for t in ipc nccl; do
-    mpirun "$g" python3 -m cupy_qknorm check --transport $t 2>&1 | tail -1 | sed "s/^/G=$g $t: /"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
+    for rope in "" --rope; do
+      mpirun "$g" python3 -m cupy_qknorm check --transport $t $rope 2>&1 | tail -1 |
+        sed "s/^/G=$g $t $rope: /"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
+    done
   done
-  echo "=== G=$g: one rank SIGKILLed mid-loop: the job must end non-zero, not hang"
-  start=$(date +%s%N)
-  timeout 120 mpiexec --allow-run-as-root --bind-to none -n "$g" \
-    python3 scripts/fault_kill.py > "$LOGS/kill-G$g.log" 2>&1
-  rc=$?
-  took=$(( ($(date +%s%N) - start) / 1000000 ))
-  grep -h "^rank" "$LOGS/kill-G$g.log" | sed "s/^/G=$g kill: /"
-  echo "G=$g kill: mpiexec exit $rc after ${took} ms (124 = hung until timeout)"
-  { [ $rc -ne 0 ] && [ $rc -ne 124 ]; } || { echo "G=$g kill: FAILED"; fail=1; }
+  for t in ipc nccl; do
+    echo "=== G=$g $t: one rank SIGKILLed mid-loop: the job must end non-zero, not hang"
+    start=$(date +%s%N)
+    timeout 120 mpiexec --allow-run-as-root --bind-to none -n "$g" \
+      python3 scripts/fault_kill.py --transport $t > "$LOGS/kill-$t-G$g.log" 2>&1
+    rc=$?
+    took=$(( ($(date +%s%N) - start) / 1000000 ))
+    grep -h "^rank" "$LOGS/kill-$t-G$g.log" | sed "s/^/G=$g $t kill: /"
+    echo "G=$g $t kill: mpiexec exit $rc after ${took} ms (124 = hung until timeout)"
+    { [ $rc -ne 0 ] && [ $rc -ne 124 ]; } || { echo "G=$g $t kill: FAILED"; fail=1; }
+  done
 done
 if [ "${SANITIZE:-1}" = 1 ] && [ "$gpus" -ge 2 ]; then
   for tool in memcheck racecheck; do
     # T=1 and 7 take the narrow layout, 300 and the chunks of 3000 the wide one (rows
     # staged in shared memory): both layouts of the fused kernel run under the tool
-    echo "=== compute-sanitizer $tool, G=2, check --transport ipc, both layouts"
-    CUPY_QKNORM_WIDE_FROM=300 mpirun 2 compute-sanitizer --tool $tool --error-exitcode 9 \
-      --log-file "$LOGS/$tool-rank%q{OMPI_COMM_WORLD_RANK}.log" \
-      python3 -m cupy_qknorm check --transport ipc --tokens 1,7,300,3000 --max-tokens 1024 \
-      > "$LOGS/$tool.out" 2>&1
-    rc=$?
-    tail -1 "$LOGS/$tool.out"
-    grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS"/$tool-rank*.log | sed "s/^/$tool: /"
-    [ $rc -eq 0 ] || { echo "$tool FAILED (exit $rc)"; fail=1; }
+    for rope in "" --rope; do
+      echo "=== compute-sanitizer $tool, G=2, check --transport ipc $rope, both layouts"
+      CUPY_QKNORM_WIDE_FROM=300 mpirun 2 compute-sanitizer --tool $tool --error-exitcode 9 \
+        --log-file "$LOGS/$tool$rope-rank%q{OMPI_COMM_WORLD_RANK}.log" \
+        python3 -m cupy_qknorm check --transport ipc $rope --tokens 1,7,300,3000 \
+        --max-tokens 1024 > "$LOGS/$tool$rope.out" 2>&1
+      rc=$?
+      tail -1 "$LOGS/$tool$rope.out"
+      grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$LOGS"/$tool$rope-rank*.log |
+        sed "s/^/$tool $rope: /"
+      [ $rc -eq 0 ] || { echo "$tool $rope FAILED (exit $rc)"; fail=1; }
+    done
   done
 fi
 if [ "${SOAK:-0}" = 1 ] && [ "$largest" -ge 2 ]; then

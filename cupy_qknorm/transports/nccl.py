@@ -97,11 +97,20 @@ class NcclTransport(DeviceTransport):
         self.aborted = True
         self._nccl.abort()
 
+    def _bounded_barrier(self):
+        from .mpi import wait
+        ns = self.cfg.timeout_ns or 5 * 10 ** 9
+        try:
+            wait(self.comm.Ibarrier(), time.monotonic() + ns / 1e9, "close", self.cfg.rank)
+        except Exception:  # noqa: BLE001 - a peer did not come: close anyway
+            pass
+
     def close(self):
-        """Collective unless a fault ended the communicator (then local). CUDA graphs that
-        captured calls of this object must be destroyed first: NCCL's teardown waits
-        for them. Abort rather than destroy: after the device synchronization and the
-        barrier nothing of ours is in flight, and abort needs no handshake."""
+        """CUDA graphs that captured calls of this object must be destroyed first (NCCL's
+        teardown waits for them). Abort rather than destroy: after the device
+        synchronization and a barrier nothing of ours is in flight, and abort needs no
+        handshake. The barrier is bounded by timeout_s (5 s when unbounded), so a close
+        facing peers that are gone, or waiting for a call this rank never makes, ends."""
         self._stop.set()
         if self._watchdog is not None:
             self._watchdog.join()
@@ -111,7 +120,7 @@ class NcclTransport(DeviceTransport):
             cupy.cuda.runtime.deviceSynchronize()
             if not self.aborted:
                 if not self.failed():
-                    self.comm.Barrier()
+                    self._bounded_barrier()
                 self._nccl.abort()
             self._nccl = None
         super().close()

@@ -1,36 +1,37 @@
-"""Faults between ranks: each must raise on the ranks that see it, fast, with nothing
-corrupted and the process still usable. Run by scripts/gpu_suite.sh at G = 2, 3 and 4.
+"""Faults between ranks, for the GPU transports: each must raise a QKNormError on the ranks
+that see it within timeout_s (+ 1 s), with nothing corrupted and the process still
+usable. Run by scripts/gpu_suite.sh at G = 2, 3 and 4.
 
 The time each rank took to raise goes, one JSON line per rank and case, to the file named
-by CUPY_QKNORM_FAULT_LOG when set (the suite collects it for RELIABILITY.md)."""
+by QKNORM_TEST_FAULT_LOG when set (the suite collects it for RELIABILITY.md)."""
 import json
 import os
 import time
 import warnings
 
-import numpy as np
 import pytest
 
-from cupy_qknorm import (CallMismatchError, ClosedError, PeerTimeoutError, TPQKNorm,
-                         TransportUnavailableError)
+from cupy_qknorm import (CallMismatchError, ClosedError, PeerTimeoutError, QKNormError,
+                         TPQKNorm, TransportUnavailableError)
 from cupy_qknorm import reference as ref
-from cupy_qknorm.peers import PROBE_ENV
+from cupy_qknorm.peers import PeerBuffers
 from tests.conftest import requires_gpu
-from tests.gpu.test_gpu import assert_close, dims_for, run_case, shards
+from tests.gpu.test_gpu import dims_for, run_case, shards
 
 pytestmark = [requires_gpu, pytest.mark.mpi(min_size=2)]
 
 TIMEOUT_S = 1.0
 DTYPE = "bfloat16"
+GPU_TRANSPORTS = ["ipc", "nccl"]
 
 
-def record(comm, case, **fields):
-    path = os.environ.get("CUPY_QKNORM_FAULT_LOG")
+def record(comm, case, transport, **fields):
+    path = os.environ.get("QKNORM_TEST_FAULT_LOG")
     if path:
         import cupy
         card = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
-        line = json.dumps({"case": case, "G": comm.size, "rank": comm.rank, "card": card,
-                           **fields})
+        line = json.dumps({"case": case, "transport": transport, "G": comm.size,
+                           "rank": comm.rank, "card": card, **fields})
         with open(path, "a") as f:
             f.write(line + "\n")
 
@@ -67,12 +68,20 @@ def raise_time(fn):
     return None, time.perf_counter() - t0
 
 
-def test_tokens_differ_between_ranks(comm):
-    """Rank 0 calls with T=5, the others with T=3: every rank sees the peers' token count
-    in their slots and raises CallMismatchError at once, writing nothing."""
+def make(comm, transport, dims, **kw):
+    return TPQKNorm(comm, *dims, DTYPE, max_tokens=64, transport=transport,
+                    timeout_s=TIMEOUT_S, **kw)
+
+
+@pytest.mark.parametrize("transport", GPU_TRANSPORTS)
+def test_tokens_differ_between_ranks(comm, transport):
+    """Rank 0 calls with T=5, the others with T=3. "ipc": every rank sees the peers' token
+    count in their slots and raises CallMismatchError at once. "nccl": the token counts
+    travel with the sums (CallMismatchError), or the all-reduce of unequal sizes stalls and
+    the watchdog ends it (PeerTimeoutError). Nothing is written either way."""
     dims, (qs, ks, qws, kws), outs, _ = case_arrays(comm, 5)
     t = 5 if comm.rank == 0 else 3
-    norm = TPQKNorm(comm, *dims, DTYPE, max_tokens=64, transport="ipc", timeout_s=TIMEOUT_S)
+    norm = make(comm, transport, dims)
     try:
         warm_up(norm, qs, ks, qws, kws)  # the time to raise must not include compiling
         comm.Barrier()
@@ -80,24 +89,29 @@ def test_tokens_differ_between_ranks(comm):
         norm(qs[:t], ks[:t], qws, kws, out=(outs[0][:t], outs[1][:t]))
         err, _ = raise_time(norm.synchronize)
         took = time.perf_counter() - t0
-        record(comm, "tokens differ", raised=type(err).__name__, seconds=took)
-        assert isinstance(err, CallMismatchError), f"rank {comm.rank}: got {err!r}"
-        assert "tokens" in str(err)
-        assert took < TIMEOUT_S, f"rank {comm.rank} took {took:.3f} s: waited for a timeout"
+        record(comm, "tokens differ", transport, raised=type(err).__name__, seconds=took)
+        assert isinstance(err, QKNormError), f"rank {comm.rank}: got {err!r}"
+        if transport == "ipc":
+            assert isinstance(err, CallMismatchError) and "tokens" in str(err)
+            assert took < TIMEOUT_S, f"rank {comm.rank} took {took:.3f} s: waited for a timeout"
+        else:
+            assert isinstance(err, (CallMismatchError, PeerTimeoutError))
+            assert took < TIMEOUT_S + 1, f"rank {comm.rank} took {took:.2f} s"
         assert untouched(outs), f"rank {comm.rank}: outputs were written"
         with pytest.raises(ClosedError):
             norm(qs[:t], ks[:t], qws, kws)
     finally:
         norm.close()
-    after_fault_the_process_works(comm)
+    after_fault_the_process_works(comm, transport)
 
 
-def test_rank_skips_a_call(comm):
-    """The last rank skips the second call: the others wait for it, time out and raise
-    PeerTimeoutError naming it; the last rank's own call completed and raises nothing."""
+@pytest.mark.parametrize("transport", GPU_TRANSPORTS)
+def test_rank_skips_a_call(comm, transport):
+    """The last rank skips the second call: the others wait for it and raise
+    PeerTimeoutError after the timeout; the last rank's own calls completed."""
     dims, (qs, ks, qws, kws), outs, _ = case_arrays(comm, 8)
     skipper = comm.size - 1
-    norm = TPQKNorm(comm, *dims, DTYPE, max_tokens=64, transport="ipc", timeout_s=TIMEOUT_S)
+    norm = make(comm, transport, dims)
     try:
         norm(qs, ks, qws, kws, out=outs)
         norm.synchronize()
@@ -107,25 +121,106 @@ def test_rank_skips_a_call(comm):
             norm(qs, ks, qws, kws, out=outs)
         err, _ = raise_time(norm.synchronize)
         took = time.perf_counter() - t0
-        record(comm, "rank skips a call", raised=type(err).__name__, seconds=took,
-               skipper=skipper)
+        record(comm, "rank skips a call", transport, raised=type(err).__name__,
+               seconds=took, skipper=skipper)
         if comm.rank == skipper:
             assert err is None, f"the rank that skipped raised {err!r}"
         else:
             assert isinstance(err, PeerTimeoutError), f"rank {comm.rank}: got {err!r}"
-            assert err.peer == skipper, f"blamed rank {err.peer}, not {skipper}"
-            assert TIMEOUT_S * 0.9 < took < TIMEOUT_S + 3, f"raised after {took:.2f} s"
+            if transport == "ipc":
+                assert err.peer == skipper, f"blamed rank {err.peer}, not {skipper}"
+            assert TIMEOUT_S * 0.9 < took < TIMEOUT_S + 1, f"raised after {took:.2f} s"
     finally:
+        comm.Barrier()
         norm.close()
-    after_fault_the_process_works(comm)
+    after_fault_the_process_works(comm, transport)
 
 
-def test_rank_closes_while_others_call(comm):
+@pytest.mark.parametrize("transport", GPU_TRANSPORTS)
+def test_rank_skips_a_graph_replay(comm, transport):
+    """The same call captured in a CUDA graph on every rank; the last rank skips one
+    replay: the others raise PeerTimeoutError within timeout_s + 1 s of theirs."""
+    import cupy
+    dims, (qs, ks, qws, kws), outs, _ = case_arrays(comm, 8)
+    skipper = comm.size - 1
+    norm = make(comm, transport, dims)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    graph = None
+    try:
+        with stream:
+            norm(qs, ks, qws, kws, out=outs)
+            stream.synchronize()
+            comm.Barrier()
+            stream.begin_capture()
+            norm(qs, ks, qws, kws, out=outs)
+            graph = stream.end_capture()
+            graph.launch(stream)
+            stream.synchronize()
+            comm.Barrier()
+            t0 = time.perf_counter()
+            if comm.rank != skipper:
+                graph.launch(stream)
+            err, _ = raise_time(lambda: norm.synchronize(stream))
+            took = time.perf_counter() - t0
+        record(comm, "rank skips a graph replay", transport, raised=type(err).__name__,
+               seconds=took)
+        if comm.rank != skipper:
+            assert isinstance(err, PeerTimeoutError), f"rank {comm.rank}: got {err!r}"
+            assert took < TIMEOUT_S + 1, f"raised after {took:.2f} s"
+    finally:
+        del graph
+        comm.Barrier()
+        norm.close()
+    after_fault_the_process_works(comm, transport)
+
+
+@pytest.mark.parametrize("transport", GPU_TRANSPORTS)
+def test_bad_input_on_one_rank(comm, transport):
+    """The last rank passes a q of the wrong width: it raises its own ValueError at once,
+    writing nothing. "ipc" tells the peers through the exchange (CallMismatchError naming
+    that rank, in milliseconds); "nccl" peers raise PeerTimeoutError after the timeout."""
+    dims, (qs, ks, qws, kws), outs, _ = case_arrays(comm, 6)
+    bad = comm.size - 1
+    norm = make(comm, transport, dims)
+    try:
+        warm_up(norm, qs, ks, qws, kws)
+        comm.Barrier()
+        q = qs[:, :-8] if comm.rank == bad else qs
+        t0 = time.perf_counter()
+        err, _ = raise_time(lambda: norm(q, ks, qws, kws, out=(outs[0], outs[1])))
+        if err is None:
+            err, _ = raise_time(norm.synchronize)
+        took = time.perf_counter() - t0
+        record(comm, "bad input on one rank", transport, raised=type(err).__name__,
+               seconds=took, bad=bad)
+        if comm.rank == bad:
+            assert isinstance(err, ValueError) and "shape must be" in str(err)
+            assert not isinstance(err, QKNormError)
+        elif transport == "ipc":
+            assert isinstance(err, CallMismatchError), f"rank {comm.rank}: got {err!r}"
+            assert err.peer == bad and "rejected its input" in str(err)
+            assert took < TIMEOUT_S / 2, f"rank {comm.rank} took {took:.3f} s"
+        else:
+            assert isinstance(err, PeerTimeoutError), f"rank {comm.rank}: got {err!r}"
+            assert took < TIMEOUT_S + 1
+        assert untouched(outs), f"rank {comm.rank}: outputs were written"
+        with pytest.raises(ClosedError):
+            norm(qs, ks, qws, kws)
+    finally:
+        comm.Barrier()
+        norm.close()
+    after_fault_the_process_works(comm, transport)
+
+
+@pytest.mark.parametrize("transport", GPU_TRANSPORTS)
+def test_rank_closes_while_others_call(comm, transport):
     """The last rank closes while the others make a call: they time out and raise
-    PeerTimeoutError naming it; then their close() meets its close() (no hang)."""
+    PeerTimeoutError; then their close() works too (no hang)."""
     dims, (qs, ks, qws, kws), outs, _ = case_arrays(comm, 8)
     closer = comm.size - 1
-    norm = TPQKNorm(comm, *dims, DTYPE, max_tokens=64, transport="ipc", timeout_s=TIMEOUT_S)
+    norm = make(comm, transport, dims)
+    warm_up(norm, qs, ks, qws, kws)
+    comm.Barrier()
     err, took = None, 0.0
     try:
         if comm.rank != closer:
@@ -137,21 +232,47 @@ def test_rank_closes_while_others_call(comm):
         t0 = time.perf_counter()
         norm.close()
         close_took = time.perf_counter() - t0
-    record(comm, "rank closes while others call", raised=type(err).__name__, seconds=took,
-           close_seconds=close_took, closer=closer)
+    record(comm, "rank closes while others call", transport, raised=type(err).__name__,
+           seconds=took, close_seconds=close_took, closer=closer)
     if comm.rank != closer:
         assert isinstance(err, PeerTimeoutError), f"rank {comm.rank}: got {err!r}"
-        assert err.peer == closer
+        assert took < TIMEOUT_S + 1
         assert untouched(outs), f"rank {comm.rank}: outputs were written"
-    after_fault_the_process_works(comm)
+    comm.Barrier()
+    after_fault_the_process_works(comm, transport)
+
+
+@pytest.mark.parametrize("transport", GPU_TRANSPORTS)
+def test_timeout_bounds_a_lone_rank(comm, transport):
+    """Only rank 0 calls (the others do not call at all): rank 0 raises after about
+    timeout_s."""
+    dims, (qs, ks, qws, kws), outs, _ = case_arrays(comm, 2)
+    norm = make(comm, transport, dims)
+    warm_up(norm, qs, ks, qws, kws)
+    comm.Barrier()
+    try:
+        if comm.rank == 0:
+            t0 = time.perf_counter()
+            norm(qs, ks, qws, kws, out=outs)
+            err, _ = raise_time(norm.synchronize)
+            took = time.perf_counter() - t0
+            record(comm, "lone rank", transport, raised=type(err).__name__, seconds=took)
+            assert isinstance(err, PeerTimeoutError)
+            if transport == "ipc":
+                assert 1 <= err.peer < comm.size
+            assert TIMEOUT_S * 0.9 < took < TIMEOUT_S + 1
+            assert untouched(outs)
+    finally:
+        comm.Barrier()
+        norm.close()
+    after_fault_the_process_works(comm, transport)
 
 
 def test_broken_p2p_auto_falls_back_ipc_raises(comm):
-    """The P2P write test fails (forced by the environment switch): "auto" warns and runs
-    on "nccl", exactly; "ipc" raises TransportUnavailableError on every rank."""
+    """The P2P write test fails (forced): "auto" warns and runs on "nccl", exactly;
+    "ipc" raises TransportUnavailableError on every rank."""
     dims = dims_for(comm.size)
-    old = os.environ.get(PROBE_ENV)
-    os.environ[PROBE_ENV] = "1"
+    PeerBuffers.corrupt_probe = True
     try:
         t0 = time.perf_counter()
         with pytest.raises(TransportUnavailableError, match="P2P write test failed"):
@@ -167,38 +288,37 @@ def test_broken_p2p_auto_falls_back_ipc_raises(comm):
         finally:
             norm.close()
     finally:
-        if old is None:
-            os.environ.pop(PROBE_ENV, None)
-        else:
-            os.environ[PROBE_ENV] = old
-    record(comm, "P2P write test fails", ipc_raise_seconds=ipc_took, auto="nccl")
+        PeerBuffers.corrupt_probe = False
+    record(comm, "P2P write test fails", "ipc", ipc_raise_seconds=ipc_took, auto="nccl")
 
 
-def test_timeout_bounds_a_lone_rank(comm):
-    """Only rank 0 calls (the others do not call at all): rank 0 raises after about
-    timeout_s, and the error names a peer that never wrote."""
-    dims, (qs, ks, qws, kws), outs, _ = case_arrays(comm, 2)
-    norm = TPQKNorm(comm, *dims, DTYPE, max_tokens=64, transport="ipc", timeout_s=TIMEOUT_S)
+def test_ranks_sharing_a_gpu(comm):
+    """Every rank on GPU 0 (a workstation with one card): "auto" picks "mpi" and is exact;
+    "ipc" and "nccl" refuse on every rank with one line naming the ranks and the GPU."""
+    import cupy
+    before = cupy.cuda.Device().id
+    cupy.cuda.Device(0).use()
     try:
-        if comm.rank == 0:
+        dims = dims_for(comm.size)
+        for transport in GPU_TRANSPORTS:
             t0 = time.perf_counter()
-            norm(qs, ks, qws, kws, out=outs)
-            err, _ = raise_time(norm.synchronize)
-            took = time.perf_counter() - t0
-            record(comm, "lone rank", raised=type(err).__name__, seconds=took)
-            assert isinstance(err, PeerTimeoutError)
-            assert 1 <= err.peer < comm.size
-            assert TIMEOUT_S * 0.9 < took < TIMEOUT_S + 3
-            assert untouched(outs)
+            with pytest.raises(TransportUnavailableError, match="share GPU 0") as info:
+                TPQKNorm(comm, *dims, DTYPE, max_tokens=64, transport=transport)
+            assert "\n" not in str(info.value)
+            record(comm, "ranks share a GPU", transport, raised="TransportUnavailableError",
+                   seconds=time.perf_counter() - t0)
+        with TPQKNorm(comm, *dims, DTYPE, max_tokens=64) as norm:
+            assert norm.transport == "mpi"
+            run_case(norm, comm, 81, 20, DTYPE)
+        record(comm, "ranks share a GPU", "mpi", auto="mpi")
     finally:
-        norm.close()
-    after_fault_the_process_works(comm)
+        cupy.cuda.Device(before).use()
 
 
-def after_fault_the_process_works(comm):
+def after_fault_the_process_works(comm, transport="ipc"):
     """A fresh object on the same GPUs is exact after the fault."""
     dims = dims_for(comm.size)
-    with TPQKNorm(comm, *dims, DTYPE, max_tokens=64, transport="ipc") as norm:
+    with TPQKNorm(comm, *dims, DTYPE, max_tokens=64, transport=transport) as norm:
         run_case(norm, comm, 123, 17, DTYPE)
 
 
@@ -213,7 +333,9 @@ def test_array_on_another_device_is_refused(comm):
     with cupy.cuda.Device(other):
         q_elsewhere = cupy.asarray(qs.get())
     with TPQKNorm(comm, *dims, DTYPE, max_tokens=64, transport="ipc") as norm:
-        with pytest.raises(TypeError, match="device"):
-            norm(q_elsewhere, ks, qws, kws, out=outs)
+        err, _ = raise_time(lambda: norm(q_elsewhere, ks, qws, kws, out=outs))
+        assert isinstance(err, TypeError) and "device" in str(err)
         assert untouched(outs)
-        run_case(norm, comm, 5, 9, DTYPE)  # every rank still makes the same calls
+        # a refused input closes the object on every rank (the peers learn it at once)
+        with pytest.raises(ClosedError):
+            norm(qs, ks, qws, kws, out=outs)

@@ -17,7 +17,7 @@ MINIMAX = (6144, 1024)
 def dims_for(world):
     """MiniMax's widths where they split evenly (G = 1, 2, 4, 8), else 6144 / 1536
     (G = 3, 6), else 1024 / 128 per rank (G = 5, 7)."""
-    from cupy_qknorm.compile import default_dims
+    from cupy_qknorm.shapes import default_dims
     return default_dims(world)
 
 
@@ -135,7 +135,8 @@ def test_back_to_back_random_tokens(comm):
     and at the end: the slot halves and counters stay consistent across any T sequence,
     with launches of both layouts back to back (chunks of 2048 tokens take the wide one)."""
     import cupy
-    from cupy_qknorm.transports import WIDE_FROM
+    from cupy_qknorm.knobs import KNOBS
+    WIDE_FROM = KNOBS["CUPY_QKNORM_WIDE_FROM"].default
     dtype = "bfloat16"
     q_dim, k_dim = dims_for(comm.size)
     q, k, qw, kw, qr, kr = ref.make_case(21, 5000, q_dim, k_dim, dtype)
