@@ -13,6 +13,7 @@ from ..tuning import Spec, layout_for
 from .launch import Launcher
 
 _HOST_ALLOC_MAPPED = 2  # cudaHostAllocMapped; with UVA the device sees the same address
+HOST_WORDS = 16         # the error record, then the unfused path's launch counters
 _TOKENS = HEAD.__class__("<i")
 
 
@@ -39,9 +40,9 @@ class DeviceTransport:
         self._host = 0
         self._host_words = None
         self._error = cupy.zeros(ERROR_WORDS, cupy.int32)
-        self._host = runtime.hostAlloc(4 * ERROR_WORDS, _HOST_ALLOC_MAPPED)
-        self._host_words = (ctypes.c_int32 * ERROR_WORDS).from_address(self._host)
-        ctypes.memset(self._host, 0, 4 * ERROR_WORDS)
+        self._host = runtime.hostAlloc(4 * HOST_WORDS, _HOST_ALLOC_MAPPED)
+        self._host_words = (ctypes.c_int32 * HOST_WORDS).from_address(self._host)
+        ctypes.memset(self._host, 0, 4 * HOST_WORDS)
         if cfg.rope is not None:
             self.table = _device_table(cupy, cfg.rope, self.device.id)
 

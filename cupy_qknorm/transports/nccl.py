@@ -19,7 +19,8 @@ from ..params import ERROR_TIMEOUT, ERROR_WORDS, SUMS_HEADER
 from .device import DeviceTransport
 
 POLL_S = 0.02     # how often the watchdog looks
-STARTED, FOLLOWED = 6, 7  # error-record words: launches of partial_sums / apply so far
+# host-mapped words after the error record: launches of partial_sums / of apply so far
+STARTED, FOLLOWED = ERROR_WORDS, ERROR_WORDS + 1
 
 
 class NcclTransport(DeviceTransport):
@@ -125,5 +126,3 @@ class NcclTransport(DeviceTransport):
             self._nccl = None
         super().close()
 
-
-assert ERROR_WORDS > FOLLOWED
