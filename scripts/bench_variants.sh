@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A/B of the fused kernel's experiment knobs in one GPU-host call, from the repository root:
+# A/B of the fused kernel's tuning knobs (cupy_qknorm/knobs.py) in one GPU-host call,
+# from the repository root:
 #     bash scripts/bench_variants.sh G TOKENS VARIANT...
 #     bash scripts/bench_variants.sh 2 1,64,512,1024 "" CUPY_QKNORM_VECTORS_PER_THREAD=1 ""
 # Each VARIANT is a space-separated list of VAR=VALUE ("" = the defaults; list it twice to
@@ -10,7 +11,7 @@
 # to every bench command (e.g. BENCH_ARGS=--in-place).
 set -u
 cd "$(dirname "$0")/.."
-[ $# -ge 3 ] || { sed -n 2,10p "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n 2,11p "$0"; exit 2; }
 g=$1 tokens=$2
 shift 2
 out=${BENCH_OUT:-bench-variants}

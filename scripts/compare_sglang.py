@@ -38,9 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 from cupy_qknorm import TPQKNorm, bench  # noqa: E402
 from cupy_qknorm import reference as ref  # noqa: E402
-from cupy_qknorm.cli import _select_device  # noqa: E402
 from cupy_qknorm.peers import PeerBuffers  # noqa: E402
-from cupy_qknorm.transports import (  # noqa: E402
+from cupy_qknorm.placement import select_device  # noqa: E402
+from cupy_qknorm.shapes import default_dims  # noqa: E402
+from cupy_qknorm.transports.launch import (  # noqa: E402
     _PROGRAMMATIC_STREAM_SERIALIZATION, _LaunchAttribute, _LaunchConfig)
 
 EPS = 1e-6
@@ -126,25 +127,6 @@ class SGLang:
         self.buffers.close()
 
 
-def time_graph_us(call, sets, w, stream, replays, comm):
-    """bench.time_graph_us for a bare launch function: warm up, capture 8 calls, replay."""
-    with stream:
-        for q, k, _, _ in sets:
-            call(q, k, *w, stream)
-        stream.synchronize()
-        comm.Barrier()
-        stream.begin_capture()
-        for q, k, _, _ in sets:
-            call(q, k, *w, stream)
-        g = stream.end_capture()
-        g.launch(stream)
-        stream.synchronize()
-        comm.Barrier()
-        ms = bench._median_event_ms(lambda: g.launch(stream), replays, stream)
-    stream.synchronize()
-    return 1000 * ms / len(sets)
-
-
 def check(comm, run, q_dim, k_dim, tokens, seed):
     """Max ulp against the float64 reference and how many elements are past 1 ulp."""
     import cupy
@@ -184,24 +166,27 @@ def _max():
 
 
 def main():
-    import cupy
-    from mpi4py import MPI
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, type=Path,
                    help="SGLang's python/sglang/jit_kernel/csrc/distributed/tp_qknorm.cuh")
     p.add_argument("--tokens", default="1,8,64,512,1024,2048,4096,16384",
                    type=lambda s: [int(v) for v in s.split(",") if v])
-    p.add_argument("--q-dim", type=int, default=6144)
-    p.add_argument("--k-dim", type=int, default=1024)
+    p.add_argument("--q-dim", type=int, help="full q width (default: shapes.default_dims(G))")
+    p.add_argument("--k-dim", type=int, help="full k width (default: shapes.default_dims(G))")
     p.add_argument("--replays", type=int, default=30)
     p.add_argument("--json", help="every number, to this file (rank 0)")
     p.add_argument("--commit", default="unknown")
     args = p.parse_args()
+    import cupy
+    from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    _select_device(comm)
+    select_device(comm)
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if comm.rank == 0 else \
         (lambda m: None)
     world = comm.size
+    q_dim, k_dim = default_dims(world)
+    args.q_dim, args.k_dim = args.q_dim or q_dim, args.k_dim or k_dim
     dq, dk = args.q_dim // world, args.k_dim // world
     stream = cupy.cuda.Stream(non_blocking=True)
     card = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
@@ -232,15 +217,20 @@ def main():
         for t in args.tokens:
             sets, w = bench._inputs(comm, "bfloat16", dq, dk, t, bench.GRAPH_CALLS,
                                     in_place=True)
+            calls = {
+                "ours": lambda q, k, qo, ko, pos, stream: ours(q, k, *w, stream=stream),
+                "sglang": lambda q, k, qo, ko, pos, stream: sgl(q, k, *w, stream),
+            }
             row = {"T": t}
             for rnd in (1, 2):
                 say(f"T={t} round {rnd} ...")
-                row[f"ours_{rnd}"] = comm.allreduce(
-                    bench.time_graph_us(ours, sets, w, stream, args.replays), op=MPI.MAX)
-                row[f"sglang_{rnd}"] = comm.allreduce(
-                    time_graph_us(sgl, sets, w, stream, args.replays, comm), op=MPI.MAX)
-            row["copy"] = comm.allreduce(bench.time_copy_graph_us(sets, stream, args.replays),
-                                         op=MPI.MAX)
+                for name, call in calls.items():
+                    row[f"{name}_{rnd}"] = comm.allreduce(
+                        bench.time_graph_us(call, sets, stream, args.replays, comm),
+                        op=MPI.MAX)
+            row["copy"] = comm.allreduce(
+                bench.time_copy_graph_us([s[:4] for s in sets], stream, args.replays),
+                op=MPI.MAX)
             rows.append(row)
             del sets
     finally:

@@ -9,24 +9,28 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
-import cupy
 import numpy as np
-from mpi4py import MPI
 
-from cupy_qknorm import TPQKNorm, peers
-from cupy_qknorm import reference as ref
-from cupy_qknorm.cli import _select_device
-from cupy_qknorm.compile import default_dims
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package
+
+from cupy_qknorm import TPQKNorm, peers  # noqa: E402
+from cupy_qknorm import reference as ref  # noqa: E402
+from cupy_qknorm.placement import select_device  # noqa: E402
+from cupy_qknorm.shapes import default_dims  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cycles", type=int, default=500)
-    ap.add_argument("--transport", default="ipc")
+    ap.add_argument("--transport", default="ipc", choices=("ipc", "nccl", "mpi"))
     args = ap.parse_args()
+    import cupy
+    from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    _select_device(comm)
+    select_device(comm)
     G, rank = comm.size, comm.rank
     q_dim, k_dim = default_dims(G)
     q, k, qw, kw, qr, kr = ref.make_case(5, 7, q_dim, k_dim, "bfloat16")

@@ -1,76 +1,103 @@
-"""Host time of one eager call, split into its parts (T=1, bf16, MiniMax dims):
-    mpiexec -n G python scripts/eager_breakdown.py
+"""Host time of one eager call, split into its parts (bf16, widths shapes.default_dims(G)):
+
+    mpiexec -n G python scripts/eager_breakdown.py [--tokens 1] [--transport ipc]
 
 Each part is timed in batches of 100 calls started on an idle GPU, so the launch queue
 never fills and the figures are host time, not GPU time; "sustained" is the rate of many
-back-to-back calls, which the GPU bounds when it is slower than the host."""
+back-to-back calls, which the GPU bounds when it is slower than the host. One line on
+rank 0, in us per call."""
+import argparse
+import sys
 import time
+from pathlib import Path
 
-import cupy
 import numpy as np
-from mpi4py import MPI
 
-from cupy_qknorm import TPQKNorm, arrays
-from cupy_qknorm.cli import _select_device
-
-comm = MPI.COMM_WORLD
-_select_device(comm)
-G = comm.size
-q = cupy.zeros((1, 6144 // G), cupy.uint16)
-k = cupy.zeros((1, 1024 // G), cupy.uint16)
-qw = cupy.zeros(6144 // G, cupy.uint16)
-kw = cupy.zeros(1024 // G, cupy.uint16)
-qo, ko = cupy.empty_like(q), cupy.empty_like(k)
-s = cupy.cuda.get_current_stream()
-empty = cupy.RawKernel("extern \"C\" __global__ void e() {}", "e")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package
 
 
-def batches(fn, calls=100, rounds=30):
+def batches(fn, stream, comm, calls=100, rounds=30):
     """Median host us per call over `rounds` batches of `calls`, each on an idle GPU."""
     per = []
     for _ in range(rounds):
-        s.synchronize()
+        stream.synchronize()
         comm.Barrier()
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         per.append((time.perf_counter() - t0) / calls * 1e6)
-    s.synchronize()
+    stream.synchronize()
     return float(np.median(per))
 
 
-with TPQKNorm(comm, 6144, 1024, "bfloat16", max_tokens=64, transport="ipc") as norm:
-    t = norm._transport
-    norm(q, k, qw, kw, out=(qo, ko))
-    arrs = (q, k, qw, kw, qo, ko)
-    ops = norm._validate(*arrs)
-    plan = arrays.Plan.of(ops)
-    ptrs = [op.ptr for op in ops]
-    spec, go, cap = t.kernels(plan.weight_dtype, "narrow")
-    run = t.prepare(plan)
-    fixed = t.bound(plan, ptrs)
-    parts = {
-        "cupy empty kernel": lambda: empty((1,), (32,), ()),
-        "full validation": lambda: norm._validate(*arrs),
-        "signature": lambda: arrays.cupy_signature(arrs),
-        "pack+launch": lambda: run(ptrs, s),
-        "full call": lambda: norm(q, k, qw, kw, out=(qo, ko)),
-        "bound call": norm.bind(q, k, qw, kw, out=(qo, ko)),
-        "bound launch alone": lambda: fixed(s),
-    }
-    path = ("CuPy launch (fallback)" if go["fused"].__name__ == "go_cupy" else
-            "cuLaunchKernelEx" if t.pdl else "cuLaunchKernel")
-    res = {name: batches(fn) for name, fn in parts.items()}
-    s.synchronize()
-    comm.Barrier()
-    t0 = time.perf_counter()
-    for _ in range(2000):
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=1)
+    p.add_argument("--transport", default="ipc", choices=("ipc", "nccl", "mpi"))
+    p.add_argument("--sustained", type=int, default=2000, help="calls back to back")
+    args = p.parse_args(argv)
+    import cupy
+    from mpi4py import MPI
+
+    from cupy_qknorm import TPQKNorm, arrays
+    from cupy_qknorm.compile import load_plain
+    from cupy_qknorm.placement import select_device
+    from cupy_qknorm.shapes import default_dims
+    comm = MPI.COMM_WORLD
+    select_device(comm)
+    G = comm.size
+    q_dim, k_dim = default_dims(G)
+    T = args.tokens
+    q = cupy.zeros((T, q_dim // G), cupy.uint16)
+    k = cupy.zeros((T, k_dim // G), cupy.uint16)
+    qw = cupy.zeros(q_dim // G, cupy.uint16)
+    kw = cupy.zeros(k_dim // G, cupy.uint16)
+    qo, ko = cupy.empty_like(q), cupy.empty_like(k)
+    s = cupy.cuda.get_current_stream()
+    empty = load_plain("qknorm_empty")
+    with TPQKNorm(comm, q_dim, k_dim, "bfloat16", max_tokens=max(64, T),
+                  transport=args.transport) as norm:
+        t = norm._transport
         norm(q, k, qw, kw, out=(qo, ko))
-    s.synchronize()
-    res["sustained (2000 calls)"] = (time.perf_counter() - t0) / 2000 * 1e6
-    norm.synchronize()
-    pdl = t.pdl
-if comm.rank == 0:
-    print(f"eager host time per call (us, {path}, pdl={pdl}, G={G}, "
-          f"{cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}): " +
-          ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+        arrs = (q, k, qw, kw, qo, ko, None)
+        ops = norm._validate(*arrs)
+        plan = arrays.Plan.of(ops)
+        ptrs = arrays.Plan.pointers(ops)
+        run = t.prepare(plan)
+        parts = {
+            "CuPy empty kernel": lambda: empty((1,), (32,), ()),
+            "full validation": lambda: norm._validate(*arrs),
+            "pack+launch": lambda: run(ptrs, s),
+            "full call": lambda: norm(q, k, qw, kw, out=(qo, ko)),
+            "bound call": norm.bind(q, k, qw, kw, out=(qo, ko)),
+        }
+        if args.transport != "mpi":
+            fixed = t.bound(plan, ptrs)
+            parts["bound launch alone"] = lambda: fixed(s)
+        _, go, _ = (t.device() if args.transport == "mpi" else t).kernels(
+            plan.weight_dtype, t.layout(T) if args.transport == "ipc" else "narrow")
+        kernel = go["fused" if args.transport == "ipc" else "partial_sums"]
+        pdl = bool(getattr(t, "pdl", False))  # only the fused kernel launches with PDL
+        path = ("CuPy launch (fallback)" if kernel.__name__ == "go_cupy" else
+                "cuLaunchKernelEx" if pdl else "cuLaunchKernel")
+        res = {name: batches(fn, s, comm) for name, fn in parts.items()}
+        s.synchronize()
+        comm.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(args.sustained):
+            norm(q, k, qw, kw, out=(qo, ko))
+        s.synchronize()
+        res[f"sustained ({args.sustained} calls)"] = \
+            (time.perf_counter() - t0) / args.sustained * 1e6
+        norm.synchronize()
+        transport = norm.transport
+    if comm.rank == 0:
+        card = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+        print(f"eager host time per call (us; {card}, G={G}, T={T}, {transport}, {path}, "
+              f"pdl={pdl}): " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

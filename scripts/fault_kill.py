@@ -12,22 +12,25 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
-import cupy
-from mpi4py import MPI
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package
 
-from cupy_qknorm import PeerTimeoutError, TPQKNorm
-from cupy_qknorm.cli import _select_device
-from cupy_qknorm.compile import default_dims
+from cupy_qknorm import PeerTimeoutError, TPQKNorm  # noqa: E402
+from cupy_qknorm.placement import select_device  # noqa: E402
+from cupy_qknorm.shapes import default_dims  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--timeout", type=float, default=1.0)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--timeout", type=float, default=1.0, help="peer wait bound, seconds")
     ap.add_argument("--calls-before-kill", type=int, default=2000)
     args = ap.parse_args()
+    import cupy
+    from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    _select_device(comm)
+    select_device(comm)
     G, rank = comm.size, comm.rank
     victim = G - 1
     q_dim, k_dim = default_dims(G)

@@ -11,8 +11,13 @@ import pytest
 
 
 def main():
-    logdir, tag = sys.argv[1], sys.argv[2]
-    args = sys.argv[sys.argv.index("--") + 1:]
+    argv = sys.argv[1:]
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return
+    if len(argv) < 3 or argv[2] != "--":
+        sys.exit(f"usage: {__doc__.strip().splitlines()[-1].strip()}")
+    logdir, tag, args = argv[0], argv[1], argv[3:]
     from mpi4py import MPI
     rank, size = MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size
     os.environ["CUPY_QKNORM_VERBOSE_RANKS"] = "1"  # each rank's own log is complete

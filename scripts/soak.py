@@ -13,15 +13,16 @@ Progress on stderr; one summary line per rank and mode; exit 1 on any failure.""
 import argparse
 import sys
 import time
+from pathlib import Path
 
-import cupy
 import numpy as np
-from mpi4py import MPI
 
-from cupy_qknorm import TPQKNorm
-from cupy_qknorm import reference as ref
-from cupy_qknorm.cli import _select_device
-from cupy_qknorm.compile import default_dims
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package
+
+from cupy_qknorm import TPQKNorm  # noqa: E402
+from cupy_qknorm import reference as ref  # noqa: E402
+from cupy_qknorm.placement import select_device  # noqa: E402
+from cupy_qknorm.shapes import default_dims  # noqa: E402
 
 DTYPE = "bfloat16"
 
@@ -33,6 +34,7 @@ def draw(rng, n, max_t):
 
 class Case:
     def __init__(self, comm, max_t):
+        import cupy
         G, r = comm.size, comm.rank
         q, k, qw, kw, qr, kr = ref.make_case(17, max_t, *default_dims(G), DTYPE)
         self.q, self.k, self.qw, self.kw = [
@@ -81,6 +83,7 @@ def eager(norm, case, calls, args, rng, log):
 
 def graph(norm, case, calls, args, rng, log):
     """Returns (elements bad, samples, seconds, rows); calls = replays * calls_per_graph."""
+    import cupy
     stream = cupy.cuda.Stream(non_blocking=True)
     graphs, widest, rows_of = [], [], []
     with stream:
@@ -124,7 +127,8 @@ def graph(norm, case, calls, args, rng, log):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=1_000_000)
     ap.add_argument("--mode", choices=("eager", "graph", "both"), default="both")
     ap.add_argument("--max-t", type=int, default=4096)
@@ -134,8 +138,10 @@ def main():
     ap.add_argument("--calls-per-graph", type=int, default=200)
     ap.add_argument("--seed", type=int, default=2026)
     args = ap.parse_args()
+    import cupy
+    from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    _select_device(comm)
+    select_device(comm)
     G, rank = comm.size, comm.rank
     card = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
 

@@ -1,4 +1,4 @@
-"""Where the fused kernel's time goes, per block, from its own clock (an experiment).
+"""Where the fused kernel's time goes, per block, from its own clock (a diagnostic build).
 
     mpiexec -n G python scripts/trace_fused.py [--tokens 1,64,1024,16384] [--in-place]
 
@@ -20,48 +20,57 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
-os.environ["CUPY_QKNORM_TRACE"] = "1"  # before anything compiles
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package
+
+TRACE = "CUPY_QKNORM_TRACE"  # read at each build: part of the compiled kernel's cache key
 
 
 def main(argv=None):
+    from cupy_qknorm.shapes import default_dims
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default="1,64,1024,16384",
+                   type=lambda s: [int(v) for v in s.split(",")])
+    p.add_argument("--q-dim", type=int, help="full q width (default: shapes.default_dims(G))")
+    p.add_argument("--k-dim", type=int, help="full k width (default: shapes.default_dims(G))")
+    p.add_argument("--replays", type=int, default=30)
+    p.add_argument("--in-place", action="store_true")
+    args = p.parse_args(argv)
     import cupy
     from mpi4py import MPI
 
     from cupy_qknorm import TPQKNorm, bench
-    from cupy_qknorm import compile as kc
-    from cupy_qknorm.cli import _select_device
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", default="1,64,1024,16384",
-                   type=lambda s: [int(v) for v in s.split(",")])
-    p.add_argument("--q-dim", type=int, default=6144)
-    p.add_argument("--k-dim", type=int, default=1024)
-    p.add_argument("--replays", type=int, default=30)
-    p.add_argument("--in-place", action="store_true")
-    args = p.parse_args(argv)
+    from cupy_qknorm.placement import select_device
     comm = MPI.COMM_WORLD
-    _select_device(comm)
+    select_device(comm)
     G = comm.size
+    q_dim, k_dim = default_dims(G)
+    args.q_dim, args.k_dim = args.q_dim or q_dim, args.k_dim or k_dim
     dq, dk = args.q_dim // G, args.k_dim // G
     stream = cupy.cuda.Stream(non_blocking=True)
     rows = []
     for tokens in args.tokens:
         sets, w = bench._inputs(comm, "bfloat16", dq, dk, tokens, bench.GRAPH_CALLS,
                                 args.in_place)
+
+        def call(q, k, qo, ko, pos, stream):
+            norm(q, k, *w, out=(qo, ko), stream=stream)
         timed = {}
         for build in ("plain", "traced"):
-            os.environ[kc.TRACE_ENV] = "1" if build == "traced" else "0"
-            kc._module.cache_clear()  # the same spec, built with the other option
+            os.environ[TRACE] = "1" if build == "traced" else "0"
             with TPQKNorm(comm, args.q_dim, args.k_dim, "bfloat16", max_tokens=tokens,
                           transport="ipc") as norm:
                 t = norm._transport
-                timed[build] = bench.time_graph_us(norm, sets, w, stream, args.replays)
+                timed[build] = bench.time_graph_us(call, sets, stream, args.replays, comm)
                 if build == "traced":
                     grid = min(tokens, t.kernels("bfloat16", t.layout(tokens))[2])
                     rec = t.trace(grid)
                     layout = t.layout(tokens)
+        os.environ.pop(TRACE)
         rows.append((tokens, layout, timed, rec))
     # ns per cycle from the longest blocks of the run (globaltimer's steps are coarse)
     longest = max(rows, key=lambda r: np.median(r[3][:, 4].astype(float)))[3]
@@ -69,7 +78,8 @@ def main(argv=None):
                          np.sum(longest[:, 4].astype(float)))
     lines = [f"rank {comm.rank}: ns per cycle {ns_per_cycle:.4f} "
              f"({1 / ns_per_cycle:.3f} GHz), "
-             f"{cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, G={G}",
+             f"{cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)['name'].decode()}"
+             f", G={G}",
              "| T | layout | plain us | traced us | blocks | tokens/block | pass | first | "
              "ready | wait | first wait | longest wait | block | wait % | entry spread |",
              "| --- " * 15 + "|"]
