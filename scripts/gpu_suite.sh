@@ -7,7 +7,10 @@
 # Logs go to ${GPU_LOGS:-gpu-logs}/ (and, when $OUT is set, as one archive to
 # $OUT/gpu-logs.tgz); one summary line per rank; exit non-zero if anything failed.
 # Uses the host's own MPI (never install an MPI wheel there) and picks GPUs from the
-# node-local rank, not CUDA_VISIBLE_DEVICES.
+# node-local rank, not CUDA_VISIBLE_DEVICES. On a host with fewer GPUs than ranks,
+# QKNORM_TEST_SHARED_GPU=1 runs the pytest stage with ranks sharing GPUs (correctness
+# only: tests/gpu/conftest.py) and memcheck on the RoPE tests; the other stages need a
+# GPU per rank and are skipped.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -27,11 +30,23 @@ mpirun() { timeout "${STAGE_TIMEOUT:-400}" mpiexec --allow-run-as-root --bind-to
 per_test=()
 python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 120 --timeout-method thread)
 largest=0
+shared=${QKNORM_TEST_SHARED_GPU:-0}
 for g in "${ranks[@]}"; do
-  if [ "$g" -gt "$gpus" ]; then echo "SKIPPED G=$g: only $gpus GPUs here"; continue; fi
+  if [ "$g" -gt "$gpus" ] && [ "$shared" != 1 ]; then
+    echo "SKIPPED G=$g: only $gpus GPUs here"; continue
+  fi
   [ "$g" -gt "$largest" ] && largest=$g
   echo "=== G=$g: pytest tests/gpu"
   mpirun "$g" python3 scripts/rank_pytest.py "$LOGS" gpu -- -q "${per_test[@]}" tests/gpu || fail=1
+  if [ "$g" -gt "$gpus" ]; then
+    echo "=== G=$g on $gpus GPU(s), shared: compute-sanitizer memcheck on the RoPE tests"
+    mpirun "$g" compute-sanitizer --tool memcheck --error-exitcode 9 \
+      --log-file "$LOGS/memcheck-shared-rank%q{OMPI_COMM_WORLD_RANK}.log" \
+      python3 scripts/rank_pytest.py "$LOGS" memcheck-shared -- -q \
+      tests/gpu/test_rope.py -k "parity and bfloat16-None or each_layout or outside" || fail=1
+    grep -h "ERROR SUMMARY" "$LOGS"/memcheck-shared-rank*.log | sed "s/^/memcheck shared: /"
+    continue
+  fi
   echo "=== G=$g: check (ipc, nccl) bf16, without and with RoPE"
   for t in ipc nccl; do
     for rope in "" --rope; do
@@ -41,6 +56,7 @@ for g in "${ranks[@]}"; do
     done
   done
   for t in ipc nccl; do
+    [ "$g" -ge 2 ] || break
     echo "=== G=$g $t: one rank SIGKILLed mid-loop: the job must end non-zero, not hang"
     start=$(date +%s%N)
     timeout 120 mpiexec --allow-run-as-root --bind-to none -n "$g" \
@@ -52,7 +68,7 @@ for g in "${ranks[@]}"; do
     { [ $rc -ne 0 ] && [ $rc -ne 124 ]; } || { echo "G=$g $t kill: FAILED"; fail=1; }
   done
 done
-if [ "${SANITIZE:-1}" = 1 ] && [ "$gpus" -ge 2 ]; then
+if [ "${SANITIZE:-1}" = 1 ] && [ "$gpus" -ge 2 ] && [ "$shared" != 1 ]; then
   for tool in memcheck racecheck; do
     # T=1 and 7 take the narrow layout, 300 and the chunks of 3000 the wide one (rows
     # staged in shared memory): both layouts of the fused kernel run under the tool
@@ -70,7 +86,7 @@ if [ "${SANITIZE:-1}" = 1 ] && [ "$gpus" -ge 2 ]; then
     done
   done
 fi
-if [ "${SOAK:-0}" = 1 ] && [ "$largest" -ge 2 ]; then
+if [ "${SOAK:-0}" = 1 ] && [ "$largest" -ge 2 ] && [ "$shared" != 1 ]; then
   echo "=== G=$largest: ${CYCLES:-500} construct/close cycles"
   mpirun "$largest" python3 scripts/cycles.py --cycles "${CYCLES:-500}" || fail=1
   echo "=== G=$largest: soak, ${SOAK_CALLS:-1000000} calls eager and in graphs"

@@ -9,7 +9,7 @@ from cupy_qknorm import TPQKNorm
 from cupy_qknorm import reference as ref
 from tests.conftest import requires_gpu
 
-pytestmark = [requires_gpu, pytest.mark.mpi(min_size=2)]
+pytestmark = [requires_gpu, pytest.mark.mpi(min_size=1)]
 
 MINIMAX = (6144, 1024)
 

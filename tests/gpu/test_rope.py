@@ -13,7 +13,7 @@ from cupy_qknorm import reference as ref
 from tests.conftest import requires_gpu
 from tests.gpu.test_gpu import dims_for, shards
 
-pytestmark = [requires_gpu, pytest.mark.mpi(min_size=2)]
+pytestmark = [requires_gpu, pytest.mark.mpi(min_size=1)]
 
 MINIMAX = RoPE.minimax_m2()
 
