@@ -1,47 +1,136 @@
-"""python -m cupy_qknorm {compile, check, info, bench}."""
+"""cupy-qknorm {compile, check, info, bench}: build the kernels, check parity, describe
+this machine, time the op. Also `python -m cupy_qknorm`.
+
+Every command validates its arguments before any work. A usage error (a bad value, an
+unknown architecture, a transport this machine cannot run, a missing NVRTC) prints one
+line, `cupy-qknorm <command>: <why>` (on rank 0 under mpiexec), and exits with 2;
+CUPY_QKNORM_DEBUG=1 adds the traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+PROG = "cupy-qknorm"
+USAGE_ERROR = 2
 
-def _ints(s):
-    return [int(v) for v in s.split(",") if v]
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where the help text already says it or there
+    is none to show (a flag, or a default the help describes)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def _ints(text):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 0, e.g. 0,1,64; "
+                                         f"got {text!r}")
+    return values
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or not v > 0 or v != v or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+# -- compile ----------------------------------------------------------------------------
+def _compile_one(job):
+    """One specialization for one architecture, in a worker process: (status, spill)."""
+    from . import compile as kc
+    spec, arch = job
+    t = time.perf_counter()
+    try:
+        r = kc.nvrtc_compile(spec, arch)
+    except Exception as e:  # noqa: BLE001 - reported, counted, and the run fails
+        first = str(e).strip().splitlines()
+        return f"FAIL {first[0] if first else type(e).__name__}", None, \
+            time.perf_counter() - t, str(e)
+    fused = r["resources"].get("fused") or {}
+    spill = fused.get("spill_stores", 0) + fused.get("spill_loads", 0)
+    regs, smem = fused.get("registers"), fused.get("smem", 0)
+    status = (f"ok   {r['cubin_bytes']:>7} B; fused kernel: {regs or '?'} registers, "
+              f"{spill} B spilled, {smem} B shared, "
+              f"{_blocks_per_sm(regs, spec.threads, smem)} blocks/SM")
+    return status, spill, time.perf_counter() - t, None
 
 
 def cmd_compile(args):
-    """Build every shipped specialization with NVRTC: no GPU needed."""
+    """Build every shipped specialization with NVRTC (no GPU needed), in parallel."""
     from . import compile as kc
+    from . import knobs
+    from .placement import no_gpu_reason
     from .tuning import shipped_specs
-    specs = shipped_specs()
-    failed, spilled = 0, []
-    t0 = time.perf_counter()
+    why = kc.nvrtc_available()
+    if why is not None:
+        raise _UsageError(f"NVRTC is not available: {why}")
+    supported = kc.supported_archs()
     for arch in args.arch:
-        for i, spec in enumerate(specs, 1):
-            t = time.perf_counter()
-            try:
-                r = kc.nvrtc_compile(spec, arch)
-                fused = r["resources"]["fused"] or {}
-                spill = fused.get("spill_stores", 0) + fused.get("spill_loads", 0)
-                if spill:
-                    spilled.append(f"{arch} {spec}")
-                regs, smem = fused.get("registers"), fused.get("smem", 0)
-                status = (f"ok   {r['cubin_bytes']:>7} B; fused kernel: "
-                          f"{regs or '?'} registers, {spill} B spilled, {smem} B shared, "
-                          f"{_blocks_per_sm(regs, spec.threads, smem)} blocks/SM")
-            except Exception as e:  # noqa: BLE001 - reported, counted, and the run fails
-                failed += 1
-                status = f"FAIL {e}"
-            print(f"[{i:>3}/{len(specs)}] {arch} {spec}: {status} "
-                  f"({time.perf_counter() - t:.2f} s)", flush=True)
-    n = len(specs) * len(args.arch)
-    print(f"compiled {n - failed}/{n} specializations for {', '.join(args.arch)} in "
-          f"{time.perf_counter() - t0:.1f} s; sources {kc.SOURCES_HASH}; register spills: "
-          f"{', '.join(spilled) if spilled else 'none'}")
+        if arch not in supported:
+            raise _UsageError(f"unknown architecture {arch!r}; this NVRTC supports "
+                              f"{', '.join(supported)}")
+    if args.cupy_cache:
+        why = no_gpu_reason()
+        if why is not None:
+            raise _UsageError(f"--cupy-cache needs a GPU (CuPy compiles for the GPU it "
+                              f"sees): {why}")
+    knobs.check_all()
+    specs = shipped_specs()
+    jobs = [(spec, arch) for arch in args.arch for spec in specs]
+    failed, spilled, errors = 0, [], []
+    t0 = time.perf_counter()
+    workers = max(1, min(args.jobs, len(jobs)))
+    results = _map(_compile_one, jobs, workers)
+    for i, ((spec, arch), (status, spill, seconds, error)) in enumerate(zip(jobs, results), 1):
+        if error is not None:
+            failed += 1
+            errors.append(f"{arch} {spec}:\n{error}")
+        elif spill:
+            spilled.append(f"{arch} {spec}")
+        print(f"[{i:>3}/{len(jobs)}] {arch} {spec}: {status} ({seconds:.2f} s)", flush=True)
+    for e in errors[:3]:  # the compiler's log of the first failures, after the list
+        print(e, file=sys.stderr)
+    print(f"compiled {len(jobs) - failed}/{len(jobs)} specializations for "
+          f"{', '.join(args.arch)} in {time.perf_counter() - t0:.1f} s with {workers} "
+          f"process{'es' if workers > 1 else ''}; sources {kc.SOURCES_HASH}; register "
+          f"spills: {', '.join(spilled) if spilled else 'none'}", flush=True)
     if args.cupy_cache and not failed:
         failed = _warm_cupy_cache(kc, specs)
     return 1 if failed else 0
+
+
+def _map(fn, jobs, workers):
+    """fn over jobs in `workers` processes (in this one for 1), results in order. Spawned,
+    not forked: a fork of a process that has touched CUDA may not use it."""
+    if workers == 1:
+        return map(fn, jobs)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return _drain(pool, pool.map(fn, jobs))
+
+
+def _drain(pool, results):
+    with pool:
+        yield from results
 
 
 def _blocks_per_sm(registers, threads, smem=0):
@@ -59,13 +148,8 @@ def _blocks_per_sm(registers, threads, smem=0):
 def _warm_cupy_cache(kc, specs):
     """Load every specialization through CuPy on this GPU: CuPy keeps the binaries in its
     disk cache, so no later process compiles on its first call. Returns the failures."""
-    try:
-        import cupy
-        cupy.cuda.runtime.getDeviceCount()
-        arch = cupy.cuda.Device().compute_capability
-    except Exception as e:  # noqa: BLE001 - no driver or no GPU
-        print(f"--cupy-cache needs a GPU: {e}")
-        return 1
+    import cupy
+    arch = cupy.cuda.Device().compute_capability
     t0 = time.perf_counter()
     for i, spec in enumerate(specs, 1):
         t = time.perf_counter()
@@ -77,37 +161,61 @@ def _warm_cupy_cache(kc, specs):
     return 0
 
 
+# -- check ------------------------------------------------------------------------------
 def cmd_check(args):
     """Parity of this machine against the float64 reference; PASS/FAIL on rank 0."""
     import numpy as np
     from mpi4py import MPI
 
-    from . import TPQKNorm
+    from . import RoPE, TPQKNorm, knobs
     from . import reference as ref
     from .placement import select_device
+    from .rope import check as check_rope
+    from .shapes import default_dims
     comm = MPI.COMM_WORLD
     rank, world = comm.rank, comm.size
+    knobs.check_all()
+    q_dim, k_dim = default_dims(world)
+    args.q_dim = q_dim if args.q_dim is None else args.q_dim
+    args.k_dim = k_dim if args.k_dim is None else args.k_dim
+    rope = RoPE.minimax_m2() if args.rope else None
+    if rope is not None:  # the same on every rank: every rank raises, rank 0 says why
+        check_rope(rope, args.dtype, world, args.q_dim, args.k_dim)
     select_device(comm)
-    _default_dims(args, world)
-    worst = 0.0
-    bad_total = 0
+    worst, bad_total = 0.0, 0
     with TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, args.eps, args.max_tokens,
-                  transport=args.transport, timeout_s=args.timeout) as norm:
+                  transport=args.transport, timeout_s=args.timeout, rope=rope) as norm:
         xp = _array_module(norm)
         if rank == 0:
             print(f"check: G={world} dtype={args.dtype} q_dim={args.q_dim} k_dim={args.k_dim} "
-                  f"transport={norm.transport} max_tokens={args.max_tokens}", flush=True)
+                  f"transport={norm.transport} max_tokens={args.max_tokens}"
+                  + (f" rope=MiniMax M2 ({rope.head_dim}/{rope.rotary_dim} {rope.style}, "
+                     f"{rope.max_position} positions)" if rope else ""), flush=True)
         for i, tokens in enumerate(args.tokens):
             q, k, qw, kw, qr, kr = ref.make_case(args.seed + i, tokens, args.q_dim, args.k_dim,
                                                  args.dtype, eps=args.eps)
+            kwargs, mags = {}, None
+            if rope is not None:  # the same positions on every rank, the table's last row too
+                pos = np.random.default_rng(args.seed + i).integers(0, rope.max_position,
+                                                                     tokens)
+                if tokens:
+                    pos[0] = rope.max_position - 1
+                qr, kr, qm, km = ref.qk_norm_rope(
+                    ref.to_f64(q, args.dtype), ref.to_f64(k, args.dtype),
+                    ref.to_f64(qw, args.dtype), ref.to_f64(kw, args.dtype), args.eps, pos,
+                    _rope_table(rope), rope.head_dim, rope.rotary_dim, rope.style)
+                kwargs["positions"] = xp.asarray(pos)
+                mags = [ref.shard(m, world, rank) for m in (qm, km)]
             sh = [xp.asarray(np.ascontiguousarray(ref.shard(a, world, rank)))
                   for a in (q, k, qw, kw)]
             outs = [xp.full_like(sh[0], ref.poison(args.dtype)),
                     xp.full_like(sh[1], ref.poison(args.dtype))]
-            norm(*sh, out=outs)
+            norm(*sh, out=outs, **kwargs)
             norm.synchronize()
-            errs = [ref.compare(_host(o), ref.shard(r, world, rank), args.dtype)
-                    for o, r in zip(outs, (qr, kr))]
+            want = [ref.shard(r, world, rank) for r in (qr, kr)]
+            errs = [ref.compare(_host(o), y, args.dtype) if mags is None else
+                    ref.compare_rope(_host(o), y, m, args.dtype)
+                    for o, y, m in zip(outs, want, mags or (None, None))]
             err = comm.allreduce(max(e[0] for e in errs), op=MPI.MAX)
             bad = comm.allreduce(sum(e[1] for e in errs), op=MPI.SUM)
             worst, bad_total = max(worst, err), bad_total + bad
@@ -122,19 +230,78 @@ def cmd_check(args):
     return 0 if bad_total == 0 else 1
 
 
+_TABLES: dict = {}
+
+
+def _rope_table(rope):
+    if rope not in _TABLES:
+        from .rope import host_table
+        _TABLES[rope] = host_table(rope)
+    return _TABLES[rope]
+
+
+# -- info -------------------------------------------------------------------------------
 def cmd_info(args):
+    """What this machine offers: version, kernel sources, CuPy, NVRTC, NCCL, MPI, GPUs."""
     from . import __version__
     from . import compile as kc
     print(f"cupy_qknorm {__version__}; kernels {kc.KERNEL_DIR} ({kc.SOURCES_HASH})")
+    for name, line in (("CuPy", _cupy_line), ("NVRTC", _nvrtc_line), ("NCCL", _nccl_line),
+                       ("MPI", _mpi_line)):
+        try:
+            text = line()
+        except Exception as e:  # noqa: BLE001 - informational: say what failed
+            text = f"unavailable ({type(e).__name__}: {e})"
+        print(f"{name}: {text}")
     try:
         import cupy
         n = cupy.cuda.runtime.getDeviceCount()
         for d in range(n):
             p = cupy.cuda.runtime.getDeviceProperties(d)
-            print(f"GPU {d}: {p['name'].decode()} sm_{p['major']}{p['minor']}")
-    except Exception as e:  # noqa: BLE001 - informational
-        print(f"no GPU: {type(e).__name__}: {e}")
+            print(f"GPU {d}: {p['name'].decode()} sm_{p['major']}{p['minor']}, "
+                  f"{p['totalGlobalMem'] / 2 ** 30:.0f} GiB")
+        if not n:
+            print("GPUs: none")
+    except Exception as e:  # noqa: BLE001 - no CuPy or no driver
+        print(f"GPUs: none ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     return 0
+
+
+def _cupy_line():
+    import cupy
+    return f"{cupy.__version__} (CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()})"
+
+
+def _nvrtc_line():
+    from . import compile as kc
+    why = kc.nvrtc_available()
+    if why is not None:
+        return f"unavailable ({why})"
+    from cuda.bindings import nvrtc
+    _, major, minor = nvrtc.nvrtcVersion()
+    return f"{major}.{minor}, targets {', '.join(kc.supported_archs())}"
+
+
+def _nccl_line():
+    import warnings
+    with warnings.catch_warnings():  # CuPy warns where libnccl is missing: said below
+        warnings.simplefilter("ignore")
+        from cupy.cuda import nccl
+    if not getattr(nccl, "available", True) or not hasattr(nccl, "NcclCommunicator"):
+        return "unavailable in this CuPy (pip install nvidia-nccl-cu13 or -cu12)"
+    return f"{nccl.get_version()}"
+
+
+def _mpi_line():
+    import mpi4py
+    from mpi4py import MPI
+    lib = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
+    return f"mpi4py {mpi4py.__version__}; {lib}; {MPI.COMM_WORLD.size} rank(s) here"
+
+
+# -- main -------------------------------------------------------------------------------
+class _UsageError(Exception):
+    """An argument this machine cannot act on: one line, exit 2."""
 
 
 def _array_module(norm):
@@ -149,44 +316,91 @@ def _host(a):
     return a.get() if hasattr(a, "get") else a
 
 
-def _default_dims(args, world):
-    """Fill --q-dim/--k-dim left out with widths that split over `world` ranks."""
-    from .shapes import default_dims
-    q, k = default_dims(world)
-    if args.q_dim is None:
-        args.q_dim = q
-    if args.k_dim is None:
-        args.k_dim = k
+def parser():
+    from . import __version__
+    from .norm import TRANSPORTS
+    from .shapes import DTYPES
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=_Formatter)
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{compile,check,info,bench}")
+    c = sub.add_parser("compile", formatter_class=_Formatter,
+                       help="build every shipped specialization with NVRTC (no GPU needed)",
+                       description="Build every shipped specialization with NVRTC (no GPU "
+                                   "needed): one line per specialization and a summary.")
+    c.add_argument("--arch", action="append", metavar="sm_XY",
+                   help="target architecture, repeatable (default: sm_90)")
+    c.add_argument("--jobs", "-j", type=_positive(int), default=os.cpu_count() or 1,
+                   help="compiler processes")
+    c.add_argument("--cupy-cache", action="store_true",
+                   help="then load each through CuPy on this GPU, filling CuPy's disk cache "
+                        "so that no first call compiles (needs a GPU; default: off)")
+    k = sub.add_parser("check", formatter_class=_Formatter,
+                       help="parity against the float64 reference (under mpiexec)",
+                       description="Parity of every rank's output against the float64 "
+                                   "reference: mpiexec -n G cupy-qknorm check.")
+    k.add_argument("--transport", default="auto", choices=TRANSPORTS,
+                   help="how partial sums travel (auto: the fastest this placement runs)")
+    k.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="data type of q and k")
+    k.add_argument("--q-dim", type=_positive(int),
+                   help="full q width (default: 6144, or what splits over G ranks: "
+                        "cupy_qknorm.shapes.default_dims)")
+    k.add_argument("--k-dim", type=_positive(int),
+                   help="full k width (default: 1024, or what splits over G ranks)")
+    k.add_argument("--eps", type=float, default=1e-6, help="RMSNorm epsilon")
+    k.add_argument("--tokens", type=_ints, default="0,1,7,64,1000,3000",
+                   help="token counts T to check, comma-separated")
+    k.add_argument("--max-tokens", type=_positive(int), default=2048,
+                   help="tokens a launch (longer calls run in chunks)")
+    k.add_argument("--seed", type=int, default=1234, help="seed of the random inputs")
+    k.add_argument("--timeout", type=_positive(float), default=5.0,
+                   help="bound on any wait for a peer, seconds")
+    k.add_argument("--rope", action="store_true",
+                   help="then MiniMax M2's RoPE (heads of 128, 64 rotated, NeoX, theta 5e6, "
+                        "positions up to 196607); needs whole heads on every rank "
+                        "(default: off)")
+    sub.add_parser("info", formatter_class=_Formatter,
+                   help="version, kernel sources, CuPy, NVRTC, NCCL, MPI and GPUs",
+                   description="What this machine offers cupy_qknorm.")
+    from .bench import add_parser as add_bench
+    add_bench(sub)
+    return p
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m cupy_qknorm", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("compile", help="build every shipped specialization with NVRTC")
-    c.add_argument("--arch", action="append", help="e.g. sm_90 (repeatable; default sm_90)")
-    c.add_argument("--cupy-cache", action="store_true",
-                   help="then load each through CuPy on this GPU, filling CuPy's disk cache "
-                        "so that no first call compiles (needs a GPU)")
-    k = sub.add_parser("check", help="parity against the float64 reference (under mpiexec)")
-    k.add_argument("--transport", default="auto", choices=("auto", "ipc", "nccl", "mpi"))
-    k.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    k.add_argument("--q-dim", type=int, help="full q width (default: 6144, or what splits "
-                   "over G ranks: cupy_qknorm.compile.default_dims)")
-    k.add_argument("--k-dim", type=int, help="full k width (default: 1024, or as --q-dim)")
-    k.add_argument("--eps", type=float, default=1e-6)
-    k.add_argument("--tokens", type=_ints, default=[0, 1, 7, 64, 1000, 3000])
-    k.add_argument("--max-tokens", type=int, default=2048)
-    k.add_argument("--seed", type=int, default=1234)
-    k.add_argument("--timeout", type=float, default=5.0, help="peer wait bound, seconds")
-    sub.add_parser("info", help="version, kernel sources and GPUs")
-    from .bench import add_parser as add_bench
-    add_bench(sub)
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     if args.cmd == "compile":
         args.arch = args.arch or ["sm_90"]
-    from .bench import run as cmd_bench
-    return {"compile": cmd_compile, "check": cmd_check, "info": cmd_info,
-            "bench": cmd_bench}[args.cmd](args)
+    if args.cmd == "bench":
+        from .bench import run as cmd_bench
+    else:
+        cmd_bench = None
+    command = {"compile": cmd_compile, "check": cmd_check, "info": cmd_info,
+               "bench": cmd_bench}[args.cmd]
+    from .errors import QKNormError
+    try:
+        return command(args)
+    except (_UsageError, QKNormError, ValueError, TypeError) as e:
+        from . import knobs
+        if _rank(args.cmd) == 0:
+            text = " ".join(str(e).split()) or type(e).__name__
+            print(f"{PROG} {args.cmd}: {text}", file=sys.stderr, flush=True)
+            try:
+                debug = knobs.get("CUPY_QKNORM_DEBUG")
+            except ValueError:
+                debug = 0
+            if debug:
+                import traceback
+                traceback.print_exc()
+        return USAGE_ERROR
+
+
+def _rank(cmd) -> int:
+    """This process's rank where the command runs under MPI, else 0."""
+    if cmd not in ("check", "bench"):
+        return 0
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.rank
 
 
 if __name__ == "__main__":
