@@ -46,8 +46,11 @@ def main():
         q_ref, _ = ref.qk_norm(q_full, k_full, qw_full, kw_full, 1e-6)
         host = q.get() if hasattr(q, "get") else q
         err = np.abs(host - ref.shard(q_ref, G, r)).max()
-        print(f"rank {r}/{G}: transport={norm.transport}, q_dim={q_dim}, k_dim={k_dim}, "
-              f"max |q - reference| = {err:.2e}", flush=True)
+        line = (f"rank {r}/{G}: transport={norm.transport}, q_dim={q_dim}, k_dim={k_dim}, "
+                f"max |q - reference| = {err:.2e}")
+    lines = comm.gather(line, root=0)   # one line a rank, in rank order
+    if r == 0:
+        print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ import pytest
 
 def main():
     argv = sys.argv[1:]
+    usage = f"usage: {__doc__.strip().splitlines()[-1].strip()}"
     if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__.strip())
+        print(f"{usage}\n\n{__doc__.strip()}")
         return
     if len(argv) < 3 or argv[2] != "--":
-        sys.exit(f"usage: {__doc__.strip().splitlines()[-1].strip()}")
+        sys.exit(usage)
     logdir, tag, args = argv[0], argv[1], argv[3:]
     from mpi4py import MPI
     rank, size = MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size
