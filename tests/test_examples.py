@@ -67,3 +67,20 @@ def test_readme_example_at_a_world_minimax_widths_do_not_split():
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("max |q - reference|") == 5, r.stdout + r.stderr
     assert "q_dim=5120, k_dim=640" in r.stdout
+
+
+def test_bench_helpers_keep_the_parameters_the_scripts_pass():
+    """compare_sglang.py, trace_fused.py and profile_g1.py time with bench's helpers; a
+    changed signature would only show on a GPU host."""
+    import inspect
+
+    from cupy_qknorm import bench
+    want = {"_inputs": "comm dtype dq dk tokens sets in_place",
+            "time_graph_us": "call sets stream replays comm",
+            "time_copy_graph_us": "sets stream replays",
+            "floor_empty_kernel_us": "stream",
+            "floor_one_way_us": "comm stream iters",
+            "floor_exchange_us": "comm stream timeout_ns"}
+    for name, params in want.items():
+        assert list(inspect.signature(getattr(bench, name)).parameters) == params.split(), name
+    assert bench.GRAPH_CALLS >= 1
