@@ -41,13 +41,17 @@ def _run(cmd, cwd, env, timeout=120):
     return r.stdout
 
 
-def _can_build_in_place() -> bool:
-    """Whether this environment's setuptools can build the wheel without isolation."""
+def _at_least(dist: str, version: tuple) -> bool:
+    """Whether `dist` is installed here at `version` or later."""
     try:
-        major = int(importlib.metadata.version("setuptools").split(".")[0])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
+        have = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
         return False
-    return major >= 77
+    parts = []
+    for p in have.split(".")[:len(version)]:
+        digits = re.match(r"\d+", p)
+        parts.append(int(digits.group()) if digits else 0)
+    return tuple(parts) >= version
 
 
 def _nvrtc_dir():
@@ -77,16 +81,26 @@ def installed(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"),
              str(src)]
-    if _can_build_in_place():
+    in_place = _at_least("setuptools", (77,))  # else pip fetches it: an isolated build
+    if in_place:
         build.insert(4, "--no-build-isolation")
-    _run(build, tmp, env, timeout=300)
+    r = subprocess.run(build, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode and not in_place and "setuptools" in r.stderr and \
+            "distribution" in r.stderr:
+        pytest.skip("building the wheel needs setuptools>=77, here or from the index: "
+                    "pip install 'setuptools>=77'")
+    assert r.returncode == 0, f"pip wheel: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
     wheel, = (tmp / "dist").glob("cupy_qknorm-*.whl")
     venv = tmp / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-         tmp, env)
     python = venv / "bin" / "python"
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-          str(wheel)], tmp, env)
+    if _at_least("pip", (22, 3)):  # pip --python: a venv without its own pip is enough
+        _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+              str(venv)], tmp, env)
+        _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+              "--no-deps", str(wheel)], tmp, env)
+    else:
+        _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], tmp, env)
+        _run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], tmp, env)
     site = Path(_run([str(python), "-c", "import sysconfig; "
                       "print(sysconfig.get_paths()['purelib'])"], tmp, env).strip())
     # numpy, mpi4py, cupy and cuda-bindings from this environment, after the wheel's copy
