@@ -1,33 +1,83 @@
-"""The MPI paths with numpy arrays: run under `mpiexec -n G python -m pytest --with-mpi`
-(tests/test_launch.py does that). Every rank must raise the same error together."""
+"""Transport "mpi" with numpy arrays over several ranks: run under
+`mpiexec -n G python -m pytest --with-mpi tests/test_mpi.py` (tests/test_launch.py does).
+
+Parity against the float64 reference (norm, and norm then RoPE), and the faults a caller
+can make: each must raise a typed error on every rank, within its bound, with nothing
+written, and leave the communicator fit for a new object. Rank 0 prints each fault's
+time to the error on every rank (lines starting with FAULT-TIME)."""
+import time
+
 import numpy as np
 import pytest
 from mpi4py import MPI
 
-from cupy_qknorm import ConfigMismatchError, TPQKNorm
+from cupy_qknorm import (CallMismatchError, ConfigMismatchError, PeerTimeoutError,
+                         PositionError, RoPE, TPQKNorm)
 from cupy_qknorm import reference as ref
+from cupy_qknorm.shapes import default_dims
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
 
-def dims(world):
-    from cupy_qknorm.compile import default_dims
-    return default_dims(world)
+def mine(arrays, comm):
+    return [np.ascontiguousarray(ref.shard(a, comm.size, comm.rank)) for a in arrays]
 
 
+def poisoned(like, dtype):
+    return np.full_like(like, ref.poison(dtype))
+
+
+def untouched(out, dtype):
+    p = ref.poison(dtype)
+    return bool(np.all(out.view(np.uint16) == p)) if dtype == "bfloat16" else \
+        bool(np.all(np.isnan(out)))
+
+
+def report(comm, capsys, case, seconds, outcome):
+    """Gather every rank's time to its error and print it from rank 0."""
+    rows = comm.gather((seconds, outcome), root=0)
+    if comm.rank == 0:
+        text = ", ".join(f"rank {r}: {o} after {s * 1e3:.1f} ms" if s is not None else
+                         f"rank {r}: {o}" for r, (s, o) in enumerate(rows))
+        with capsys.disabled():
+            print(f"\nFAULT-TIME G={comm.size} {case}: {text}", flush=True)
+
+
+def timed(fn):
+    """(exception or None, seconds) of fn()."""
+    t = time.monotonic()
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - returned to the test, which checks its type
+        return e, time.monotonic() - t
+    return None, time.monotonic() - t
+
+
+def fresh_object_is_exact(comm, dtype="float32"):
+    """A new object on the same communicator, after a fault: exact results."""
+    q_dim, k_dim = default_dims(comm.size)
+    q, k, qw, kw, qr, kr = ref.make_case(99, 3, q_dim, k_dim, dtype)
+    with TPQKNorm(comm, q_dim, k_dim, dtype, transport="mpi", timeout_s=5) as norm:
+        sh = mine((q, k, qw, kw), comm)
+        norm(*sh)
+    ok = all(ref.compare(o, ref.shard(r, comm.size, comm.rank), dtype)[1] == 0
+             for o, r in zip(sh[:2], (qr, kr)))
+    assert comm.allreduce(int(ok), op=MPI.MIN) == 1, "a new object after the fault is wrong"
+
+
+# -- parity ----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,wdtype", [("bfloat16", None), ("bfloat16", "float32"),
-                                          ("float16", None), ("float32", None)])
-def test_mpi_transport_parity(comm, dtype, wdtype):
-    q_dim, k_dim = dims(comm.size)
+                                          ("float16", None), ("float16", "float32"),
+                                          ("float32", None)])
+def test_parity(comm, dtype, wdtype):
+    q_dim, k_dim = default_dims(comm.size)
     with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=64, transport="mpi") as norm:
         assert norm.transport == "mpi"
         for i, tokens in enumerate((0, 1, 7, 130)):
             q, k, qw, kw, qr, kr = ref.make_case(50 + i, tokens, q_dim, k_dim, dtype, wdtype)
-            mine = [np.ascontiguousarray(ref.shard(a, comm.size, comm.rank))
-                    for a in (q, k, qw, kw)]
-            outs = [np.full_like(mine[0], ref.poison(dtype)),
-                    np.full_like(mine[1], ref.poison(dtype))]
-            norm(*mine, out=outs)
+            sh = mine((q, k, qw, kw), comm)
+            outs = [poisoned(sh[0], dtype), poisoned(sh[1], dtype)]
+            norm(*sh, out=outs)
             for o, r in zip(outs, (qr, kr)):
                 err, bad = ref.compare(o, ref.shard(r, comm.size, comm.rank), dtype)
                 assert bad == 0, f"T={tokens}: max error {err}"
@@ -35,27 +85,54 @@ def test_mpi_transport_parity(comm, dtype, wdtype):
 
 def test_small_rms_rows_keep_full_eps(comm):
     """Rows far below sqrt(eps): the full eps must be used, not eps / G or eps / D."""
-    q_dim, k_dim = dims(comm.size)
+    q_dim, k_dim = default_dims(comm.size)
     q, k, qw, kw, qr, kr = ref.make_case(77, 5, q_dim, k_dim, "float32",
                                          log10_rms=(-6.0, -5.0))
     with TPQKNorm(comm, q_dim, k_dim, "float32", transport="mpi") as norm:
-        mine = [np.ascontiguousarray(ref.shard(a, comm.size, comm.rank))
-                for a in (q, k, qw, kw)]
-        norm(*mine)
-    assert ref.compare(mine[0], ref.shard(qr, comm.size, comm.rank), "float32")[1] == 0
+        sh = mine((q, k, qw, kw), comm)
+        norm(*sh)
+    assert ref.compare(sh[0], ref.shard(qr, comm.size, comm.rank), "float32")[1] == 0
+    assert ref.compare(sh[1], ref.shard(kr, comm.size, comm.rank), "float32")[1] == 0
 
 
+@pytest.mark.parametrize("style", ["neox", "gptj"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_rope_parity(comm, style, dtype):
+    """Norm then RoPE (64 of each head of 128 rotated), positions up to the table's end."""
+    g = comm.size
+    q_dim, k_dim = g * 256, g * 128   # whole heads on every rank
+    rope = RoPE(128, 64, theta=5e6, style=style, max_position=4096)
+    table = ref.rope_table(4096, 64, 5e6)
+    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=16, transport="mpi",
+                  rope=rope) as norm:
+        for i, tokens in enumerate((1, 5, 40)):
+            q, k, qw, kw, _, _ = ref.make_case(60 + i, tokens, q_dim, k_dim, dtype)
+            pos = np.random.default_rng(i).integers(0, 4096, tokens)
+            pos[0] = 4095
+            qy, ky, qm, km = ref.qk_norm_rope(
+                ref.to_f64(q, dtype), ref.to_f64(k, dtype), ref.to_f64(qw, dtype),
+                ref.to_f64(kw, dtype), 1e-6, pos, table, 128, 64, style)
+            sh = mine((q, k, qw, kw), comm)
+            outs = [poisoned(sh[0], dtype), poisoned(sh[1], dtype)]
+            norm(*sh, out=outs, positions=pos.astype(np.int32 if i % 2 else np.int64))
+            for o, y, m in zip(outs, (qy, ky), (qm, km)):
+                err, bad = ref.compare_rope(o, ref.shard(y, g, comm.rank),
+                                            ref.shard(m, g, comm.rank), dtype)
+                assert bad == 0, f"T={tokens} {style}: max error {err}"
+
+
+# -- configuration ---------------------------------------------------------------------
 def test_config_mismatch_raises_on_every_rank(comm):
     eps = 1e-6 if comm.rank == 0 else 1e-5
     with pytest.raises(ConfigMismatchError, match="disagree"):
-        TPQKNorm(comm, *dims(comm.size), "float32", eps=eps, transport="mpi")
+        TPQKNorm(comm, *default_dims(comm.size), "float32", eps=eps, transport="mpi")
 
 
 def test_one_rank_bad_config_raises_everywhere(comm):
-    good = dims(comm.size)[0]
+    good = default_dims(comm.size)[0]
     q_dim = good if comm.rank else good + 1  # only rank 0 is wrong
     with pytest.raises(ValueError, match=r"^rank 0: q_dim="):
-        TPQKNorm(comm, q_dim, dims(comm.size)[1], "float32", transport="mpi")
+        TPQKNorm(comm, q_dim, default_dims(comm.size)[1], "float32", transport="mpi")
 
 
 def test_sub_communicators_side_by_side(comm):
@@ -74,5 +151,90 @@ def test_auto_without_gpu_is_mpi(comm):
     from tests.conftest import HAS_GPU
     if HAS_GPU:
         pytest.skip("a GPU is present: auto picks a GPU transport")
-    with TPQKNorm(comm, *dims(comm.size), "bfloat16") as norm:
+    with TPQKNorm(comm, *default_dims(comm.size), "bfloat16") as norm:
         assert norm.transport == "mpi"
+
+
+# -- faults ----------------------------------------------------------------------------
+TIMEOUT_S = 5.0
+
+
+def setup(comm, dtype="bfloat16", tokens=4, timeout_s=TIMEOUT_S, rope=None):
+    q_dim, k_dim = (comm.size * 256, comm.size * 128) if rope else default_dims(comm.size)
+    norm = TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=16, transport="mpi",
+                    timeout_s=timeout_s, rope=rope)
+    q, k, qw, kw, _, _ = ref.make_case(7, tokens, q_dim, k_dim, dtype)
+    sh = mine((q, k, qw, kw), comm)
+    return norm, sh, [poisoned(sh[0], dtype), poisoned(sh[1], dtype)]
+
+
+def test_fault_one_rank_bad_shape(comm, capsys):
+    """That rank raises its own ValueError; the others CallMismatchError naming it and
+    quoting its cause, at once (no waiting for the timeout)."""
+    bad = comm.size - 1
+    norm, (q, k, qw, kw), outs = setup(comm)
+    if comm.rank == bad:
+        q = q[:, :-8]
+    error, seconds = timed(lambda: norm(q, k, qw, kw, out=outs))
+    norm.close()
+    report(comm, capsys, "one rank passes a bad shape", seconds, type(error).__name__)
+    if comm.rank == bad:
+        assert type(error) is ValueError and "q: shape must be" in str(error), error
+    else:
+        assert type(error) is CallMismatchError, error
+        assert f"the call was refused by rank {bad}: ValueError: q: shape must be" in \
+            str(error), error
+        assert error.peer == bad
+    assert seconds < TIMEOUT_S / 5, f"{seconds:.3f} s: the error waited for the timeout"
+    assert untouched(outs[0], "bfloat16") and untouched(outs[1], "bfloat16")
+    fresh_object_is_exact(comm)
+
+
+def test_fault_token_counts_differ(comm, capsys):
+    """Rank 0 calls with T=5, the others with T=4: CallMismatchError on every rank."""
+    norm, (q, k, qw, kw), outs = setup(comm, tokens=5)
+    if comm.rank:
+        q, k, outs = q[:4], k[:4], [o[:4] for o in outs]
+    error, seconds = timed(lambda: norm(q, k, qw, kw, out=outs))
+    norm.close()
+    report(comm, capsys, "T=5 on rank 0, T=4 elsewhere", seconds, type(error).__name__)
+    assert type(error) is CallMismatchError, error
+    assert f"rank {comm.rank} called with {5 if comm.rank == 0 else 4} tokens while the " \
+           f"ranks' token counts range from 4 to 5" in str(error), error
+    assert seconds < TIMEOUT_S / 5
+    assert untouched(outs[0], "bfloat16") and untouched(outs[1], "bfloat16")
+    fresh_object_is_exact(comm)
+
+
+def test_fault_a_rank_skips_a_call(comm, capsys):
+    """The last rank makes no call: the others raise PeerTimeoutError after about
+    timeout_s, and every rank can then build a new object on the communicator."""
+    skipper, timeout = comm.size - 1, 1.0
+    norm, (q, k, qw, kw), outs = setup(comm, timeout_s=timeout)
+    if comm.rank == skipper:
+        error, seconds = None, None
+    else:
+        error, seconds = timed(lambda: norm(q, k, qw, kw, out=outs))
+    norm.close()
+    report(comm, capsys, f"a rank skips a call (timeout_s={timeout:g})", seconds,
+           type(error).__name__ if error else "no call")
+    if comm.rank != skipper:
+        assert type(error) is PeerTimeoutError, error
+        assert timeout <= seconds < timeout + 1.0, f"{seconds:.3f} s for a {timeout} s bound"
+        assert untouched(outs[0], "bfloat16") and untouched(outs[1], "bfloat16")
+    fresh_object_is_exact(comm)
+
+
+def test_fault_position_outside_the_table(comm, capsys):
+    rope = RoPE(128, 64, max_position=32)
+    norm, (q, k, qw, kw), outs = setup(comm, rope=rope)
+    pos = np.array([0, 31, 32, 5])
+    error, seconds = timed(lambda: norm(q, k, qw, kw, out=outs, positions=pos))
+    norm.close()
+    report(comm, capsys, "a position outside the table", seconds, type(error).__name__)
+    assert type(error) is PositionError, error
+    assert f"rank {comm.rank}: token 2 has position 32, outside the RoPE table's 32 rows" in \
+        str(error)
+    assert (error.token, error.position) == (2, 32)
+    assert untouched(outs[0], "bfloat16") and untouched(outs[1], "bfloat16")
+    fresh_object_is_exact(comm)
