@@ -42,6 +42,23 @@ def pytest_configure(config):
         config.option.verbose = -1
 
 
+FAULT_TIMES = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def fault_times(pytestconfig):
+    """Lines of the MPI fault tests' times to the error, listed at the end of the run."""
+    return pytestconfig.stash.setdefault(FAULT_TIMES, [])
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    lines = config.stash.get(FAULT_TIMES, [])
+    if lines:
+        terminalreporter.section("time to the error of each fault, per rank (test_mpi.py)")
+        for line in lines:
+            terminalreporter.write_line(line[len("FAULT-TIME "):])
+
+
 @pytest.fixture
 def comm(request):
     from mpi4py import MPI
