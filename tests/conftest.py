@@ -3,7 +3,11 @@
 tests/test_launch.py starts those runs as subprocesses.
 
 Under MPI: the GPU comes from the node-local rank, ranks other than 0 are quiet, and a
-barrier surrounds each test so one rank's failure cannot shift the others' collectives."""
+barrier surrounds each test so one rank's failure cannot shift the others' collectives.
+
+A plain run starts tests/test_compile.py's NVRTC build in the background at collection
+and runs those tests last; at the end it lists the MPI faults' times to the error, the
+build's summary, and why tests were skipped (counts per reason; -rs lists each)."""
 import os
 import sys
 
@@ -43,6 +47,36 @@ def pytest_configure(config):
 
 
 FAULT_TIMES = pytest.StashKey[list]()
+NVRTC_BUILD = pytest.StashKey[object]()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(config, items):
+    """The NVRTC build of tests/test_compile.py starts now, in the background, and its
+    tests run last: the compile uses the CPU the other tests leave idle."""
+    late = [i for i in items if "built" in getattr(i, "fixturenames", ())]
+    if not late or _under_mpi(config):
+        return
+    ids = {id(i) for i in late}
+    items[:] = [i for i in items if id(i) not in ids] + late
+    config.stash[NVRTC_BUILD] = late[0].module.start_build()
+
+
+@pytest.fixture(scope="module")
+def nvrtc_build(pytestconfig):
+    """nvrtc_build(start) -> the build started at collection, or start() now."""
+    def get(start):
+        build = pytestconfig.stash.get(NVRTC_BUILD, None)
+        if build is None:
+            build = pytestconfig.stash[NVRTC_BUILD] = start()
+        return build
+    return get
+
+
+def pytest_unconfigure(config):
+    build = config.stash.get(NVRTC_BUILD, None)
+    if build is not None:
+        build.close()
 
 
 @pytest.fixture
@@ -52,11 +86,25 @@ def fault_times(pytestconfig):
 
 
 def pytest_terminal_summary(terminalreporter, config):
+    tr = terminalreporter
     lines = config.stash.get(FAULT_TIMES, [])
     if lines:
-        terminalreporter.section("time to the error of each fault, per rank (test_mpi.py)")
+        tr.section("time to the error of each fault, per rank (test_mpi.py)")
         for line in lines:
-            terminalreporter.write_line(line[len("FAULT-TIME "):])
+            tr.write_line(line[len("FAULT-TIME "):])
+    build = config.stash.get(NVRTC_BUILD, None)
+    if build is not None and getattr(build, "_done", False):
+        tr.write_line(build.summary())
+    skipped = tr.stats.get("skipped", [])
+    if skipped and "s" not in config.option.reportchars and \
+            "a" not in config.option.reportchars:
+        reasons = {}
+        for rep in skipped:
+            reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+            reason = reason.removeprefix("Skipped: ")
+            reasons[reason] = reasons.get(reason, 0) + 1
+        tr.write_line("skipped (-rs lists each): " + "; ".join(
+            f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda r: -r[1])))
 
 
 @pytest.fixture

@@ -1,0 +1,239 @@
+"""Compile many kernel names with NVRTC in a few programs, in background processes:
+how tests/test_compile.py builds every shipped specialization within the CI's time.
+
+- One program per batch of names: the header is parsed once a batch, and a kernel that
+  several specs share is built once. A batch that fails is compiled again name by name,
+  so that each failure is attributed to its kernel.
+- Batches run in spawned worker processes at a lower priority, started when the tests
+  are collected (conftest.py), so they use the CPU the other tests leave idle; the
+  compile tests run last and wait for what is left.
+- A kernel compiled cleanly (no error, no warning) is remembered on disk under a key of
+  everything its result depends on: the kernel sources, the NVRTC library, the options
+  and the architecture. A run with none of those changed compiles nothing again;
+  QKNORM_TEST_NVRTC_CACHE=0 turns the cache off (or names another directory).
+Same source, options and ptxas report as compile.nvrtc_compile.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+
+def compile_names(names, arch, build=None):
+    """{name: {"resources", "error"}} and the log of one NVRTC program holding `names`,
+    built with these build knobs (None: the environment's). Returns (results, log,
+    seconds)."""
+    from cuda.bindings import nvrtc
+
+    from cupy_qknorm import compile as kc
+    t0 = time.perf_counter()
+    src = (kc.KERNEL_DIR / "qknorm.cu").read_text().encode()
+    prog, = kc._check(nvrtc.nvrtcCreateProgram(src, b"qknorm.cu", 0, [], []))
+    try:
+        for name in names:
+            kc._check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
+        opts = [o.encode() for o in kc.options(build)] + [f"--gpu-architecture={arch}".encode(),
+                                                          b"--ptxas-options=-v"]
+        try:
+            kc._check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog)
+        except kc.QKNormError as e:
+            return {n: {"resources": None, "error": str(e)} for n in names}, str(e), \
+                time.perf_counter() - t0
+        _, n = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * n
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        log = log.decode(errors="replace").strip(" \0\n")
+        found = kc.ptxas_resources(log)
+        out = {}
+        for name in names:
+            lowered, = kc._check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))
+            lowered = lowered.decode() if isinstance(lowered, bytes) else lowered
+            out[name] = {"resources": found.get(lowered), "error": None}
+        return out, log, time.perf_counter() - t0
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def _batch(job):
+    names, target = job
+    arch, build = target
+    out, log, seconds = compile_names(names, arch, build)
+    if len(names) > 1 and any(r["error"] for r in out.values()):
+        out, logs = {}, []
+        for name in names:  # attribute the failure to its kernel(s)
+            one, one_log, _ = compile_names([name], arch, build)
+            out.update(one)
+            logs.append(one_log)
+        log = "\n".join(logs)
+    return target, out, log, seconds
+
+
+def weight(name):
+    """Relative compile time of a kernel (the fused kernel dominates; staged rows and
+    RoPE make it longer): to balance the batches."""
+    if not name.startswith("qknorm::fused<"):
+        return 0.2
+    args = [a.strip() for a in name[name.index("<") + 1:-1].split(",")]
+    staged, style = args[7] == "1", args[10] != "0"
+    return 1.0 + 0.6 * staged + 0.5 * style
+
+
+def plan(names, batches):
+    """`names` (each once) split into `batches` lists of about equal compile time (the
+    longest kernels placed first, each on the lightest list)."""
+    out = [[] for _ in range(batches)]
+    load = [0.0] * batches
+    for name in sorted(dict.fromkeys(names), key=weight, reverse=True):
+        i = load.index(min(load))
+        out[i].append(name)
+        load[i] += weight(name)
+    return [b for b in out if b]
+
+
+# -- the cache of clean compiles ----------------------------------------------------------
+def cache_dir():
+    """The cache's directory, or None where QKNORM_TEST_NVRTC_CACHE=0."""
+    where = os.environ.get("QKNORM_TEST_NVRTC_CACHE", "").strip()
+    if where == "0":
+        return None
+    if where and where != "1":
+        return Path(where)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                            ".cache")
+    return Path(base) / "cupy-qknorm" / "test-nvrtc"
+
+
+def toolchain() -> str:
+    """What identifies the NVRTC in use: its version, its wheel's version, and the
+    library file (path, size, modification time)."""
+    import importlib.metadata
+
+    from cuda.bindings import nvrtc
+    _, major, minor = nvrtc.nvrtcVersion()
+    parts = [f"nvrtc {major}.{minor}"]
+    for dist in ("nvidia-cuda-nvrtc", "nvidia-cuda-nvrtc-cu12", "cuda-bindings"):
+        try:
+            parts.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+        lib = Path(load_nvidia_dynamic_lib("nvrtc").abs_path)
+        st = lib.stat()
+        parts.append(f"{lib} {st.st_size} {st.st_mtime_ns}")
+    except Exception:  # noqa: BLE001 - no pathfinder: the versions above identify it
+        pass
+    return "; ".join(parts)
+
+
+def cache_key(target) -> str:
+    """Everything a kernel's compile result depends on, but its name: sources (every
+    file of kernels/), NVRTC, options (build knobs included) and architecture."""
+    from cupy_qknorm import compile as kc
+    arch, build = target
+    h = hashlib.sha256()
+    for f in sorted(kc.KERNEL_DIR.glob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update(f"{toolchain()}\0{kc.options(build)}\0{arch}".encode())
+    return h.hexdigest()[:32]
+
+
+def _cache_file(target):
+    d = cache_dir()
+    return None if d is None else d / f"{cache_key(target)}.json"
+
+
+def cache_read(target) -> dict:
+    f = _cache_file(target)
+    try:
+        return json.loads(f.read_text()) if f is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def cache_write(target, results: dict) -> None:
+    """Add these {name: resources} (clean compiles only) to the target's file."""
+    f = _cache_file(target)
+    if f is None or not results:
+        return
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**cache_read(target), **results}
+        tmp = f.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, sort_keys=True))
+        tmp.replace(f)  # atomic: a concurrent run reads the old file or the new one
+    except OSError:
+        pass  # a read-only home: the next run compiles again
+
+
+# -- the build --------------------------------------------------------------------------
+def _lower_priority():
+    os.nice(10)
+
+
+class Build:
+    """The compile of {target: [names]} (target: (arch, build knobs or None)), started
+    at construction in `workers` processes; result() waits for it."""
+
+    def __init__(self, names_by_target, workers=2, batches_per_worker=4):
+        self.t0 = time.perf_counter()
+        self.results = {target: {} for target in names_by_target}
+        self.logs = []
+        self.cached = self.compiled = 0
+        jobs = []
+        for target, names in names_by_target.items():
+            names = list(dict.fromkeys(names))
+            known = cache_read(target)
+            for name in names:
+                if name in known:
+                    self.results[target][name] = {"resources": known[name], "error": None}
+            todo = [n for n in names if n not in known]
+            self.cached += len(names) - len(todo)
+            self.compiled += len(todo)
+            if todo:
+                n = max(1, min(len(todo), workers * batches_per_worker))
+                jobs += [(b, target) for b in plan(todo, n)]
+        jobs.sort(key=lambda j: -sum(map(weight, j[0])))
+        self._pool = None
+        self._futures = []
+        if jobs:
+            self._pool = ProcessPoolExecutor(
+                min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                initializer=_lower_priority)
+            self._futures = [self._pool.submit(_batch, job) for job in jobs]
+        self._done = False
+
+    def result(self):
+        """({target: {name: {"resources", "error"}}}, [logs]) once every batch is done."""
+        if not self._done:
+            try:
+                for f in self._futures:
+                    target, out, log, _ = f.result()
+                    self.results[target].update(out)
+                    self.logs.append(log)
+                    if "warning" not in log.lower():
+                        cache_write(target, {n: r["resources"] for n, r in out.items()
+                                             if r["error"] is None and r["resources"]})
+            finally:
+                self.close()
+            self.seconds = time.perf_counter() - self.t0
+            self._done = True
+        return self.results, self.logs
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def summary(self) -> str:
+        self.result()
+        where = cache_dir()
+        return (f"NVRTC: {self.compiled} kernels compiled, {self.cached} from the cache "
+                f"({where if where else 'off'}), {self.seconds:.1f} s from collection to "
+                f"the last")
