@@ -25,7 +25,8 @@ def has_gpu() -> bool:
 
 
 HAS_GPU = has_gpu()
-requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="need a CUDA GPU (scripts/gpu_suite.sh "
+                                  "runs them under mpiexec on a GPU host)")
 
 
 def _under_mpi(config) -> bool:
@@ -102,6 +103,8 @@ def pytest_terminal_summary(terminalreporter, config):
         for rep in skipped:
             reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
             reason = reason.removeprefix("Skipped: ")
+            if reason == "need --with-mpi option to run":  # pytest-mpi's words
+                reason = "need mpiexec (tests/test_launch.py runs them)"
             reasons[reason] = reasons.get(reason, 0) + 1
         tr.write_line("skipped (-rs lists each): " + "; ".join(
             f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda r: -r[1])))

@@ -218,13 +218,6 @@ def test_check_on_the_cpu(capsys):
     assert lines[-1].startswith("PASS: max error ")
 
 
-def test_check_with_minimax_rope(capsys):
-    rc, out, err = run(capsys, "check", "--transport", "mpi", "--rope", "--tokens", "1,4")
-    assert rc == 0, out + err
-    assert "rope=MiniMax M2 (128/64 neox, 196608 positions)" in out.splitlines()[0]
-    assert out.splitlines()[-1].startswith("PASS")
-
-
 def test_check_rope_needs_whole_heads(capsys):
     rc, out, err = run(capsys, "check", "--transport", "mpi", "--rope", "--k-dim", "192")
     assert rc == 2 and out == ""
