@@ -265,7 +265,8 @@ def run(args, comm):
 def header(args, world, transport, on_gpu, mode):
     ql, kl = args.q_dim // world, args.k_dim // world
     r = RoPE.minimax_m2()
-    where = "CuPy on one GPU a rank" if on_gpu else "numpy on the CPU (no GPU here)"
+    where = "CuPy on one GPU a rank" if on_gpu else \
+        "numpy on the CPU (no GPU here: the times are the host's, not the kernels')"
     return [
         f"MiniMax-M2 attention prologue: G={world}, T={args.tokens} tokens a step, "
         f"{args.layers} layers, {args.dtype}, {args.steps} steps",
