@@ -231,12 +231,12 @@ class TPQKNorm:
         if len(self._calls) >= MAX_CACHED_CALLS:
             self._calls.clear()
         key = tuple(id(a) for a in arrs)
-        calls = weakref.ref(self._calls)
+        owner = weakref.ref(self)
 
         def forget(_, key=key):
-            c = calls()
-            if c is not None:
-                c.pop(key, None)
+            o = owner()
+            if o is not None:
+                o._calls.pop(key, None)
         refs = [weakref.ref(a, forget) for a in arrs if a is not None]
         self._calls[key] = ((arrs[0].shape, arrs[1].shape, arrs[2].shape, arrs[3].shape,
                              arrs[4].shape, arrs[5].shape), go, refs)

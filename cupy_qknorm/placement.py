@@ -56,7 +56,9 @@ def choose_transport(asked: str, facts) -> tuple:
         if asked == "auto":
             return "mpi", "no GPU on some rank"
         cpu = [r for r, f in enumerate(facts) if not f.gpu]
-        return None, f"{asked} needs a GPU on every rank; rank {cpu[0]} has none"
+        return None, (f"{asked} needs a GPU on every rank; rank {cpu[0]} has none (CuPy with "
+                      f"a CUDA device: pip install 'cupy-qknorm[cuda13]' or "
+                      f"'cupy-qknorm[cuda12]')")
     shared = _shared_gpu(facts)
     if shared is not None:
         # NCCL refuses two ranks on one device, and the fused kernel's spin-waits would need
