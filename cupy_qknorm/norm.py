@@ -119,6 +119,7 @@ class TPQKNorm:
         self._validations = 0
         self._current_stream = _no_stream
         self._device = None
+        self._error = _NO_ERROR  # the transport's host-mapped error word (fast path)
         self.comm = comm
         world, rank = comm.Get_size(), comm.Get_rank()
         error, checked = None, None
@@ -148,6 +149,9 @@ class TPQKNorm:
         self._comm = comm.Dup()
         try:
             self.transport = self._open(name, transport, facts[rank])
+            words = getattr(self._transport, "_host_words", None)
+            if words is not None:
+                self._error = words
         except BaseException:
             self._comm.Free()
             raise
@@ -186,24 +190,26 @@ class TPQKNorm:
         Returns the output pair. Raises TypeError/ValueError before anything is launched
         for bad input, and the error of an earlier call (PeerTimeoutError,
         CallMismatchError, PositionError) if one failed."""
-        if out is None:
-            qo, ko = q, k
-        else:
-            qo, ko = _pair(out)
         # Fast path: the same CuPy array objects as an earlier call. What validation read
         # can change on a live CuPy array only through its shape (strides, dtype and data
-        # are read-only), so the shapes are compared; a dead array drops its entry.
-        entry = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(qo), id(ko),
-                                 id(positions)))
-        if entry is not None and entry[0] == (q.shape, k.shape, q_weight.shape,
-                                              k_weight.shape, qo.shape, ko.shape):
-            if self._closed:
-                raise ClosedError("this TPQKNorm is closed")
-            t = self._transport
-            if t.failed():
-                self._fail()
-            entry[1](stream if stream is not None else self._current_stream())
-            return qo, ko
+        # are read-only), so the shapes are compared; a dead array drops its entry, and
+        # close() or a failure drops them all.
+        if out is None:
+            qo, ko = q, k
+            entry = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(positions)))
+            if entry is not None and entry[0] == (q.shape, k.shape, q_weight.shape,
+                                                  k_weight.shape) and not self._error[0]:
+                entry[1](stream if stream is not None else self._current_stream())
+                return q, k
+        else:
+            qo, ko = _pair(out)
+            entry = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(positions),
+                                     id(qo), id(ko)))
+            if entry is not None and entry[0] == (q.shape, k.shape, q_weight.shape,
+                                                  k_weight.shape, qo.shape, ko.shape) \
+                    and not self._error[0]:
+                entry[1](stream if stream is not None else self._current_stream())
+                return qo, ko
         return self._call_slow((q, k, q_weight, k_weight, qo, ko, positions), stream)
 
     def _call_slow(self, arrs, stream):
@@ -230,7 +236,13 @@ class TPQKNorm:
             return
         if len(self._calls) >= MAX_CACHED_CALLS:
             self._calls.clear()
-        key = tuple(id(a) for a in arrs)
+        q, k, qw, kw, qo, ko, pos = arrs
+        if qo is q and ko is k:
+            key = (id(q), id(k), id(qw), id(kw), id(pos))
+            shapes = (q.shape, k.shape, qw.shape, kw.shape)
+        else:
+            key = (id(q), id(k), id(qw), id(kw), id(pos), id(qo), id(ko))
+            shapes = (q.shape, k.shape, qw.shape, kw.shape, qo.shape, ko.shape)
         owner = weakref.ref(self)
 
         def forget(_, key=key):
@@ -238,8 +250,7 @@ class TPQKNorm:
             if o is not None:
                 o._calls.pop(key, None)
         refs = [weakref.ref(a, forget) for a in arrs if a is not None]
-        self._calls[key] = ((arrs[0].shape, arrs[1].shape, arrs[2].shape, arrs[3].shape,
-                             arrs[4].shape, arrs[5].shape), go, refs)
+        self._calls[key] = (shapes, go, refs)
 
     def _refuse(self, arrs):
         """This rank refused its input of a call the peers make: on "ipc", tell them at once
@@ -465,6 +476,9 @@ class BoundCall:
 
 def _no_tokens(stream):
     """T = 0: nothing is read, written or launched."""
+
+
+_NO_ERROR = (0,)
 
 
 def _no_stream():

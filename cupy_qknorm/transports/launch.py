@@ -33,43 +33,37 @@ assert ctypes.sizeof(_LaunchAttribute) == 72 and ctypes.sizeof(_LaunchConfig) ==
 
 
 class Launcher:
-    """cuLaunchKernel through ctypes with one packed parameter buffer: less host time per
-    launch than CuPy's generic argument handling. Falls back to CuPy's launch where libcuda
-    or a kernel's function handle cannot be reached.
+    """Kernel launches through ctypes with one packed parameter buffer: less host time per
+    launch than CuPy's generic argument handling. cuLaunchKernelEx takes a launch
+    configuration that is built once per launch function, so a launch is a store of the
+    stream into it and one foreign call with ready-made ctypes arguments (no argtypes: their
+    conversions cost more than the call). Falls back to CuPy's launch where libcuda or a
+    kernel's function handle cannot be reached.
 
-    With `pdl`, launches go through cuLaunchKernelEx with programmatic stream serialization:
-    the kernel may start while the previous kernel of the stream finishes, and must itself
+    With `pdl`, launches that ask for it carry programmatic stream serialization: the
+    kernel may start while the previous kernel of the stream finishes, and must itself
     wait (griddepcontrol.wait) before it touches memory that kernel may write."""
 
     def __init__(self, pdl=False):
         self.buf = ctypes.create_string_buffer(PARAMS.size)
         self._argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.buf))
         self.pdl = False
+        self._launch_ex = None
         try:
             lib = ctypes.CDLL("libcuda.so.1")
-            self._launch = lib.cuLaunchKernel
-            self._launch.restype = ctypes.c_int
-            self._launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + \
-                [ctypes.c_void_p] * 3
+            self._launch_ex = lib.cuLaunchKernelEx
             self._error_name = lib.cuGetErrorName
             self._error_name.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         except (OSError, AttributeError):
-            self._launch = None
+            self._launch_ex = None
             return
-        if pdl:
-            try:
-                self._launch_ex = lib.cuLaunchKernelEx
-            except AttributeError:
-                return
-            self._launch_ex.restype = ctypes.c_int
-            self._launch_ex.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
-                                        ctypes.c_void_p, ctypes.c_void_p]
-            self._attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-            self.pdl = True
+        self._launch_ex.restype = ctypes.c_int
+        self._attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        self.pdl = bool(pdl)
 
     def handle(self, kernel):
         """The CUfunction of a CuPy RawKernel on the current device, or None."""
-        if self._launch is None:
+        if self._launch_ex is None:
             return None
         try:
             return int(kernel.kernel.ptr)
@@ -78,9 +72,8 @@ class Launcher:
 
     def bind(self, kernel, block, pdl=False, buf=None, grid=None):
         """A function go(grid, stream) that launches `kernel` ((RawKernel, CUfunction or
-        None)) with the parameters currently in `buf` (default: the shared one): the
-        per-call work is two field stores and one foreign call. With `grid` fixed, the
-        function is go(stream) and the grid is set once here."""
+        None)) with the parameters currently in `buf` (default: the shared one). With
+        `grid` fixed, the function is go(stream) and the grid is set once here."""
         raw, fn = kernel
         buf = self.buf if buf is None else buf
         if fn is None:
@@ -94,39 +87,26 @@ class Launcher:
         fn_ptr, fail = ctypes.c_void_p(fn), self._fail
         argv = self._argv if buf is self.buf else \
             (ctypes.c_void_p * 1)(ctypes.addressof(buf))
-        if pdl and self.pdl:
-            config = _LaunchConfig(gridDimX=grid or 0, gridDimY=1, gridDimZ=1,
-                                   blockDimX=block, blockDimY=1, blockDimZ=1,
-                                   attrs=ctypes.pointer(self._attr), numAttrs=1)
-            config_ref, launch_ex = ctypes.byref(config), self._launch_ex
-
-            if grid is None:
-                def go_ex(grid_, stream):
-                    config.gridDimX = grid_
-                    config.hStream = stream.ptr
-                    rc = launch_ex(config_ref, fn_ptr, argv, None)
-                    if rc:
-                        fail(rc)
-            else:
-                def go_ex(stream):
-                    config.hStream = stream.ptr
-                    rc = launch_ex(config_ref, fn_ptr, argv, None)
-                    if rc:
-                        fail(rc)
-            go_ex.keep = (config, buf, argv)  # alive as long as the function
-            return go_ex
-        launch = self._launch
+        with_pdl = pdl and self.pdl
+        config = _LaunchConfig(gridDimX=grid or 1, gridDimY=1, gridDimZ=1, blockDimX=block,
+                               blockDimY=1, blockDimZ=1,
+                               attrs=ctypes.pointer(self._attr) if with_pdl else None,
+                               numAttrs=1 if with_pdl else 0)
+        config_ref, launch_ex = ctypes.byref(config), self._launch_ex
         if grid is None:
             def go(grid_, stream):
-                rc = launch(fn_ptr, grid_, 1, 1, block, 1, 1, 0, stream.ptr, argv, None)
+                config.gridDimX = grid_
+                config.hStream = stream.ptr
+                rc = launch_ex(config_ref, fn_ptr, argv, None)
                 if rc:
                     fail(rc)
         else:
             def go(stream):
-                rc = launch(fn_ptr, grid, 1, 1, block, 1, 1, 0, stream.ptr, argv, None)
+                config.hStream = stream.ptr
+                rc = launch_ex(config_ref, fn_ptr, argv, None)
                 if rc:
                     fail(rc)
-        go.keep = (buf, argv)
+        go.keep = (config, buf, argv)  # alive as long as the function
         return go
 
     def _fail(self, rc):
