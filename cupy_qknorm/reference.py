@@ -1,10 +1,15 @@
-"""Float64 truth for the TP QK RMSNorm, shard/gather helpers and bf16 <-> float32.
+"""Float64 truth for the TP QK RMSNorm (and the RoPE after it), shard/gather helpers and
+bf16 <-> float32.
 
     out = x * w / sqrt(mean(x_full ** 2) + eps)      over the FULL (unsharded) row
 
-bf16 values are held as uint16 bit patterns (CuPy and plain numpy have no bfloat16).
+then, with RoPE, the first rotary_dim elements of every head of `out` rotate by the angles
+of the row's position (apply_rope). bf16 values are held as uint16 bit patterns (CuPy and
+plain numpy have no bfloat16).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -157,3 +162,179 @@ def poison(dtype: str):
     """A value no correct output has: NaN with a recognisable payload."""
     return {"bfloat16": np.uint16(0x7FA5), "float16": np.float16(np.nan),
             "float32": np.float32(np.nan)}[dtype]
+
+
+# ---------------------------------------------------------------------------------------
+# RoPE after the norm. Head h of a full row is its elements [h head_dim, (h + 1) head_dim);
+# the first rotary_dim of each rotate in pairs by the angles of the row's position:
+#   neox (rotate-half): pairs (i, i + rotary_dim / 2)     gptj: pairs (2i, 2i + 1)
+#   y_first = x_first cos_i - x_second sin_i,   y_second = x_second cos_i + x_first sin_i
+# The rest of the head passes through.
+ROPE_STYLES = ("neox", "gptj")
+
+
+def rope_table(max_position: int, rotary_dim: int, theta: float) -> np.ndarray:
+    """float32 [max_position, rotary_dim]: cos(pos f_i) for i < rotary_dim / 2, then
+    sin(pos f_i), with f_i = theta ** (-2i / rotary_dim) and the angle pos f_i in float64.
+
+    SGLang's and vLLM's caches compute the angle in fp32, which differs from this by up to
+    about 1e-2 rad near position 196607; the kernels take whichever table they are given."""
+    if rotary_dim <= 0 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
+    half = rotary_dim // 2
+    inv_freq = float(theta) ** (-2.0 * np.arange(half, dtype=np.float64) / rotary_dim)
+    angle = np.arange(max_position, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.concatenate([np.cos(angle), np.sin(angle)], axis=1).astype(np.float32)
+
+
+def _pairs(rotary_dim: int, style: str):
+    """Indices within a head of the first and second element of each rotated pair; pair i
+    turns by angle i."""
+    half = rotary_dim // 2
+    i = np.arange(half)
+    if style == "neox":
+        return i, i + half
+    if style == "gptj":
+        return 2 * i, 2 * i + 1
+    raise ValueError(f"style must be one of {ROPE_STYLES}, got {style!r}")
+
+
+def apply_rope(x64, positions, table, head_dim: int, rotary_dim: int, style: str):
+    """Rotates full rows x64 [T, D] (D a multiple of head_dim) by the angles of
+    `positions` [T] in `table` (rope_table's layout; its fp32 values taken exactly).
+
+    Returns (y64, magnitude64): magnitude is |x_first cos| + |x_second sin| (for the first
+    element of a pair; |x_second cos| + |x_first sin| for the second) where an element
+    rotates, |x| where it passes through: the size of the terms whose rounding an output
+    may carry, so that a result near zero by cancellation is judged against it."""
+    x = np.asarray(x64, dtype=np.float64)
+    table = np.asarray(table)
+    positions = np.asarray(positions)
+    t, d = x.shape
+    if head_dim <= 0 or d % head_dim:
+        raise ValueError(f"row width {d} is not a multiple of head_dim {head_dim}")
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim must be even and in (0, head_dim], got {rotary_dim}")
+    if table.ndim != 2 or table.shape[1] != rotary_dim:
+        raise ValueError(f"table must be [max_position, {rotary_dim}], got {table.shape}")
+    if positions.shape != (t,):
+        raise ValueError(f"positions must be [{t}], got {positions.shape}")
+    if t and (positions.min() < 0 or positions.max() >= table.shape[0]):
+        raise ValueError(f"positions must lie in [0, {table.shape[0]})")
+    first, second = _pairs(rotary_dim, style)
+    half = rotary_dim // 2
+    rows = table[positions].astype(np.float64)
+    cos, sin = rows[:, None, :half], rows[:, None, half:]  # [T, 1 (heads), half]
+    heads = x.reshape(t, d // head_dim, head_dim)
+    y = heads.copy()
+    mag = np.abs(heads)
+    a, b = heads[..., first], heads[..., second]
+    y[..., first] = a * cos - b * sin
+    y[..., second] = b * cos + a * sin
+    mag[..., first] = np.abs(a * cos) + np.abs(b * sin)
+    mag[..., second] = np.abs(b * cos) + np.abs(a * sin)
+    return y.reshape(t, d), mag.reshape(t, d)
+
+
+def qk_norm_rope(q, k, q_weight, k_weight, eps: float, positions, table, head_dim: int,
+                 rotary_dim: int, style: str):
+    """Float64 reference of the norm then RoPE on full (gathered) rows.
+
+    Returns (q_y64, k_y64, q_mag64, k_mag64); see apply_rope for the magnitudes."""
+    qn, kn = qk_norm(q, k, q_weight, k_weight, eps)
+    with np.errstate(invalid="ignore"):  # NaN rows (eps = 0 and a zero row) stay NaN
+        qy, qm = apply_rope(qn, positions, table, head_dim, rotary_dim, style)
+        ky, km = apply_rope(kn, positions, table, head_dim, rotary_dim, style)
+    return qy, ky, qm, km
+
+
+# A 16-bit result after RoPE may carry one rounding of terms of the size `magnitude`, even
+# where they cancel: its error is counted in the dtype's ulps at that magnitude
+# (explicit mantissa bits, exponent of the smallest normal).
+_ULP_BITS = {"bfloat16": (7, -126), "float16": (10, -14)}
+
+
+def ulp_at(mag64, dtype: str) -> np.ndarray:
+    """The spacing of `dtype` values (bf16 or fp16) at magnitude `mag64`: 2^(e - mantissa
+    bits) for 2^e <= mag < 2^(e+1), and never less than at the smallest normal."""
+    bits, emin = _ULP_BITS[dtype]
+    mag = np.abs(np.asarray(mag64, dtype=np.float64))
+    with np.errstate(invalid="ignore"):
+        _, e = np.frexp(mag)  # mag = m 2^e with 0.5 <= m < 1: floor(log2 mag) = e - 1
+    e = np.where(mag > 0, e - 1, emin)
+    return np.ldexp(1.0, np.maximum(e, emin) - bits)
+
+
+def compare_rope(out, y64, mag64, dtype: str):
+    """(max error in the table's unit, number of elements past tolerance) of `out` (dtype;
+    bf16 as uint16 bits) against apply_rope's reference y64 and magnitude mag64.
+
+    bf16 / fp16: |out - y64| in ulps of the dtype at mag64 (ulp_at), at most 1; fp32:
+    |out - y64| / mag64, at most TOLERANCE's 4e-6, and exactly y64 where mag64 is 0. NaN
+    must meet NaN, and an infinity the same infinity."""
+    kind, tol = TOLERANCE[dtype]
+    o = to_f64(out, dtype)
+    y = np.asarray(y64, dtype=np.float64)
+    mag = np.asarray(mag64, dtype=np.float64)
+    if o.shape != y.shape or mag.shape != y.shape:
+        raise ValueError(f"shapes differ: out {o.shape}, y64 {y.shape}, mag64 {mag.shape}")
+    if o.size == 0:
+        return 0.0, 0
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        diff = np.abs(o - y)
+        if kind == "ulp":
+            err = diff / ulp_at(mag, dtype)
+        else:
+            err = np.where(mag > 0, diff / mag, np.where(diff == 0, 0.0, np.inf))
+    err = np.where(np.isinf(y), np.where(o == y, 0.0, np.inf), err)
+    err[np.isnan(o) & np.isnan(y)] = 0.0
+    err[np.isnan(err)] = np.inf  # NaN against a number (either way), or Inf magnitudes
+    return float(err.max()), int((err > tol).sum())
+
+
+class RopeCase(NamedTuple):
+    """make_rope_case's inputs (dtype; bf16 as uint16) and float64 references."""
+    q: np.ndarray
+    k: np.ndarray
+    q_weight: np.ndarray
+    k_weight: np.ndarray
+    positions: np.ndarray  # int64 [tokens]
+    table: np.ndarray      # float32 [max_position, rotary_dim], read-only
+    q_ref: np.ndarray
+    k_ref: np.ndarray
+    q_mag: np.ndarray
+    k_mag: np.ndarray
+
+
+_TABLES: dict = {}
+
+
+def _shared_table(max_position: int, rotary_dim: int, theta: float) -> np.ndarray:
+    key = (int(max_position), int(rotary_dim), float(theta))
+    if key not in _TABLES:  # 50 MB at MiniMax's sizes: built once a process
+        table = rope_table(*key)
+        table.flags.writeable = False
+        _TABLES[key] = table
+    return _TABLES[key]
+
+
+def make_rope_case(seed: int, tokens: int, q_dim: int, k_dim: int, dtype: str,
+                   head_dim: int = 128, rotary_dim: int = 64, theta: float = 5e6,
+                   style: str = "neox", max_position: int = 196608,
+                   weight_dtype: str | None = None, eps: float = 1e-6,
+                   log10_rms=(-4.0, 3.0)) -> RopeCase:
+    """make_case's full-row inputs plus positions (int64, uniform in [0, max_position),
+    the last one max_position - 1) and the table, with the float64 references of the norm
+    then RoPE, computed from the already-rounded inputs. Defaults: MiniMax M2's RoPE.
+    Every rank calls it with the same seed and takes its shard of q, k and the weights."""
+    q, k, qw, kw, _, _ = make_case(seed, tokens, q_dim, k_dim, dtype, weight_dtype, eps,
+                                   log10_rms)
+    rng = np.random.default_rng([seed, 1])  # a stream apart from make_case's
+    positions = rng.integers(0, max_position, size=tokens, dtype=np.int64)
+    if tokens:
+        positions[-1] = max_position - 1
+    table = _shared_table(max_position, rotary_dim, theta)
+    wdt = weight_dtype or dtype
+    refs = qk_norm_rope(to_f64(q, dtype), to_f64(k, dtype), to_f64(qw, wdt), to_f64(kw, wdt),
+                        eps, positions, table, head_dim, rotary_dim, style)
+    return RopeCase(q, k, qw, kw, positions, table, *refs)

@@ -1,6 +1,12 @@
 // Entry file of the qknorm module: cupy_qknorm/compile.py compiles this with
-// name_expressions such as "qknorm::fused<qknorm::bf16_t, float, 2, 3072, 512, 7, 2, 0>",
-// which instantiate exactly the specializations asked for.
+// name_expressions, which instantiate exactly the specializations asked for:
+//   qknorm::fused<T, W, G, DQ, DK, WARPS, DEPTH, STAGED, HEAD, ROT, STYLE>
+//   qknorm::partial_sums<T, DQ, DK, WARPS>
+//   qknorm::apply<T, W, DQ, DK, WARPS, HEAD, ROT, STYLE>
+//   qknorm::rope<T, DQ, DK, WARPS, HEAD, ROT, STYLE>
+//   qknorm::reject<G>
+// e.g. "qknorm::fused<qknorm::bf16_t, float, 2, 3072, 512, 7, 2, 0, 128, 64, 1>" (STYLE
+// 0: no RoPE, with HEAD = ROT = 0; 1: NeoX; 2: GPT-J).
 #include "qknorm.cuh"
 
 // Writes one value with a plain store (through NVLink when `dst` is a peer mapping):

@@ -1,8 +1,9 @@
-// Tensor-parallel QK RMSNorm: header-only device code.
+// Tensor-parallel QK RMSNorm, with RoPE after it or not: header-only device code.
 //
-//   out = round(x * w / sqrt(sum over all ranks of sum(x^2) / full_width + eps))
+//   out = round(rope(x * w / sqrt(sum over all ranks of sum(x^2) / full_width + eps)))
 //
-// for q and k of every token, where each of G ranks holds a contiguous slice of the row.
+// for q and k of every token, where each of G ranks holds a contiguous slice of the row
+// (whole heads, with RoPE), rounded once.
 // No CUDA headers are needed: 16-bit conversions use PTX directly, so NVRTC compiles this
 // with no include path and no GPU (the CI compile test relies on that).
 #pragma once
@@ -73,8 +74,9 @@ template <> struct Vec<f16_t> {
 };
 
 // ---------------------------------------------------------------------------------------
-// Launch parameters, passed by value. cupy_qknorm/compile.py builds the same layout as a
-// numpy structured dtype and checks its size against kParamsBytes.
+// Launch parameters, passed by value. The Python side builds the same layout and checks
+// its size against kParamsBytes. The first 96 bytes (q .. position_bytes) are what the
+// host repacks for each launch; the rest is packed once.
 struct Params {
   const void* q;                       // [tokens, q_stride] rows, this rank's slice
   const void* k;
@@ -86,28 +88,36 @@ struct Params {
   long long k_stride;
   long long q_out_stride;
   long long k_out_stride;
+  const void* positions;               // RoPE: [tokens] int32 or int64 position of each row
+  int tokens;                          // rows in this launch
+  int position_bytes;                  // RoPE: 4 or 8
   uint4* slots[8];                     // exchange buffer of every rank (slots[rank] is ours)
   unsigned int* counters;              // [max_tokens] uses of each token slot so far
   int* error;                          // device error record, kErrorWords ints
   int* error_host;                     // host-mapped copy of the record, or null
-  float* sums;                         // [tokens, 2] sums of squares, unfused path only
+  float* sums;                         // unfused path: kSumsHeader floats, then [tokens, 2]
+  const float* cos_sin;                // RoPE: [max_position, ROT]: cos, then sin
   long long timeout_ns;                // <= 0: wait forever
-  int tokens;                          // rows in this launch
   int max_tokens;                      // rows the exchange buffer holds per half
   int rank;
   float eps;
   float q_dim;                         // full (unsharded) widths, as divisors
   float k_dim;
+  int max_position;                    // RoPE: rows of cos_sin
 };
-constexpr int kParamsBytes = 208;
-static_assert(sizeof(Params) == kParamsBytes, "Params layout is shared with compile.py");
+constexpr int kParamsBytes = 232;
+static_assert(sizeof(Params) == kParamsBytes, "Params layout is shared with the host");
 
-// Error record: {code, peer, token, rank, peer's value, our value, 0, 0}. The codes and
-// the layout are read by cupy_qknorm/transports.py.
+// Error record: {code, peer, token, rank, peer's value, our value, 0, lock}. The codes and
+// words 0-5 are read by the host; word 7 is the device's own (record_error's lock) and
+// starts at 0 like the rest.
 constexpr int kErrorWords = 8;
 constexpr int kErrorTimeout = 1;   // the peer's partial sums never came
 constexpr int kErrorTokens = 2;    // the peer launched with another token count
 constexpr int kErrorSequence = 3;  // the peer's slot holds another use of this token
+constexpr int kErrorPosition = 4;  // a row's position is outside [0, max_position)
+constexpr int kErrorRejected = 5;  // the peer's host rejected its input (qknorm::reject)
+constexpr int kErrorLock = 7;
 
 // ---------------------------------------------------------------------------------------
 // Exchange slots. Each rank owns slots[2][max_tokens][G] of 16 bytes: slot [h][t][r] holds
@@ -123,6 +133,10 @@ constexpr int kErrorSequence = 3;  // the peer's slot holds another use of this 
 // launch finished. The token count and the use number let a reader see a peer that
 // launched something else (T differs between ranks) instead of mixing two calls.
 constexpr unsigned int kEmptyWord = 0x80000000u;
+// The token count of a slot that qknorm::reject pushes: a rank whose host rejected its
+// input says so in token 0's slot, where its peers wait, instead of leaving them to their
+// timeout. No launch has that many tokens.
+constexpr unsigned int kRejectTokens = 0x7ffffffeu;
 
 __device__ __forceinline__ unsigned long long load_volatile(const unsigned long long* p) {
   unsigned long long v;
@@ -189,24 +203,42 @@ __device__ __forceinline__ void copy_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
 }
 
-// Marks the call as failed (first failure wins) in device memory and, if mapped, in host
-// memory, where the host reads it without synchronizing.
+// Marks the call as failed in device memory and, if mapped, in host memory, where the host
+// reads it without synchronizing. The first failure wins, except that a failure of the
+// exchange takes the record over from a position error: a position error leaves the
+// exchange in step, any other failure does not, and the host must learn that. So the
+// record has two owners at most; a lock keeps their words from mixing, and an owner that
+// finds the code no longer its own writes nothing.
 __device__ void record_error(const Params& p, int code, int peer, int token, int theirs,
                              int ours) {
-  if (atomicCAS(p.error, 0, code) != 0) return;
-  const int words[kErrorWords] = {code, peer, token, p.rank, theirs, ours, 0, 0};
+  int old = atomicCAS(p.error, 0, code);
+  if (old == kErrorPosition && code != kErrorPosition)
+    old = atomicCAS(p.error, kErrorPosition, code) == kErrorPosition ? 0 : old;
+  if (old != 0) return;
+  while (atomicCAS(p.error + kErrorLock, 0, 1) != 0) {}
+  if (*(volatile int*)p.error == code) {
+    const int words[kErrorLock] = {code, peer, token, p.rank, theirs, ours, 0};
 #pragma unroll
-  for (int i = 1; i < kErrorWords; ++i) p.error[i] = words[i];
-  if (p.error_host != nullptr) {
+    for (int i = 1; i < kErrorLock; ++i) p.error[i] = words[i];
+    if (p.error_host != nullptr) {
 #pragma unroll
-    for (int i = 1; i < kErrorWords; ++i) p.error_host[i] = words[i];
-    __threadfence_system();
-    *(volatile int*)p.error_host = code;
+      for (int i = 1; i < kErrorLock; ++i) p.error_host[i] = words[i];
+      __threadfence_system();
+      *(volatile int*)p.error_host = code;
+    }
   }
+  __threadfence();
+  atomicExch(p.error + kErrorLock, 0);
+}
+
+// Whether the exchange already failed on this rank (any recorded error but a position one).
+__device__ __forceinline__ bool exchange_failed(const Params& p) {
+  const int code = *(volatile int*)p.error;
+  return code != 0 && code != kErrorPosition;
 }
 
 // Spins until every word of `slot` is written. Gives up (returns false) past the timeout,
-// read from the GPU's own clock, or as soon as an earlier wait of this object failed.
+// read from the GPU's own clock, or as soon as the exchange failed elsewhere.
 __device__ bool wait_slot(const uint4* slot, const Params& p, int peer, int token,
                           uint4& value) {
   value = load_volatile(slot);
@@ -216,7 +248,7 @@ __device__ bool wait_slot(const uint4* slot, const Params& p, int peer, int toke
     value = load_volatile(slot);
     if (complete(value)) return true;
     if ((spin & 63u) == 0) {
-      if (*(volatile int*)p.error != 0) return false;
+      if (exchange_failed(p)) return false;
       if (p.timeout_ns > 0 && (long long)(global_timer_ns() - start) > p.timeout_ns) {
         record_error(p, kErrorTimeout, peer, token, 0, 0);
         return false;
@@ -239,6 +271,12 @@ struct Layout {
 
   static __device__ __forceinline__ bool valid(int j) { return threadIdx.x + j * NT < V; }
   static __device__ __forceinline__ bool is_q(int j) { return threadIdx.x + j * NT < VQ; }
+  // whether any lane of this thread's warp holds a vector j: a warp's 32 vectors of one j
+  // are consecutive, so with V a multiple of 32 they are all in the row or none is
+  static __device__ __forceinline__ bool warp_valid(int j) {
+    if constexpr (V % 32 == 0) return valid(j);
+    return (int)(threadIdx.x & ~31u) + j * NT < V;
+  }
   // element offset of vector j within its (q or k) slice
   static __device__ __forceinline__ int offset(int j) {
     const int i = threadIdx.x + j * NT;
@@ -263,6 +301,162 @@ struct Weights {
       for (int u = 0; u < WV; ++u) w[j][u] = reinterpret_cast<const uint4*>(base)[u];
     }
   }
+};
+
+// ---------------------------------------------------------------------------------------
+// Rotary position embedding after the norm. Head h of a full row is its elements
+// [h HEAD, (h + 1) HEAD); the first ROT elements of every head of q and of k rotate by the
+// angles of the token's position, the rest pass through. With H = ROT / 2:
+//   NeoX (rotate-half): y[i] = x[i] c_i - x[i+H] s_i,   y[i+H] = x[i+H] c_i + x[i] s_i
+//   GPT-J (pairs):      y[2i] = x[2i] c_i - x[2i+1] s_i, y[2i+1] = x[2i+1] c_i + x[2i] s_i
+// for i < H, with c_i = cos_sin[pos][i] and s_i = cos_sin[pos][H + i]. x is the
+// normalized value in fp32, and y is rounded once. Each rank's slices hold whole heads, so a
+// vector's place in its head is its index in the slice mod HEAD / N; VQ and NT are
+// multiples of the head's vectors, so that place is a lane's. A NeoX pair sits ROT / 2N
+// vectors apart, in two lanes of one warp (the rotated vectors of a head are 32 or fewer,
+// within one aligned run of 32); a GPT-J pair sits in one vector.
+constexpr int kRopeNone = 0, kRopeNeox = 1, kRopeGptj = 2;
+
+// A row's position as the two 32-bit words of an int64 (hi = 0 for int32 positions), read
+// with the row: no instruction waits for the load until the angles' addresses need it.
+struct PositionWords {
+  int lo, hi;
+};
+
+__device__ __forceinline__ PositionWords load_position(const Params& p, long long t) {
+  const int* w = static_cast<const int*>(p.positions);
+  PositionWords r;
+  if (p.position_bytes == 8) {
+    r.lo = w[2 * t];
+    r.hi = w[2 * t + 1];
+  } else {
+    r.lo = w[t];
+    r.hi = 0;
+  }
+  return r;
+}
+
+// The row of cos_sin for a position, or -1 outside [0, max_position).
+__device__ __forceinline__ int angle_row(const Params& p, PositionWords w) {
+  return w.hi == 0 && w.lo >= 0 && w.lo < p.max_position ? w.lo : -1;
+}
+
+// Row t's position was out of range: nothing of the row is stored.
+__device__ void record_position_error(const Params& p, long long t) {
+  const PositionWords w = load_position(p, t);
+  int pos = w.lo;  // the position clamped to int range
+  if (p.position_bytes == 8 && w.hi != (w.lo >> 31))
+    pos = w.hi < 0 ? -2147483647 - 1 : 2147483647;
+  record_error(p, kErrorPosition, -1, (int)t, pos, p.max_position);
+}
+
+template <int K>  // K floats from 8-byte (K = 2) or 16-byte (K % 4 == 0) aligned memory
+__device__ __forceinline__ void load_floats(const float* src, float* dst) {
+  if constexpr (K % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < K / 4; ++i) {
+      const float4 v = reinterpret_cast<const float4*>(src)[i];
+      dst[4 * i] = v.x; dst[4 * i + 1] = v.y; dst[4 * i + 2] = v.z; dst[4 * i + 3] = v.w;
+    }
+  } else {
+    static_assert(K == 2, "two floats, or a multiple of four");
+    const float2 v = *reinterpret_cast<const float2*>(src);
+    dst[0] = v.x; dst[1] = v.y;
+  }
+}
+
+// The angles of one token for this thread's rotated vectors, and the rotation itself.
+template <class T, int DQ, int DK, int NT, int HEAD, int ROT, int STYLE>
+struct Rope {
+  using L = Layout<T, DQ, DK, NT>;
+  static constexpr int N = L::N;
+  static constexpr bool kOn = true;
+  static constexpr bool kExchange = STYLE == kRopeNeox;  // pairs span two lanes
+  static constexpr int HV = HEAD / N;  // vectors a head
+  static constexpr int RV = ROT / N;   // rotated vectors a head
+  static constexpr int D = RV / 2;     // NeoX: vectors between the two elements of a pair
+  static constexpr int CN = kExchange ? N : N / 2;  // cos (and sin) values a vector needs
+  static_assert(STYLE == kRopeNeox || STYLE == kRopeGptj, "STYLE: 1 NeoX, 2 GPT-J");
+  static_assert(HEAD > 0 && HEAD % N == 0, "a head is whole 16-byte vectors");
+  static_assert(DQ % HEAD == 0 && DK % HEAD == 0, "each rank's slices hold whole heads");
+  static_assert(ROT > 0 && ROT % 2 == 0 && ROT <= HEAD, "0 < ROT <= HEAD, ROT even");
+  static_assert(ROT % (kExchange ? 2 * N : N) == 0,
+                "rotated elements are whole vectors (NeoX: both halves)");
+  static_assert(32 % HV == 0 || HV % 32 == 0, "a head's vectors divide 32 or are a multiple");
+  static_assert(!kExchange || RV <= 32, "NeoX: a head's rotated vectors fit one warp's 32");
+  // Every vector of a thread has the same place in its head when NT is a multiple of a
+  // head's vectors (always, for heads of 32 vectors or fewer). Otherwise (a head of 64 or
+  // more vectors) vector j's place is 32 k + lane for some k that depends on j, and it is
+  // rotated only for k = 0 when the rotated vectors are 32 or fewer. Either way one set
+  // of angles serves all of a thread's rotated vectors.
+  static constexpr bool kUniform = NT % HV == 0;
+  static_assert(kUniform || RV <= 32, "GPT-J: at most 32 rotated vectors a head, or NT a "
+                                      "multiple of a head's vectors");
+
+  // Per token, between load() and push() the position's words, from push() to finish()
+  // the row of cos_sin (-1: out of range).
+  struct Token {
+    PositionWords words;
+    int row;
+  };
+
+  float c[CN], s[CN];
+
+  static __device__ __forceinline__ int place(int j) {  // vector j's index in its head
+    return (int)(threadIdx.x + (kUniform ? 0 : j * NT)) % HV;
+  }
+  static __device__ __forceinline__ bool rotated(int j) { return place(j) < RV; }
+
+  // Issues the loads of this thread's angles at cos_sin row `row`; nothing waits for them.
+  // Every thread loads, with no branch (a branch around the loads cost the narrow layout
+  // 12 registers): a lane with no rotated vector reads its warp's first angles, and a row
+  // out of range (-1: nothing of it is stored) reads row 0, so no read leaves the table.
+  __device__ __forceinline__ void load(const Params& p, int row) {
+    const int m = kUniform ? place(0) : (int)(threadIdx.x & 31);
+    const int first = m >= RV ? 0 : kExchange ? (m < D ? m : m - D) * N : m * (N / 2);
+    const float* at = p.cos_sin + (long long)(row < 0 ? 0 : row) * ROT + first;
+    load_floats<CN>(at, c);
+    load_floats<CN>(at + ROT / 2, s);
+  }
+
+  // Rotates this lane's normalized values f of vector j in place. NeoX: every lane of the
+  // warp calls it for the same j, since each reads its partner's values.
+  __device__ __forceinline__ void rotate(int j, float* f) const {
+    const bool on = rotated(j);
+    if constexpr (kExchange) {
+      // A rotated lane's place in its head, from the lane alone: heads of fewer than 32
+      // vectors tile the warp; a longer head's rotated vectors are its first 32.
+      const int lane = threadIdx.x & 31;
+      const int m = HV < 32 ? lane % HV : lane;
+      const bool lower = m < D;
+      const int from = lower ? lane + D : lane - D;  // in the warp for every lane
+      float g[N];
+#pragma unroll
+      for (int e = 0; e < N; ++e) g[e] = __shfl_sync(0xffffffffu, f[e], from);
+      if (on) {
+#pragma unroll
+        for (int e = 0; e < N; ++e)
+          f[e] = fmaf(g[e], lower ? -s[e] : s[e], f[e] * c[e]);
+      }
+    } else {
+      if (on) {
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i) {
+          const float x0 = f[2 * i], x1 = f[2 * i + 1];
+          f[2 * i] = fmaf(-x1, s[i], x0 * c[i]);
+          f[2 * i + 1] = fmaf(x0, s[i], x1 * c[i]);
+        }
+      }
+    }
+  }
+};
+
+template <class T, int DQ, int DK, int NT, int HEAD, int ROT>
+struct Rope<T, DQ, DK, NT, HEAD, ROT, kRopeNone> {  // the norm alone
+  static_assert(HEAD == 0 && ROT == 0, "no rotary embedding: HEAD = ROT = 0");
+  static constexpr bool kOn = false;
+  static constexpr bool kExchange = false;
+  struct Token {};
 };
 
 // The arithmetic on this thread's part of one token's row, wherever the row is held:
@@ -296,15 +490,17 @@ struct RowMath {
     return s;
   }
 
-  template <class W, class Get>
+  // Scales, weights, rotates (Ro: a Rope, or the empty one of kRopeNone) and stores the row.
+  template <class W, class Ro, class Get>
   static __device__ __forceinline__ void scale_store(const Params& p, long long t,
                                                      float2 scale,
                                                      const Weights<T, W, DQ, DK, NT>& wt,
-                                                     const Get& get) {
+                                                     const Ro& rope, const Get& get) {
     constexpr int WV = Weights<T, W, DQ, DK, NT>::WV;
 #pragma unroll
     for (int j = 0; j < L::NV; ++j) {
-      if (!L::valid(j)) continue;
+      // a NeoX rotation needs every lane of the warp, even one past the row's end
+      if (Ro::kExchange ? !L::warp_valid(j) : !L::valid(j)) continue;
       float f[N], wf[N];
       Vec<T>::unpack(get(j), f);
 #pragma unroll
@@ -312,6 +508,10 @@ struct RowMath {
       const float s = L::is_q(j) ? scale.x : scale.y;
 #pragma unroll
       for (int e = 0; e < N; ++e) f[e] = f[e] * s * wf[e];
+      if constexpr (Ro::kOn) {
+        rope.rotate(j, f);
+        if (Ro::kExchange && !L::valid(j)) continue;
+      }
       T* dst = L::is_q(j) ? static_cast<T*>(p.q_out) + t * p.q_out_stride + L::offset(j)
                           : static_cast<T*>(p.k_out) + t * p.k_out_stride + L::offset(j);
       *reinterpret_cast<uint4*>(dst) = Vec<T>::pack(f);
@@ -337,10 +537,11 @@ struct Row {
   __device__ __forceinline__ float2 sums() const {
     return M::sums([&](int j) { return x[j]; });
   }
-  template <class W>
+  template <class W, class Ro>
   __device__ __forceinline__ void scale_store(const Params& p, long long t, float2 scale,
-                                              const Weights<T, W, DQ, DK, NT>& wt) const {
-    M::scale_store(p, t, scale, wt, [&](int j) { return x[j]; });
+                                              const Weights<T, W, DQ, DK, NT>& wt,
+                                              const Ro& rope) const {
+    M::scale_store(p, t, scale, wt, rope, [&](int j) { return x[j]; });
   }
 };
 
@@ -368,10 +569,11 @@ struct StagedRow {
   __device__ __forceinline__ float2 sums() const {
     return M::sums([&](int j) { return at[j * NT]; });
   }
-  template <class W>
+  template <class W, class Ro>
   __device__ __forceinline__ void scale_store(const Params& p, long long t, float2 scale,
-                                              const Weights<T, W, DQ, DK, NT>& wt) const {
-    M::scale_store(p, t, scale, wt, [&](int j) { return at[j * NT]; });
+                                              const Weights<T, W, DQ, DK, NT>& wt,
+                                              const Ro& rope) const {
+    M::scale_store(p, t, scale, wt, rope, [&](int j) { return at[j * NT]; });
   }
 };
 
@@ -409,27 +611,17 @@ __device__ __forceinline__ float2 block_sum(float2 v, float2* scratch) {
 
 // The scale 1 / sqrt(S / D + eps) with the hardware's approximate division and reciprocal
 // square root (2 fp32 units in the last place each, denormals handled, no branches): three
-// orders of magnitude below a 16-bit output's unit, inside fp32's tolerance. On H200 at G=2
-// it made calls 6-7% faster from T=4096 up and up to 0.5 us faster at small T than IEEE
-// division and square root, whose special-case branches sit on the serial path between the
-// peers' partials arriving and the block barrier, once per token (BENCHMARKS.md).
-// QKNORM_IEEE_RSQRT=1 (an experiment knob, compile.py) restores those.
-#ifndef QKNORM_IEEE_RSQRT
-#define QKNORM_IEEE_RSQRT 0
-#endif
-
+// orders of magnitude below a 16-bit output's unit, inside fp32's tolerance. IEEE division
+// and square root put special-case branches on the serial path between the peers' partials
+// arriving and the block barrier, once per token: 6-7% slower from T=4096 on H200 at G=2.
 __device__ __forceinline__ float2 inv_rms(const Params& p, float sq, float sk) {
-#if QKNORM_IEEE_RSQRT
-  return make_float2(1.0f / sqrtf(sq / p.q_dim + p.eps), 1.0f / sqrtf(sk / p.k_dim + p.eps));
-#else
   return make_float2(rsqrtf(__fdividef(sq, p.q_dim) + p.eps),
                      rsqrtf(__fdividef(sk, p.k_dim) + p.eps));
-#endif
 }
 
-// Where a block's time goes (an experiment knob, compile.py: CUPY_QKNORM_TRACE=1, read by
-// scripts/trace_fused.py). Thread 0 of each block counts SM cycles and writes one record
-// of kTraceWords to p.sums (the IPC transport allocates it for the trace):
+// Where a block's time goes (a diagnostic build: QKNORM_TRACE=1, from CUPY_QKNORM_TRACE=1;
+// scripts/trace_fused.py reads it). Thread 0 of each block counts SM cycles and writes one
+// record of kTraceWords to p.sums (the IPC transport allocates it for the trace):
 //   {globaltimer at entry, cycles to pass griddepcontrol.wait, cycles from there to the
 //    first push, cycles waiting for partials (every token), cycles of the block, tokens,
 //    globaltimer at the end, cycles waiting for rows and the block's sum (every token),
@@ -509,29 +701,24 @@ __device__ __forceinline__ bool each_phase(Fn& f) {
 }
 
 // The fused kernel: per token, local sums -> push to every rank's slot -> wait for all G
-// partials -> sum them in rank order (identical on every rank) -> scale and store.
-// A persistent grid walks the tokens; every rank launches the same grid for the same call.
-// Each block keeps DEPTH tokens in flight: while it waits for the partials of token t it
-// has already pushed token t + 1, and it has issued the loads of tokens up to
+// partials -> sum them in rank order (identical on every rank) -> scale, rotate (STYLE)
+// and store. A persistent grid walks the tokens; every rank launches the same grid for the
+// same call. Each block keeps DEPTH tokens in flight: while it waits for the partials of
+// token t it has already pushed token t + 1, and it has issued the loads of tokens up to
 // t + DEPTH - 1, so the peers' latency and the memory latency of the next rows overlap.
 // DEPTH = 2: the next row's load is issued only once the current row is done; DEPTH = 3:
 // two rows' loads are in flight while the third waits for its partials. STAGED = 0 holds
 // the rows in registers (DEPTH 3 then costs blocks: slower on H100 and H200,
 // BENCHMARKS.md); STAGED = 1 holds them in shared memory, filled by asynchronous copies.
-// An experiment knob (compile.py): QKNORM_AHEAD=2 pushes the partials of two tokens ahead
-// of the one a block waits for, where DEPTH allows it (a row is loaded before it is
-// pushed), instead of one. Not faster on H200 (BENCHMARKS.md, sixth session).
-#ifndef QKNORM_AHEAD
-#define QKNORM_AHEAD 1
-#endif
-
-template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH, int STAGED>
+// A block pushes one token ahead of the one it waits for: two ahead was 5-7% slower at
+// 4096-8192 tokens on H200.
+template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH, int STAGED, int HEAD,
+          int ROT, int STYLE>
 struct Fused {
   static_assert(DEPTH >= 2, "at least two tokens in flight");
   static constexpr int NT = WARPS * 32;
-  // tokens pushed ahead of the one a block waits for
-  static constexpr int AHEAD = QKNORM_AHEAD < DEPTH - 1 ? QKNORM_AHEAD : DEPTH - 1;
   using R = typename Pick<STAGED != 0, StagedRow<T, DQ, DK, NT>, Row<T, DQ, DK, NT>>::type;
+  using Ro = Rope<T, DQ, DK, NT, HEAD, ROT, STYLE>;
   static constexpr int kStageVectors = STAGED ? Layout<T, DQ, DK, NT>::NV * NT : 0;
 
   // One set per row: a set is rewritten only by the next push() and finish() of the same
@@ -543,10 +730,12 @@ struct Fused {
     int ok[DEPTH];
   };
 
-  // A token between load() and finish(), as warp 0 knows it.
+  // A token between load() and finish(): the slot's use and the sums as warp 0 knows
+  // them, the position as every thread does.
   struct Pending {
     unsigned int uses;  // use number of the token's slot: which half of the buffer it takes
     float2 part;        // this rank's sums of squares
+    typename Ro::Token pos;
   };
 
   static __device__ __forceinline__ uint4* slot(const Params& p, unsigned int uses,
@@ -557,10 +746,12 @@ struct Fused {
     return mine + ((long long)(uses & 1u) * p.max_tokens + t) * G + from;
   }
 
-  // Issues the loads of token t's row and of its slot's use count; nothing waits for them.
+  // Issues the loads of token t's row, its position and its slot's use count; nothing
+  // waits for them.
   static __device__ __forceinline__ void load(const Params& p, R& row, long long t,
                                               Pending& pending) {
     if (G > 1 && threadIdx.x == 0) pending.uses = p.counters[t];
+    if constexpr (Ro::kOn) pending.pos.words = load_position(p, t);
     row.load(p, t);
   }
 
@@ -586,13 +777,19 @@ struct Fused {
         store_volatile(peer + base + p.rank, make_slot(part.x, part.y, p.tokens, uses));
       }
     }
+    // loaded with the row, so here by now
+    if constexpr (Ro::kOn) pending.pos.row = angle_row(p, pending.pos.words);
   }
 
-  // Waits for token t's partials from every rank, then scales and stores the row.
+  // Waits for token t's partials from every rank, then scales, rotates and stores the row.
+  // A row whose position is out of range still takes its part in the exchange, so the
+  // peers' calls and the slots stay in step; only its store is left out.
   template <class WT>
   static __device__ __forceinline__ void finish(const Params& p, const R& row, long long t,
                                                 const Pending& pending, const WT& wt,
                                                 Shared& sh, int set, Trace& tr) {
+    Ro angles;  // loaded while warp 0 waits for the partials
+    if constexpr (Ro::kOn) angles.load(p, pending.pos.row);
     if (threadIdx.x < 32) {
       tr.begin();
       const unsigned int uses = pending.uses;
@@ -606,7 +803,10 @@ struct Fused {
           uint4* const from = slot(p, uses, t, lane);
           ok = wait_slot(from, p, lane, (int)t, got);
           if (ok && got.z != (unsigned int)p.tokens) {
-            record_error(p, kErrorTokens, lane, (int)t, (int)got.z, p.tokens);
+            if (got.z == kRejectTokens)
+              record_error(p, kErrorRejected, lane, (int)t, 0, p.tokens);
+            else
+              record_error(p, kErrorTokens, lane, (int)t, (int)got.z, p.tokens);
             ok = false;
           } else if (ok && got.w != (uses & 0x7fffffffu)) {
             record_error(p, kErrorSequence, lane, (int)t, (int)got.w,
@@ -635,18 +835,20 @@ struct Fused {
       }
     }
     __syncthreads();
-    if (sh.ok[set]) row.scale_store(p, t, sh.scale[set], wt);
+    if constexpr (Ro::kOn) {
+      if (pending.pos.row < 0) {  // the same for every thread: all read one position
+        if (threadIdx.x == 0) record_position_error(p, t);
+        return;
+      }
+    }
+    if (sh.ok[set]) row.scale_store(p, t, sh.scale[set], wt, angles);
   }
 };
 
-// Blocks an SM must fit (a register cap): 1 unless an experiment sets it (compile.py).
-#ifndef QKNORM_MIN_BLOCKS
-#define QKNORM_MIN_BLOCKS 1
-#endif
-
-template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH, int STAGED>
-__global__ void __launch_bounds__(WARPS * 32, QKNORM_MIN_BLOCKS) fused(const Params p) {
-  using F = Fused<T, W, G, DQ, DK, WARPS, DEPTH, STAGED>;
+template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH, int STAGED, int HEAD,
+          int ROT, int STYLE>
+__global__ void __launch_bounds__(WARPS * 32, 1) fused(const Params p) {
+  using F = Fused<T, W, G, DQ, DK, WARPS, DEPTH, STAGED, HEAD, ROT, STYLE>;
   __shared__ typename F::Shared sh;
   __shared__ uint4 stages[STAGED ? DEPTH * F::kStageVectors : 1];  // STAGED: the rows
   __shared__ Trace::Data trace_data;
@@ -676,26 +878,20 @@ __global__ void __launch_bounds__(WARPS * 32, QKNORM_MIN_BLOCKS) fused(const Par
     if (t + i * step < p.tokens) F::load(p, rows[i], t + i * step, pend[i]);
     else F::R::skip();
   }
-  auto first = [&](auto i_) {  // pushes the block's first AHEAD tokens
-    constexpr int i = decltype(i_)::value;
-    if (t + i * step < p.tokens)
-      F::template push<DEPTH - 2 - i>(p, rows[i], t + i * step, pend[i], sh.scratch[i], tr);
-    return true;
-  };
-  each_phase<0, F::AHEAD>(first);
+  F::template push<DEPTH - 2>(p, rows[0], t, pend[0], sh.scratch[0], tr);
   tr.pushed();
   // Phase `cur` finishes token t (row cur), after loading token t + (DEPTH - 1) step into
-  // the row the last phase finished and pushing token t + AHEAD step, loaded
-  // DEPTH - 1 - AHEAD phases ago (one group a phase: that many may still be in flight).
+  // the row the last phase finished and pushing token t + step, loaded DEPTH - 2 phases
+  // ago (one group a phase: that many may still be in flight).
   auto phase = [&](auto cur_) {  // false once the block's last token is done
-    constexpr int D = DEPTH, A = F::AHEAD, cur = decltype(cur_)::value;
-    constexpr int last = (cur + D - 1) % D, pushed = (cur + A) % D;
+    constexpr int D = DEPTH, cur = decltype(cur_)::value;
+    constexpr int last = (cur + D - 1) % D, pushed = (cur + 1) % D;
     const long long ahead = t + (D - 1) * step;
     if (ahead < p.tokens) F::load(p, rows[last], ahead, pend[last]);
     else F::R::skip();
-    const long long next = t + A * step;
+    const long long next = t + step;
     if (next < p.tokens)
-      F::template push<D - 1 - A>(p, rows[pushed], next, pend[pushed], sh.scratch[pushed], tr);
+      F::template push<D - 2>(p, rows[pushed], next, pend[pushed], sh.scratch[pushed], tr);
     F::finish(p, rows[cur], t, pend[cur], wt, sh, cur, tr);
     t += step;
     return t < p.tokens;
@@ -704,32 +900,156 @@ __global__ void __launch_bounds__(WARPS * 32, QKNORM_MIN_BLOCKS) fused(const Par
   tr.write(p);
 }
 
+// A rank whose host rejected its input launches this (one block of 32 threads, on the
+// stream where the fused kernel would have run) in place of the fused kernel. It pushes
+// token 0's slot of this call, in the half the fused kernel would have used, with the token
+// count kRejectTokens, into every rank's buffer: the peers' fused kernels wait for token 0
+// first and fail at once (kErrorRejected) instead of at their timeout. It leaves the
+// counters alone; the call fails on every rank, and the object is out of step from there.
+template <int G>
+__global__ void __launch_bounds__(32) reject(const Params p) {
+  grid_dependency_wait();  // counters[0] as the previous call left it
+  const int lane = threadIdx.x;
+  if (lane >= G) return;
+  const unsigned int uses = p.counters[0];
+  uint4* peer = nullptr;
+#pragma unroll
+  for (int r = 0; r < G; ++r) if (lane == r) peer = p.slots[r];
+  store_volatile(peer + (long long)(uses & 1u) * p.max_tokens * G + p.rank,
+                 make_slot(0.f, 0.f, (int)kRejectTokens, uses));
+}
+
 // ---------------------------------------------------------------------------------------
-// The unfused path: partial sums -> (NCCL or MPI all-reduce of sums[tokens, 2]) -> apply.
+// The unfused path: partial sums -> (NCCL or MPI all-reduce of sums[kSumsHeader + 2 tokens])
+// -> apply. The all-reduce also checks that every rank launched the same token count T,
+// with no collective of its own: partial_sums writes a header of T's base-1024 digits
+// d_i, their squares and a 1, which the all-reduce sums over the n ranks with the rest.
+// Sums of n digits equal n d_i and sums of their squares n d_i^2 only if all n are d_i
+// (the squared deviations from d_i sum to zero), so every rank of a call whose ranks
+// disagree on T sees it. All are integers below 2^24: exact in fp32 in any order.
+//   header = {d0, d1, d2, d0^2, d1^2, d2^2, 1, 0}, then {sum_q, sum_k} per token
+constexpr int kSumsHeader = 8;
+
+__device__ __forceinline__ void token_digits(int tokens, int* d) {
+  d[0] = tokens & 1023;
+  d[1] = (tokens >> 10) & 1023;
+  d[2] = tokens >> 20;
+}
+
 template <class T, int DQ, int DK, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) partial_sums(const Params p) {
   using R = Row<T, DQ, DK, WARPS * 32>;
   __shared__ float2 scratch[WARPS];
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    int d[3];
+    token_digits(p.tokens, d);
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      p.sums[i] = (float)d[i];
+      p.sums[3 + i] = (float)(d[i] * d[i]);
+    }
+    p.sums[6] = 1.0f;
+    p.sums[7] = 0.0f;
+  }
+  float2* const sums = reinterpret_cast<float2*>(p.sums + kSumsHeader);
   R row;
   for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
     row.load(p, t);
     const float2 s = block_sum<WARPS>(row.sums(), scratch);
-    if (threadIdx.x == 0) reinterpret_cast<float2*>(p.sums)[t] = s;
+    if (threadIdx.x == 0) sums[t] = s;
     if constexpr (WARPS > 1) __syncthreads();  // scratch is reused by the next token
   }
 }
 
-template <class T, class W, int DQ, int DK, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32) apply(const Params p) {
+// Whether the all-reduced header says that every rank launched p.tokens (see above).
+__device__ __forceinline__ bool same_tokens(const Params& p) {
+  int d[3];
+  token_digits(p.tokens, d);
+  const float n = p.sums[6];
+  bool same = true;
+#pragma unroll
+  for (int i = 0; i < 3; ++i)
+    same = same && p.sums[i] == n * (float)d[i] && p.sums[3 + i] == n * (float)(d[i] * d[i]);
+  return same;
+}
+
+// With RoPE, the minimum of one block an SM lets ptxas keep the weights in registers
+// (without it, it spilled an unpacked weight in some layouts); without RoPE, none is set.
+template <class T, class W, int DQ, int DK, int WARPS, int HEAD, int ROT, int STYLE>
+__global__ void __launch_bounds__(WARPS * 32, STYLE == kRopeNone ? 0 : 1)
+    apply(const Params p) {
   constexpr int NT = WARPS * 32;
+  using Ro = Rope<T, DQ, DK, NT, HEAD, ROT, STYLE>;
   Weights<T, W, DQ, DK, NT> wt;
   wt.load(p);
+  const float2* const sums = reinterpret_cast<const float2*>(p.sums + kSumsHeader);
+  // Failures are recorded once, after the loop: a record_error inside it made ptxas spill.
+  const bool same = same_tokens(p);  // checked by every block before any store
+  int bad = -1;                      // a row whose position is out of range
   Row<T, DQ, DK, NT> row;
-  for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
-    const float2 s = reinterpret_cast<const float2*>(p.sums)[t];
+  for (long long t = blockIdx.x; same && t < p.tokens; t += gridDim.x) {
+    PositionWords words;
+    if constexpr (Ro::kOn) words = load_position(p, t);
+    const float2 s = sums[t];
     row.load(p, t);
-    row.scale_store(p, t, inv_rms(p, s.x, s.y), wt);
+    Ro angles;
+    if constexpr (Ro::kOn) {
+      const int r = angle_row(p, words);  // the same for every thread
+      if (r < 0) {
+        bad = (int)t;
+        continue;
+      }
+      angles.load(p, r);
+    }
+    row.scale_store(p, t, inv_rms(p, s.x, s.y), wt, angles);
   }
+  if (threadIdx.x == 0) {
+    if (!same) record_error(p, kErrorTokens, -1, 0, 0, p.tokens);
+    else if (bad >= 0) record_position_error(p, bad);
+  }
+}
+
+// RoPE alone, in place after a norm (the benchmark's unfused baseline): reads the rotated
+// vectors of every head of rows q and k, rotates them by the angles of positions[t] and
+// writes them to q_out and k_out; the other elements are neither read nor written.
+// Any grid, WARPS * 32 threads a block; launch bounds as apply's with RoPE.
+template <class T, int DQ, int DK, int WARPS, int HEAD, int ROT, int STYLE>
+__global__ void __launch_bounds__(WARPS * 32, 1) rope(const Params p) {
+  static_assert(STYLE != kRopeNone, "rope needs a STYLE");
+  constexpr int NT = WARPS * 32, N = Vec<T>::N;
+  using L = Layout<T, DQ, DK, NT>;
+  using M = RowMath<T, DQ, DK, NT>;
+  using Ro = Rope<T, DQ, DK, NT, HEAD, ROT, STYLE>;
+  int bad = -1;  // a row whose position is out of range, recorded after the loop
+  for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
+    const PositionWords words = load_position(p, t);
+    uint4 x[L::NV];
+#pragma unroll
+    for (int j = 0; j < L::NV; ++j) {
+      x[j] = make_uint4(0u, 0u, 0u, 0u);
+      if (L::valid(j) && Ro::rotated(j))
+        x[j] = *static_cast<const uint4*>(M::source(p, t, j));
+    }
+    const int r = angle_row(p, words);  // the same for every thread
+    if (r < 0) {
+      bad = (int)t;
+      continue;
+    }
+    Ro angles;
+    angles.load(p, r);
+#pragma unroll
+    for (int j = 0; j < L::NV; ++j) {
+      if (Ro::kExchange ? !L::warp_valid(j) : !L::valid(j)) continue;
+      float f[N];
+      Vec<T>::unpack(x[j], f);
+      angles.rotate(j, f);
+      if (!L::valid(j) || !Ro::rotated(j)) continue;
+      T* dst = L::is_q(j) ? static_cast<T*>(p.q_out) + t * p.q_out_stride + L::offset(j)
+                          : static_cast<T*>(p.k_out) + t * p.k_out_stride + L::offset(j);
+      *reinterpret_cast<uint4*>(dst) = Vec<T>::pack(f);
+    }
+  }
+  if (bad >= 0 && threadIdx.x == 0) record_position_error(p, bad);
 }
 
 }  // namespace qknorm

@@ -105,3 +105,169 @@ def test_make_case_rows_span_magnitudes():
     q, *_ = ref.make_case(0, 200, 256, 64, "float32")
     rms = np.sqrt((q.astype(np.float64) ** 2).mean(axis=1))
     assert rms.min() < 1e-3 and rms.max() > 1e2
+
+
+# ---------------------------------------------------------------------------------------
+# RoPE
+
+
+def _one_row_table(angles):
+    """A table of one position whose angles are `angles` (fp32 cos, then sin)."""
+    a = np.asarray(angles, dtype=np.float64)
+    return np.concatenate([np.cos(a), np.sin(a)])[None, :].astype(np.float32)
+
+
+def test_rope_neox_by_hand():
+    x = np.arange(1.0, 9.0)[None, :]  # one head of 8, rotary_dim 4: pairs (0, 2), (1, 3)
+    table = _one_row_table([0.3, 0.7])
+    c0, c1, s0, s1 = (float(v) for v in table[0])
+    y, mag = ref.apply_rope(x, np.array([0]), table, 8, 4, "neox")
+    expect = [1 * c0 - 3 * s0, 2 * c1 - 4 * s1, 3 * c0 + 1 * s0, 4 * c1 + 2 * s1, 5, 6, 7, 8]
+    np.testing.assert_allclose(y[0], expect, rtol=1e-15)
+    assert y[0, 4:].tolist() == [5, 6, 7, 8]  # past rotary_dim: untouched
+    np.testing.assert_allclose(mag[0, :4], [1 * c0 + 3 * s0, 2 * c1 + 4 * s1,
+                                            3 * c0 + 1 * s0, 4 * c1 + 2 * s1], rtol=1e-15)
+    assert mag[0, 4:].tolist() == [5, 6, 7, 8]
+
+
+def test_rope_gptj_by_hand():
+    x = np.arange(1.0, 9.0)[None, :]  # pairs (0, 1), (2, 3)
+    table = _one_row_table([0.3, 0.7])
+    c0, c1, s0, s1 = (float(v) for v in table[0])
+    y, _ = ref.apply_rope(x, np.array([0]), table, 8, 4, "gptj")
+    expect = [1 * c0 - 2 * s0, 2 * c0 + 1 * s0, 3 * c1 - 4 * s1, 4 * c1 + 3 * s1, 5, 6, 7, 8]
+    np.testing.assert_allclose(y[0], expect, rtol=1e-15)
+
+
+def test_rope_rotates_every_head_by_its_rows_position():
+    rng = np.random.default_rng(0)
+    table = ref.rope_table(10, 4, 100.0)
+    x = rng.standard_normal((2, 24))  # 3 heads of 8
+    pos = np.array([7, 2])
+    y, _ = ref.apply_rope(x, pos, table, 8, 4, "neox")
+    for t in range(2):
+        for h in range(3):
+            head = x[t:t + 1, 8 * h:8 * h + 8]
+            alone, _ = ref.apply_rope(head, pos[t:t + 1], table, 8, 4, "neox")
+            np.testing.assert_array_equal(y[t, 8 * h:8 * h + 8], alone[0])
+    assert not np.allclose(y[0], ref.apply_rope(x, pos[::-1], table, 8, 4, "neox")[0][0])
+
+
+def test_rope_table_against_math():
+    rd, theta = 64, 5e6
+    table = ref.rope_table(196608, rd, theta)
+    assert table.shape == (196608, rd) and table.dtype == np.float32
+    for pos in (0, 1, 4097, 196607):
+        for i in (0, 1, 17, 31):
+            angle = pos * theta ** (-2 * i / rd)
+            assert abs(float(table[pos, i]) - math.cos(angle)) <= 6e-8, (pos, i)
+            assert abs(float(table[pos, 32 + i]) - math.sin(angle)) <= 6e-8, (pos, i)
+
+
+def test_rope_preserves_pair_norms_and_is_identity_at_position_zero():
+    rng = np.random.default_rng(1)
+    table = ref.rope_table(1000, 64, 1e4)
+    x = rng.standard_normal((3, 256))  # 2 heads of 128
+    pos = np.array([0, 500, 999])
+    for style in ref.ROPE_STYLES:
+        y, _ = ref.apply_rope(x, pos, table, 128, 64, style)
+        a, b = ((np.arange(32), np.arange(32) + 32) if style == "neox"
+                else (2 * np.arange(32), 2 * np.arange(32) + 1))
+        for h in (0, 128):
+            before = x[:, h + a] ** 2 + x[:, h + b] ** 2
+            after = y[:, h + a] ** 2 + y[:, h + b] ** 2
+            np.testing.assert_allclose(after, before, rtol=3e-7)  # fp32 cos^2 + sin^2
+            np.testing.assert_array_equal(y[:, h + 64:h + 128], x[:, h + 64:h + 128])
+        np.testing.assert_array_equal(y[0], x[0])  # cos 0 = 1, sin 0 = 0 exactly
+        assert np.abs(y[1:, :64] - x[1:, :64]).max() > 0.1
+
+
+def test_rope_rejects_bad_arguments():
+    table = ref.rope_table(4, 4, 10.0)
+    x = np.zeros((1, 8))
+    with pytest.raises(ValueError, match="positions"):
+        ref.apply_rope(x, np.array([4]), table, 8, 4, "neox")
+    with pytest.raises(ValueError, match="positions"):
+        ref.apply_rope(x, np.array([-1]), table, 8, 4, "neox")
+    with pytest.raises(ValueError, match="style"):
+        ref.apply_rope(x, np.array([0]), table, 8, 4, "rotate")
+    with pytest.raises(ValueError, match="multiple of head_dim"):
+        ref.apply_rope(np.zeros((1, 12)), np.array([0]), table, 8, 4, "neox")
+
+
+def test_ulp_at():
+    assert ref.ulp_at(1.0, "bfloat16") == 2.0**-7
+    assert ref.ulp_at(1.99, "bfloat16") == 2.0**-7
+    assert ref.ulp_at(2.0, "bfloat16") == 2.0**-6
+    assert ref.ulp_at(0.75, "float16") == 2.0**-11
+    assert ref.ulp_at(1e-6, "float16") == 2.0**-24      # fp16 subnormals
+    assert ref.ulp_at(0.0, "float16") == 2.0**-24
+    assert ref.ulp_at(1e-40, "bfloat16") == 2.0**-133   # below bf16's smallest normal
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_compare_rope_counts_ulps_of_the_magnitude(dtype):
+    ulp = 2.0**-7 if dtype == "bfloat16" else 2.0**-10  # at magnitudes in [1, 2)
+    y = np.array([0.5, 0.5, 1e-4, 1e-4])
+    mag = np.array([1.5, 1.5, 1.5, 1.5])
+    out = ref.from_f64(np.array([0.5 + ulp, 0.5 + 2 * ulp, 0.0, 1e-4 + 0.9 * ulp]), dtype)
+    err, bad = ref.compare_rope(out, y, mag, dtype)
+    assert bad == 1 and err == pytest.approx(2.0)  # only the 2-ulp error fails
+    # the cancellation case: y is tiny, its error within one ulp of the terms' size;
+    # counted in ulps of y itself it is thousands off
+    ok = out[2:]
+    assert ref.compare_rope(ok, y[2:], mag[2:], dtype)[1] == 0
+    assert ref.compare(ok, y[2:], dtype)[1] == 2
+
+
+def test_compare_rope_on_a_real_cancellation():
+    """x_first c = x_second s (up to the inputs' rounding): y_first is ~0 while its terms
+    are ~1; an output of 0 is within one bf16 ulp of them."""
+    angle = 0.6
+    table = _one_row_table([angle])
+    c, s = (float(v) for v in table[0])
+    x = ref.to_f64(ref.from_f64(np.array([[s, c]]), "bfloat16"), "bfloat16")
+    y, mag = ref.apply_rope(x, np.array([0]), table, 2, 2, "neox")
+    assert abs(y[0, 0]) < 1e-2 * mag[0, 0]
+    zero = ref.from_f64(np.zeros((1, 2)), "bfloat16")
+    zero[0, 1] = ref.from_f64(y[:, 1], "bfloat16")[0]
+    assert ref.compare_rope(zero, y, mag, "bfloat16")[1] == 0
+
+
+def test_compare_rope_float32_nan_and_inf():
+    y = np.array([1.0, 1.0, np.nan, np.inf, 0.0])
+    mag = np.array([1.0, 1.0, np.nan, np.inf, 0.0])
+    out = np.array([1.0 + 3e-6, 1.0 + 5e-6, np.nan, np.inf, 0.0], dtype=np.float32)
+    err, bad = ref.compare_rope(out, y, mag, "float32")
+    assert bad == 1 and 4e-6 < err < 6e-6
+    wrong = out.copy()
+    wrong[2], wrong[3], wrong[4] = 1.0, -np.inf, 1e-30
+    assert ref.compare_rope(wrong, y, mag, "float32")[1] == 4
+    nan16 = ref.from_f64(np.array([np.nan, 1.0]), "bfloat16")
+    assert ref.compare_rope(nan16, np.array([np.nan, np.nan]), np.array([np.nan, 1.0]),
+                            "bfloat16")[1] == 1
+
+
+@pytest.mark.parametrize("style", ref.ROPE_STYLES)
+@pytest.mark.parametrize("dtype", ref.DTYPES)
+def test_make_rope_case(dtype, style):
+    case = ref.make_rope_case(2, 6, 256, 128, dtype, style=style, max_position=1000)
+    assert case.positions.dtype == np.int64 and case.positions[-1] == 999
+    assert case.positions.min() >= 0 and case.positions.max() < 1000
+    assert case.table.shape == (1000, 64) and not case.table.flags.writeable
+    # the norm alone (make_case) matches outside the rotated elements
+    q, k, qw, kw, qr, kr = ref.make_case(2, 6, 256, 128, dtype)
+    np.testing.assert_array_equal(case.q, q)
+    np.testing.assert_array_equal(case.q_ref[:, 64:128], qr[:, 64:128])
+    np.testing.assert_array_equal(case.k_ref[:, 64:128], kr[:, 64:128])
+    assert np.abs(case.q_ref[:, :64] - qr[:, :64]).max() > 0
+    # the reference rounded to the dtype passes; a wrong position does not
+    for out, y, mag in ((case.q_ref, case.q_ref, case.q_mag), (case.k_ref, case.k_ref,
+                                                                 case.k_mag)):
+        err, bad = ref.compare_rope(ref.from_f64(out, dtype), y, mag, dtype)
+        assert bad == 0 and err <= ref.TOLERANCE[dtype][1]
+    shifted = ref.qk_norm_rope(ref.to_f64(q, dtype), ref.to_f64(k, dtype),
+                               ref.to_f64(qw, dtype), ref.to_f64(kw, dtype), 1e-6,
+                               (case.positions + 1) % 1000, case.table, 128, 64, style)
+    assert ref.compare_rope(ref.from_f64(shifted[0], dtype), case.q_ref, case.q_mag,
+                            dtype)[1] > 0
