@@ -233,7 +233,8 @@ def test_check_gpu_transport_without_a_gpu(capsys):
         assert rc == 2 and out == ""
         assert one_line(err, "check") == (
             f"cupy-qknorm check: transport '{transport}': {transport} needs a GPU on every "
-            f"rank; rank 0 has none")
+            f"rank; rank 0 has none (CuPy with a CUDA device: pip install "
+            f"'cupy-qknorm[cuda13]' or 'cupy-qknorm[cuda12]')")
 
 
 def test_check_bad_config_is_one_line(capsys):
