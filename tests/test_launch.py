@@ -69,4 +69,6 @@ def test_check_gpu_transport_without_a_gpu_is_one_line_from_rank_0():
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stdout == "" and "Traceback" not in r.stderr
     assert r.stderr.splitlines() == [
-        "cupy-qknorm check: transport 'ipc': ipc needs a GPU on every rank; rank 0 has none"]
+        "cupy-qknorm check: transport 'ipc': ipc needs a GPU on every rank; rank 0 has none "
+        "(CuPy with a CUDA device: pip install 'cupy-qknorm[cuda13]' or "
+        "'cupy-qknorm[cuda12]')"]
