@@ -260,10 +260,11 @@ class TPQKNorm:
         self._calls.clear()
         if self.transport == "ipc" and self._device is not None:
             try:
-                w = self.config.dtype
-                self._transport.reject(w, self._current_stream())
-            except Exception:  # noqa: BLE001 - the input error is what the caller sees
-                pass
+                self._transport.reject(self.config.dtype, self._current_stream())
+            except Exception as e:  # noqa: BLE001 - the input error is what the caller sees
+                warnings.warn(f"cupy_qknorm: could not tell the peers that this rank refused "
+                              f"its input ({e}); they raise PeerTimeoutError after timeout_s",
+                              RuntimeWarning, stacklevel=3)
 
     def _call_mpi(self, arrs, stream):
         error, ops = None, None

@@ -61,7 +61,7 @@ class DeviceTransport:
         if k is None:
             spec = self.spec(weight_dtype, layout)
             raw = load(spec)
-            go = {kind: self._launch.bind((r, self._launch.handle(r)), spec.threads,
+            go = {kind: self._launch.bind((r, self._launch.handle(r)), _block(kind, spec),
                                           pdl=kind in self.PDL_KINDS)
                   for kind, r in raw.items()}
             k = (spec, go, self._grid_cap(spec, raw))
@@ -150,7 +150,7 @@ class DeviceTransport:
         HEAD.pack_into(buf, 0, q, k, qo, ko, qw, kw, *plan.strides, pos, tokens,
                        plan.position_bytes)
         grid = min(tokens, cap)
-        go = {kind: self._launch.bind((r, self._launch.handle(r)), spec.threads,
+        go = {kind: self._launch.bind((r, self._launch.handle(r)), _block(kind, spec),
                                       pdl=kind in self.PDL_KINDS, buf=buf, grid=grid)
               for kind, r in self._raw[(plan.weight_dtype, layout)].items()}
         return self.launch_fixed(go, tokens)
@@ -234,6 +234,11 @@ class DeviceTransport:
             self._host_words = None
             runtime.freeHost(self._host)
             self._host = 0
+
+
+def _block(kind, spec):
+    """Threads a block of each kernel: the spec's, except reject (one warp)."""
+    return 32 if kind == "reject" else spec.threads
 
 
 def _device_table(cupy, rope, device):

@@ -89,20 +89,21 @@ def test_tokens_differ_between_ranks(comm, transport):
         norm(qs[:t], ks[:t], qws, kws, out=(outs[0][:t], outs[1][:t]))
         err, _ = raise_time(norm.synchronize)
         took = time.perf_counter() - t0
-        record(comm, "tokens differ", transport, raised=type(err).__name__, seconds=took)
-        assert isinstance(err, QKNormError), f"rank {comm.rank}: got {err!r}"
-        if transport == "ipc":
-            assert isinstance(err, CallMismatchError) and "tokens" in str(err)
-            assert took < TIMEOUT_S, f"rank {comm.rank} took {took:.3f} s: waited for a timeout"
-        else:
-            assert isinstance(err, (CallMismatchError, PeerTimeoutError))
-            assert took < TIMEOUT_S + 1, f"rank {comm.rank} took {took:.2f} s"
-        assert untouched(outs), f"rank {comm.rank}: outputs were written"
-        with pytest.raises(ClosedError):
-            norm(qs[:t], ks[:t], qws, kws)
+        closed, _ = raise_time(lambda: norm(qs[:t], ks[:t], qws, kws))
     finally:
+        comm.Barrier()
         norm.close()
-    after_fault_the_process_works(comm, transport)
+        after_fault_the_process_works(comm, transport)
+    record(comm, "tokens differ", transport, raised=type(err).__name__, seconds=took)
+    assert isinstance(err, QKNormError), f"rank {comm.rank}: got {err!r}"
+    if transport == "ipc":
+        assert isinstance(err, CallMismatchError) and "tokens" in str(err)
+        assert took < TIMEOUT_S, f"rank {comm.rank} took {took:.3f} s: waited for a timeout"
+    else:
+        assert isinstance(err, (CallMismatchError, PeerTimeoutError))
+        assert took < TIMEOUT_S + 1, f"rank {comm.rank} took {took:.2f} s"
+    assert untouched(outs), f"rank {comm.rank}: outputs were written"
+    assert isinstance(closed, ClosedError)
 
 
 @pytest.mark.parametrize("transport", GPU_TRANSPORTS)
@@ -121,19 +122,19 @@ def test_rank_skips_a_call(comm, transport):
             norm(qs, ks, qws, kws, out=outs)
         err, _ = raise_time(norm.synchronize)
         took = time.perf_counter() - t0
-        record(comm, "rank skips a call", transport, raised=type(err).__name__,
-               seconds=took, skipper=skipper)
-        if comm.rank == skipper:
-            assert err is None, f"the rank that skipped raised {err!r}"
-        else:
-            assert isinstance(err, PeerTimeoutError), f"rank {comm.rank}: got {err!r}"
-            if transport == "ipc":
-                assert err.peer == skipper, f"blamed rank {err.peer}, not {skipper}"
-            assert TIMEOUT_S * 0.9 < took < TIMEOUT_S + 1, f"raised after {took:.2f} s"
     finally:
         comm.Barrier()
         norm.close()
-    after_fault_the_process_works(comm, transport)
+        after_fault_the_process_works(comm, transport)
+    record(comm, "rank skips a call", transport, raised=type(err).__name__,
+           seconds=took, skipper=skipper)
+    if comm.rank == skipper:
+        assert err is None, f"the rank that skipped raised {err!r}"
+    else:
+        assert isinstance(err, PeerTimeoutError), f"rank {comm.rank}: got {err!r}"
+        if transport == "ipc":
+            assert err.peer == skipper, f"blamed rank {err.peer}, not {skipper}"
+        assert TIMEOUT_S * 0.9 < took < TIMEOUT_S + 1, f"raised after {took:.2f} s"
 
 
 @pytest.mark.parametrize("transport", GPU_TRANSPORTS)
@@ -145,7 +146,7 @@ def test_rank_skips_a_graph_replay(comm, transport):
     skipper = comm.size - 1
     norm = make(comm, transport, dims)
     stream = cupy.cuda.Stream(non_blocking=True)
-    graph = None
+    graph, err, took = None, None, 0.0
     try:
         with stream:
             norm(qs, ks, qws, kws, out=outs)
@@ -162,16 +163,16 @@ def test_rank_skips_a_graph_replay(comm, transport):
                 graph.launch(stream)
             err, _ = raise_time(lambda: norm.synchronize(stream))
             took = time.perf_counter() - t0
-        record(comm, "rank skips a graph replay", transport, raised=type(err).__name__,
-               seconds=took)
-        if comm.rank != skipper:
-            assert isinstance(err, PeerTimeoutError), f"rank {comm.rank}: got {err!r}"
-            assert took < TIMEOUT_S + 1, f"raised after {took:.2f} s"
     finally:
         del graph
         comm.Barrier()
         norm.close()
-    after_fault_the_process_works(comm, transport)
+        after_fault_the_process_works(comm, transport)
+    record(comm, "rank skips a graph replay", transport, raised=type(err).__name__,
+           seconds=took)
+    if comm.rank != skipper:
+        assert isinstance(err, PeerTimeoutError), f"rank {comm.rank}: got {err!r}"
+        assert took < TIMEOUT_S + 1, f"raised after {took:.2f} s"
 
 
 @pytest.mark.parametrize("transport", GPU_TRANSPORTS)
@@ -191,25 +192,25 @@ def test_bad_input_on_one_rank(comm, transport):
         if err is None:
             err, _ = raise_time(norm.synchronize)
         took = time.perf_counter() - t0
-        record(comm, "bad input on one rank", transport, raised=type(err).__name__,
-               seconds=took, bad=bad)
-        if comm.rank == bad:
-            assert isinstance(err, ValueError) and "shape must be" in str(err)
-            assert not isinstance(err, QKNormError)
-        elif transport == "ipc":
-            assert isinstance(err, CallMismatchError), f"rank {comm.rank}: got {err!r}"
-            assert err.peer == bad and "rejected its input" in str(err)
-            assert took < TIMEOUT_S / 2, f"rank {comm.rank} took {took:.3f} s"
-        else:
-            assert isinstance(err, PeerTimeoutError), f"rank {comm.rank}: got {err!r}"
-            assert took < TIMEOUT_S + 1
-        assert untouched(outs), f"rank {comm.rank}: outputs were written"
-        with pytest.raises(ClosedError):
-            norm(qs, ks, qws, kws)
+        closed, _ = raise_time(lambda: norm(qs, ks, qws, kws))
     finally:
         comm.Barrier()
         norm.close()
-    after_fault_the_process_works(comm, transport)
+        after_fault_the_process_works(comm, transport)
+    record(comm, "bad input on one rank", transport, raised=type(err).__name__,
+           seconds=took, bad=bad)
+    if comm.rank == bad:
+        assert isinstance(err, ValueError) and "shape must be" in str(err)
+        assert not isinstance(err, QKNormError)
+    elif transport == "ipc":
+        assert isinstance(err, CallMismatchError), f"rank {comm.rank}: got {err!r}"
+        assert err.peer == bad and "rejected its input" in str(err)
+        assert took < TIMEOUT_S / 2, f"rank {comm.rank} took {took:.3f} s"
+    else:
+        assert isinstance(err, PeerTimeoutError), f"rank {comm.rank}: got {err!r}"
+        assert took < TIMEOUT_S + 1
+    assert untouched(outs), f"rank {comm.rank}: outputs were written"
+    assert isinstance(closed, ClosedError)
 
 
 @pytest.mark.parametrize("transport", GPU_TRANSPORTS)
@@ -232,14 +233,14 @@ def test_rank_closes_while_others_call(comm, transport):
         t0 = time.perf_counter()
         norm.close()
         close_took = time.perf_counter() - t0
+    comm.Barrier()
+    after_fault_the_process_works(comm, transport)
     record(comm, "rank closes while others call", transport, raised=type(err).__name__,
            seconds=took, close_seconds=close_took, closer=closer)
     if comm.rank != closer:
         assert isinstance(err, PeerTimeoutError), f"rank {comm.rank}: got {err!r}"
         assert took < TIMEOUT_S + 1
         assert untouched(outs), f"rank {comm.rank}: outputs were written"
-    comm.Barrier()
-    after_fault_the_process_works(comm, transport)
 
 
 @pytest.mark.parametrize("transport", GPU_TRANSPORTS)
@@ -250,22 +251,24 @@ def test_timeout_bounds_a_lone_rank(comm, transport):
     norm = make(comm, transport, dims)
     warm_up(norm, qs, ks, qws, kws)
     comm.Barrier()
+    err, took = None, 0.0
     try:
         if comm.rank == 0:
             t0 = time.perf_counter()
             norm(qs, ks, qws, kws, out=outs)
             err, _ = raise_time(norm.synchronize)
             took = time.perf_counter() - t0
-            record(comm, "lone rank", transport, raised=type(err).__name__, seconds=took)
-            assert isinstance(err, PeerTimeoutError)
-            if transport == "ipc":
-                assert 1 <= err.peer < comm.size
-            assert TIMEOUT_S * 0.9 < took < TIMEOUT_S + 1
-            assert untouched(outs)
     finally:
         comm.Barrier()
         norm.close()
-    after_fault_the_process_works(comm, transport)
+        after_fault_the_process_works(comm, transport)
+    if comm.rank == 0:
+        record(comm, "lone rank", transport, raised=type(err).__name__, seconds=took)
+        assert isinstance(err, PeerTimeoutError)
+        if transport == "ipc":
+            assert 1 <= err.peer < comm.size
+        assert TIMEOUT_S * 0.9 < took < TIMEOUT_S + 1
+        assert untouched(outs)
 
 
 def test_broken_p2p_auto_falls_back_ipc_raises(comm):
