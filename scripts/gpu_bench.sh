@@ -4,7 +4,8 @@
 # Per G: `bench --in-place --rope` in graph and eager mode (fused norm, norm + RoPE fused,
 # norm then a separate RoPE kernel, the nccl path, the floors), one table per G on stdout
 # and its JSON in ${BENCH_OUT:-bench-out}/ (or $OUT when set). TOKENS overrides the
-# token counts. Uses the host's MPI; GPUs come from the node-local rank.
+# token counts, MODE the modes (default both), COMMIT the commit printed (default: git's).
+# Uses the host's MPI; GPUs come from the node-local rank.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -23,9 +24,10 @@ fail=0
 for g in "${ranks[@]}"; do
   if [ "$g" -gt "$gpus" ]; then echo "SKIPPED G=$g: only $gpus GPUs here"; continue; fi
   transports=ipc,nccl
-  echo "=== G=$g: bench --in-place --rope --mode both --tokens $tokens"
+  echo "=== G=$g: bench --in-place --rope --mode ${MODE:-both} --tokens $tokens"
   timeout "${STAGE_TIMEOUT:-500}" mpiexec --allow-run-as-root --bind-to none -n "$g" \
-    python3 -m cupy_qknorm bench --in-place --rope --mode both --tokens "$tokens" \
-    --transports "$transports" --exchange-floor --json "$out/bench-$card-G$g.json" || fail=1
+    python3 -m cupy_qknorm bench --in-place --rope --mode "${MODE:-both}" --tokens "$tokens" \
+    --transports "$transports" --exchange-floor ${COMMIT:+--commit "$COMMIT"} \
+    --json "$out/bench-$card-G$g.json" || fail=1
 done
 exit $fail
