@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from cupy_qknorm import ClosedError, PositionError, RoPE, TPQKNorm
+from cupy_qknorm import ClosedError, PeerTimeoutError, PositionError, RoPE, TPQKNorm
 from cupy_qknorm import reference as ref
 from cupy_qknorm.norm import check_config
 
@@ -429,16 +429,19 @@ def test_bind_validates_at_once_and_stops_after_close():
 
 # -- the cache of validated calls --------------------------------------------------------
 class FakeDeviceTransport:
-    """Stands in for a GPU transport: records what is bound and launched."""
+    """Stands in for a GPU transport: records what is bound and launched; its error
+    word is host memory the kernels would write (here the test)."""
 
     def __init__(self):
         self.bound_calls, self.launches, self.rejected, self.closed = [], [], 0, False
+        self._host_words = [0] * 8
 
     def failed(self):
-        return False
+        return self._host_words[0] != 0
 
     def check(self):
-        pass
+        if self.failed():
+            raise PeerTimeoutError("rank 0 waited longer than 5 s for rank 1", peer=1)
 
     def bound(self, plan, ptrs):
         self.bound_calls.append((plan, list(ptrs)))
@@ -483,6 +486,7 @@ def device_norm():
     n._transport.close()
     fake = FakeDeviceTransport()
     n._transport, n.transport, n._device = fake, "ipc", 0
+    n._error = fake._host_words  # what the constructor takes from a GPU transport
     n._current_stream = lambda: None
     yield n, fake, HostMemory(cupy)
     n.close()
@@ -535,23 +539,41 @@ def test_a_dropped_array_drops_its_entry(device_norm):
     assert n._validations == 2
 
 
-@pytest.mark.parametrize("role", range(6))
+@pytest.mark.parametrize("role", ["q", "k", "q_weight", "k_weight", "out[0]", "out[1]",
+                                  "q in place", "k in place", "q_weight in place"])
 def test_an_in_place_reshape_is_validated_again(device_norm, role):
     n, fake, mem = device_norm
     q, k, qw, kw = mem.set()
-    qo, ko = mem.array((4, Q)), mem.array((4, K))
-    six = (q, k, qw, kw, qo, ko)
-    n(q, k, qw, kw, out=(qo, ko))
-    n(q, k, qw, kw, out=(qo, ko))
+    in_place = role.endswith("in place")
+    qo, ko = (q, k) if in_place else (mem.array((4, Q)), mem.array((4, K)))
+    kwargs = {} if in_place else dict(out=(qo, ko))
+    n(q, k, qw, kw, **kwargs)
+    n(q, k, qw, kw, **kwargs)
     assert n._validations == 1 and len(fake.launches) == 2
-    a = six[role]
+    names = ["q", "k", "q_weight", "k_weight", "out[0]", "out[1]"]
+    a = (q, k, qw, kw, qo, ko)[names.index(role.split()[0])]
     a.shape = (2, a.size // 2) if a.ndim == 1 else (a.shape[0] * 2, a.shape[1] // 2)
     with pytest.raises(ValueError, match="shape must be"):
-        n(q, k, qw, kw, out=(qo, ko))
+        n(q, k, qw, kw, **kwargs)
     assert n._validations == 2 and len(fake.launches) == 2
     assert fake.rejected == 1                      # the peers are told at once
     with pytest.raises(ClosedError):               # the call is broken on every rank
-        n(q, k, qw, kw, out=(qo, ko))
+        n(q, k, qw, kw, **kwargs)
+
+
+@pytest.mark.parametrize("out", [False, True])
+def test_an_error_a_kernel_recorded_stops_the_cached_path(device_norm, out):
+    n, fake, mem = device_norm
+    q, k, qw, kw = mem.set()
+    kwargs = dict(out=(mem.array((4, Q)), mem.array((4, K)))) if out else {}
+    n(q, k, qw, kw, **kwargs)
+    n(q, k, qw, kw, **kwargs)
+    fake._host_words[0] = 1  # as a kernel records a timeout
+    with pytest.raises(PeerTimeoutError, match="rank 1"):
+        n(q, k, qw, kw, **kwargs)
+    assert len(fake.launches) == 2 and not n._calls
+    with pytest.raises(ClosedError):
+        n(q, k, qw, kw, **kwargs)
 
 
 def test_numpy_calls_are_not_cached(norm):
