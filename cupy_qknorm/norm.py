@@ -210,9 +210,10 @@ class TPQKNorm:
                     and not self._error[0]:
                 entry[1](stream if stream is not None else self._current_stream())
                 return qo, ko
-        return self._call_slow((q, k, q_weight, k_weight, qo, ko, positions), stream)
+        return self._call_slow((q, k, q_weight, k_weight, qo, ko, positions), stream,
+                               out is None)
 
-    def _call_slow(self, arrs, stream):
+    def _call_slow(self, arrs, stream, in_place=False):
         self._check_usable()
         if self.transport == "mpi":
             return self._call_mpi(arrs, stream)
@@ -224,12 +225,13 @@ class TPQKNorm:
         if not ops[0].shape[0]:
             return arrs[4], arrs[5]
         go = self._transport.bound(arrays.Plan.of(ops), arrays.Plan.pointers(ops))
-        self._remember(arrs, go)
+        self._remember(arrs, go, in_place)
         go(stream if stream is not None else self._current_stream())
         return arrs[4], arrs[5]
 
-    def _remember(self, arrs, go):
-        """Cache a validated call of CuPy arrays, keyed by the arrays' identity."""
+    def _remember(self, arrs, go, in_place):
+        """Cache a validated call of CuPy arrays, keyed by the arrays' identity (as
+        __call__ looks it up: without the outputs when out= was not given)."""
         import cupy
         if not all(type(a) is cupy.ndarray for a in arrs[:6]) or \
                 not (arrs[6] is None or type(arrs[6]) is cupy.ndarray):
@@ -237,7 +239,7 @@ class TPQKNorm:
         if len(self._calls) >= MAX_CACHED_CALLS:
             self._calls.clear()
         q, k, qw, kw, qo, ko, pos = arrs
-        if qo is q and ko is k:
+        if in_place:
             key = (id(q), id(k), id(qw), id(kw), id(pos))
             shapes = (q.shape, k.shape, qw.shape, kw.shape)
         else:

@@ -936,22 +936,19 @@ __device__ __forceinline__ void token_digits(int tokens, int* d) {
   d[2] = tokens >> 20;
 }
 
-// The host-mapped words after the error record where the unfused path counts its launches:
-// partial_sums writes how many it has made, apply how many it follows. A number that stays
-// ahead of the other means the all-reduce between them is still in flight: the host's
-// watchdog (transports/nccl.py) reads both without synchronizing, and past timeout_s records
-// a timeout in the record's first word, which apply reads before it stores anything.
-constexpr int kLaunchesMade = kErrorWords, kLaunchesFollowed = kErrorWords + 1;
-
+// The unfused path counts its launches in p.counters: partial_sums writes how many it has
+// made (word 0), apply how many it follows (word 1). A count that stays ahead of the other
+// means the all-reduce between them is still in flight: the host's watchdog
+// (transports/nccl.py) copies both words on a stream of its own, and past timeout_s writes
+// a timeout into the device's error record, which apply reads before it stores anything.
+// Kernels never read host memory here: on some hosts a read of mapped memory costs
+// microseconds, once per block.
 template <class T, int DQ, int DK, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) partial_sums(const Params p) {
   using R = Row<T, DQ, DK, WARPS * 32>;
   __shared__ float2 scratch[WARPS];
-  if (blockIdx.x == 0 && threadIdx.x == 0 && p.counters != nullptr && p.error_host != nullptr) {
-    const unsigned int made = p.counters[0] + 1;  // only this thread writes it
-    p.counters[0] = made;
-    reinterpret_cast<volatile unsigned int*>(p.error_host)[kLaunchesMade] = made;
-  }
+  if (blockIdx.x == 0 && threadIdx.x == 0 && p.counters != nullptr)
+    p.counters[0] += 1;  // launches made; only this thread writes it
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     int d[3];
     token_digits(p.tokens, d);
@@ -992,20 +989,16 @@ __global__ void __launch_bounds__(WARPS * 32, STYLE == kRopeNone ? 0 : 1)
     apply(const Params p) {
   constexpr int NT = WARPS * 32;
   using Ro = Rope<T, DQ, DK, NT, HEAD, ROT, STYLE>;
-  // a failure the host recorded (the watchdog ended the all-reduce: the sums are not
-  // whole); read first, used before the first store, so its latency overlaps the loads
-  bool host_failed = false;
-  if (p.error_host != nullptr) {
-    host_failed = *reinterpret_cast<volatile int*>(p.error_host) != 0;
-    if (blockIdx.x == 0 && threadIdx.x == 0 && p.counters != nullptr)
-      reinterpret_cast<volatile unsigned int*>(p.error_host)[kLaunchesFollowed] = p.counters[0];
-  }
+  // a failure already recorded (the watchdog ended the all-reduce: the sums are not whole)
+  const bool failed = *reinterpret_cast<volatile int*>(p.error) != 0;
+  if (blockIdx.x == 0 && threadIdx.x == 0 && p.counters != nullptr)
+    p.counters[1] = p.counters[0];  // launches followed
   Weights<T, W, DQ, DK, NT> wt;
   wt.load(p);
   const float2* const sums = reinterpret_cast<const float2*>(p.sums + kSumsHeader);
   // Failures are recorded once, after the loop: a record_error inside it made ptxas spill.
   const bool same = same_tokens(p);  // checked by every block before any store
-  if (host_failed) return;
+  if (failed) return;
   int bad = -1;                      // a row whose position is out of range
   Row<T, DQ, DK, NT> row;
   for (long long t = blockIdx.x; same && t < p.tokens; t += gridDim.x) {

@@ -166,7 +166,7 @@ class MpiDeviceTransport(DeviceTransport):
         import cupy
         super().__init__(cfg, comm)
         self.host = host
-        self._counter = cupy.zeros(1, cupy.uint32)
+        self._counter = cupy.zeros(2, cupy.uint32)
         self.counters = self._counter.data.ptr
         n = SUMS_HEADER + 2 * cfg.max_tokens
         self.sums = cupy.zeros(n, cupy.float32)

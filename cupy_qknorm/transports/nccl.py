@@ -2,13 +2,14 @@
 The baseline, and the path across nodes.
 
 NCCL's own wait has no deadline, so a watchdog thread bounds it (the design of PyTorch's
-NCCL watchdog): partial_sums writes the number of its launch to host-mapped memory and
-apply writes the number it follows, so the host sees an all-reduce in flight without
-synchronizing; one that stays in flight past timeout_s (or an asynchronous NCCL error)
-makes the watchdog record the error where the kernels read it (apply then stores
-nothing) and abort the communicator, which ends NCCL's kernel. The stream then drains,
-and the next call or synchronize() raises. Works the same for calls replayed from a
-CUDA graph, since the counters are written by the kernels themselves.
+NCCL watchdog): partial_sums counts its launches in device memory and apply the launches
+it follows; the watchdog copies both counts on a stream of its own every POLL_S, so it
+sees an all-reduce in flight without synchronizing the caller's stream. One that stays in
+flight past timeout_s (or an asynchronous NCCL error) makes the watchdog write a timeout
+into the device's error record (apply then stores nothing) and into the host's copy, and
+abort the communicator, which ends NCCL's kernel. The stream then drains, and the next
+call or synchronize() raises. Works the same for calls replayed from a CUDA graph, since
+the counts are kept by the kernels themselves.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from ..params import ERROR_TIMEOUT, ERROR_WORDS, SUMS_HEADER
 from .device import DeviceTransport
 
 POLL_S = 0.02     # how often the watchdog looks
-# host-mapped words after the error record: launches of partial_sums / of apply so far
+# where the watchdog copies the device's counts (host words after the error record):
+# launches of partial_sums made / followed by apply
 STARTED, FOLLOWED = ERROR_WORDS, ERROR_WORDS + 1
 
 
@@ -34,7 +36,7 @@ class NcclTransport(DeviceTransport):
         self._watchdog = None
         self._stop = threading.Event()
         self.aborted = False
-        self._counter = cupy.zeros(1, cupy.uint32)
+        self._counter = cupy.zeros(2, cupy.uint32)
         self.counters = self._counter.data.ptr
         self.sums = cupy.zeros(SUMS_HEADER + 2 * cfg.max_tokens, cupy.float32)
         uid = comm.bcast(nccl.get_unique_id() if comm.rank == 0 else None, root=0)
@@ -67,34 +69,46 @@ class NcclTransport(DeviceTransport):
         go["apply"](grid, stream)
 
     def _watch(self):
+        import cupy
+        from cupy.cuda import runtime
         words, limit = self._host_words, self.cfg.timeout_ns / 1e9
         seen, since = None, 0.0
-        while not self._stop.wait(POLL_S):
-            if words[0]:
-                return  # a kernel recorded an error: the next call raises it
-            reason = None
-            try:
-                self._nccl.check_async_error()
-            except Exception as e:  # noqa: BLE001 - NcclError: a peer or the network failed
-                reason = str(e)
-            started, followed = words[STARTED], words[FOLLOWED]
-            if started == followed:
-                seen = None
-            elif started != seen:
-                seen, since = started, time.monotonic()
-            elif time.monotonic() - since > limit:
-                reason = "timeout"
-            if reason is not None:
-                self._abort()
-                return
+        with self.device:
+            stream = cupy.cuda.Stream(non_blocking=True)
+            counts = self._host + 4 * STARTED
+            while not self._stop.wait(POLL_S):
+                if words[0]:
+                    return  # a kernel recorded an error: the next call raises it
+                reason = None
+                try:
+                    self._nccl.check_async_error()
+                except Exception as e:  # noqa: BLE001 - NcclError: a peer or the network failed
+                    reason = str(e)
+                runtime.memcpyAsync(counts, self._counter.data.ptr, 8,
+                                    runtime.memcpyDeviceToHost, stream.ptr)
+                stream.synchronize()
+                started, followed = words[STARTED], words[FOLLOWED]
+                if started == followed:
+                    seen = None
+                elif started != seen:
+                    seen, since = started, time.monotonic()
+                elif time.monotonic() - since > limit:
+                    reason = "timeout"
+                if reason is not None:
+                    self._abort(stream)
+                    return
 
-    def _abort(self):
+    def _abort(self, stream):
         """Record a timeout where apply and the host read it, then end NCCL's kernel."""
+        from cupy.cuda import runtime
         words = self._host_words
         record = [ERROR_TIMEOUT, -1, 0, self.cfg.rank, 0, 0]
         for i in range(1, len(record)):
             words[i] = record[i]
         words[0] = record[0]
+        runtime.memcpyAsync(self._error.data.ptr, self._host, 4 * (ERROR_WORDS - 1),
+                            runtime.memcpyHostToDevice, stream.ptr)
+        stream.synchronize()
         self.aborted = True
         self._nccl.abort()
 

@@ -1,0 +1,61 @@
+"""The eager fast path is taken for every way of passing the same arrays: in place
+without out=, with out= naming the inputs themselves, and out of place."""
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from cupy_qknorm import TPQKNorm
+
+cupy = pytest.importorskip("cupy")
+
+
+class FakeDevice:
+    """A GPU transport that launches nothing and counts."""
+
+    def __init__(self):
+        self.bound_calls, self.launches = 0, 0
+
+    def failed(self):
+        return False
+
+    def check(self):
+        pass
+
+    def bound(self, plan, ptrs):
+        self.bound_calls += 1
+
+        def go(stream):
+            self.launches += 1
+        return go
+
+    def close(self):
+        pass
+
+
+HOST = np.zeros(1 << 20, np.uint8)
+
+
+def arr(shape, offset):
+    mem = cupy.cuda.UnownedMemory(HOST.ctypes.data + offset, HOST.nbytes - offset, HOST,
+                                  device_id=0)
+    return cupy.ndarray(shape, np.uint16, memptr=cupy.cuda.MemoryPointer(mem, 0))
+
+
+@pytest.mark.parametrize("how", ["in place", "out= the inputs", "out of place"])
+def test_each_way_of_calling_is_cached(how):
+    n = TPQKNorm(MPI.COMM_SELF, 256, 64, "bfloat16", transport="mpi")
+    fake = FakeDevice()
+    real = n._transport
+    n._transport, n.transport, n._device = fake, "ipc", 0
+    n._current_stream = lambda: None
+    try:
+        q, k, qw, kw = arr((2, 256), 0), arr((2, 64), 4096), arr((256,), 8192), arr((64,), 12288)
+        out = {"in place": None, "out= the inputs": (q, k),
+               "out of place": (arr((2, 256), 16384), arr((2, 64), 20480))}[how]
+        for _ in range(100):
+            got = n(q, k, qw, kw, out=out)
+        assert got == ((q, k) if out is None else out)
+        assert (n._validations, fake.bound_calls, fake.launches) == (1, 1, 100)
+    finally:
+        n._transport = real
+        n.close()
