@@ -23,12 +23,15 @@ def table_of(rows, rotary_dim, theta):
     return ref.rope_table(rows, rotary_dim, theta)
 
 
-def rope_case(comm, seed, tokens, dtype, rope=MINIMAX, wdtype=None, eps=1e-6):
+def rope_case(comm, seed, tokens, dtype, rope=MINIMAX, wdtype=None, eps=1e-6, weights=None):
     """Shards of (q, k, q_weight, k_weight), positions on the device, and this rank's
-    slices of the reference (y, magnitude) for q and k."""
+    slices of the reference (y, magnitude) for q and k. `weights`: the full (q_weight,
+    k_weight) to use instead of the seed's."""
     import cupy
     q_dim, k_dim = dims_for(comm.size)
     q, k, qw, kw, _, _ = ref.make_case(seed, tokens, q_dim, k_dim, dtype, wdtype, eps)
+    if weights is not None:
+        qw, kw = weights
     rows = rope.rows()
     rng = np.random.default_rng(seed + 1)
     pos = rng.integers(0, rows, tokens)
@@ -157,7 +160,9 @@ def test_rope_graph_replays_with_new_positions(comm, transport):
     q_dim, k_dim = dims_for(comm.size)
     sizes = (1, 600, 64)  # 600 > max_tokens: two launches inside the graph
     top = max(sizes)
-    (qs, ks, qws, kws), pos, _ = rope_case(comm, 1, top, dtype)
+    q_dim, k_dim = dims_for(comm.size)
+    _, _, qw, kw, _, _ = ref.make_case(1, 1, q_dim, k_dim, dtype)
+    (qs, ks, qws, kws), pos, _ = rope_case(comm, 1, top, dtype, weights=(qw, kw))
     qin, kin = cupy.empty_like(qs), cupy.empty_like(ks)
     pin = cupy.empty_like(pos)
     outs = [cupy.empty_like(qs), cupy.empty_like(ks)]
@@ -177,7 +182,9 @@ def test_rope_graph_replays_with_new_positions(comm, transport):
                      positions=pin[:t])
             graph = stream.end_capture()
             for rep in range(4):
-                (q2, k2, _, _), p2, mine = rope_case(comm, 50 + rep, top, dtype)
+                # new rows and positions, the weights the graph was captured with
+                (q2, k2, _, _), p2, mine = rope_case(comm, 50 + rep, top, dtype,
+                                                     weights=(qw, kw))
                 qin[...] = q2
                 kin[...] = k2
                 pin[...] = p2
