@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from . import knobs
 from .rope import RoPE, check as check_rope
-from .shapes import DTYPES, MAX_WORLD, MINIMAX_DIMS, OTHER_LOCAL_DIMS, vector_elems
+from .shapes import DTYPES, MAX_WORLD, MINIMAX_DIMS, default_dims, vector_elems
 
 C_TYPES = {"bfloat16": "qknorm::bf16_t", "float16": "qknorm::f16_t", "float32": "float"}
 # name: (16-byte vectors a thread, rows staged in shared memory, tokens in flight)
@@ -122,35 +122,22 @@ class Spec:
                 (" staged" if self.staged else "") + rope)
 
 
-def _minimax_local(world: int, dtype: str):
-    q, k = MINIMAX_DIMS
-    n = vector_elems(dtype)
-    if q % world or k % world or (q // world) % n or (k // world) % n:
-        return None
-    return q // world, k // world
-
-
 def shipped_specs() -> list:
     """Every specialization the package ships (the compile command and its test build
-    each): every layout, dtype, weight dtype and G for MiniMax's widths and for the
-    other shape; with MiniMax's RoPE where its heads are whole on every rank; GPT-J
-    style and full rotation at G=2 in bf16."""
+    each): for G = 1, 2, 4, 8 with MiniMax's widths, every layout, dtype and weight dtype,
+    without and with MiniMax's RoPE; for the other G, the widths shapes.default_dims gives
+    them, bf16, without and with RoPE; GPT-J style and full rotation at G=2 in bf16."""
     minimax = RoPE.minimax_m2()
     specs = []
-    for dtype in DTYPES:
-        for wdt in sorted({dtype, "float32"}):
-            for world in range(1, MAX_WORLD + 1):
-                shapes = [OTHER_LOCAL_DIMS]
-                mm = _minimax_local(world, dtype)
-                if mm is not None:
-                    shapes.insert(0, mm)
-                for shape in shapes:
-                    ropes = [None]
-                    if shape == mm and all(d % minimax.head_dim == 0 for d in shape):
-                        ropes.append(minimax)
-                    for rope in ropes:
-                        for layout in LAYOUTS:
-                            specs.append(Spec.plan(dtype, wdt, world, *shape, layout, rope))
+    for world in range(1, MAX_WORLD + 1):
+        q, k = default_dims(world)
+        combos = [(d, w) for d in DTYPES for w in sorted({d, "float32"})] \
+            if (q, k) == MINIMAX_DIMS else [("bfloat16", "bfloat16")]
+        for dtype, wdt in combos:
+            for rope in (None, minimax):
+                for layout in LAYOUTS:
+                    specs.append(Spec.plan(dtype, wdt, world, q // world, k // world, layout,
+                                           rope))
     for rope in (RoPE(128, 64, style="gptj", max_position=1), RoPE(128, 128, max_position=1)):
         for layout in LAYOUTS:
             specs.append(Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, layout, rope))
