@@ -41,14 +41,6 @@ def tracing() -> bool:
     return knobs.get("CUPY_QKNORM_TRACE") == 1
 
 
-def cupy_available() -> bool:
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def require_cupy(what: str):
     """CuPy, or one clear error saying how to install it."""
     try:

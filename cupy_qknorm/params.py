@@ -29,7 +29,6 @@ KERNEL_DIR = _find_kernel_dir()
 HEAD = struct.Struct("<6Q4qQii")
 STATIC = struct.Struct(f"<{MAX_WORLD}Q5Qq2i3fi")
 PARAMS = struct.Struct(HEAD.format + STATIC.format[1:])
-TOKENS_AT = HEAD.size - 8   # offset of Params.tokens
 
 ERROR_WORDS = 8             # {code, peer, token, rank, theirs, ours, 0, 0}
 ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE, ERROR_POSITION, ERROR_REJECTED = 1, 2, 3, 4, 5

@@ -8,13 +8,12 @@ from .. import knobs
 from ..compile import load, require_cupy
 from ..errors import CallMismatchError, PeerTimeoutError, PositionError
 from ..params import (ERROR_POSITION, ERROR_REJECTED, ERROR_SEQUENCE, ERROR_TOKENS,
-                      ERROR_WORDS, HEAD, PARAMS, TOKENS_AT, pack_static)
+                      ERROR_WORDS, HEAD, PARAMS, pack_static)
 from ..tuning import Spec, layout_for
 from .launch import Launcher
 
 _HOST_ALLOC_MAPPED = 2  # cudaHostAllocMapped; with UVA the device sees the same address
 HOST_WORDS = 16         # the error record, then the unfused path's launch counters
-_TOKENS = HEAD.__class__("<i")
 
 
 class DeviceTransport:
