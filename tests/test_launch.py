@@ -24,7 +24,9 @@ def mpiexec():
 pytestmark = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install mpich)")
 
 
-def launch(ranks, *argv, timeout=300):
+def launch(ranks, *argv, timeout=120):
+    """mpiexec -n ranks python argv...; a hang fails after `timeout` seconds (a normal
+    run takes a few)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     cmd = [mpiexec(), "-n", str(ranks), sys.executable, *argv]
