@@ -43,9 +43,9 @@ def test_mpi_suite_under_mpiexec(ranks, fault_times):
                "tests/test_mpi.py")
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"mpiexec -n {ranks} failed:\n{out[-6000:]}"
-    # every rank's summary line (mpiexec may join two ranks' lines into one)
-    counts = re.findall(r"\b(\d+) (passed|failed|errors?|xpassed)\b", r.stdout)
-    assert [w for _, w in counts] == ["passed"] * ranks, counts
+    # mpiexec's exit code is the worst rank's; the ranks' lines may interleave
+    assert re.search(r"\d+ passed", r.stdout) and not re.search(
+        r"\d+ (failed|errors?|xpassed)", r.stdout), out[-3000:]
     times = [ln for ln in r.stdout.splitlines() if ln.startswith("FAULT-TIME")]
     assert len(times) == 4, out[-3000:]
     fault_times += times
