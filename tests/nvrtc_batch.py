@@ -7,10 +7,11 @@ how tests/test_compile.py builds every shipped specialization within the CI's ti
 - Batches run in spawned worker processes at a lower priority, started when the tests
   are collected (conftest.py), so they use the CPU the other tests leave idle; the
   compile tests run last and wait for what is left.
-- A kernel compiled cleanly (no error, no warning) is remembered on disk under a key of
-  everything its result depends on: the kernel sources, the NVRTC library, the options
-  and the architecture. A run with none of those changed compiles nothing again;
-  QKNORM_TEST_NVRTC_CACHE=0 turns the cache off (or names another directory).
+- For a developer's repeated runs, QKNORM_TEST_NVRTC_CACHE=1 (or a directory) remembers
+  each kernel compiled cleanly (no error, no warning) on disk under a key of everything
+  its result depends on: the kernel sources, the NVRTC library, the options and the
+  architecture; a run with none of those changed compiles nothing again. Off by default,
+  so that every run (CI's included) compiles every kernel.
 Same source, options and ptxas report as compile.nvrtc_compile.
 """
 from __future__ import annotations
@@ -97,9 +98,9 @@ def plan(names, batches):
 
 # -- the cache of clean compiles ----------------------------------------------------------
 def cache_dir():
-    """The cache's directory, or None where QKNORM_TEST_NVRTC_CACHE=0."""
+    """The cache's directory, or None (the default: QKNORM_TEST_NVRTC_CACHE unset or 0)."""
     where = os.environ.get("QKNORM_TEST_NVRTC_CACHE", "").strip()
-    if where == "0":
+    if where in ("", "0"):
         return None
     if where and where != "1":
         return Path(where)
@@ -241,4 +242,4 @@ class Build:
         where = cache_dir()
         took = f" in {self.last - self.t0:.1f} s from collection" if self.last else ""
         return (f"NVRTC: {self.compiled} kernels compiled{took}, {self.cached} from the "
-                f"cache ({where if where else 'off: QKNORM_TEST_NVRTC_CACHE=0'})")
+                f"cache ({where if where else 'off; QKNORM_TEST_NVRTC_CACHE=1 keeps one'})")

@@ -156,6 +156,8 @@ def test_cache_keeps_clean_compiles(tmp_path, monkeypatch):
     assert nvrtc_batch.cache_read(("sm_100", None)) == {}
     monkeypatch.setenv("QKNORM_TEST_NVRTC_CACHE", "0")
     assert nvrtc_batch.cache_dir() is None and nvrtc_batch.cache_read(target) == {}
+    monkeypatch.delenv("QKNORM_TEST_NVRTC_CACHE")
+    assert nvrtc_batch.cache_dir() is None  # off unless asked for: every run compiles
 
 
 def test_compile_error_is_reported():
