@@ -192,22 +192,25 @@ class TPQKNorm:
         CallMismatchError, PositionError) if one failed."""
         # Fast path: the same CuPy array objects as an earlier call. What validation read
         # can change on a live CuPy array only through its shape (strides, dtype and data
-        # are read-only), so the shapes are compared; a dead array drops its entry, and
-        # close() or a failure drops them all.
+        # are read-only): the 2-D arrays' shapes are compared, and for the 1-D ones
+        # (weights, positions) that they are still 1-D, which fixes their shape since a
+        # reshape in place keeps the size. A dead array drops its entry, and close() or a
+        # failure drops them all.
         if out is None:
             qo, ko = q, k
             entry = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(positions)))
-            if entry is not None and entry[0] == (q.shape, k.shape, q_weight.shape,
-                                                  k_weight.shape) and not self._error[0]:
+            if entry is not None and entry[0] == (q.shape, k.shape) and q_weight.ndim == 1 \
+                    and k_weight.ndim == 1 and (positions is None or positions.ndim == 1) \
+                    and not self._error[0]:
                 entry[1](stream if stream is not None else self._current_stream())
                 return q, k
         else:
             qo, ko = _pair(out)
             entry = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(positions),
                                      id(qo), id(ko)))
-            if entry is not None and entry[0] == (q.shape, k.shape, q_weight.shape,
-                                                  k_weight.shape, qo.shape, ko.shape) \
-                    and not self._error[0]:
+            if entry is not None and entry[0] == (q.shape, k.shape, qo.shape, ko.shape) \
+                    and q_weight.ndim == 1 and k_weight.ndim == 1 \
+                    and (positions is None or positions.ndim == 1) and not self._error[0]:
                 entry[1](stream if stream is not None else self._current_stream())
                 return qo, ko
         return self._call_slow((q, k, q_weight, k_weight, qo, ko, positions), stream,
@@ -241,10 +244,10 @@ class TPQKNorm:
         q, k, qw, kw, qo, ko, pos = arrs
         if in_place:
             key = (id(q), id(k), id(qw), id(kw), id(pos))
-            shapes = (q.shape, k.shape, qw.shape, kw.shape)
+            shapes = (q.shape, k.shape)
         else:
             key = (id(q), id(k), id(qw), id(kw), id(pos), id(qo), id(ko))
-            shapes = (q.shape, k.shape, qw.shape, kw.shape, qo.shape, ko.shape)
+            shapes = (q.shape, k.shape, qo.shape, ko.shape)
         owner = weakref.ref(self)
 
         def forget(_, key=key):
