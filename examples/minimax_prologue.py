@@ -13,8 +13,10 @@ the CPU) and is rounded once to --dtype (bfloat16 held as uint16 bits). One TPQK
 serves every layer: each call passes that layer's norm weights. On GPUs, the --layers
 prologues of a decode step are captured in ONE CUDA graph and replayed for --steps
 steps, the positions advancing by one a step; a second graph holds the norms alone, so
-the table shows the norm's own time and its share of the prologue. Without a GPU the
-same steps run eagerly on numpy arrays with transport "mpi".
+the table shows the norm's own time and its share of the prologue. CuPy (14) refuses
+cuBLAS calls during a capture: where it does, the steps run eagerly and the table's
+header says why. Without a GPU the same steps run eagerly on numpy arrays with
+transport "mpi".
 
 --check compares the last layer's q and k after the last step with the float64
 reference (cupy_qknorm.reference.qk_norm_rope on rank 0, from the gathered shards) and
