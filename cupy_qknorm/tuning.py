@@ -55,8 +55,8 @@ class Spec:
         if dtype not in C_TYPES:
             raise ValueError(f"dtype must be one of {sorted(C_TYPES)}, got {dtype!r}")
         if weight_dtype not in (dtype, "float32"):
-            raise ValueError(f"weight dtype must be {dtype!r} or 'float32', got "
-                             f"{weight_dtype!r}")
+            allowed = repr(dtype) if dtype == "float32" else f"{dtype!r} or 'float32'"
+            raise ValueError(f"weight dtype must be {allowed}, got {weight_dtype!r}")
         if not 1 <= world <= MAX_WORLD:
             raise ValueError(f"world size must be 1..{MAX_WORLD}, got {world}")
         n = vector_elems(dtype)

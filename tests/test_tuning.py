@@ -87,7 +87,7 @@ def test_staged_rows_too_big_for_shared_memory_stay_in_registers():
 
 @pytest.mark.parametrize("args,match", [
     (("bf16", "bf16", 2, 3072, 512), "dtype must be one of"),
-    (("float32", "bfloat16", 2, 3072, 512), "weight dtype must be 'float32' or 'float32'"),
+    (("float32", "bfloat16", 2, 3072, 512), "weight dtype must be 'float32', got 'bfloat16'"),
     (("bfloat16", "float16", 2, 3072, 512), "weight dtype must be 'bfloat16'"),
     (("bfloat16", "bfloat16", 0, 3072, 512), "world size must be 1..8, got 0"),
     (("bfloat16", "bfloat16", 9, 3072, 512), "world size must be 1..8, got 9"),
