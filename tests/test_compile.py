@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from cupy_qknorm import RoPE
 from cupy_qknorm import compile as kc
 from cupy_qknorm import params
 from cupy_qknorm.tuning import Spec, shipped_specs
@@ -18,10 +19,13 @@ if kc.nvrtc_available() is not None:
     pytest.skip(f"NVRTC: {kc.nvrtc_available()}", allow_module_level=True)
 
 SPECS = shipped_specs()
-# sm_100: MiniMax's G=2 in each dtype, both layouts; in bf16 with RoPE too, and G=8
-SM100 = [s for s in SPECS if s.dtype == s.weight_dtype and s.rot in (0, 64) and s.style < 2 and (
-    (s.world, s.q_local) == (2, 3072) and (s.dtype == "bfloat16" or not s.style) or
-    (s.world, s.q_local, s.dtype, s.style) == (8, 768, "bfloat16", 0))]
+# sm_100: MiniMax's G=2 in bf16 with RoPE in both layouts, fp16 narrow and fp32 wide
+# without, and G=8 bf16 narrow: every dtype, layout and RoPE-or-not once
+SM100 = [Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, layout, RoPE.minimax_m2())
+         for layout in ("narrow", "wide")] + [
+    Spec.plan("float16", "float16", 2, 3072, 512, "narrow"),
+    Spec.plan("float32", "float32", 2, 3072, 512, "wide"),
+    Spec.plan("bfloat16", "bfloat16", 8, 768, 128, "narrow")]
 TRACED = [Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, layout) for layout in
           ("narrow", "wide")]
 TRACE_BUILD = (("CUPY_QKNORM_TRACE", 1),)
@@ -52,7 +56,8 @@ def built(nvrtc_build):
 def test_the_sm100_set_is_representative():
     assert {s.dtype for s in SM100} == {"bfloat16", "float16", "float32"}
     assert {s.staged for s in SM100} == {0, 1} and {s.style for s in SM100} == {0, 1}
-    assert {s.world for s in SM100} == {2, 8} and len(SM100) <= 10
+    assert {s.world for s in SM100} == {2, 8} and len(SM100) <= 5
+    assert all(s in SPECS for s in SM100)
 
 
 def check_kernels(results, spec):
