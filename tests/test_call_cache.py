@@ -44,45 +44,42 @@ def arr(shape, offset):
     return cupy.ndarray(shape, np.uint16, memptr=cupy.cuda.MemoryPointer(mem, 0))
 
 
-@pytest.mark.parametrize("how", ["in place", "out= the inputs", "out of place"])
-def test_each_way_of_calling_is_cached(how):
+@pytest.fixture
+def fake_ipc():
+    """(TPQKNorm, FakeDevice): an object whose calls take the GPU transports' path."""
     n = TPQKNorm(MPI.COMM_SELF, 256, 64, "bfloat16", transport="mpi")
     fake = FakeDevice()
     real = n._transport
     n._transport, n.transport, n._device = fake, "ipc", 0
     n._current_stream = lambda: None
-    try:
-        q, k, qw, kw = arr((2, 256), 0), arr((2, 64), 4096), arr((256,), 8192), arr((64,), 12288)
-        out = {"in place": None, "out= the inputs": (q, k),
-               "out of place": (arr((2, 256), 16384), arr((2, 64), 20480))}[how]
-        for _ in range(100):
-            got = n(q, k, qw, kw, out=out)
-        assert got == ((q, k) if out is None else out)
-        assert (n._validations, fake.bound_calls, fake.launches) == (1, 1, 100)
-    finally:
-        n._transport = real
-        n.close()
+    yield n, fake
+    n._transport = real
+    n.close()
+
+
+@pytest.mark.parametrize("how", ["in place", "out= the inputs", "out of place"])
+def test_each_way_of_calling_is_cached(fake_ipc, how):
+    n, fake = fake_ipc
+    q, k, qw, kw = arr((2, 256), 0), arr((2, 64), 4096), arr((256,), 8192), arr((64,), 12288)
+    out = {"in place": None, "out= the inputs": (q, k),
+           "out of place": (arr((2, 256), 16384), arr((2, 64), 20480))}[how]
+    for _ in range(100):
+        got = n(q, k, qw, kw, out=out)
+    assert got == ((q, k) if out is None else out)
+    assert (n._validations, fake.bound_calls, fake.launches) == (1, 1, 100)
 
 
 @pytest.mark.parametrize("which", ["q_weight", "k_weight", "q", "out[0]"])
-def test_in_place_reshape_of_any_cached_array_is_caught(which):
+def test_in_place_reshape_of_any_cached_array_is_caught(fake_ipc, which):
     """A 1-D array (a weight) reshaped in place to 2-D, or a 2-D one to another 2-D
     shape, no longer matches its cached call: validation runs again and refuses it."""
-    n = TPQKNorm(MPI.COMM_SELF, 256, 64, "bfloat16", transport="mpi")
-    fake = FakeDevice()
-    real = n._transport
-    n._transport, n.transport, n._device = fake, "ipc", 0
-    n._current_stream = lambda: None
-    try:
-        q, k, qw, kw = arr((2, 256), 0), arr((2, 64), 4096), arr((256,), 8192), arr((64,), 12288)
-        qo, ko = arr((2, 256), 16384), arr((2, 64), 20480)
+    n, fake = fake_ipc
+    q, k, qw, kw = arr((2, 256), 0), arr((2, 64), 4096), arr((256,), 8192), arr((64,), 12288)
+    qo, ko = arr((2, 256), 16384), arr((2, 64), 20480)
+    n(q, k, qw, kw, out=(qo, ko))
+    target = {"q_weight": qw, "k_weight": kw, "q": q, "out[0]": qo}[which]
+    target.shape = (1, target.size) if target.ndim == 1 else (4, target.shape[1] // 2)
+    with pytest.raises(ValueError, match="shape must be"):
         n(q, k, qw, kw, out=(qo, ko))
-        target = {"q_weight": qw, "k_weight": kw, "q": q, "out[0]": qo}[which]
-        target.shape = (1, target.size) if target.ndim == 1 else (4, target.shape[1] // 2)
-        with pytest.raises(ValueError, match="shape must be"):
-            n(q, k, qw, kw, out=(qo, ko))
-        assert n._validations == 2 and fake.launches == 1
-        assert fake.rejected == 1  # the peers are told at once (transport "ipc")
-    finally:
-        n._transport = real
-        n.close()
+    assert n._validations == 2 and fake.launches == 1
+    assert fake.rejected == 1  # the peers are told at once (transport "ipc")
