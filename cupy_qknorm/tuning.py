@@ -126,15 +126,17 @@ def shipped_specs() -> list:
     """Every specialization the package ships (the compile command and its test build
     each): for G = 1, 2, 4, 8 with MiniMax's widths, every layout, dtype and weight dtype,
     without and with MiniMax's RoPE; for the other G, the widths shapes.default_dims gives
-    them, bf16, without and with RoPE; GPT-J style and full rotation at G=2 in bf16."""
+    them, bf16, both layouts; GPT-J style and full rotation at G=2 in bf16. Any other
+    specialization compiles at its first use."""
     minimax = RoPE.minimax_m2()
     specs = []
     for world in range(1, MAX_WORLD + 1):
         q, k = default_dims(world)
+        minimax_widths = (q, k) == MINIMAX_DIMS
         combos = [(d, w) for d in DTYPES for w in sorted({d, "float32"})] \
-            if (q, k) == MINIMAX_DIMS else [("bfloat16", "bfloat16")]
+            if minimax_widths else [("bfloat16", "bfloat16")]
         for dtype, wdt in combos:
-            for rope in (None, minimax):
+            for rope in ((None, minimax) if minimax_widths else (None,)):
                 for layout in LAYOUTS:
                     specs.append(Spec.plan(dtype, wdt, world, q // world, k // world, layout,
                                            rope))
