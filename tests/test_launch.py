@@ -2,44 +2,18 @@
 check command (with MiniMax's RoPE at 2 ranks, a quick smoke at 8, a GPU transport asked
 for on a machine without one). Every rank must pass (CuPy's distributed tests' pattern).
 The fault times the MPI tests print are listed at the end of the run."""
-import os
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import HAS_GPU
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def mpiexec():
-    here = Path(sys.executable).parent / "mpiexec"
-    return str(here) if here.exists() else shutil.which("mpiexec")
-
+from tests.conftest import HAS_GPU, mpiexec, run_mpi
 
 pytestmark = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install mpich)")
 
 
-def launch(ranks, *argv, timeout=120):
-    """mpiexec -n ranks python argv...; a hang fails after `timeout` seconds (a normal
-    run takes a few)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [mpiexec(), "-n", str(ranks), sys.executable, *argv]
-    if "open" in subprocess.run([mpiexec(), "--version"], capture_output=True,
-                                text=True).stdout.lower():
-        cmd[1:1] = ["--oversubscribe"]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_mpi_suite_under_mpiexec(ranks, fault_times):
-    r = launch(ranks, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--with-mpi",
+    r = run_mpi(ranks, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--with-mpi",
                "tests/test_mpi.py")
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"mpiexec -n {ranks} failed:\n{out[-6000:]}"
@@ -52,7 +26,7 @@ def test_mpi_suite_under_mpiexec(ranks, fault_times):
 
 
 def test_check_command_with_rope():
-    r = launch(2, "-m", "cupy_qknorm", "check", "--transport", "mpi", "--rope",
+    r = run_mpi(2, "-m", "cupy_qknorm", "check", "--transport", "mpi", "--rope",
                "--tokens", "0,1,33")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "rope=MiniMax M2" in r.stdout and r.stdout.rstrip().splitlines()[-1].startswith(
@@ -60,7 +34,7 @@ def test_check_command_with_rope():
 
 
 def test_check_command_at_eight_ranks():
-    r = launch(8, "-m", "cupy_qknorm", "check", "--transport", "mpi", "--tokens", "0,1,33")
+    r = run_mpi(8, "-m", "cupy_qknorm", "check", "--transport", "mpi", "--tokens", "0,1,33")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "G=8 dtype=bfloat16 q_dim=6144 k_dim=1024" in r.stdout
     assert r.stdout.rstrip().splitlines()[-1].startswith("PASS")
@@ -68,7 +42,7 @@ def test_check_command_at_eight_ranks():
 
 @pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")
 def test_check_gpu_transport_without_a_gpu_is_one_line_from_rank_0():
-    r = launch(2, "-m", "cupy_qknorm", "check", "--transport", "ipc")
+    r = run_mpi(2, "-m", "cupy_qknorm", "check", "--transport", "ipc")
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stdout == "" and "Traceback" not in r.stderr
     assert r.stderr.splitlines() == [

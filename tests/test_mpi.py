@@ -37,6 +37,20 @@ def untouched(out, dtype):
         bool(np.all(np.isnan(out)))
 
 
+def fast_and_untouched(seconds, outs):
+    """The problems of a fault that must raise before the timeout, writing nothing."""
+    problems = []
+    if seconds >= TIMEOUT_S / 5:
+        problems.append(f"{seconds:.3f} s: the error waited for the timeout")
+    return problems + untouched_problems(outs)
+
+
+def untouched_problems(outs):
+    if not (untouched(outs[0], "bfloat16") and untouched(outs[1], "bfloat16")):
+        return ["an output was written"]
+    return []
+
+
 def report(comm, capsys, case, seconds, outcome):
     """Gather every rank's time to its error and print it from rank 0."""
     rows = comm.gather((seconds, outcome), root=0)
@@ -221,10 +235,7 @@ def test_fault_one_rank_bad_shape(comm, capsys):
             f"the call was refused by rank {bad}: ValueError: q: shape must be" not in \
             str(error):
         problems.append(f"expected CallMismatchError naming rank {bad}, got {error!r}")
-    if seconds >= TIMEOUT_S / 5:
-        problems.append(f"{seconds:.3f} s: the error waited for the timeout")
-    if not (untouched(outs[0], "bfloat16") and untouched(outs[1], "bfloat16")):
-        problems.append("an output was written")
+    problems += fast_and_untouched(seconds, outs)
     agree(comm, problems)
 
 
@@ -241,10 +252,7 @@ def test_fault_token_counts_differ(comm, capsys):
             f"ranks' token counts range from 4 to 5")
     if type(error) is not CallMismatchError or want not in str(error):
         problems.append(f"expected CallMismatchError ({want}), got {error!r}")
-    if seconds >= TIMEOUT_S / 5:
-        problems.append(f"{seconds:.3f} s: the error waited for the timeout")
-    if not (untouched(outs[0], "bfloat16") and untouched(outs[1], "bfloat16")):
-        problems.append("an output was written")
+    problems += fast_and_untouched(seconds, outs)
     agree(comm, problems)
 
 
@@ -266,8 +274,7 @@ def test_fault_a_rank_skips_a_call(comm, capsys):
             problems.append(f"expected PeerTimeoutError, got {error!r}")
         if not timeout <= seconds < timeout + 1.0:
             problems.append(f"{seconds:.3f} s to the error for a {timeout:g} s bound")
-        if not (untouched(outs[0], "bfloat16") and untouched(outs[1], "bfloat16")):
-            problems.append("an output was written")
+        problems += untouched_problems(outs)
     agree(comm, problems)
 
 
@@ -283,6 +290,5 @@ def test_fault_position_outside_the_table(comm, capsys):
     if type(error) is not PositionError or want not in str(error) or \
             (error.token, error.position) != (2, 32):
         problems.append(f"expected PositionError ({want}), got {error!r}")
-    if not (untouched(outs[0], "bfloat16") and untouched(outs[1], "bfloat16")):
-        problems.append("an output was written")
+    problems += untouched_problems(outs)
     agree(comm, problems)

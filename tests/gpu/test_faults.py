@@ -91,9 +91,7 @@ def test_tokens_differ_between_ranks(comm, transport):
         took = time.perf_counter() - t0
         closed, _ = raise_time(lambda: norm(qs[:t], ks[:t], qws, kws))
     finally:
-        comm.Barrier()
-        norm.close()
-        after_fault_the_process_works(comm, transport)
+        close_and_start_again(comm, norm, transport)
     record(comm, "tokens differ", transport, raised=type(err).__name__, seconds=took)
     assert isinstance(err, QKNormError), f"rank {comm.rank}: got {err!r}"
     if transport == "ipc":
@@ -123,9 +121,7 @@ def test_rank_skips_a_call(comm, transport):
         err, _ = raise_time(norm.synchronize)
         took = time.perf_counter() - t0
     finally:
-        comm.Barrier()
-        norm.close()
-        after_fault_the_process_works(comm, transport)
+        close_and_start_again(comm, norm, transport)
     record(comm, "rank skips a call", transport, raised=type(err).__name__,
            seconds=took, skipper=skipper)
     if comm.rank == skipper:
@@ -165,9 +161,7 @@ def test_rank_skips_a_graph_replay(comm, transport):
             took = time.perf_counter() - t0
     finally:
         del graph
-        comm.Barrier()
-        norm.close()
-        after_fault_the_process_works(comm, transport)
+        close_and_start_again(comm, norm, transport)
     record(comm, "rank skips a graph replay", transport, raised=type(err).__name__,
            seconds=took)
     if comm.rank != skipper:
@@ -194,9 +188,7 @@ def test_bad_input_on_one_rank(comm, transport):
         took = time.perf_counter() - t0
         closed, _ = raise_time(lambda: norm(qs, ks, qws, kws))
     finally:
-        comm.Barrier()
-        norm.close()
-        after_fault_the_process_works(comm, transport)
+        close_and_start_again(comm, norm, transport)
     record(comm, "bad input on one rank", transport, raised=type(err).__name__,
            seconds=took, bad=bad)
     if comm.rank == bad:
@@ -259,9 +251,7 @@ def test_timeout_bounds_a_lone_rank(comm, transport):
             err, _ = raise_time(norm.synchronize)
             took = time.perf_counter() - t0
     finally:
-        comm.Barrier()
-        norm.close()
-        after_fault_the_process_works(comm, transport)
+        close_and_start_again(comm, norm, transport)
     if comm.rank == 0:
         record(comm, "lone rank", transport, raised=type(err).__name__, seconds=took)
         assert isinstance(err, PeerTimeoutError)
@@ -318,6 +308,14 @@ def test_ranks_sharing_a_gpu(comm):
         record(comm, "ranks share a GPU", "mpi", auto="mpi")
     finally:
         cupy.cuda.Device(before).use()
+
+
+def close_and_start_again(comm, norm, transport):
+    """Every rank's collective steps after a fault, whatever it asserts afterwards: close
+    together, then a fresh object on the same GPUs must be exact."""
+    comm.Barrier()
+    norm.close()
+    after_fault_the_process_works(comm, transport)
 
 
 def after_fault_the_process_works(comm, transport="ipc"):
