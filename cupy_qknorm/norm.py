@@ -194,29 +194,38 @@ class TPQKNorm:
         # can change on a live CuPy array only through its shape (strides, dtype and data
         # are read-only): the 2-D arrays' shapes are compared, and for the 1-D ones
         # (weights, positions) that they are still 1-D, which fixes their shape since a
-        # reshape in place keeps the size. A dead array drops its entry, and close() or a
-        # failure drops them all.
-        if out is None:
-            qo, ko = q, k
+        # reshape in place keeps the size. out=(q, k) is the in-place call. A dead array
+        # drops its entry, and close() or a failure drops them all. A pair that does not
+        # unpack, or anything not cached, takes the slow path, which says what is wrong.
+        qo = ko = None
+        if out is not None:
+            try:
+                qo, ko = out
+            except (TypeError, ValueError):
+                pass
+        if out is None or (qo is q and ko is k):
             entry = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(positions)))
-            if entry is not None and entry[0] == (q.shape, k.shape) and q_weight.ndim == 1 \
-                    and k_weight.ndim == 1 and (positions is None or positions.ndim == 1) \
-                    and not self._error[0]:
-                entry[1](stream if stream is not None else self._current_stream())
-                return q, k
-        else:
-            qo, ko = _pair(out)
-            entry = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(positions),
-                                     id(qo), id(ko)))
-            if entry is not None and entry[0] == (q.shape, k.shape, qo.shape, ko.shape) \
+            if entry is not None and entry[0] == q.shape and entry[1] == k.shape \
                     and q_weight.ndim == 1 and k_weight.ndim == 1 \
                     and (positions is None or positions.ndim == 1) and not self._error[0]:
-                entry[1](stream if stream is not None else self._current_stream())
+                entry[2](stream if stream is not None else self._current_stream())
+                return q, k
+        elif qo is not None:
+            entry = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(positions),
+                                     id(qo), id(ko)))
+            if entry is not None and entry[0] == q.shape and entry[1] == k.shape \
+                    and entry[3] == qo.shape and entry[4] == ko.shape \
+                    and q_weight.ndim == 1 and k_weight.ndim == 1 \
+                    and (positions is None or positions.ndim == 1) and not self._error[0]:
+                entry[2](stream if stream is not None else self._current_stream())
                 return qo, ko
-        return self._call_slow((q, k, q_weight, k_weight, qo, ko, positions), stream,
-                               out is None)
+        if out is None:
+            qo, ko = q, k
+        else:
+            qo, ko = _pair(out)
+        return self._call_slow((q, k, q_weight, k_weight, qo, ko, positions), stream)
 
-    def _call_slow(self, arrs, stream, in_place=False):
+    def _call_slow(self, arrs, stream):
         self._check_usable()
         if self.transport == "mpi":
             return self._call_mpi(arrs, stream)
@@ -228,13 +237,13 @@ class TPQKNorm:
         if not ops[0].shape[0]:
             return arrs[4], arrs[5]
         go = self._transport.bound(arrays.Plan.of(ops), arrays.Plan.pointers(ops))
-        self._remember(arrs, go, in_place)
+        self._remember(arrs, go)
         go(stream if stream is not None else self._current_stream())
         return arrs[4], arrs[5]
 
-    def _remember(self, arrs, go, in_place):
+    def _remember(self, arrs, go):
         """Cache a validated call of CuPy arrays, keyed by the arrays' identity (as
-        __call__ looks it up: without the outputs when out= was not given)."""
+        __call__ looks it up: without the outputs for a call in place)."""
         import cupy
         if not all(type(a) is cupy.ndarray for a in arrs[:6]) or \
                 not (arrs[6] is None or type(arrs[6]) is cupy.ndarray):
@@ -242,20 +251,20 @@ class TPQKNorm:
         if len(self._calls) >= MAX_CACHED_CALLS:
             self._calls.clear()
         q, k, qw, kw, qo, ko, pos = arrs
-        if in_place:
+        if qo is q and ko is k:
             key = (id(q), id(k), id(qw), id(kw), id(pos))
-            shapes = (q.shape, k.shape)
+            entry = (q.shape, k.shape, go)
         else:
             key = (id(q), id(k), id(qw), id(kw), id(pos), id(qo), id(ko))
-            shapes = (q.shape, k.shape, qo.shape, ko.shape)
+            entry = (q.shape, k.shape, go, qo.shape, ko.shape)
         owner = weakref.ref(self)
 
         def forget(_, key=key):
             o = owner()
             if o is not None:
                 o._calls.pop(key, None)
-        refs = [weakref.ref(a, forget) for a in arrs if a is not None]
-        self._calls[key] = (shapes, go, refs)
+        self._calls[key] = entry + (tuple(weakref.ref(a, forget) for a in arrs
+                                          if a is not None),)
 
     def _refuse(self, arrs):
         """This rank refused its input of a call the peers make: on "ipc", tell them at once

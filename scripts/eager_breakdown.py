@@ -9,6 +9,7 @@ rank 0, in us per call."""
 import argparse
 import sys
 import time
+import timeit
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,7 @@ def main(argv=None):
             "full validation": lambda: norm._validate(*arrs),
             "pack+launch": lambda: run(ptrs, s),
             "full call": lambda: norm(q, k, qw, kw, out=(qo, ko)),
+            "full call in place": lambda: norm(q, k, qw, kw),
             "bound call": norm.bind(q, k, qw, kw, out=(qo, ko)),
         }
         if args.transport != "mpi":
@@ -82,6 +84,21 @@ def main(argv=None):
         path = ("CuPy launch (fallback)" if kernel.__name__ == "go_cupy" else
                 "cuLaunchKernelEx" if pdl else "cuLaunchKernel")
         res = {name: batches(fn, s, comm) for name, fn in parts.items()}
+        # the cached call's steps alone (host only, nothing launched), ns each
+        calls, e = norm._calls, norm._error
+        steps = {
+            "identity key": lambda: calls.get((id(q), id(k), id(qw), id(kw), id(None),
+                                               id(qo), id(ko))),
+            "2-D shapes": lambda: (q.shape, k.shape, qo.shape, ko.shape),
+            "1-D ranks": lambda: qw.ndim == 1 and kw.ndim == 1,
+            "error word": lambda: not e[0],
+            "current stream": norm._current_stream,
+            "len+ndim of q": lambda: len(q) == T and q.ndim == 2,
+            "empty call": lambda: None,
+        }
+        for name, fn in steps.items():
+            best = min(timeit.repeat(fn, number=20000, repeat=5)) / 20000 * 1e9
+            res[f"{name} (ns)"] = best
         s.synchronize()
         comm.Barrier()
         t0 = time.perf_counter()
