@@ -32,10 +32,8 @@ SOURCE = f'// cupy_qknorm kernels {SOURCES_HASH}\n#include "qknorm.cu"\n'
 def options(build=None) -> tuple:
     """NVRTC options of a compile with these build knobs (default: the environment's)."""
     build = dict(knobs.build_values() if build is None else build)
-    regs = build.get("CUPY_QKNORM_ROPE_REGS")
     return ("-std=c++17", f"-I{KERNEL_DIR}") + \
-        (("-DQKNORM_TRACE=1",) if build.get("CUPY_QKNORM_TRACE") else ()) + \
-        ((f"-DQKNORM_ROPE_REGS={regs}",) if regs is not None else ())
+        (("-DQKNORM_TRACE=1",) if build.get("CUPY_QKNORM_TRACE") else ())
 
 
 def tracing() -> bool:

@@ -34,9 +34,6 @@ KNOBS = {k.name: k for k in (
          "tokens a block of the fused kernel keeps in flight (default 2 narrow, 3 wide)"),
     Knob("CUPY_QKNORM_VECTORS_PER_THREAD", None, 1, 32, "tuning",
          "16-byte vectors a thread holds per token, both layouts (default 2 narrow, 8 wide)"),
-    Knob("CUPY_QKNORM_ROPE_REGS", None, 0, 255, "tuning",
-         "register cap of the fused kernel with RoPE, both layouts (default 96 narrow, 144 "
-         "wide: a block an SM more than without a cap); 0 leaves it to the compiler"),
     Knob("CUPY_QKNORM_TRACE", 0, 0, 1, "diagnostic",
          "1 builds the fused kernel with per-block cycle counts (scripts/trace_fused.py)"),
     Knob("CUPY_QKNORM_DEBUG", 0, 0, 1, "diagnostic",
@@ -45,7 +42,7 @@ KNOBS = {k.name: k for k in (
 )}
 
 # The knobs a kernel build depends on (the rest pick among builds or act on the host).
-BUILD_KNOBS = ("CUPY_QKNORM_ROPE_REGS", "CUPY_QKNORM_TRACE")
+BUILD_KNOBS = ("CUPY_QKNORM_TRACE",)
 
 
 def get(name: str) -> int | None:

@@ -845,28 +845,9 @@ struct Fused {
   }
 };
 
-// The register cap of the fused kernel (__maxnreg__; 255: none). On sm_90 the rotation's
-// angles take the 16-bit kernel with RoPE from 64 to 103 registers (narrow, 7 warps at G=2:
-// 4 -> 2 blocks an SM) and from 122 to 149 (wide, 2 warps: 8 -> 6 blocks); 96 and 144, the
-// largest caps that compile without a spill there, give a block an SM back (3 and 7). Other
-// targets and fp32 spill under these caps and keep the compiler's count. QKNORM_ROPE_REGS
-// (knob CUPY_QKNORM_ROPE_REGS) sets one cap for every kernel with RoPE, 0 none.
-template <class T, int STAGED, int STYLE>
-struct FusedRegisters {
-#if defined(QKNORM_ROPE_REGS)
-  static constexpr int kRope = QKNORM_ROPE_REGS > 0 ? QKNORM_ROPE_REGS : 255;
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900
-  static constexpr int kRope = sizeof(T) == 2 ? (STAGED ? 144 : 96) : 255;
-#else
-  static constexpr int kRope = 255;
-#endif
-  static constexpr int value = STYLE == kRopeNone ? 255 : kRope;
-};
-
 template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH, int STAGED, int HEAD,
           int ROT, int STYLE>
-__global__ void __launch_bounds__(WARPS * 32, 1)
-    __maxnreg__((FusedRegisters<T, STAGED, STYLE>::value)) fused(const Params p) {
+__global__ void __launch_bounds__(WARPS * 32, 1) fused(const Params p) {
   using F = Fused<T, W, G, DQ, DK, WARPS, DEPTH, STAGED, HEAD, ROT, STYLE>;
   __shared__ typename F::Shared sh;
   __shared__ uint4 stages[STAGED ? DEPTH * F::kStageVectors : 1];  // STAGED: the rows

@@ -15,7 +15,6 @@ EXPECTED = {  # name: (default, minimum, maximum)
     "CUPY_QKNORM_STAGED": (1, 0, 1),
     "CUPY_QKNORM_DEPTH": (None, 2, 8),
     "CUPY_QKNORM_VECTORS_PER_THREAD": (None, 1, 32),
-    "CUPY_QKNORM_ROPE_REGS": (None, 0, 255),
     "CUPY_QKNORM_TRACE": (0, 0, 1),
     "CUPY_QKNORM_DEBUG": (0, 0, 1),
 }
@@ -78,15 +77,12 @@ def test_table_lists_every_knob():
 
 
 def test_build_values_follow_the_environment(monkeypatch):
-    assert knobs.build_values() == (("CUPY_QKNORM_ROPE_REGS", None), ("CUPY_QKNORM_TRACE", 0))
+    assert knobs.build_values() == (("CUPY_QKNORM_TRACE", 0),)
     monkeypatch.setenv("CUPY_QKNORM_TRACE", "1")
-    monkeypatch.setenv("CUPY_QKNORM_ROPE_REGS", "0")
-    assert knobs.build_values() == (("CUPY_QKNORM_ROPE_REGS", 0), ("CUPY_QKNORM_TRACE", 1))
+    assert knobs.build_values() == (("CUPY_QKNORM_TRACE", 1),)
     assert "-DQKNORM_TRACE=1" in kc.options() and kc.tracing()
-    assert "-DQKNORM_ROPE_REGS=0" in kc.options()
     monkeypatch.setenv("CUPY_QKNORM_TRACE", "0")
-    monkeypatch.delenv("CUPY_QKNORM_ROPE_REGS")
-    assert not any("TRACE" in o or "REGS" in o for o in kc.options()) and not kc.tracing()
+    assert not any("TRACE" in o for o in kc.options()) and not kc.tracing()
     assert "-DQKNORM_TRACE=1" in kc.options((("CUPY_QKNORM_TRACE", 1),))
 
 
