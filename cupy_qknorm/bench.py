@@ -68,6 +68,10 @@ def add_parser(sub):
     b.add_argument("--rope", action="store_true",
                    help="also time the norm with MiniMax M2's RoPE: fused (T+rope), and for "
                         "ipc the norm followed by a separate RoPE kernel (ipc>rope)")
+    b.add_argument("--positions", default="random", choices=("random", "sequence"),
+                   help="with --rope: random, each token anywhere in the table (a decode "
+                        "batch of unrelated sequences: every token's angles from memory); "
+                        "sequence, one prompt's positions 0..T-1 (a prefill)")
     b.add_argument("--replays", type=int, default=30, help="graph replays per timing")
     b.add_argument("--calls", type=int, default=3000, help="eager calls per timing")
     b.add_argument("--json", help="write every number to this file (rank 0)")
@@ -244,8 +248,9 @@ def time_copy_graph_us(sets, stream, replays):
     return 1000 * ms / len(sets)
 
 
-def _inputs(comm, dtype, dq, dk, tokens, sets, in_place=False):
+def _inputs(comm, dtype, dq, dk, tokens, sets, in_place=False, positions="random"):
     """`sets` tuples (q, k, q_out, k_out, positions); in place, q_out is q and k_out is k.
+    Positions: random in the table, or the sequence 0..T-1 (positions="sequence").
     The weights are ones, so calls in place keep every row's RMS at 1 however often a
     graph replays (and a rotation keeps it too)."""
     import cupy
@@ -257,7 +262,8 @@ def _inputs(comm, dtype, dq, dk, tokens, sets, in_place=False):
     for _ in range(sets):
         q = cupy.asarray(ref.from_f64(ref.random_rows(rng, tokens, dq, (-1, 1)), dtype))
         k = cupy.asarray(ref.from_f64(ref.random_rows(rng, tokens, dk, (-1, 1)), dtype))
-        pos = cupy.asarray(pos_rng.integers(0, MINIMAX_ROPE["max_position"], tokens))
+        pos = cupy.asarray(pos_rng.integers(0, MINIMAX_ROPE["max_position"], tokens)
+                           if positions == "random" else np.arange(tokens))
         out.append((q, k, q, k, pos) if in_place else
                    (q, k, cupy.empty_like(q), cupy.empty_like(k), pos))
     w = (cupy.asarray(ref.from_f64(np.ones(dq), dtype)), cupy.asarray(ref.from_f64(np.ones(dk),
@@ -400,7 +406,8 @@ def run(args):
     columns = []
     try:
         for tokens in args.tokens:
-            sets, w = _inputs(comm, args.dtype, dq, dk, tokens, GRAPH_CALLS, args.in_place)
+            sets, w = _inputs(comm, args.dtype, dq, dk, tokens, GRAPH_CALLS, args.in_place,
+                              args.positions)
             variants = _variants(norms, rope_norms, w, separate)
             columns = list(variants)
             row = {"T": tokens, "bytes": 2 * tokens * (dq + dk) * ITEMSIZE[args.dtype]}
@@ -438,6 +445,7 @@ def run(args):
     result = {"card": card, "G": world, "dtype": args.dtype, "q_dim": args.q_dim,
               "k_dim": args.k_dim, "commit": commit, "pdl": pdl, "in_place": args.in_place,
               "rope": None if rope is None else repr(rope), "columns": columns,
+              "positions": args.positions if rope is not None else None,
               "layouts": layouts, "floors": floors, "rows": rows,
               "date": time.strftime("%Y-%m-%d")}
     if comm.rank == 0:
@@ -485,8 +493,9 @@ def _table(r, modes, columns, floor_us):
     if r.get("layouts"):
         lines.insert(1, _layout_line(r["layouts"]))
     if r.get("rope"):
-        lines.append(f"rope: {r['rope']}; T+rope: fused; ipc>rope: the ipc norm, then a "
-                     f"separate RoPE kernel (two launches)")
+        lines.append(f"rope: {r['rope']}, positions {r.get('positions') or 'random'}; "
+                     f"T+rope: fused; ipc>rope: the ipc norm, then a separate RoPE kernel "
+                     f"(two launches)")
     rows = r["rows"]
     if rows and all("copy_graph_us" in row for row in rows):
         lines.append("copy us: the same bytes through a plain copy kernel, timed like ipc "

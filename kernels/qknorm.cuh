@@ -195,6 +195,10 @@ __device__ __forceinline__ void copy_async16(void* dst_shared, const void* src) 
   const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(dst_shared));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
+// Asks L2 for the 128-byte line holding `p` (no register waits for it).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
 __device__ __forceinline__ void copy_async_commit() {
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
@@ -406,6 +410,16 @@ struct Rope {
     return (int)(threadIdx.x + (kUniform ? 0 : j * NT)) % HV;
   }
   static __device__ __forceinline__ bool rotated(int j) { return place(j) < RV; }
+
+  // Brings cos_sin row `row` (ROT floats) into L2, one line a thread of the first few, so
+  // that load() a phase later finds it there: positions are arbitrary, and with a table
+  // larger than L2 (MiniMax's is 48 MiB) a row read from memory at finish() was a DRAM
+  // latency on every token's path.
+  static __device__ __forceinline__ void prefetch(const Params& p, int row) {
+    constexpr int kLines = (ROT * 4 + 127) / 128 + 1;  // + 1: a row need not start a line
+    if (row >= 0 && threadIdx.x < kLines)
+      prefetch_l2(p.cos_sin + (long long)row * ROT + min((int)threadIdx.x * 32, ROT - 1));
+  }
 
   // Issues the loads of this thread's angles at cos_sin row `row`; nothing waits for them.
   // Every thread loads, with no branch (a branch around the loads cost the narrow layout
@@ -777,8 +791,11 @@ struct Fused {
         store_volatile(peer + base + p.rank, make_slot(part.x, part.y, p.tokens, uses));
       }
     }
-    // loaded with the row, so here by now
-    if constexpr (Ro::kOn) pending.pos.row = angle_row(p, pending.pos.words);
+    // loaded with the row, so here by now; the angles are read a phase later, in finish()
+    if constexpr (Ro::kOn) {
+      pending.pos.row = angle_row(p, pending.pos.words);
+      Ro::prefetch(p, pending.pos.row);
+    }
   }
 
   // Waits for token t's partials from every rank, then scales, rotates and stores the row.
