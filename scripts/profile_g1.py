@@ -1,5 +1,6 @@
 """The fused kernel alone, for Nsight Compute: one rank, so no exchange (ncu replays a
-kernel, and a kernel that waits on other GPUs' writes cannot be replayed by one rank).
+kernel, and a kernel that waits on other GPUs' writes cannot be replayed by one rank);
+--rope adds MiniMax M2's rotation.
 
     ncu --clock-control none -k regex:fused -s 2 -c 1 --page raw \
         python scripts/profile_g1.py --tokens 1024 --q-dim 3072 --k-dim 512
@@ -28,11 +29,13 @@ def main(argv=None):
     p.add_argument("--k-dim", type=int, default=512)
     p.add_argument("--calls", type=int, default=4, help="plain launches for the profiler")
     p.add_argument("--replays", type=int, default=50)
+    p.add_argument("--rope", action="store_true",
+                   help="with MiniMax M2's RoPE fused (random positions, as bench)")
     args = p.parse_args(argv)
     import cupy
     from mpi4py import MPI
 
-    from cupy_qknorm import TPQKNorm, bench
+    from cupy_qknorm import RoPE, TPQKNorm, bench
     from cupy_qknorm import reference as ref
     comm = MPI.COMM_SELF
     rng = np.random.default_rng(7)
@@ -46,18 +49,20 @@ def main(argv=None):
                                           "bfloat16"))
             k = cupy.asarray(ref.from_f64(ref.random_rows(rng, tokens, args.k_dim, (-1, 1)),
                                           "bfloat16"))
-            sets.append((q, k, cupy.empty_like(q), cupy.empty_like(k), None))
+            pos = cupy.asarray(rng.integers(0, 196608, tokens)) if args.rope else None
+            sets.append((q, k, cupy.empty_like(q), cupy.empty_like(k), pos))
         w = (cupy.asarray(ref.from_f64(np.ones(args.q_dim), "bfloat16")),  # as the benchmark
              cupy.asarray(ref.from_f64(np.ones(args.k_dim), "bfloat16")))
         with TPQKNorm(comm, args.q_dim, args.k_dim, "bfloat16", max_tokens=max(tokens, 1),
-                      transport="ipc") as norm:
+                      transport="ipc", rope=RoPE.minimax_m2() if args.rope else None) as norm:
             with stream:
                 for i in range(args.calls):  # what ncu profiles (-s / -c pick among these)
-                    q, k, qo, ko, _ = sets[i % len(sets)]
-                    norm(q, k, *w, out=(qo, ko))
+                    q, k, qo, ko, pos = sets[i % len(sets)]
+                    norm(q, k, *w, out=(qo, ko), positions=pos)
             stream.synchronize()
             fused = bench.time_graph_us(
-                lambda q, k, qo, ko, pos, stream: norm(q, k, *w, out=(qo, ko), stream=stream),
+                lambda q, k, qo, ko, pos, stream: norm(q, k, *w, out=(qo, ko), positions=pos,
+                                                       stream=stream),
                 sets, stream, args.replays, comm)
         copy = bench.time_copy_graph_us([s[:4] for s in sets], stream, args.replays)
         print(f"| {tokens} | {fused:.2f} | {copy:.2f} |", flush=True)
