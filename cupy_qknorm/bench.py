@@ -403,6 +403,8 @@ def run(args):
     pdl = bool(getattr(ipc._transport, "pdl", False)) if ipc is not None else None
     layouts = _layouts(args.dtype, world, dq, dk, ipc._transport.wide_from) \
         if ipc is not None else None
+    if layouts is not None and "ipc" in rope_norms:
+        layouts["rope_wide_from"] = rope_norms["ipc"]._transport.wide_from
     columns = []
     try:
         for tokens in args.tokens:
@@ -473,7 +475,9 @@ def _layout_line(layouts):
     def one(d):
         rows = "shared memory" if d["staged"] else "registers"
         return f"{d['warps']} warps a token, {d['depth']} tokens in flight in {rows}"
-    return (f"fused kernel: narrow below {layouts['wide_from']} tokens a launch "
+    rope = layouts.get("rope_wide_from")
+    with_rope = f" ({rope} with RoPE)" if rope not in (None, layouts["wide_from"]) else ""
+    return (f"fused kernel: narrow below {layouts['wide_from']}{with_rope} tokens a launch "
             f"({one(layouts['narrow'])}); wide from there ({one(layouts['wide'])})")
 
 

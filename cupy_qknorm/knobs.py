@@ -26,8 +26,9 @@ KNOBS = {k.name: k for k in (
     Knob("CUPY_QKNORM_PDL", 1, 0, 1, "production",
          "0 launches the fused kernel without programmatic dependent launch (sm_90+), "
          "so it starts only once the previous kernel of the stream has finished"),
-    Knob("CUPY_QKNORM_WIDE_FROM", 2048, 1, None, "tuning",
-         "tokens a launch from which the fused kernel takes the wide layout"),
+    Knob("CUPY_QKNORM_WIDE_FROM", None, 1, None, "tuning",
+         "tokens a launch from which the fused kernel takes the wide layout (default 512 "
+         "on one GPU; else 1024 with RoPE, 2048 without)"),
     Knob("CUPY_QKNORM_STAGED", 1, 0, 1, "tuning",
          "0 keeps the wide layout's rows in registers instead of shared memory"),
     Knob("CUPY_QKNORM_DEPTH", None, 2, 8, "tuning",

@@ -24,11 +24,21 @@ STAGE_BYTES_MAX = 44 * 1024   # static shared memory a block may use for staged 
 MIN_ARCH = 80                 # cvt.rn.bf16x2.f32, cp.async
 
 
-def layout_for(tokens: int, wide_from: int | None = None) -> str:
-    """The fused kernel's layout for a launch of `tokens` tokens."""
-    if wide_from is None:
-        wide_from = knobs.get("CUPY_QKNORM_WIDE_FROM")
-    return "wide" if tokens >= wide_from else "narrow"
+def wide_from(world: int, rope: bool = False) -> int:
+    """Tokens a launch from which the fused kernel takes the wide layout: the knob
+    CUPY_QKNORM_WIDE_FROM where set, else what H200 measured (BENCHMARKS.md). One GPU has
+    no exchange to hide the narrow layout's second token a block behind (its grid holds
+    one token a block up to ~260 tokens): wide from 512. With RoPE the narrow kernel holds
+    2 blocks an SM instead of 4: wide from 1024. Otherwise from 2048."""
+    forced = knobs.get("CUPY_QKNORM_WIDE_FROM")
+    if forced is not None:
+        return forced
+    return 512 if world == 1 else 1024 if rope else 2048
+
+
+def layout_for(tokens: int, start: int) -> str:
+    """The fused kernel's layout for a launch of `tokens` tokens, wide from `start`."""
+    return "wide" if tokens >= start else "narrow"
 
 
 @dataclass(frozen=True)

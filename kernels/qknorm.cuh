@@ -425,12 +425,28 @@ struct Rope {
   // Every thread loads, with no branch (a branch around the loads cost the narrow layout
   // 12 registers): a lane with no rotated vector reads its warp's first angles, and a row
   // out of range (-1: nothing of it is stored) reads row 0, so no read leaves the table.
+  // NeoX: a lane of the lower half keeps -sin (its partner's term is subtracted), so that
+  // rotate() is two multiply-adds an element with no select.
   __device__ __forceinline__ void load(const Params& p, int row) {
     const int m = kUniform ? place(0) : (int)(threadIdx.x & 31);
     const int first = m >= RV ? 0 : kExchange ? (m < D ? m : m - D) * N : m * (N / 2);
     const float* at = p.cos_sin + (long long)(row < 0 ? 0 : row) * ROT + first;
     load_floats<CN>(at, c);
     load_floats<CN>(at + ROT / 2, s);
+    if constexpr (kExchange) {
+      if (lower()) {
+#pragma unroll
+        for (int e = 0; e < CN; ++e) s[e] = -s[e];
+      }
+    }
+  }
+
+  // NeoX: whether this lane's rotated vectors are in the first half of the rotation (a
+  // lane's place in its head, from the lane alone: heads of fewer than 32 vectors tile
+  // the warp; a longer head's rotated vectors are its first 32).
+  static __device__ __forceinline__ bool lower() {
+    const int lane = threadIdx.x & 31;
+    return (HV < 32 ? lane % HV : lane) < D;
   }
 
   // Rotates this lane's normalized values f of vector j in place. NeoX: every lane of the
@@ -438,19 +454,14 @@ struct Rope {
   __device__ __forceinline__ void rotate(int j, float* f) const {
     const bool on = rotated(j);
     if constexpr (kExchange) {
-      // A rotated lane's place in its head, from the lane alone: heads of fewer than 32
-      // vectors tile the warp; a longer head's rotated vectors are its first 32.
       const int lane = threadIdx.x & 31;
-      const int m = HV < 32 ? lane % HV : lane;
-      const bool lower = m < D;
-      const int from = lower ? lane + D : lane - D;  // in the warp for every lane
+      const int from = lower() ? lane + D : lane - D;  // in the warp for every lane
       float g[N];
 #pragma unroll
       for (int e = 0; e < N; ++e) g[e] = __shfl_sync(0xffffffffu, f[e], from);
       if (on) {
 #pragma unroll
-        for (int e = 0; e < N; ++e)
-          f[e] = fmaf(g[e], lower ? -s[e] : s[e], f[e] * c[e]);
+        for (int e = 0; e < N; ++e) f[e] = fmaf(g[e], s[e], f[e] * c[e]);  // s signed
       }
     } else {
       if (on) {

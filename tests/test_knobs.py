@@ -11,7 +11,7 @@ from cupy_qknorm import knobs
 PACKAGE = Path(kc.__file__).resolve().parent
 EXPECTED = {  # name: (default, minimum, maximum)
     "CUPY_QKNORM_PDL": (1, 0, 1),
-    "CUPY_QKNORM_WIDE_FROM": (2048, 1, None),
+    "CUPY_QKNORM_WIDE_FROM": (None, 1, None),
     "CUPY_QKNORM_STAGED": (1, 0, 1),
     "CUPY_QKNORM_DEPTH": (None, 2, 8),
     "CUPY_QKNORM_VECTORS_PER_THREAD": (None, 1, 32),

@@ -5,7 +5,7 @@ import pytest
 from cupy_qknorm import knobs
 from cupy_qknorm.rope import RoPE
 from cupy_qknorm.shapes import DTYPES, MAX_WORLD
-from cupy_qknorm.tuning import (LAYOUTS, STAGE_BYTES_MAX, Spec, layout_for,
+from cupy_qknorm.tuning import (LAYOUTS, STAGE_BYTES_MAX, Spec, layout_for, wide_from,
                                 shipped_specs)
 
 BF16 = "qknorm::bf16_t"
@@ -131,15 +131,17 @@ def test_vectors_per_thread_knob(monkeypatch):
 
 
 def test_wide_from_knob(monkeypatch):
-    wide_from = knobs.KNOBS["CUPY_QKNORM_WIDE_FROM"].default
-    assert [layout_for(t) for t in (1, wide_from - 1, wide_from, 10 ** 6)] == \
+    assert (wide_from(1), wide_from(1, rope=True)) == (512, 512)
+    assert [(wide_from(g), wide_from(g, rope=True)) for g in (2, 3, 8)] == [(2048, 1024)] * 3
+    start = wide_from(2)
+    assert [layout_for(t, start) for t in (1, start - 1, start, 10 ** 6)] == \
         ["narrow", "narrow", "wide", "wide"]
     assert layout_for(5000, 10 ** 9) == "narrow" and layout_for(1, 1) == "wide"
     monkeypatch.setenv("CUPY_QKNORM_WIDE_FROM", "64")
-    assert (layout_for(63), layout_for(64)) == ("narrow", "wide")
+    assert wide_from(1) == wide_from(2, rope=True) == 64
     monkeypatch.setenv("CUPY_QKNORM_WIDE_FROM", "0")
     with pytest.raises(ValueError, match="CUPY_QKNORM_WIDE_FROM must be 1 or more, got 0"):
-        layout_for(1)
+        wide_from(2)
 
 
 @pytest.mark.parametrize("name,value", [("CUPY_QKNORM_DEPTH", "1"),

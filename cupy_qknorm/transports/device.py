@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import ctypes
 
-from .. import knobs
 from ..compile import load, require_cupy
 from ..errors import CallMismatchError, PeerTimeoutError, PositionError
 from ..params import (ERROR_POSITION, ERROR_REJECTED, ERROR_SEQUENCE, ERROR_TOKENS,
                       ERROR_WORDS, HEAD, PARAMS, pack_static)
-from ..tuning import Spec, layout_for
+from ..tuning import Spec, layout_for, wide_from
 from .launch import Launcher
 
 _HOST_ALLOC_MAPPED = 2  # cudaHostAllocMapped; with UVA the device sees the same address
@@ -35,7 +34,7 @@ class DeviceTransport:
         self.table = None     # RoPE: the device's cos/sin table
         self._launch = Launcher(pdl)
         self._static_packed = False
-        self.wide_from = knobs.get("CUPY_QKNORM_WIDE_FROM")
+        self.wide_from = wide_from(cfg.world, cfg.rope is not None)
         self._host = 0
         self._host_words = None
         self._error = cupy.zeros(ERROR_WORDS, cupy.int32)

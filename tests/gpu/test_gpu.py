@@ -135,8 +135,8 @@ def test_back_to_back_random_tokens(comm):
     and at the end: the slot halves and counters stay consistent across any T sequence,
     with launches of both layouts back to back (chunks of 2048 tokens take the wide one)."""
     import cupy
-    from cupy_qknorm.knobs import KNOBS
-    WIDE_FROM = KNOBS["CUPY_QKNORM_WIDE_FROM"].default
+    from cupy_qknorm.tuning import wide_from
+    WIDE_FROM = wide_from(comm.size)
     dtype = "bfloat16"
     q_dim, k_dim = dims_for(comm.size)
     q, k, qw, kw, qr, kr = ref.make_case(21, 5000, q_dim, k_dim, dtype)
