@@ -60,7 +60,7 @@ def test_bench_helpers_keep_the_parameters_the_scripts_pass():
     import inspect
 
     from cupy_qknorm import bench
-    want = {"_inputs": "comm dtype dq dk tokens sets in_place",
+    want = {"_inputs": "comm dtype dq dk tokens sets in_place positions",
             "time_graph_us": "call sets stream replays comm",
             "time_copy_graph_us": "sets stream replays",
             "floor_empty_kernel_us": "stream",
