@@ -263,19 +263,81 @@ __device__ bool wait_slot(const uint4* slot, const Params& p, int peer, int toke
 
 // ---------------------------------------------------------------------------------------
 // One token's row (its q slice and k slice) spread over the NT threads of a block: thread
-// `tid` holds 16-byte vectors tid, tid + NT, ... of the concatenated [q | k] row, so each
-// warp touches 512 contiguous bytes per step.
-template <class T, int DQ, int DK, int NT>
+// `tid` holds slots j = 0 .. NV - 1, slot j being 16-byte vector tid + j NT of the
+// concatenated [q | k] row (the plain layout), so each warp touches 512 contiguous bytes
+// per step. A slot is valid where tid + j NT < V, in every layout.
+//
+// With D > 0 (the paired layout, for NeoX RoPE: a head is HV vectors, of which [0, D)
+// rotate with [D, 2D) and the rest pass through), the slots are the same but the vectors
+// behind them are permuted so that a thread holds both halves of a rotated pair: in slots
+// 2b and 2b + 1, lanes tid < lanes(b) hold pair number b NT + tid (head pair / D, place
+// pair % D), its lower half, then its upper half; every other valid slot holds the
+// pass-through vectors in order. A warp's lanes of one slot still cover runs of 64
+// (pairs) or 128 bytes (pass) within heads: whole 32-byte sectors.
+template <class T_, int DQ, int DK, int NT_, int HV = 0, int D = 0>
 struct Layout {
+  using T = T_;
+  static constexpr int NT = NT_;
   static constexpr int N = Vec<T>::N;  // elements per 16-byte vector
   static_assert(DQ % N == 0 && DK % N == 0, "local widths must be whole 16-byte vectors");
   static constexpr int VQ = DQ / N;
   static constexpr int V = VQ + DK / N;
   static constexpr int NV = (V + NT - 1) / NT;  // vectors per thread
+  static constexpr bool kPaired = D > 0;
+  static constexpr int kPairs = kPaired ? V / (HV > 0 ? HV : 1) * D : 0;
+  static constexpr int kPassPerHead = HV - 2 * D > 0 ? HV - 2 * D : 1;
+
+  // pair lanes of slot pair b: up to NT, while pairs are left, where slot 2b + 1 is valid
+  __host__ __device__ static constexpr int lanes(int b) {
+    if (2 * b + 1 >= NV) return 0;
+    int n = kPairs - b * NT;
+    n = n < NT ? n : NT;
+    const int room = V - (2 * b + 1) * NT;
+    n = n < room ? n : room;
+    return n > 0 ? n : 0;
+  }
+  // pass-through vectors in the slots before j: their valid lanes less their pair lanes
+  __host__ __device__ static constexpr int pass_before(int j) {
+    const int valid_before = j * NT < V ? j * NT : V;
+    const int pairs_before = 2 * (kPairs < j / 2 * NT ? kPairs : j / 2 * NT);
+    return valid_before - pairs_before - (j % 2 ? lanes(j / 2) : 0);
+  }
+  // Every pair placed, and the vector behind a slot a per-thread base plus a constant of
+  // the slot: a pair's place in its head is tid % D (NT % D == 0), and every slot's run
+  // of pass-through vectors starts at a multiple of a head's pass-through vectors.
+  __host__ __device__ static constexpr bool fits() {
+    if (!kPaired || V % HV != 0 || NT % (D > 0 ? D : 1) != 0) return false;
+    int placed = 0;
+    for (int j = 0; j < NV; ++j) {
+      if (j % 2 == 0) placed += lanes(j / 2);
+      if (lanes(j / 2) % kPassPerHead != 0 || pass_before(j) % kPassPerHead != 0) return false;
+    }
+    return placed == kPairs;
+  }
+  static constexpr bool kFits = !kPaired || fits();
 
   static __device__ __forceinline__ bool valid(int j) { return threadIdx.x + j * NT < V; }
-  static __device__ __forceinline__ bool is_q(int j) { return threadIdx.x + j * NT < VQ; }
-  // whether any lane of this thread's warp holds a vector j: a warp's 32 vectors of one j
+  // the paired layout: whether slot j of this thread holds half of a rotated pair
+  static __device__ __forceinline__ bool paired(int j) {
+    return kPaired && (int)threadIdx.x < lanes(j / 2);
+  }
+  // vector index (in the [q | k] row) behind slot j of this thread
+  static __device__ __forceinline__ int index(int j) {
+    const unsigned tid = threadIdx.x;
+    if constexpr (!kPaired) {
+      return (int)tid + j * NT;
+    } else {
+      // pair j / 2 NT + tid, or pass-through vector pass_before(j) + tid - lanes
+      constexpr int P = kPassPerHead;
+      const int here = lanes(j / 2);
+      const int in_pair = (int)(tid / D * HV + tid % D) + j / 2 * (NT / D) * HV + j % 2 * D;
+      const int in_pass = (int)(tid / P * HV + tid % P) + (pass_before(j) - here) / P * HV +
+                          2 * D;
+      return (int)tid < here ? in_pair : in_pass;
+    }
+  }
+  static __device__ __forceinline__ bool is_q(int j) { return index(j) < VQ; }
+  // whether any lane of this thread's warp holds a vector j: a warp's 32 slots of one j
   // are consecutive, so with V a multiple of 32 they are all in the row or none is
   static __device__ __forceinline__ bool warp_valid(int j) {
     if constexpr (V % 32 == 0) return valid(j);
@@ -283,15 +345,14 @@ struct Layout {
   }
   // element offset of vector j within its (q or k) slice
   static __device__ __forceinline__ int offset(int j) {
-    const int i = threadIdx.x + j * NT;
+    const int i = index(j);
     return (i < VQ ? i : i - VQ) * N;
   }
 };
 
 // This thread's weights, kept in registers across tokens.
-template <class T, class W, int DQ, int DK, int NT>
+template <class W, class L>
 struct Weights {
-  using L = Layout<T, DQ, DK, NT>;
   static constexpr int WV = L::N * sizeof(W) / 16;  // 16-byte weight vectors per data vector
   uint4 w[L::NV][WV];
 
@@ -370,23 +431,28 @@ __device__ __forceinline__ void load_floats(const float* src, float* dst) {
 }
 
 // The angles of one token for this thread's rotated vectors, and the rotation itself.
-template <class T, int DQ, int DK, int NT, int HEAD, int ROT, int STYLE>
+template <class L, int HEAD, int ROT, int STYLE>
 struct Rope {
-  using L = Layout<T, DQ, DK, NT>;
+  using T = typename L::T;
+  static constexpr int NT = L::NT;
   static constexpr int N = L::N;
   static constexpr bool kOn = true;
-  static constexpr bool kExchange = STYLE == kRopeNeox;  // pairs span two lanes
+  // NeoX in the paired layout: both halves of a pair in this thread's slots 2b and 2b + 1
+  static constexpr bool kPairs = L::kPaired;
+  static constexpr bool kExchange = STYLE == kRopeNeox && !kPairs;  // pairs span two lanes
   static constexpr int HV = HEAD / N;  // vectors a head
   static constexpr int RV = ROT / N;   // rotated vectors a head
   static constexpr int D = RV / 2;     // NeoX: vectors between the two elements of a pair
-  static constexpr int CN = kExchange ? N : N / 2;  // cos (and sin) values a vector needs
+  static constexpr int CN = STYLE == kRopeNeox ? N : N / 2;  // cos (and sin) values a vector
   static_assert(STYLE == kRopeNeox || STYLE == kRopeGptj, "STYLE: 1 NeoX, 2 GPT-J");
   static_assert(HEAD > 0 && HEAD % N == 0, "a head is whole 16-byte vectors");
-  static_assert(DQ % HEAD == 0 && DK % HEAD == 0, "each rank's slices hold whole heads");
+  static_assert(L::VQ * N % HEAD == 0 && (L::V - L::VQ) * N % HEAD == 0,
+                "each rank's slices hold whole heads");
   static_assert(ROT > 0 && ROT % 2 == 0 && ROT <= HEAD, "0 < ROT <= HEAD, ROT even");
-  static_assert(ROT % (kExchange ? 2 * N : N) == 0,
+  static_assert(ROT % (STYLE == kRopeNeox ? 2 * N : N) == 0,
                 "rotated elements are whole vectors (NeoX: both halves)");
-  static_assert(32 % HV == 0 || HV % 32 == 0, "a head's vectors divide 32 or are a multiple");
+  static_assert(kPairs || 32 % HV == 0 || HV % 32 == 0,
+                "a head's vectors divide 32 or are a multiple");
   static_assert(!kExchange || RV <= 32, "NeoX: a head's rotated vectors fit one warp's 32");
   // Every vector of a thread has the same place in its head when NT is a multiple of a
   // head's vectors (always, for heads of 32 vectors or fewer). Otherwise (a head of 64 or
@@ -394,8 +460,8 @@ struct Rope {
   // rotated only for k = 0 when the rotated vectors are 32 or fewer. Either way one set
   // of angles serves all of a thread's rotated vectors.
   static constexpr bool kUniform = NT % HV == 0;
-  static_assert(kUniform || RV <= 32, "GPT-J: at most 32 rotated vectors a head, or NT a "
-                                      "multiple of a head's vectors");
+  static_assert(kPairs || kUniform || RV <= 32, "at most 32 rotated vectors a head, or NT a "
+                                                "multiple of a head's vectors");
 
   // Per token, between load() and push() the position's words, from push() to finish()
   // the row of cos_sin (-1: out of range).
@@ -409,7 +475,10 @@ struct Rope {
   static __device__ __forceinline__ int place(int j) {  // vector j's index in its head
     return (int)(threadIdx.x + (kUniform ? 0 : j * NT)) % HV;
   }
-  static __device__ __forceinline__ bool rotated(int j) { return place(j) < RV; }
+  static __device__ __forceinline__ bool rotated(int j) {
+    if constexpr (kPairs) return L::paired(j);
+    return place(j) < RV;
+  }
 
   // Brings cos_sin row `row` (ROT floats) into L2, one line a thread of the first few, so
   // that load() a phase later finds it there: positions are arbitrary, and with a table
@@ -427,9 +496,11 @@ struct Rope {
   // out of range (-1: nothing of it is stored) reads row 0, so no read leaves the table.
   // NeoX: a lane of the lower half keeps -sin (its partner's term is subtracted), so that
   // rotate() is two multiply-adds an element with no select.
+  // Paired: every pair of a thread sits at place tid % D of its head (NT % D == 0).
   __device__ __forceinline__ void load(const Params& p, int row) {
-    const int m = kUniform ? place(0) : (int)(threadIdx.x & 31);
-    const int first = m >= RV ? 0 : kExchange ? (m < D ? m : m - D) * N : m * (N / 2);
+    const int m = kPairs ? (int)threadIdx.x % D : kUniform ? place(0) : (int)(threadIdx.x & 31);
+    const int first = kPairs ? m * N
+                      : m >= RV ? 0 : kExchange ? (m < D ? m : m - D) * N : m * (N / 2);
     const float* at = p.cos_sin + (long long)(row < 0 ? 0 : row) * ROT + first;
     load_floats<CN>(at, c);
     load_floats<CN>(at + ROT / 2, s);
@@ -449,9 +520,22 @@ struct Rope {
     return (HV < 32 ? lane % HV : lane) < D;
   }
 
-  // Rotates this lane's normalized values f of vector j in place. NeoX: every lane of the
-  // warp calls it for the same j, since each reads its partner's values.
+  // Paired: rotates a pair held by this thread, its lower half lo and upper half hi (the
+  // normalized values of slots 2b and 2b + 1) in place.
+  __device__ __forceinline__ void rotate_pair(float* lo, float* hi) const {
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      const float x = lo[e], y = hi[e];
+      lo[e] = fmaf(-y, s[e], x * c[e]);
+      hi[e] = fmaf(x, s[e], y * c[e]);
+    }
+  }
+
+  // Rotates this lane's normalized values f of vector j in place (nothing in the paired
+  // layout: its pairs go through rotate_pair). NeoX with pairs across lanes: every lane of
+  // the warp calls it for the same j, since each reads its partner's values.
   __device__ __forceinline__ void rotate(int j, float* f) const {
+    if constexpr (kPairs) return;
     const bool on = rotated(j);
     if constexpr (kExchange) {
       const int lane = threadIdx.x & 31;
@@ -476,19 +560,20 @@ struct Rope {
   }
 };
 
-template <class T, int DQ, int DK, int NT, int HEAD, int ROT>
-struct Rope<T, DQ, DK, NT, HEAD, ROT, kRopeNone> {  // the norm alone
+template <class L, int HEAD, int ROT>
+struct Rope<L, HEAD, ROT, kRopeNone> {  // the norm alone
   static_assert(HEAD == 0 && ROT == 0, "no rotary embedding: HEAD = ROT = 0");
   static constexpr bool kOn = false;
   static constexpr bool kExchange = false;
+  static constexpr bool kPairs = false;
   struct Token {};
 };
 
 // The arithmetic on this thread's part of one token's row, wherever the row is held:
 // `get(j)` returns its vector j (a register, or a read of shared memory).
-template <class T, int DQ, int DK, int NT>
+template <class L>
 struct RowMath {
-  using L = Layout<T, DQ, DK, NT>;
+  using T = typename L::T;
   static constexpr int N = L::N;
 
   static __device__ __forceinline__ const void* source(const Params& p, long long t, int j) {
@@ -519,36 +604,59 @@ struct RowMath {
   template <class W, class Ro, class Get>
   static __device__ __forceinline__ void scale_store(const Params& p, long long t,
                                                      float2 scale,
-                                                     const Weights<T, W, DQ, DK, NT>& wt,
+                                                     const Weights<W, L>& wt,
                                                      const Ro& rope, const Get& get) {
-    constexpr int WV = Weights<T, W, DQ, DK, NT>::WV;
-#pragma unroll
-    for (int j = 0; j < L::NV; ++j) {
-      // a NeoX rotation needs every lane of the warp, even one past the row's end
-      if (Ro::kExchange ? !L::warp_valid(j) : !L::valid(j)) continue;
-      float f[N], wf[N];
+    constexpr int WV = Weights<W, L>::WV;
+    auto scaled = [&](int j, float* f) {  // slot j's normalized values
+      float wf[N];
       Vec<T>::unpack(get(j), f);
 #pragma unroll
       for (int u = 0; u < WV; ++u) Vec<W>::unpack(wt.w[j][u], wf + u * Vec<W>::N);
       const float s = L::is_q(j) ? scale.x : scale.y;
 #pragma unroll
       for (int e = 0; e < N; ++e) f[e] = f[e] * s * wf[e];
+    };
+#pragma unroll
+    for (int j = 0; j < L::NV; ++j) {
+      if constexpr (Ro::kPairs) {  // slots 2b and 2b + 1 together: a pair is both
+        if (j % 2 == 1) continue;
+        if (j + 1 < L::NV) {
+          float lo[N], hi[N];
+          const bool v0 = L::valid(j), v1 = L::valid(j + 1);
+          if (v0) scaled(j, lo);
+          if (v1) scaled(j + 1, hi);
+          if (L::paired(j)) rope.rotate_pair(lo, hi);  // a pair's two slots are valid
+          if (v0) store(p, t, j, lo);
+          if (v1) store(p, t, j + 1, hi);
+          continue;
+        }
+      }
+      // a NeoX rotation across lanes needs every lane of the warp, even one past the row
+      if (Ro::kExchange ? !L::warp_valid(j) : !L::valid(j)) continue;
+      float f[N];
+      scaled(j, f);
       if constexpr (Ro::kOn) {
         rope.rotate(j, f);
         if (Ro::kExchange && !L::valid(j)) continue;
       }
-      T* dst = L::is_q(j) ? static_cast<T*>(p.q_out) + t * p.q_out_stride + L::offset(j)
-                          : static_cast<T*>(p.k_out) + t * p.k_out_stride + L::offset(j);
-      *reinterpret_cast<uint4*>(dst) = Vec<T>::pack(f);
+      store(p, t, j, f);
     }
+  }
+
+  static __device__ __forceinline__ void store(const Params& p, long long t, int j,
+                                               const float* f) {
+    T* dst = L::is_q(j) ? static_cast<T*>(p.q_out) + t * p.q_out_stride + L::offset(j)
+                        : static_cast<T*>(p.k_out) + t * p.k_out_stride + L::offset(j);
+    *reinterpret_cast<uint4*>(dst) = Vec<T>::pack(f);
   }
 };
 
 // This thread's part of one token's row, held in registers.
-template <class T, int DQ, int DK, int NT>
+template <class L>
 struct Row {
-  using L = Layout<T, DQ, DK, NT>;
-  using M = RowMath<T, DQ, DK, NT>;
+  using T = typename L::T;
+  static constexpr int NT = L::NT;
+  using M = RowMath<L>;
   uint4 x[L::NV];
 
   __device__ __forceinline__ void load(const Params& p, long long t) {
@@ -564,7 +672,7 @@ struct Row {
   }
   template <class W, class Ro>
   __device__ __forceinline__ void scale_store(const Params& p, long long t, float2 scale,
-                                              const Weights<T, W, DQ, DK, NT>& wt,
+                                              const Weights<W, L>& wt,
                                               const Ro& rope) const {
     M::scale_store(p, t, scale, wt, rope, [&](int j) { return x[j]; });
   }
@@ -576,10 +684,11 @@ struct Row {
 // for this row's group while the P groups committed after it may still be in flight. A
 // stage is refilled only after the same thread's last reads of it have returned: their
 // values went into the stores of finish(), issued before the next load of the stage.
-template <class T, int DQ, int DK, int NT>
+template <class L>
 struct StagedRow {
-  using L = Layout<T, DQ, DK, NT>;
-  using M = RowMath<T, DQ, DK, NT>;
+  using T = typename L::T;
+  static constexpr int NT = L::NT;
+  using M = RowMath<L>;
   uint4* at;  // this thread's first vector in the row's stage
 
   __device__ __forceinline__ void load(const Params& p, long long t) {
@@ -596,7 +705,7 @@ struct StagedRow {
   }
   template <class W, class Ro>
   __device__ __forceinline__ void scale_store(const Params& p, long long t, float2 scale,
-                                              const Weights<T, W, DQ, DK, NT>& wt,
+                                              const Weights<W, L>& wt,
                                               const Ro& rope) const {
     M::scale_store(p, t, scale, wt, rope, [&](int j) { return at[j * NT]; });
   }
@@ -604,6 +713,26 @@ struct StagedRow {
 
 template <bool C, class A, class B> struct Pick { using type = A; };
 template <class A, class B> struct Pick<false, A, B> { using type = B; };
+
+// The layout of the kernels of one specialization: paired for NeoX RoPE where every pair
+// fits in a thread's slots (no shuffle), else the plain one. Paired on sm_90 only, where
+// it was measured: sm_100's compiler gave its wide kernels 198 (fused) and 236 (apply)
+// registers with it.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
+constexpr bool kPairedArch = false;
+#else
+constexpr bool kPairedArch = true;
+#endif
+
+template <class T, int DQ, int DK, int NT, int HEAD, int ROT, int STYLE>
+struct LayoutFor {
+  static constexpr int N = Vec<T>::N;
+  static constexpr bool kTry = kPairedArch && STYLE == kRopeNeox && HEAD > 0 &&
+                               HEAD % N == 0 && ROT > 0 && ROT % (2 * N) == 0 &&
+                               DQ % HEAD == 0 && DK % HEAD == 0;
+  using Paired = Layout<T, DQ, DK, NT, kTry ? HEAD / N : 0, kTry ? ROT / (2 * N) : 0>;
+  using type = typename Pick<kTry && Paired::kFits, Paired, Layout<T, DQ, DK, NT>>::type;
+};
 
 __device__ __forceinline__ float2 warp_sum(float2 v) {
 #pragma unroll
@@ -742,9 +871,10 @@ template <class T, class W, int G, int DQ, int DK, int WARPS, int DEPTH, int STA
 struct Fused {
   static_assert(DEPTH >= 2, "at least two tokens in flight");
   static constexpr int NT = WARPS * 32;
-  using R = typename Pick<STAGED != 0, StagedRow<T, DQ, DK, NT>, Row<T, DQ, DK, NT>>::type;
-  using Ro = Rope<T, DQ, DK, NT, HEAD, ROT, STYLE>;
-  static constexpr int kStageVectors = STAGED ? Layout<T, DQ, DK, NT>::NV * NT : 0;
+  using L = typename LayoutFor<T, DQ, DK, NT, HEAD, ROT, STYLE>::type;
+  using R = typename Pick<STAGED != 0, StagedRow<L>, Row<L>>::type;
+  using Ro = Rope<L, HEAD, ROT, STYLE>;
+  static constexpr int kStageVectors = STAGED ? L::NV * NT : 0;
 
   // One set per row: a set is rewritten only by the next push() and finish() of the same
   // row, DEPTH tokens later, after the barrier of another row's finish() that every thread
@@ -888,7 +1018,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) fused(const Params p) {
   const long long step = gridDim.x;
   long long t = blockIdx.x;
   if (t >= p.tokens) return;
-  Weights<T, W, DQ, DK, F::NT> wt;
+  Weights<W, typename F::L> wt;
   wt.load(p);
   // Row i of the ring holds token t + ((i - phase) mod DEPTH) * step. Each phase is its
   // own copy of the code (a compiler loop kept DEPTH = 2 in local memory), so every index
@@ -973,7 +1103,7 @@ __device__ __forceinline__ void token_digits(int tokens, int* d) {
 // microseconds, once per block.
 template <class T, int DQ, int DK, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32) partial_sums(const Params p) {
-  using R = Row<T, DQ, DK, WARPS * 32>;
+  using R = Row<Layout<T, DQ, DK, WARPS * 32>>;
   __shared__ float2 scratch[WARPS];
   if (blockIdx.x == 0 && threadIdx.x == 0 && p.counters != nullptr)
     p.counters[0] += 1;  // launches made; only this thread writes it
@@ -1016,19 +1146,20 @@ template <class T, class W, int DQ, int DK, int WARPS, int HEAD, int ROT, int ST
 __global__ void __launch_bounds__(WARPS * 32, STYLE == kRopeNone ? 0 : 1)
     apply(const Params p) {
   constexpr int NT = WARPS * 32;
-  using Ro = Rope<T, DQ, DK, NT, HEAD, ROT, STYLE>;
+  using L = typename LayoutFor<T, DQ, DK, NT, HEAD, ROT, STYLE>::type;
+  using Ro = Rope<L, HEAD, ROT, STYLE>;
   // a failure already recorded (the watchdog ended the all-reduce: the sums are not whole)
   const bool failed = *reinterpret_cast<volatile int*>(p.error) != 0;
   if (blockIdx.x == 0 && threadIdx.x == 0 && p.counters != nullptr)
     p.counters[1] = p.counters[0];  // launches followed
-  Weights<T, W, DQ, DK, NT> wt;
+  Weights<W, L> wt;
   wt.load(p);
   const float2* const sums = reinterpret_cast<const float2*>(p.sums + kSumsHeader);
   // Failures are recorded once, after the loop: a record_error inside it made ptxas spill.
   const bool same = same_tokens(p);  // checked by every block before any store
   if (failed) return;
   int bad = -1;                      // a row whose position is out of range
-  Row<T, DQ, DK, NT> row;
+  Row<L> row;
   for (long long t = blockIdx.x; same && t < p.tokens; t += gridDim.x) {
     PositionWords words;
     if constexpr (Ro::kOn) words = load_position(p, t);
@@ -1059,9 +1190,9 @@ template <class T, int DQ, int DK, int WARPS, int HEAD, int ROT, int STYLE>
 __global__ void __launch_bounds__(WARPS * 32, 1) rope(const Params p) {
   static_assert(STYLE != kRopeNone, "rope needs a STYLE");
   constexpr int NT = WARPS * 32, N = Vec<T>::N;
-  using L = Layout<T, DQ, DK, NT>;
-  using M = RowMath<T, DQ, DK, NT>;
-  using Ro = Rope<T, DQ, DK, NT, HEAD, ROT, STYLE>;
+  using L = typename LayoutFor<T, DQ, DK, NT, HEAD, ROT, STYLE>::type;
+  using M = RowMath<L>;
+  using Ro = Rope<L, HEAD, ROT, STYLE>;
   int bad = -1;  // a row whose position is out of range, recorded after the loop
   for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
     const PositionWords words = load_position(p, t);
@@ -1081,14 +1212,23 @@ __global__ void __launch_bounds__(WARPS * 32, 1) rope(const Params p) {
     angles.load(p, r);
 #pragma unroll
     for (int j = 0; j < L::NV; ++j) {
+      if constexpr (Ro::kPairs) {  // the pair in slots j and j + 1 (a pair's are valid)
+        if (j % 2 == 0 && j + 1 < L::NV && L::paired(j)) {
+          float lo[N], hi[N];
+          Vec<T>::unpack(x[j], lo);
+          Vec<T>::unpack(x[j + 1], hi);
+          angles.rotate_pair(lo, hi);
+          M::store(p, t, j, lo);
+          M::store(p, t, j + 1, hi);
+        }
+        continue;
+      }
       if (Ro::kExchange ? !L::warp_valid(j) : !L::valid(j)) continue;
       float f[N];
       Vec<T>::unpack(x[j], f);
       angles.rotate(j, f);
       if (!L::valid(j) || !Ro::rotated(j)) continue;
-      T* dst = L::is_q(j) ? static_cast<T*>(p.q_out) + t * p.q_out_stride + L::offset(j)
-                          : static_cast<T*>(p.k_out) + t * p.k_out_stride + L::offset(j);
-      *reinterpret_cast<uint4*>(dst) = Vec<T>::pack(f);
+      M::store(p, t, j, f);
     }
   }
   if (bad >= 0 && threadIdx.x == 0) record_position_error(p, bad);
