@@ -376,10 +376,11 @@ struct Weights {
 //   GPT-J (pairs):      y[2i] = x[2i] c_i - x[2i+1] s_i, y[2i+1] = x[2i+1] c_i + x[2i] s_i
 // for i < H, with c_i = cos_sin[pos][i] and s_i = cos_sin[pos][H + i]. x is the
 // normalized value in fp32, and y is rounded once. Each rank's slices hold whole heads, so a
-// vector's place in its head is its index in the slice mod HEAD / N; VQ and NT are
-// multiples of the head's vectors, so that place is a lane's. A NeoX pair sits ROT / 2N
-// vectors apart, in two lanes of one warp (the rotated vectors of a head are 32 or fewer,
-// within one aligned run of 32); a GPT-J pair sits in one vector.
+// vector's place in its head is its index in the slice mod HEAD / N. A GPT-J pair sits in
+// one vector. A NeoX pair sits ROT / 2N vectors apart: in the paired layout (Layout with
+// D > 0, see LayoutFor) in two slots of one thread; otherwise in two lanes of one warp
+// (VQ and NT are multiples of the head's vectors, so a vector's place is a lane's, and the
+// rotated vectors of a head are 32 or fewer, within one aligned run of 32).
 constexpr int kRopeNone = 0, kRopeNeox = 1, kRopeGptj = 2;
 
 // A row's position as the two 32-bit words of an int64 (hi = 0 for int32 positions), read
