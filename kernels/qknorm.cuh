@@ -321,9 +321,8 @@ struct Layout {
   static __device__ __forceinline__ bool paired(int j) {
     return kPaired && (int)threadIdx.x < lanes(j / 2);
   }
-  // vector index (in the [q | k] row) behind slot j of this thread
-  static __device__ __forceinline__ int index(int j) {
-    const unsigned tid = threadIdx.x;
+  // vector index (in the [q | k] row) behind slot j of thread tid
+  __host__ __device__ static constexpr int index_of(unsigned tid, int j) {
     if constexpr (!kPaired) {
       return (int)tid + j * NT;
     } else {
@@ -336,6 +335,27 @@ struct Layout {
       return (int)tid < here ? in_pair : in_pass;
     }
   }
+  static __device__ __forceinline__ int index(int j) { return index_of(threadIdx.x, j); }
+
+  // Checked by the compiler for every paired layout it builds: the valid slots of all
+  // threads hold every vector of the row once, and a pair's upper half is in the slot
+  // after its lower half.
+  __host__ __device__ static constexpr bool one_to_one() {
+    bool seen[V] = {};
+    for (int tid = 0; tid < NT; ++tid) {
+      for (int j = 0; j < NV; ++j) {
+        if (tid + j * NT >= V) continue;
+        const int i = index_of(tid, j);
+        if (i < 0 || i >= V || seen[i]) return false;
+        seen[i] = true;
+        const bool pair = tid < lanes(j / 2);
+        if (pair && j % 2 == 0 && (i % HV >= D || index_of(tid, j + 1) != i + D)) return false;
+        if (!pair && i % HV < 2 * D) return false;
+      }
+    }
+    return true;
+  }
+  static_assert(!kPaired || !kFits || one_to_one(), "the paired layout is not a permutation");
   static __device__ __forceinline__ bool is_q(int j) { return index(j) < VQ; }
   // whether any lane of this thread's warp holds a vector j: a warp's 32 slots of one j
   // are consecutive, so with V a multiple of 32 they are all in the row or none is
