@@ -341,6 +341,7 @@ struct Layout {
   // threads hold every vector of the row once, and a pair's upper half is in the slot
   // after its lower half.
   __host__ __device__ static constexpr bool one_to_one() {
+    constexpr int H = HV > 0 ? HV : 1;  // (instantiated for the plain layout too)
     bool seen[V] = {};
     for (int tid = 0; tid < NT; ++tid) {
       for (int j = 0; j < NV; ++j) {
@@ -349,8 +350,8 @@ struct Layout {
         if (i < 0 || i >= V || seen[i]) return false;
         seen[i] = true;
         const bool pair = tid < lanes(j / 2);
-        if (pair && j % 2 == 0 && (i % HV >= D || index_of(tid, j + 1) != i + D)) return false;
-        if (!pair && i % HV < 2 * D) return false;
+        if (pair && j % 2 == 0 && (i % H >= D || index_of(tid, j + 1) != i + D)) return false;
+        if (!pair && i % H < 2 * D) return false;
       }
     }
     return true;
