@@ -83,3 +83,26 @@ def test_in_place_reshape_of_any_cached_array_is_caught(fake_ipc, which):
         n(q, k, qw, kw, out=(qo, ko))
     assert n._validations == 2 and fake.launches == 1
     assert fake.rejected == 1  # the peers are told at once (transport "ipc")
+
+
+def test_in_place_with_and_without_out_share_one_entry(fake_ipc):
+    """out=(q, k) is the in-place call: it takes the entry of the call without out=."""
+    n, fake = fake_ipc
+    q, k, qw, kw = arr((2, 256), 0), arr((2, 64), 4096), arr((256,), 8192), arr((64,), 12288)
+    for i in range(10):
+        assert n(q, k, qw, kw, out=(q, k) if i % 2 else None) == (q, k)
+    assert (n._validations, fake.bound_calls, fake.launches) == (1, 1, 10)
+    q.shape = (4, 128)
+    with pytest.raises(ValueError, match="shape must be"):
+        n(q, k, qw, kw, out=[q, k])
+    assert fake.launches == 10
+
+
+@pytest.mark.parametrize("out", [None, "q"], ids=["a single array", "a string"])
+def test_an_out_that_is_not_a_pair_is_refused_after_cached_calls(fake_ipc, out):
+    n, fake = fake_ipc
+    q, k, qw, kw = arr((2, 256), 0), arr((2, 64), 4096), arr((256,), 8192), arr((64,), 12288)
+    n(q, k, qw, kw)
+    with pytest.raises(TypeError, match="out must be a pair"):
+        n(q, k, qw, kw, out=q if out is None else out)
+    assert fake.launches == 1
