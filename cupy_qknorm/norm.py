@@ -195,14 +195,11 @@ class TPQKNorm:
         # are read-only): the 2-D arrays' shapes are compared, and for the 1-D ones
         # (weights, positions) that they are still 1-D, which fixes their shape since a
         # reshape in place keeps the size. out=(q, k) is the in-place call. A dead array
-        # drops its entry, and close() or a failure drops them all. A pair that does not
-        # unpack, or anything not cached, takes the slow path, which says what is wrong.
+        # drops its entry, and close() or a failure drops them all. An out= that is not a
+        # pair, or anything not cached, takes the slow path, which says what is wrong.
         qo = ko = None
-        if out is not None:
-            try:
-                qo, ko = out
-            except (TypeError, ValueError):
-                pass
+        if out is not None and isinstance(out, (tuple, list)) and len(out) == 2:
+            qo, ko = out
         if out is None or (qo is q and ko is k):
             entry = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(positions)))
             if entry is not None and entry[0] == q.shape and entry[1] == k.shape \

@@ -7,7 +7,8 @@ The measured reasons (H200, G=2, bf16, MiniMax widths; BENCHMARKS.md):
 - In registers, a third row in flight costs blocks and was slower from 512 tokens up; in
   shared memory (filled by cp.async) it costs no registers: the wide layout with three
   staged rows is 13-21% faster than rows in registers from 2048 tokens a launch, and
-  0.1-0.45 us slower at 512-1024, hence the narrow layout below 2048.
+  0.1-0.45 us slower at 512-1024, hence the narrow layout below 2048 tokens (below
+  1024 with RoPE, 512 on one GPU: wide_from).
 """
 from __future__ import annotations
 

@@ -272,8 +272,9 @@ __device__ bool wait_slot(const uint4* slot, const Params& p, int peer, int toke
 // behind them are permuted so that a thread holds both halves of a rotated pair: in slots
 // 2b and 2b + 1, lanes tid < lanes(b) hold pair number b NT + tid (head pair / D, place
 // pair % D), its lower half, then its upper half; every other valid slot holds the
-// pass-through vectors in order. A warp's lanes of one slot still cover runs of 64
-// (pairs) or 128 bytes (pass) within heads: whole 32-byte sectors.
+// pass-through vectors in order. A warp's lanes of one slot cover runs of D (pairs) or
+// HV - 2D (pass) vectors within heads: for MiniMax's bf16 heads 64 and 128 bytes, whole
+// 32-byte sectors.
 template <class T_, int DQ, int DK, int NT_, int HV = 0, int D = 0>
 struct Layout {
   using T = T_;
@@ -338,8 +339,9 @@ struct Layout {
   static __device__ __forceinline__ int index(int j) { return index_of(threadIdx.x, j); }
 
   // Checked by the compiler for every paired layout it builds: the valid slots of all
-  // threads hold every vector of the row once, and a pair's upper half is in the slot
-  // after its lower half.
+  // threads hold every vector of the row once; a pair lane's slots 2b and 2b + 1 are both
+  // valid and hold a pair's lower and upper half, at place tid % D of its head (where
+  // Rope::load reads the angles); every other slot holds a vector that is not rotated.
   __host__ __device__ static constexpr bool one_to_one() {
     constexpr int H = HV > 0 ? HV : 1;  // (instantiated for the plain layout too)
     bool seen[V] = {};
@@ -350,13 +352,16 @@ struct Layout {
         if (i < 0 || i >= V || seen[i]) return false;
         seen[i] = true;
         const bool pair = tid < lanes(j / 2);
-        if (pair && j % 2 == 0 && (i % H >= D || index_of(tid, j + 1) != i + D)) return false;
+        if (pair && j % 2 == 0 &&
+            (i % H != tid % (D > 0 ? D : 1) || tid + (j + 1) * NT >= V ||
+             index_of(tid, j + 1) != i + D))
+          return false;
         if (!pair && i % H < 2 * D) return false;
       }
     }
     return true;
   }
-  static_assert(!kPaired || !kFits || one_to_one(), "the paired layout is not a permutation");
+  static_assert(!kPaired || !kFits || one_to_one(), "the paired layout misplaces a vector");
   static __device__ __forceinline__ bool is_q(int j) { return index(j) < VQ; }
   // whether any lane of this thread's warp holds a vector j: a warp's 32 slots of one j
   // are consecutive, so with V a multiple of 32 they are all in the row or none is

@@ -29,6 +29,9 @@ def main(argv=None):
     p.add_argument("--k-dim", type=int, default=512)
     p.add_argument("--calls", type=int, default=4, help="plain launches for the profiler")
     p.add_argument("--replays", type=int, default=50)
+    p.add_argument("--world", type=int, default=2,
+                   help="the G whose layout thresholds the kernel takes (one rank alone "
+                        "would take G=1's)")
     p.add_argument("--rope", action="store_true",
                    help="with MiniMax M2's RoPE fused (random positions, as bench)")
     args = p.parse_args(argv)
@@ -36,6 +39,7 @@ def main(argv=None):
     from mpi4py import MPI
 
     from cupy_qknorm import RoPE, TPQKNorm, bench
+    from cupy_qknorm.tuning import wide_from
     from cupy_qknorm import reference as ref
     comm = MPI.COMM_SELF
     rng = np.random.default_rng(7)
@@ -55,6 +59,7 @@ def main(argv=None):
              cupy.asarray(ref.from_f64(np.ones(args.k_dim), "bfloat16")))
         with TPQKNorm(comm, args.q_dim, args.k_dim, "bfloat16", max_tokens=max(tokens, 1),
                       transport="ipc", rope=RoPE.minimax_m2() if args.rope else None) as norm:
+            norm._transport.wide_from = wide_from(args.world, args.rope)  # G=2's layouts
             with stream:
                 for i in range(args.calls):  # what ncu profiles (-s / -c pick among these)
                     q, k, qo, ko, pos = sets[i % len(sets)]

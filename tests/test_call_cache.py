@@ -106,3 +106,13 @@ def test_an_out_that_is_not_a_pair_is_refused_after_cached_calls(fake_ipc, out):
     with pytest.raises(TypeError, match="out must be a pair"):
         n(q, k, qw, kw, out=q if out is None else out)
     assert fake.launches == 1
+
+
+def test_a_generator_out_is_refused_even_when_its_arrays_are_cached(fake_ipc):
+    n, fake = fake_ipc
+    q, k, qw, kw = arr((2, 256), 0), arr((2, 64), 4096), arr((256,), 8192), arr((64,), 12288)
+    qo, ko = arr((2, 256), 16384), arr((2, 64), 20480)
+    n(q, k, qw, kw, out=(qo, ko))
+    with pytest.raises(TypeError, match="out must be a pair"):
+        n(q, k, qw, kw, out=(a for a in (qo, ko)))
+    assert fake.launches == 1

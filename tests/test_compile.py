@@ -10,7 +10,7 @@ import pytest
 from cupy_qknorm import RoPE
 from cupy_qknorm import compile as kc
 from cupy_qknorm import params
-from cupy_qknorm.tuning import Spec, shipped_specs
+from cupy_qknorm.tuning import C_TYPES, Spec, shipped_specs
 from tests import nvrtc_batch
 
 pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC: pip install cuda-bindings "
@@ -213,3 +213,43 @@ def test_source_hash_covers_every_kernel_file(tmp_path, monkeypatch):
     header = tmp_path / "qknorm.cuh"
     header.write_bytes(header.read_bytes() + b"\n// edited\n")
     assert kc._sources_hash() != kc.SOURCES_HASH  # an edited header is a new build
+
+
+def _probe(asserts, arch):
+    """Compile a program of static_asserts over qknorm.cuh's types for `arch`: None where
+    it compiles, else NVRTC's log."""
+    from cuda.bindings import nvrtc
+    src = '#include "qknorm.cuh"\n' + "".join(f"static_assert({a}, \"{a}\");\n"
+                                               for a in asserts)
+    prog, = kc._check(nvrtc.nvrtcCreateProgram(src.encode(), b"probe.cu", 0, [], []))
+    try:
+        opts = [o.encode() for o in kc.options()] + [f"--gpu-architecture={arch}".encode()]
+        kc._check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog)
+    except kc.QKNormError as e:
+        return str(e)
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    return None
+
+
+def _paired(spec):
+    return (f"qknorm::LayoutFor<{C_TYPES[spec.dtype]}, {spec.q_local}, {spec.k_local}, "
+            f"{spec.threads}, {spec.head}, {spec.rot}, {spec.style}>::type::kPaired")
+
+
+def test_minimax_rope_takes_the_paired_layout_on_sm90_only():
+    """Every shipped NeoX specialization at MiniMax's widths for G = 1, 2, 4 holds each
+    rotated pair in one thread on sm_90 (no shuffles); G=8's widths, the norm alone and
+    sm_100 keep the plain layout. A layout that stopped fitting would only be slower, so
+    this is what notices it."""
+    minimax = RoPE.minimax_m2()
+    paired = [s for s in SPECS if s.style == 1 and s.head == 128 and s.rot == 64
+              and s.world in (1, 2, 4)]
+    assert len(paired) >= 24
+    plain = [Spec.plan("bfloat16", "bfloat16", 8, 768, 128, layout, minimax)
+             for layout in ("narrow", "wide")] + [Spec.plan("bfloat16", "bfloat16", 2, 3072,
+                                                            512, "wide")]
+    assert _probe([_paired(s) for s in paired] + [f"!{_paired(s)}" for s in plain],
+                  "sm_90") is None
+    assert _probe([f"!{_paired(s)}" for s in paired[:2]], "sm_100") is None
+    assert "static assertion failed" in _probe([f"!{_paired(paired[0])}"], "sm_90")

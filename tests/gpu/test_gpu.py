@@ -69,7 +69,7 @@ def test_parity(comm, transport, dtype, wdtype):
 def test_parity_each_layout(comm, dtype, wdtype, layout):
     """Each layout of the fused kernel for every dtype, at small and chunked T: the
     threshold is moved so that one layout takes every launch (by default the wide one,
-    whose rows are staged in shared memory, runs only from 2048 tokens a launch)."""
+    whose rows are staged in shared memory, runs only from tuning.wide_from's tokens)."""
     q_dim, k_dim = dims_for(comm.size)
     with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=1024, transport="ipc") as norm:
         t = norm._transport
@@ -133,7 +133,7 @@ def test_zero_nan_inf_rows(comm, transport):
 def test_back_to_back_random_tokens(comm):
     """10,000 calls with a random T each (the same on every rank), checked along the way
     and at the end: the slot halves and counters stay consistent across any T sequence,
-    with launches of both layouts back to back (chunks of 2048 tokens take the wide one)."""
+    with launches of both layouts back to back (chunks of wide_from tokens take the wide one)."""
     import cupy
     from cupy_qknorm.tuning import wide_from
     WIDE_FROM = wide_from(comm.size)

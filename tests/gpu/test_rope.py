@@ -112,6 +112,32 @@ def test_rope_styles(comm, transport, rope):
             run_rope(norm, comm, 7 * i + 1, tokens, "bfloat16", rope=rope)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_rope_pairs_across_lanes(comm, dtype):
+    """The NeoX layout whose pairs sit in two lanes of a warp (a shuffle; lower-half lanes
+    keep -sin), which MiniMax's shapes no longer take on sm_90: a whole-head rotation in
+    the wide layout does not fit the paired one. The fused call, and in fp32 (one rounding
+    more stays within its tolerance) the separate RoPE kernel after the norm alone."""
+    rope = RoPE(128, 128, theta=5e6, max_position=4096)
+    q_dim, k_dim = dims_for(comm.size)
+    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=512, transport="ipc",
+                  rope=rope) as norm, \
+            TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=512, transport="ipc") as plain:
+        norm._transport.wide_from = 1
+        for i, tokens in enumerate([1, 33, 700]):
+            run_rope(norm, comm, 5 * i + 2, tokens, dtype, rope=rope)
+        assert {lay for _, lay in norm._transport._kernels} == {"wide"}
+        if dtype != "float32":
+            return
+        (qs, ks, qws, kws), pos, mine = rope_case(comm, 77, 40, dtype, rope)
+        outs = [poisoned(qs, dtype), poisoned(ks, dtype)]
+        plain(qs, ks, qws, kws, out=outs)
+        plain.synchronize()
+        norm.rope_only(outs[0], outs[1], pos)
+        norm.synchronize()
+        assert_rope_close(comm, outs, mine, dtype, "norm, then the RoPE kernel across lanes")
+
+
 def test_rope_user_table(comm):
     """An engine's own table (here: angles rounded the way engines compute them, in
     fp32), given as a CuPy array, is used as given."""
