@@ -170,7 +170,7 @@ def cmd_check(args):
     from . import RoPE, TPQKNorm, knobs
     from . import reference as ref
     from .placement import select_device
-    from .rope import check as check_rope
+    from .rope import check as check_rope, host_table
     from .shapes import default_dims
     comm = MPI.COMM_WORLD
     rank, world = comm.rank, comm.size
@@ -203,7 +203,7 @@ def cmd_check(args):
                 qr, kr, qm, km = ref.qk_norm_rope(
                     ref.to_f64(q, args.dtype), ref.to_f64(k, args.dtype),
                     ref.to_f64(qw, args.dtype), ref.to_f64(kw, args.dtype), args.eps, pos,
-                    _rope_table(rope), rope.head_dim, rope.rotary_dim, rope.style)
+                    host_table(rope), rope.head_dim, rope.rotary_dim, rope.style)
                 kwargs["positions"] = xp.asarray(pos)
                 mags = [ref.shard(m, world, rank) for m in (qm, km)]
             sh = [xp.asarray(np.ascontiguousarray(ref.shard(a, world, rank)))
@@ -228,16 +228,6 @@ def cmd_check(args):
         print(f"{verdict}: max error {worst:.3g} {ref.TOLERANCE[args.dtype][0]} "
               f"(tolerance {ref.TOLERANCE[args.dtype][1]:g}), {bad_total} elements past it")
     return 0 if bad_total == 0 else 1
-
-
-_TABLES: dict = {}
-
-
-def _rope_table(rope):
-    if rope not in _TABLES:
-        from .rope import host_table
-        _TABLES[rope] = host_table(rope)
-    return _TABLES[rope]
 
 
 # -- info -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from .collectives import agree, run_collectively
 from .errors import ClosedError, ConfigMismatchError, QKNormError, TransportUnavailableError
 from .placement import choose_transport, local_facts
 from .rope import RoPE, check as check_rope
-from .shapes import DTYPES, MAX_WORLD, vector_elems
+from .shapes import DTYPES, MAX_WORLD, positive_int, vector_elems
 
 TRANSPORTS = ("auto", "ipc", "nccl", "mpi")
 MAX_CACHED_CALLS = 1024  # array sets whose validation is remembered per object
@@ -70,9 +70,7 @@ def check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world, rope=No
     n = vector_elems(dtype)
     dims = []
     for name, d in (("q_dim", q_dim), ("k_dim", k_dim)):
-        if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d <= 0:
-            raise ValueError(f"{name} must be a positive int, got {d!r}")
-        d = int(d)
+        d = positive_int(name, d)
         if d % world or (d // world) % n:
             raise ValueError(
                 f"{name}={d} must split over {world} ranks into slices that are multiples of "

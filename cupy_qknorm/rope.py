@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .shapes import MINIMAX_ROPE, vector_elems
+from .shapes import MINIMAX_ROPE, positive_int, vector_elems
 
 STYLES = {"neox": 1, "gptj": 2}
 
@@ -56,18 +56,12 @@ class RoPE:
         return int(self.max_position)
 
 
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-        raise ValueError(f"rope.{name} must be a positive int, got {v!r}")
-    return int(v)
-
-
 def check(rope: RoPE, dtype: str, world: int, q_dim: int, k_dim: int) -> None:
     """Raise ValueError where `rope` cannot run with this configuration. Pure."""
     if not isinstance(rope, RoPE):
         raise TypeError(f"rope must be a cupy_qknorm.RoPE or None, got {type(rope).__name__}")
-    head = _positive_int("head_dim", rope.head_dim)
-    rot = _positive_int("rotary_dim", rope.rotary_dim)
+    head = positive_int("rope.head_dim", rope.head_dim)
+    rot = positive_int("rope.rotary_dim", rope.rotary_dim)
     if rope.style not in STYLES:
         raise ValueError(f"rope.style must be one of {sorted(STYLES)}, got {rope.style!r}")
     if rot % 2 or rot > head:
@@ -91,7 +85,7 @@ def check(rope: RoPE, dtype: str, world: int, q_dim: int, k_dim: int) -> None:
         raise ValueError(f"rope.rotary_dim={rot} is too wide for {dtype}: at most 32 16-byte "
                          f"vectors ({32 * n} elements), so that a warp holds every pair")
     if rope.table is None:
-        _positive_int("max_position", rope.max_position)
+        positive_int("rope.max_position", rope.max_position)
         if rope.max_position >= 2 ** 31:
             raise ValueError(f"rope.max_position must be below 2^31, got {rope.max_position}")
         if isinstance(rope.theta, bool) or not isinstance(rope.theta, (int, float, np.number)) \
@@ -112,9 +106,10 @@ def check(rope: RoPE, dtype: str, world: int, q_dim: int, k_dim: int) -> None:
 
 
 def host_table(rope: RoPE) -> np.ndarray:
-    """The cos/sin table as a float32 numpy array (a given table is copied to the host)."""
-    from .reference import rope_table
+    """The cos/sin table as a float32 numpy array: the built-in one read-only and built
+    once a process (reference's), a given one copied to the host."""
+    from .reference import _shared_table
     if rope.table is None:
-        return rope_table(rope.max_position, rope.rotary_dim, float(rope.theta))
+        return _shared_table(rope.max_position, rope.rotary_dim, float(rope.theta))
     t = rope.table
     return np.ascontiguousarray(t.get() if hasattr(t, "get") else np.asarray(t))

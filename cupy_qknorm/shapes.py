@@ -1,6 +1,8 @@
 """Data types, widths and how they split over ranks. Pure: no GPU, no MPI."""
 from __future__ import annotations
 
+import numbers
+
 DTYPES = ("bfloat16", "float16", "float32")
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 MAX_WORLD = 8                   # the width of the kernels' Params.slots
@@ -8,6 +10,14 @@ MINIMAX_DIMS = (6144, 1024)     # MiniMax M2: 48 q heads and 8 kv heads of 128
 MINIMAX_ROPE = dict(head_dim=128, rotary_dim=64, theta=5e6, style="neox",
                     max_position=196608)
 OTHER_LOCAL_DIMS = (1024, 128)  # per rank, for the G that MiniMax's widths do not split into
+
+
+def positive_int(name: str, v) -> int:
+    """v as an int, or ValueError naming it where v is not a positive integer (bools are
+    not integers here; numpy integers are)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return int(v)
 
 
 def vector_elems(dtype: str) -> int:

@@ -460,13 +460,12 @@ __device__ __forceinline__ void load_floats(const float* src, float* dst) {
 // The angles of one token for this thread's rotated vectors, and the rotation itself.
 template <class L, int HEAD, int ROT, int STYLE>
 struct Rope {
-  using T = typename L::T;
   static constexpr int NT = L::NT;
   static constexpr int N = L::N;
   static constexpr bool kOn = true;
   // NeoX in the paired layout: both halves of a pair in this thread's slots 2b and 2b + 1
-  static constexpr bool kPairs = L::kPaired;
-  static constexpr bool kExchange = STYLE == kRopeNeox && !kPairs;  // pairs span two lanes
+  static constexpr bool kPaired = L::kPaired;
+  static constexpr bool kExchange = STYLE == kRopeNeox && !kPaired;  // pairs span two lanes
   static constexpr int HV = HEAD / N;  // vectors a head
   static constexpr int RV = ROT / N;   // rotated vectors a head
   static constexpr int D = RV / 2;     // NeoX: vectors between the two elements of a pair
@@ -478,7 +477,7 @@ struct Rope {
   static_assert(ROT > 0 && ROT % 2 == 0 && ROT <= HEAD, "0 < ROT <= HEAD, ROT even");
   static_assert(ROT % (STYLE == kRopeNeox ? 2 * N : N) == 0,
                 "rotated elements are whole vectors (NeoX: both halves)");
-  static_assert(kPairs || 32 % HV == 0 || HV % 32 == 0,
+  static_assert(kPaired || 32 % HV == 0 || HV % 32 == 0,
                 "a head's vectors divide 32 or are a multiple");
   static_assert(!kExchange || RV <= 32, "NeoX: a head's rotated vectors fit one warp's 32");
   // Every vector of a thread has the same place in its head when NT is a multiple of a
@@ -487,7 +486,7 @@ struct Rope {
   // rotated only for k = 0 when the rotated vectors are 32 or fewer. Either way one set
   // of angles serves all of a thread's rotated vectors.
   static constexpr bool kUniform = NT % HV == 0;
-  static_assert(kPairs || kUniform || RV <= 32, "at most 32 rotated vectors a head, or NT a "
+  static_assert(kPaired || kUniform || RV <= 32, "at most 32 rotated vectors a head, or NT a "
                                                 "multiple of a head's vectors");
 
   // Per token, between load() and push() the position's words, from push() to finish()
@@ -503,7 +502,7 @@ struct Rope {
     return (int)(threadIdx.x + (kUniform ? 0 : j * NT)) % HV;
   }
   static __device__ __forceinline__ bool rotated(int j) {
-    if constexpr (kPairs) return L::paired(j);
+    if constexpr (kPaired) return L::paired(j);
     return place(j) < RV;
   }
 
@@ -525,8 +524,8 @@ struct Rope {
   // rotate() is two multiply-adds an element with no select.
   // Paired: every pair of a thread sits at place tid % D of its head (NT % D == 0).
   __device__ __forceinline__ void load(const Params& p, int row) {
-    const int m = kPairs ? (int)threadIdx.x % D : kUniform ? place(0) : (int)(threadIdx.x & 31);
-    const int first = kPairs ? m * N
+    const int m = kPaired ? (int)threadIdx.x % D : kUniform ? place(0) : (int)(threadIdx.x & 31);
+    const int first = kPaired ? m * N
                       : m >= RV ? 0 : kExchange ? (m < D ? m : m - D) * N : m * (N / 2);
     const float* at = p.cos_sin + (long long)(row < 0 ? 0 : row) * ROT + first;
     load_floats<CN>(at, c);
@@ -562,7 +561,7 @@ struct Rope {
   // layout: its pairs go through rotate_pair). NeoX with pairs across lanes: every lane of
   // the warp calls it for the same j, since each reads its partner's values.
   __device__ __forceinline__ void rotate(int j, float* f) const {
-    if constexpr (kPairs) return;
+    if constexpr (kPaired) return;
     const bool on = rotated(j);
     if constexpr (kExchange) {
       const int lane = threadIdx.x & 31;
@@ -592,7 +591,7 @@ struct Rope<L, HEAD, ROT, kRopeNone> {  // the norm alone
   static_assert(HEAD == 0 && ROT == 0, "no rotary embedding: HEAD = ROT = 0");
   static constexpr bool kOn = false;
   static constexpr bool kExchange = false;
-  static constexpr bool kPairs = false;
+  static constexpr bool kPaired = false;
   struct Token {};
 };
 
@@ -645,7 +644,7 @@ struct RowMath {
     };
 #pragma unroll
     for (int j = 0; j < L::NV; ++j) {
-      if constexpr (Ro::kPairs) {  // slots 2b and 2b + 1 together: a pair is both
+      if constexpr (Ro::kPaired) {  // slots 2b and 2b + 1 together: a pair is both
         if (j % 2 == 1) continue;
         if (j + 1 < L::NV) {
           float lo[N], hi[N];
@@ -1239,7 +1238,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) rope(const Params p) {
     angles.load(p, r);
 #pragma unroll
     for (int j = 0; j < L::NV; ++j) {
-      if constexpr (Ro::kPairs) {  // the pair in slots j and j + 1 (a pair's are valid)
+      if constexpr (Ro::kPaired) {  // the pair in slots j and j + 1 (a pair's are valid)
         if (j % 2 == 0 && j + 1 < L::NV && L::paired(j)) {
           float lo[N], hi[N];
           Vec<T>::unpack(x[j], lo);

@@ -16,9 +16,11 @@ HOST_WORDS = 16         # the error record, then the unfused path's launch count
 
 
 class DeviceTransport:
-    """Common part of the GPU transports. A subclass sets `name`, the kernels it launches
-    with programmatic dependent launch (PDL_KINDS), and launch(go, tokens, grid, stream)."""
+    """Common part of the GPU transports. A subclass sets `name`, the kernels a call
+    launches (CALL_KINDS), those it launches with programmatic dependent launch
+    (PDL_KINDS), and launch(go, tokens, grid, stream)."""
     name = "?"
+    CALL_KINDS = ("partial_sums", "apply")
     PDL_KINDS = ()
 
     def __init__(self, cfg, comm, pdl=False):
@@ -139,33 +141,34 @@ class DeviceTransport:
         if tokens > self.cfg.max_tokens:
             run, ptrs = self.prepare(plan), list(ptrs)
             return lambda stream: run(ptrs, stream)
-        if not self._static_packed:
-            self._pack_static()
         layout = self.layout(tokens)
-        spec, _, cap = self.kernels(plan.weight_dtype, layout)
-        buf = ctypes.create_string_buffer(self._launch.buf.raw, PARAMS.size)
-        q, k, qw, kw, qo, ko, pos = ptrs
-        HEAD.pack_into(buf, 0, q, k, qo, ko, qw, kw, *plan.strides, pos, tokens,
-                       plan.position_bytes)
-        grid = min(tokens, cap)
-        go = {kind: self._launch.bind((r, self._launch.handle(r)), _block(kind, spec),
-                                      pdl=kind in self.PDL_KINDS, buf=buf, grid=grid)
-              for kind, r in self._raw[(plan.weight_dtype, layout)].items()}
+        buf = self._own_params(plan, ptrs)
+        go = {kind: self._bind_own(plan, layout, kind, buf) for kind in self.CALL_KINDS}
         return self.launch_fixed(go, tokens)
 
     def bound_kind(self, plan, ptrs, kind):
         """go(stream) launching one kernel of this object's spec (such as "rope", the
         benchmark's separate RoPE kernel) on these arrays, parameters packed once."""
+        layout = self.layout(min(plan.tokens, self.cfg.max_tokens))
+        return self._bind_own(plan, layout, kind, self._own_params(plan, ptrs))
+
+    def _own_params(self, plan, ptrs):
+        """A parameter buffer of its own for these arrays (ptrs as in prepare), packed."""
         if not self._static_packed:
             self._pack_static()
-        layout = self.layout(min(plan.tokens, self.cfg.max_tokens))
-        spec, _, cap = self.kernels(plan.weight_dtype, layout)
-        raw = self._raw[(plan.weight_dtype, layout)][kind]
         buf = ctypes.create_string_buffer(self._launch.buf.raw, PARAMS.size)
         q, k, qw, kw, qo, ko, pos = ptrs
         HEAD.pack_into(buf, 0, q, k, qo, ko, qw, kw, *plan.strides, pos, plan.tokens,
                        plan.position_bytes)
-        return self._launch.bind((raw, self._launch.handle(raw)), spec.threads, buf=buf,
+        return buf
+
+    def _bind_own(self, plan, layout, kind, buf):
+        """go(stream) launching `kind` of `layout` with the parameters in `buf`, the grid
+        fixed."""
+        spec, _, cap = self.kernels(plan.weight_dtype, layout)
+        raw = self._raw[(plan.weight_dtype, layout)][kind]
+        return self._launch.bind((raw, self._launch.handle(raw)), _block(kind, spec),
+                                 pdl=kind in self.PDL_KINDS, buf=buf,
                                  grid=min(plan.tokens, cap))
 
     def launch_fixed(self, go, tokens):

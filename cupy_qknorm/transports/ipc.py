@@ -12,6 +12,7 @@ from .device import DeviceTransport
 
 class IpcTransport(DeviceTransport):
     name = "ipc"
+    CALL_KINDS = ("fused",)
     PDL_KINDS = ("fused",)  # it waits (griddepcontrol.wait) before touching memory
 
     def __init__(self, cfg, comm):

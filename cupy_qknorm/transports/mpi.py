@@ -141,9 +141,6 @@ class MpiTransport:
     def prepare(self, plan):
         return self.device().prepare(plan)
 
-    def bound(self, plan, ptrs):
-        return self.device().bound(plan, ptrs)
-
     def failed(self) -> bool:
         return self._device is not None and self._device.failed()
 

@@ -43,16 +43,16 @@ class NcclTransport(DeviceTransport):
         self._nccl = nccl.NcclCommunicator(comm.size, uid, comm.rank)
         # NCCL connects the channels of an algorithm/protocol lazily, at its first use: do
         # that now, for every size a call can use, so that no first use falls inside a
-        # CUDA graph capture (where the connection cannot be made).
-        ptr = self.sums.data.ptr
+        # CUDA graph capture (where the connection cannot be made). The sums are zeros, and
+        # stay zeros.
+        ptr = self._sums_ptr = self.sums.data.ptr
+        self._f32, self._sum = nccl.NCCL_FLOAT32, nccl.NCCL_SUM
         count = 2
         while True:
-            self._nccl.allReduce(ptr, ptr, count, nccl.NCCL_FLOAT32, nccl.NCCL_SUM, 0)
+            self._nccl.allReduce(ptr, ptr, count, self._f32, self._sum, 0)
             if count >= SUMS_HEADER + 2 * cfg.max_tokens:
                 break
             count = min(4 * count, SUMS_HEADER + 2 * cfg.max_tokens)
-        cupy.cuda.runtime.deviceSynchronize()
-        self.sums.fill(0)
         cupy.cuda.runtime.deviceSynchronize()
         if cfg.world > 1 and cfg.timeout_ns > 0:
             self._watchdog = threading.Thread(target=self._watch, name="cupy_qknorm nccl "
@@ -60,12 +60,11 @@ class NcclTransport(DeviceTransport):
             self._watchdog.start()
 
     def launch(self, go, tokens, grid, stream):
-        from cupy.cuda import nccl
         go["partial_sums"](grid, stream)
         if self.cfg.world > 1:
-            ptr = self.sums.data.ptr
-            self._nccl.allReduce(ptr, ptr, SUMS_HEADER + 2 * tokens, nccl.NCCL_FLOAT32,
-                                 nccl.NCCL_SUM, stream.ptr)
+            ptr = self._sums_ptr
+            self._nccl.allReduce(ptr, ptr, SUMS_HEADER + 2 * tokens, self._f32, self._sum,
+                                 stream.ptr)
         go["apply"](grid, stream)
 
     def _watch(self):
