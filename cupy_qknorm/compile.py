@@ -135,29 +135,37 @@ def supported_archs() -> list:
     return [f"sm_{a}" for a in archs if a >= MIN_ARCH]
 
 
-def nvrtc_compile(spec: Spec, arch: str = "sm_90") -> dict:
-    """Compile `spec` for `arch` with NVRTC (no GPU needed). Returns sizes, the log and the
-    compiler's resource report of each kernel of the spec (registers, spills, smem)."""
+def nvrtc_build(names, arch: str = "sm_90", build=None, source: str | None = None):
+    """Compile the name expressions `names` of `source` (default: kernels/qknorm.cu) with
+    NVRTC for `arch` and these build knobs (None: the environment's), ptxas reporting.
+    Returns (log, {name: lowered name}, cubin bytes); raises QKNormError with the log."""
     from cuda.bindings import nvrtc
-    src = (KERNEL_DIR / "qknorm.cu").read_text()
+    src = (KERNEL_DIR / "qknorm.cu").read_text() if source is None else source
     prog, = _check(nvrtc.nvrtcCreateProgram(src.encode(), b"qknorm.cu", 0, [], []))
     try:
-        for name in spec.names.values():
+        for name in names:
             _check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
-        opts = [o.encode() for o in options()] + [f"--gpu-architecture={arch}".encode(),
-                                                 b"--ptxas-options=-v"]
+        opts = [o.encode() for o in options(build)] + [f"--gpu-architecture={arch}".encode(),
+                                                      b"--ptxas-options=-v"]
         _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog)
         lowered = {}
-        for kind, name in spec.names.items():
+        for name in names:
             mangled, = _check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))
-            lowered[kind] = mangled.decode() if isinstance(mangled, bytes) else mangled
+            lowered[name] = mangled.decode() if isinstance(mangled, bytes) else mangled
         size, = _check(nvrtc.nvrtcGetCUBINSize(prog))
         _, n = nvrtc.nvrtcGetProgramLogSize(prog)
         log = b" " * n
         nvrtc.nvrtcGetProgramLog(prog, log)
-        log = log.decode(errors="replace").strip(" \0\n")
-        found = ptxas_resources(log)
-        return {"cubin_bytes": size, "lowered": lowered, "log": log,
-                "resources": {kind: found.get(name) for kind, name in lowered.items()}}
+        return log.decode(errors="replace").strip(" \0\n"), lowered, size
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
+
+
+def nvrtc_compile(spec: Spec, arch: str = "sm_90") -> dict:
+    """Compile `spec` for `arch` with NVRTC (no GPU needed). Returns sizes, the log and the
+    compiler's resource report of each kernel of the spec (registers, spills, smem)."""
+    log, lowered, size = nvrtc_build(list(spec.names.values()), arch)
+    found = ptxas_resources(log)
+    lowered = {kind: lowered[name] for kind, name in spec.names.items()}
+    return {"cubin_bytes": size, "lowered": lowered, "log": log,
+            "resources": {kind: found.get(name) for kind, name in lowered.items()}}

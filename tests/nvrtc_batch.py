@@ -12,7 +12,7 @@ how tests/test_compile.py builds every shipped specialization within the CI's ti
   its result depends on: the kernel sources, the NVRTC library, the options and the
   architecture; a run with none of those changed compiles nothing again. Off by default,
   so that every run (CI's included) compiles every kernel.
-Same source, options and ptxas report as compile.nvrtc_compile.
+Each program is compiled by compile.nvrtc_build, as compile.nvrtc_compile is.
 """
 from __future__ import annotations
 
@@ -29,35 +29,16 @@ def compile_names(names, arch, build=None):
     """{name: {"resources", "error"}} and the log of one NVRTC program holding `names`,
     built with these build knobs (None: the environment's). Returns (results, log,
     seconds)."""
-    from cuda.bindings import nvrtc
-
     from cupy_qknorm import compile as kc
     t0 = time.perf_counter()
-    src = (kc.KERNEL_DIR / "qknorm.cu").read_text().encode()
-    prog, = kc._check(nvrtc.nvrtcCreateProgram(src, b"qknorm.cu", 0, [], []))
     try:
-        for name in names:
-            kc._check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
-        opts = [o.encode() for o in kc.options(build)] + [f"--gpu-architecture={arch}".encode(),
-                                                          b"--ptxas-options=-v"]
-        try:
-            kc._check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog)
-        except kc.QKNormError as e:
-            return {n: {"resources": None, "error": str(e)} for n in names}, str(e), \
-                time.perf_counter() - t0
-        _, n = nvrtc.nvrtcGetProgramLogSize(prog)
-        log = b" " * n
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        log = log.decode(errors="replace").strip(" \0\n")
-        found = kc.ptxas_resources(log)
-        out = {}
-        for name in names:
-            lowered, = kc._check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))
-            lowered = lowered.decode() if isinstance(lowered, bytes) else lowered
-            out[name] = {"resources": found.get(lowered), "error": None}
-        return out, log, time.perf_counter() - t0
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+        log, lowered, _ = kc.nvrtc_build(names, arch, build)
+    except kc.QKNormError as e:
+        return {n: {"resources": None, "error": str(e)} for n in names}, str(e), \
+            time.perf_counter() - t0
+    found = kc.ptxas_resources(log)
+    out = {name: {"resources": found.get(lowered[name]), "error": None} for name in names}
+    return out, log, time.perf_counter() - t0
 
 
 def _batch(job):

@@ -218,17 +218,12 @@ def test_source_hash_covers_every_kernel_file(tmp_path, monkeypatch):
 def _probe(asserts, arch):
     """Compile a program of static_asserts over qknorm.cuh's types for `arch`: None where
     it compiles, else NVRTC's log."""
-    from cuda.bindings import nvrtc
     src = '#include "qknorm.cuh"\n' + "".join(f"static_assert({a}, \"{a}\");\n"
                                                for a in asserts)
-    prog, = kc._check(nvrtc.nvrtcCreateProgram(src.encode(), b"probe.cu", 0, [], []))
     try:
-        opts = [o.encode() for o in kc.options()] + [f"--gpu-architecture={arch}".encode()]
-        kc._check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog)
+        kc.nvrtc_build([], arch, source=src)
     except kc.QKNormError as e:
         return str(e)
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
     return None
 
 
