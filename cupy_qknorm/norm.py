@@ -310,6 +310,8 @@ class TPQKNorm:
             ops = self._validate(q, k, *self._unit_weights(), q, k, positions)
             go = self._transport.bound_kind(arrays.Plan.of(ops), arrays.Plan.pointers(ops),
                                             "rope")
+            if len(self._calls) >= MAX_CACHED_CALLS:  # as _remember: the cache stays small
+                self._calls.clear()
             entry = self._calls[key] = ((q.shape, k.shape), go, (q, k, positions))
         entry[1](stream if stream is not None else self._current_stream())
 
