@@ -2,10 +2,11 @@
 together, so that no rank is left blocked in a collective that another rank skipped."""
 from __future__ import annotations
 
+import time
 import traceback
 
 from . import knobs
-from .errors import QKNormError
+from .errors import PeerTimeoutError, QKNormError
 
 
 def agree(comm, error, exc_type=QKNormError):
@@ -28,3 +29,18 @@ def run_collectively(comm, fn, exc_type=QKNormError):
             traceback.print_exc()
     agree(comm, error, exc_type)
     return result
+
+
+def wait(request, deadline, what, rank):
+    """Test an MPI `request` until it completes or `deadline` (time.monotonic(); None:
+    never) passes, then PeerTimeoutError. Sleeps a little between tests after the first
+    few, so a wait for a slow peer does not take a core."""
+    spins = 0
+    while not request.Test():
+        if deadline is not None and time.monotonic() > deadline:
+            raise PeerTimeoutError(
+                f"rank {rank} waited longer than the timeout for the other ranks in {what} "
+                f"(a rank did not make this call, or is gone); the object is closed for use")
+        spins += 1
+        if spins > 64:
+            time.sleep(2e-5 if spins < 4096 else 1e-3)

@@ -6,13 +6,15 @@ import numbers
 import warnings
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import arrays
-from .collectives import agree, run_collectively
+from .collectives import agree
 from .errors import ClosedError, ConfigMismatchError, QKNormError, TransportUnavailableError
 from .placement import choose_transport, local_facts
 from .rope import RoPE, check as check_rope
 from .shapes import DTYPES, MAX_WORLD, positive_int, vector_elems
+from .transports import Call, open_transport, tag_code
 
 TRANSPORTS = ("auto", "ipc", "nccl", "mpi")
 MAX_CACHED_CALLS = 1024  # array sets whose validation is remembered per object
@@ -102,10 +104,17 @@ class TPQKNorm:
     rounded once to `dtype`.
 
     Collective contract: every rank of `comm` constructs the object with the same
-    arguments, makes the same calls in the same order with the same T, and closes it.
-    Calls are asynchronous on the current CuPy stream (or `stream`) and can be captured
-    in a CUDA graph; they make no MPI call (except transport "mpi"). `timeout_s` bounds
-    every wait for a peer (None: wait forever).
+    arguments, makes the same calls in the same order with the same T (and tag, where
+    given), and closes it. A call whose T, tag or refusal differs between ranks raises
+    CallMismatchError on the ranks that see it; calls that pair off in the wrong order
+    with the same T cannot be told apart, unless each carries a `tag` (an int such as the
+    layer index): then a rank that skipped or repeated a call raises CallMismatchError
+    naming both tags instead of mixing two calls. Calls are asynchronous on the current
+    CuPy stream (or `stream`) and can be captured in a CUDA graph (except with transport
+    "mpi"); they make no MPI call (except transport "mpi"). `timeout_s` bounds every wait
+    for a peer (None: wait forever). An error a call raises or leaves pending closes the
+    object for use on every rank (ClosedError), except a refused input at G=1; close()
+    still works.
     """
 
     def __init__(self, comm, q_dim: int, k_dim: int, dtype: str = "bfloat16",
@@ -117,7 +126,7 @@ class TPQKNorm:
         self._validations = 0
         self._current_stream = _no_stream
         self._device = None
-        self._error = _NO_ERROR  # the transport's host-mapped error word (fast path)
+        self._error = _NO_ERROR  # the transport's host-visible error word (fast path)
         self.comm = comm
         world, rank = comm.Get_size(), comm.Get_rank()
         error, checked = None, None
@@ -142,103 +151,118 @@ class TPQKNorm:
         name, reason = choose_transport(transport, facts)
         if name is None:
             raise TransportUnavailableError(f"transport {transport!r}: {reason}")
-        # the object's own communicator: a request a fault leaves pending on it can never
-        # match a later collective of the caller's
-        self._comm = comm.Dup()
-        try:
-            self.transport = self._open(name, transport, facts[rank])
-            words = getattr(self._transport, "_host_words", None)
-            if words is not None:
-                self._error = words
-        except BaseException:
-            self._comm.Free()
-            raise
-        self._closed = False
-
-    def _open(self, name, asked, mine):
-        from . import transports
+        mine = facts[rank]
         if mine.gpu:
             import cupy
             self._device = mine.device
             self._current_stream = cupy.cuda.get_current_stream
-        if name == "mpi":
-            self._transport = transports.MpiTransport(self.config, self._comm)
-            return "mpi"
-        comm = self._comm
+        # the object's own communicator: a request a fault leaves pending on it can never
+        # match a later collective of the caller's
+        self._comm = comm.Dup()
         try:
-            self._transport = run_collectively(
-                comm, lambda: transports.CLASSES[name](self.config, comm),
-                TransportUnavailableError)
-        except TransportUnavailableError as e:
-            if not (name == "ipc" and asked == "auto"):
-                raise
-            warnings.warn(f"cupy_qknorm: the fused IPC path is unavailable ({e}); "
-                          f"falling back to transport 'nccl'", RuntimeWarning, stacklevel=3)
-            self._transport = run_collectively(
-                comm, lambda: transports.NcclTransport(self.config, comm),
-                TransportUnavailableError)
-            return "nccl"
-        return name
+            self._transport = open_transport(name, transport, self.config, self._comm,
+                                             mine.gpu)
+        except BaseException:
+            self._comm.Free()
+            raise
+        self.transport = self._transport.name
+        self._error = self._transport.error
+        self._closed = False
+
+    @property
+    def capturable(self) -> bool:
+        """Whether calls of this object may be captured in a CUDA graph ("ipc" and "nccl";
+        "mpi" brings the sums to the host, and says so at the capture)."""
+        return self._transport is not None and self._transport.capturable
 
     # ------------------------------------------------------------------------------------
-    def __call__(self, q, k, q_weight, k_weight, *, out=None, positions=None, stream=None):
+    def __call__(self, q, k, q_weight, k_weight, *, out=None, positions=None, stream=None,
+                 tag=None):
         """Normalize q [T, q_dim/G] and k [T, k_dim/G] (in place, or into out=(q2, k2));
-        with RoPE, then rotate by `positions` ([T] int32 or int64).
+        with RoPE, then rotate by `positions` ([T] int32 or int64). `tag`: an int in
+        0..32766 that every rank passes alike for this call (e.g. the layer index), or None.
 
         Returns the output pair. Raises TypeError/ValueError before anything is launched
-        for bad input, and the error of an earlier call (PeerTimeoutError,
+        for bad input, and the error of this call or an earlier one (PeerTimeoutError,
         CallMismatchError, PositionError) if one failed."""
-        # Fast path: the same CuPy array objects as an earlier call. What validation read
-        # can change on a live CuPy array only through its shape (strides, dtype and data
-        # are read-only): the 2-D arrays' shapes are compared, and for the 1-D ones
-        # (weights, positions) that they are still 1-D, which fixes their shape since a
-        # reshape in place keeps the size. out=(q, k) is the in-place call. A dead array
-        # drops its entry, and close() or a failure drops them all. An out= that is not a
-        # pair, or anything not cached, takes the slow path, which says what is wrong.
-        qo = ko = None
+        # Fast path: the same CuPy array objects and tag as an earlier call. What
+        # validation read can change on a live CuPy array only through its shape (strides,
+        # dtype and data are read-only): the 2-D arrays' shapes are compared, and for the
+        # 1-D ones (weights, positions) that they are still 1-D, which fixes their shape
+        # since a reshape in place keeps the size. out=(q, k) is the in-place call. A dead
+        # array drops its entry, and close() or a failure drops them all. An out= that is
+        # not a pair, or anything not cached, takes the slow path, which says what is wrong.
+        qo = ko = entry = None
         if out is not None and isinstance(out, (tuple, list)) and len(out) == 2:
             qo, ko = out
         if out is None or (qo is q and ko is k):
-            entry = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(positions)))
-            if entry is not None and entry[0] == q.shape and entry[1] == k.shape \
-                    and q_weight.ndim == 1 and k_weight.ndim == 1 \
-                    and (positions is None or positions.ndim == 1) and not self._error[0]:
-                entry[2](stream if stream is not None else self._current_stream())
-                return q, k
+            e = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(positions), tag))
+            if e is not None and e.shapes == (q.shape, k.shape):
+                entry, qo, ko = e, q, k
         elif qo is not None:
-            entry = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(positions),
-                                     id(qo), id(ko)))
-            if entry is not None and entry[0] == q.shape and entry[1] == k.shape \
-                    and entry[3] == qo.shape and entry[4] == ko.shape \
-                    and q_weight.ndim == 1 and k_weight.ndim == 1 \
-                    and (positions is None or positions.ndim == 1) and not self._error[0]:
-                entry[2](stream if stream is not None else self._current_stream())
-                return qo, ko
+            e = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(positions), tag,
+                                 id(qo), id(ko)))
+            if e is not None and e.shapes == (q.shape, k.shape, qo.shape, ko.shape):
+                entry = e
+        if entry is not None and q_weight.ndim == 1 and k_weight.ndim == 1 and \
+                (positions is None or positions.ndim == 1) and not self._error[0]:
+            try:
+                entry.go(stream if stream is not None else self._current_stream())
+            except QKNormError:
+                self._close_for_use()
+                raise
+            return qo, ko
         if out is None:
             qo, ko = q, k
         else:
             qo, ko = _pair(out)
-        return self._call_slow((q, k, q_weight, k_weight, qo, ko, positions), stream)
+        return self._call_slow((q, k, q_weight, k_weight, qo, ko, positions), stream, tag)
 
-    def _call_slow(self, arrs, stream):
+    def _call_slow(self, arrs, stream, tag):
         self._check_usable()
-        if self.transport == "mpi":
-            return self._call_mpi(arrs, stream)
+        stream = stream if stream is not None else self._current_stream()
         try:
-            ops = self._validate(*arrs)
-        except (TypeError, ValueError):
-            self._refuse(arrs)
+            call = self._validate(*arrs, tag)
+            go = self._transport.bind(call) if call.tokens else None
+        except Exception as e:  # noqa: BLE001 - re-raised once the peers know
+            self._refuse(arrs[0], tag, e, stream)
             raise
-        if not ops[0].shape[0]:
-            return arrs[4], arrs[5]
-        go = self._transport.bound(arrays.Plan.of(ops), arrays.Plan.pointers(ops))
-        self._remember(arrs, go)
-        go(stream if stream is not None else self._current_stream())
+        if go is not None:
+            self._remember(arrs, tag, go)
+            self._run(go, stream)
         return arrs[4], arrs[5]
 
-    def _remember(self, arrs, go):
-        """Cache a validated call of CuPy arrays, keyed by the arrays' identity (as
-        __call__ looks it up: without the outputs for a call in place)."""
+    def _run(self, go, stream):
+        try:
+            go(stream)
+        except QKNormError:
+            self._close_for_use()
+            raise
+
+    def _refuse(self, q, tag, error, stream):
+        """This rank refused its input of a call its peers make (or could not launch it).
+        With peers the call is broken for every rank: tell them at once, through the
+        transport, and close for use. Alone, nothing was launched: the object stays usable."""
+        if self.config.world == 1:
+            return
+        self._close_for_use()
+        try:
+            code = tag_code(tag)
+        except ValueError:
+            code = 0
+        shape = getattr(q, "shape", None)
+        rows = shape[0] if isinstance(shape, tuple) and shape else 0
+        why = self._transport.refuse(rows, code, f"{type(error).__name__}: {error}", stream)
+        if why is not None:
+            warnings.warn(f"cupy_qknorm: rank {self.config.rank} could not tell its peers that "
+                          f"it refused its input ({why}); they raise PeerTimeoutError after "
+                          f"timeout_s", RuntimeWarning, stacklevel=4)
+
+    def _remember(self, arrs, tag, go):
+        """Cache a validated call of CuPy arrays, keyed by the arrays' identity and the tag
+        (as __call__ looks it up: without the outputs for a call in place)."""
+        if self._device is None:
+            return
         import cupy
         if not all(type(a) is cupy.ndarray for a in arrs[:6]) or \
                 not (arrs[6] is None or type(arrs[6]) is cupy.ndarray):
@@ -246,116 +270,37 @@ class TPQKNorm:
         if len(self._calls) >= MAX_CACHED_CALLS:
             self._calls.clear()
         q, k, qw, kw, qo, ko, pos = arrs
-        if qo is q and ko is k:
-            key = (id(q), id(k), id(qw), id(kw), id(pos))
-            entry = (q.shape, k.shape, go)
-        else:
-            key = (id(q), id(k), id(qw), id(kw), id(pos), id(qo), id(ko))
-            entry = (q.shape, k.shape, go, qo.shape, ko.shape)
+        key = (id(q), id(k), id(qw), id(kw), id(pos), tag)
+        shapes = (q.shape, k.shape)
+        if not (qo is q and ko is k):
+            key += (id(qo), id(ko))
+            shapes += (qo.shape, ko.shape)
         owner = weakref.ref(self)
 
         def forget(_, key=key):
             o = owner()
             if o is not None:
                 o._calls.pop(key, None)
-        self._calls[key] = entry + (tuple(weakref.ref(a, forget) for a in arrs
-                                          if a is not None),)
+        self._calls[key] = CachedCall(go, shapes, tuple(weakref.ref(a, forget) for a in arrs
+                                                        if a is not None))
 
-    def _refuse(self, arrs):
-        """This rank refused its input of a call the peers make: on "ipc", tell them at once
-        through the exchange (they raise CallMismatchError instead of waiting for the
-        timeout). The call is broken for every rank, so this object closes for use."""
-        self._closed = True
-        self._calls.clear()
-        if self.transport == "ipc" and self._device is not None:
-            try:
-                self._transport.reject(self.config.dtype, self._current_stream())
-            except Exception as e:  # noqa: BLE001 - the input error is what the caller sees
-                warnings.warn(f"cupy_qknorm: could not tell the peers that this rank refused "
-                              f"its input ({e}); they raise PeerTimeoutError after timeout_s",
-                              RuntimeWarning, stacklevel=3)
-
-    def _call_mpi(self, arrs, stream):
-        error, ops = None, None
-        try:
-            ops = self._validate(*arrs)
-        except (TypeError, ValueError) as e:
-            error = e
-        tokens = ops[0].shape[0] if ops is not None else -1
-        t = self._transport
-        try:
-            t.agree_on_call(tokens, error)
-        except QKNormError as e:
-            if t.broken:  # a timed-out collective: this object cannot make another
-                self._closed = True
-            raise e from None
-        if tokens:
-            if ops[0].device is None:
-                t.run_host(ops, tokens)
-            else:
-                t.prepare(arrays.Plan.of(ops))(
-                    arrays.Plan.pointers(ops),
-                    stream if stream is not None else self._current_stream())
-        return arrs[4], arrs[5]
-
-    def rope_only(self, q, k, positions, stream=None):
-        """Rotate q and k in place by this object's RoPE, with no norm and no exchange: the
-        separate RoPE kernel that the benchmark compares the fused call against."""
-        self._check_usable()
-        if self.config.rope is None or self._device is None or self.transport == "mpi":
-            raise TypeError("rope_only needs an object built with rope= on a GPU transport")
-        key = ("rope", id(q), id(k), id(positions))
-        entry = self._calls.get(key)
-        if entry is None or entry[0] != (q.shape, k.shape):
-            ops = self._validate(q, k, *self._unit_weights(), q, k, positions)
-            go = self._transport.bound_kind(arrays.Plan.of(ops), arrays.Plan.pointers(ops),
-                                            "rope")
-            if len(self._calls) >= MAX_CACHED_CALLS:  # as _remember: the cache stays small
-                self._calls.clear()
-            entry = self._calls[key] = ((q.shape, k.shape), go, (q, k, positions))
-        entry[1](stream if stream is not None else self._current_stream())
-
-    def _unit_weights(self):
-        if getattr(self, "_ones", None) is None:
-            import cupy
-            c = self.config
-            dt = "uint16" if c.dtype == "bfloat16" else c.dtype
-            self._ones = (cupy.zeros(c.q_local, dt), cupy.zeros(c.k_local, dt))
-        return self._ones
-
-    def bind(self, q, k, q_weight, k_weight, *, out=None, positions=None):
+    def bind(self, q, k, q_weight, k_weight, *, out=None, positions=None, tag=None):
         """Validate these arrays once; return a BoundCall that normalizes them on each
         call with no validation at all: `call(stream=None)` -> (q_out, k_out). The least
         host time per eager call, for pipelines that reuse their buffers. The call holds
         the arrays; they must keep their shapes (no in-place reshape) and the same
-        contract holds as for __call__ (every rank calls, same T)."""
+        contract holds as for __call__ (every rank calls, same T, same tag)."""
         self._check_usable()
         qo, ko = (q, k) if out is None else _pair(out)
         arrs = (q, k, q_weight, k_weight, qo, ko, positions)
-        ops = self._validate(*arrs)
-        tokens = ops[0].shape[0]
-        t = self._transport
-        if self.transport == "mpi":
-            plan, ptrs = arrays.Plan.of(ops), arrays.Plan.pointers(ops)
-            run = None if ops[0].device is None or not tokens else t.prepare(plan)
-
-            def go(stream):
-                t.agree_on_call(tokens, None)
-                if not tokens:
-                    return
-                if run is None:
-                    t.run_host(ops, tokens)
-                else:
-                    run(ptrs, stream)
-        elif not tokens:
-            go = _no_tokens
-        else:
-            go = t.bound(arrays.Plan.of(ops), arrays.Plan.pointers(ops))
+        call = self._validate(*arrs, tag)
+        go = self._transport.bind(call) if call.tokens else _no_tokens
         return BoundCall(self, go, arrs)
 
-    def _validate(self, q, k, q_weight, k_weight, qo, ko, positions):
+    def _validate(self, q, k, q_weight, k_weight, qo, ko, positions, tag=None) -> Call:
         self._validations += 1
         cfg = self.config
+        code = tag_code(tag)
         dq, dk = cfg.q_local, cfg.k_local
         ops = [arrays.describe(x, role) for x, role in (
             (q, "q"), (k, "k"), (q_weight, "q_weight"), (k_weight, "k_weight"),
@@ -398,26 +343,28 @@ class TPQKNorm:
             raise TypeError(f"arrays are on device {dev}, this object on device {self._device}")
         if dev is not None and self._device is None:
             raise TypeError("this object was built without a GPU; pass numpy arrays")
-        return ops
+        return Call(tuple(ops), arrays.Plan.of(ops), tuple(arrays.Plan.pointers(ops)), code)
 
     def _check_usable(self):
         if self._closed:
             raise ClosedError("this TPQKNorm is closed")
-        if self._transport.failed():
+        if self._error[0]:
             self._fail()
 
     def _fail(self):
         """Raise the error a kernel recorded; the buffers are in an unknown state, so the
         object closes for use."""
+        self._close_for_use()
+        self._transport.raise_error()
+
+    def _close_for_use(self):
         self._closed = True
         self._calls.clear()
-        self._transport.check()
 
     def synchronize(self, stream=None):
         """Wait for this object's work on `stream` (default: current) and raise any error."""
         if self._device is not None:
-            import cupy
-            (stream if stream is not None else cupy.cuda.get_current_stream()).synchronize()
+            (stream if stream is not None else self._current_stream()).synchronize()
         self._check_usable()
 
     def close(self):
@@ -427,13 +374,12 @@ class TPQKNorm:
         kernels point into its buffers, and with transport "nccl" NCCL's teardown waits
         for such graphs to be destroyed."""
         t, self._transport = self._transport, None
-        self._closed = True
-        self._calls.clear()  # their launch functions hold the transport
+        self._close_for_use()
+        self._error = _NO_ERROR
         if t is not None:
-            healthy = not t.failed() and not getattr(t, "broken", None) and \
-                not getattr(t, "aborted", False)
+            fit = t.comm_fit()
             t.close()
-            if healthy:
+            if fit:
                 self._comm.Free()
 
     def __enter__(self):
@@ -452,6 +398,15 @@ class TPQKNorm:
         return (f"TPQKNorm(q_dim={c.q_dim}, k_dim={c.k_dim}, dtype={c.dtype!r}, eps={c.eps}, "
                 f"max_tokens={c.max_tokens}, transport={getattr(self, 'transport', None)!r}, "
                 f"rope={c.rope!r}, rank={c.rank}/{c.world})")
+
+
+class CachedCall(NamedTuple):
+    """A validated call of CuPy arrays, remembered by TPQKNorm: its launch function, the
+    shapes it was validated with (q, k; then q_out, k_out out of place) and weak
+    references to its arrays (an entry dies with any of them)."""
+    go: object
+    shapes: tuple
+    arrays: tuple
 
 
 def _check_overlaps(ops):
@@ -480,14 +435,18 @@ class BoundCall:
         norm = self._norm
         if norm._closed:
             raise ClosedError("this TPQKNorm is closed")
-        if norm._transport.failed():
+        if norm._error[0]:
             norm._fail()
-        self._go(stream if stream is not None else norm._current_stream())
+        try:
+            self._go(stream if stream is not None else norm._current_stream())
+        except QKNormError:
+            norm._close_for_use()
+            raise
         return self.arrays[4], self.arrays[5]
 
 
 def _no_tokens(stream):
-    """T = 0: nothing is read, written or launched."""
+    """T = 0: nothing is read, written or launched, and no peer is waited for."""
 
 
 _NO_ERROR = (0,)

@@ -13,42 +13,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .host import bf16_to_f32, f32_to_bf16, from_f64, to_f64  # noqa: F401 - re-exported
+from .rope import shared_table, table as rope_table  # noqa: F401 - the table is an input
+
 DTYPES = ("bfloat16", "float16", "float32")
-
-
-def bf16_to_f32(bits) -> np.ndarray:
-    """uint16 bf16 bit patterns -> float32 (exact)."""
-    bits = np.asarray(bits)
-    if bits.dtype != np.uint16:  # ml_dtypes' "bfloat16" (2 bytes): reinterpret the bits
-        bits = bits.view(np.uint16) if bits.dtype.itemsize == 2 else bits.astype(np.uint16)
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
-
-
-def f32_to_bf16(x) -> np.ndarray:
-    """float32 -> uint16 bf16 bit patterns, round to nearest even; NaN stays NaN."""
-    x = np.asarray(x, dtype=np.float32).copy()  # contiguous, shape kept (0-d too)
-    u = x.view(np.uint32).astype(np.uint64)
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    quiet_nan = (u >> 16) | 0x40  # keep the sign, force a quiet NaN
-    return np.asarray(np.where(np.isnan(x), quiet_nan, rounded).astype(np.uint16))
-
-
-def to_f64(x, dtype: str) -> np.ndarray:
-    """Data of `dtype` ("bfloat16" as uint16 bits) -> float64."""
-    if dtype == "bfloat16":
-        with np.errstate(invalid="ignore"):  # signaling NaNs (the poison) convert quietly
-            return bf16_to_f32(x).astype(np.float64)
-    return np.asarray(x).astype(np.float64)
-
-
-def from_f64(x, dtype: str) -> np.ndarray:
-    """float64 -> `dtype`, rounded once (bf16 via float32: exact for values a bf16 holds
-    apart from double rounding, which cannot change a round-to-nearest-even result here
-    by more than the one unit the tolerances allow)."""
-    x = np.asarray(x, dtype=np.float64)
-    if dtype == "bfloat16":
-        return f32_to_bf16(x.astype(np.float32))
-    return x.astype(np.dtype(dtype))
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -173,20 +141,6 @@ def poison(dtype: str):
 ROPE_STYLES = ("neox", "gptj")
 
 
-def rope_table(max_position: int, rotary_dim: int, theta: float) -> np.ndarray:
-    """float32 [max_position, rotary_dim]: cos(pos f_i) for i < rotary_dim / 2, then
-    sin(pos f_i), with f_i = theta ** (-2i / rotary_dim) and the angle pos f_i in float64.
-
-    SGLang's and vLLM's caches compute the angle in fp32, which differs from this by up to
-    about 1e-2 rad near position 196607; the kernels take whichever table they are given."""
-    if rotary_dim <= 0 or rotary_dim % 2:
-        raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
-    half = rotary_dim // 2
-    inv_freq = float(theta) ** (-2.0 * np.arange(half, dtype=np.float64) / rotary_dim)
-    angle = np.arange(max_position, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return np.concatenate([np.cos(angle), np.sin(angle)], axis=1).astype(np.float32)
-
-
 def _pairs(rotary_dim: int, style: str):
     """Indices within a head of the first and second element of each rotated pair; pair i
     turns by angle i."""
@@ -306,18 +260,6 @@ class RopeCase(NamedTuple):
     k_mag: np.ndarray
 
 
-_TABLES: dict = {}
-
-
-def _shared_table(max_position: int, rotary_dim: int, theta: float) -> np.ndarray:
-    key = (int(max_position), int(rotary_dim), float(theta))
-    if key not in _TABLES:  # 50 MB at MiniMax's sizes: built once a process
-        table = rope_table(*key)
-        table.flags.writeable = False
-        _TABLES[key] = table
-    return _TABLES[key]
-
-
 def make_rope_case(seed: int, tokens: int, q_dim: int, k_dim: int, dtype: str,
                    head_dim: int = 128, rotary_dim: int = 64, theta: float = 5e6,
                    style: str = "neox", max_position: int = 196608,
@@ -333,7 +275,7 @@ def make_rope_case(seed: int, tokens: int, q_dim: int, k_dim: int, dtype: str,
     positions = rng.integers(0, max_position, size=tokens, dtype=np.int64)
     if tokens:
         positions[-1] = max_position - 1
-    table = _shared_table(max_position, rotary_dim, theta)
+    table = shared_table(max_position, rotary_dim, theta)
     wdt = weight_dtype or dtype
     refs = qk_norm_rope(to_f64(q, dtype), to_f64(k, dtype), to_f64(qw, wdt), to_f64(kw, wdt),
                         eps, positions, table, head_dim, rotary_dim, style)

@@ -105,11 +105,37 @@ def check(rope: RoPE, dtype: str, world: int, q_dim: int, k_dim: int) -> None:
                              f"{shape[0]} rows")
 
 
+def table(max_position: int, rotary_dim: int, theta: float) -> np.ndarray:
+    """float32 [max_position, rotary_dim]: cos(pos f_i) for i < rotary_dim / 2, then
+    sin(pos f_i), with f_i = theta ** (-2i / rotary_dim) and the angle pos f_i in float64.
+
+    SGLang's and vLLM's caches compute the angle in fp32, which differs from this by up to
+    about 1e-2 rad near position 196607; the kernels take whichever table they are given."""
+    if rotary_dim <= 0 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
+    half = rotary_dim // 2
+    inv_freq = float(theta) ** (-2.0 * np.arange(half, dtype=np.float64) / rotary_dim)
+    angle = np.arange(max_position, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.concatenate([np.cos(angle), np.sin(angle)], axis=1).astype(np.float32)
+
+
+_TABLES: dict = {}
+
+
+def shared_table(max_position: int, rotary_dim: int, theta: float) -> np.ndarray:
+    """table(...), read-only, built once a process (50 MB at MiniMax's sizes)."""
+    key = (int(max_position), int(rotary_dim), float(theta))
+    if key not in _TABLES:
+        t = table(*key)
+        t.flags.writeable = False
+        _TABLES[key] = t
+    return _TABLES[key]
+
+
 def host_table(rope: RoPE) -> np.ndarray:
-    """The cos/sin table as a float32 numpy array: the built-in one read-only and built
-    once a process (reference's), a given one copied to the host."""
-    from .reference import _shared_table
+    """The cos/sin table as a float32 numpy array: the built-in one shared and read-only,
+    a given one copied to the host."""
     if rope.table is None:
-        return _shared_table(rope.max_position, rope.rotary_dim, float(rope.theta))
+        return shared_table(rope.max_position, rope.rotary_dim, float(rope.theta))
     t = rope.table
     return np.ascontiguousarray(t.get() if hasattr(t, "get") else np.asarray(t))

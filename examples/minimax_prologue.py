@@ -221,7 +221,7 @@ def run(args, comm):
         set_step(0)
         clock.us(prologue, comm)     # compile the kernels, set up cuBLAS, build the RoPE
         clock.us(norms_alone, comm)  # table: no first time in a graph or in the figures
-        if on_gpu and norm.transport != "mpi":  # "mpi" waits for the host: not capturable
+        if on_gpu and norm.capturable:  # "mpi" waits for the host: not capturable
             why = None
             try:
                 graphs = (capture(stream, prologue), capture(stream, norms_alone))

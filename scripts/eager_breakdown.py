@@ -41,7 +41,7 @@ def main(argv=None):
     import cupy
     from mpi4py import MPI
 
-    from cupy_qknorm import TPQKNorm, arrays
+    from cupy_qknorm import TPQKNorm
     from cupy_qknorm.compile import load_plain
     from cupy_qknorm.placement import select_device
     from cupy_qknorm.shapes import default_dims
@@ -62,32 +62,26 @@ def main(argv=None):
         t = norm._transport
         norm(q, k, qw, kw, out=(qo, ko))
         arrs = (q, k, qw, kw, qo, ko, None)
-        ops = norm._validate(*arrs)
-        plan = arrays.Plan.of(ops)
-        ptrs = arrays.Plan.pointers(ops)
-        run = t.prepare(plan)
+        call = norm._validate(*arrs)
         parts = {
             "CuPy empty kernel": lambda: empty((1,), (32,), ()),
             "full validation": lambda: norm._validate(*arrs),
-            "pack+launch": lambda: run(ptrs, s),
+            "validation + bind": lambda: t.bind(norm._validate(*arrs)),
             "full call": lambda: norm(q, k, qw, kw, out=(qo, ko)),
             "full call in place": lambda: norm(q, k, qw, kw),
             "bound call": norm.bind(q, k, qw, kw, out=(qo, ko)),
+            "bound launch alone": t.bind(call),
         }
-        if args.transport != "mpi":
-            fixed = t.bound(plan, ptrs)
-            parts["bound launch alone"] = lambda: fixed(s)
-        _, go, _ = (t.device() if args.transport == "mpi" else t).kernels(
-            plan.weight_dtype, t.layout(T) if args.transport == "ipc" else "narrow")
-        kernel = go["fused" if args.transport == "ipc" else "partial_sums"]
+        parts["bound launch alone"] = (lambda go: lambda: go(s))(parts["bound launch alone"])
         pdl = bool(getattr(t, "pdl", False))  # only the fused kernel launches with PDL
+        kernel = next(iter(t.chunks(call)[0].go.values()))
         path = ("CuPy launch (fallback)" if kernel.__name__ == "go_cupy" else
-                "cuLaunchKernelEx" if pdl else "cuLaunchKernel")
+                "cuLaunchKernelEx" + (" with PDL" if pdl else ""))
         res = {name: batches(fn, s, comm) for name, fn in parts.items()}
         # the cached call's steps alone (host only, nothing launched), ns each
         calls, e = norm._calls, norm._error
         steps = {
-            "identity key": lambda: calls.get((id(q), id(k), id(qw), id(kw), id(None),
+            "identity key": lambda: calls.get((id(q), id(k), id(qw), id(kw), id(None), None,
                                                id(qo), id(ko))),
             "2-D shapes": lambda: (q.shape, k.shape, qo.shape, ko.shape),
             "1-D ranks": lambda: qw.ndim == 1 and kw.ndim == 1,

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from cupy_qknorm import (CallMismatchError, ConfigMismatchError, PeerTimeoutError,
-                         PositionError, RoPE, TPQKNorm)
+from cupy_qknorm import (CallMismatchError, ClosedError, ConfigMismatchError,
+                         PeerTimeoutError, PositionError, RoPE, TPQKNorm)
 from cupy_qknorm import reference as ref
 from cupy_qknorm.shapes import default_dims
 
@@ -278,17 +278,100 @@ def test_fault_a_rank_skips_a_call(comm, capsys):
     agree(comm, problems)
 
 
-def test_fault_position_outside_the_table(comm, capsys):
+def rows_of_valid_positions_problems(outs, bad_row):
+    """The rows of valid positions were written, the bad one was not."""
+    problems = []
+    for name, o in zip(("q", "k"), outs):
+        rows = untouched_rows(o)
+        if rows != [bad_row]:
+            problems.append(f"{name}: rows {rows} unwritten, expected only row {bad_row}")
+    return problems
+
+
+def untouched_rows(out):
+    p = ref.poison("bfloat16")
+    return [int(r) for r in np.flatnonzero((out.view(np.uint16) == p).all(axis=1))]
+
+
+@pytest.mark.parametrize("where", ["every rank", "one rank"])
+def test_fault_position_outside_the_table(comm, capsys, where):
+    """A position outside the table: part of the call's agreement, so every rank raises in
+    the same call, the rank whose position it is PositionError and the others
+    CallMismatchError naming it and the token; every rank wrote its rows of valid
+    positions; then every object is closed."""
     rope = RoPE(128, 64, max_position=32)
     norm, (q, k, qw, kw), outs = setup(comm, rope=rope)
-    pos = np.array([0, 31, 32, 5])
+    bad = 0 if where == "every rank" else comm.size - 1
+    pos = np.array([0, 31, 32 if where == "every rank" or comm.rank == bad else 7, 5])
     error, seconds = timed(lambda: norm(q, k, qw, kw, out=outs, positions=pos))
+    closed, _ = timed(lambda: norm(q, k, qw, kw, out=outs, positions=pos))
     norm.close()
-    report(comm, capsys, "a position outside the table", seconds, type(error).__name__)
+    report(comm, capsys, f"a position outside the table on {where}", seconds,
+           type(error).__name__)
     problems = fresh_object_problems(comm)
-    want = f"rank {comm.rank}: token 2 has position 32, outside the RoPE table's 32 rows"
-    if type(error) is not PositionError or want not in str(error) or \
-            (error.token, error.position) != (2, 32):
-        problems.append(f"expected PositionError ({want}), got {error!r}")
-    problems += untouched_problems(outs)
+    if where == "every rank" or comm.rank == bad:
+        want = f"rank {comm.rank}: token 2 has position 32, outside the RoPE table's 32 rows"
+        if type(error) is not PositionError or want not in str(error) or \
+                (error.token, error.position) != (2, 32):
+            problems.append(f"expected PositionError ({want}), got {error!r}")
+        problems += rows_of_valid_positions_problems(outs, 2)
+    else:
+        want = f"rank {bad}: token 2 has a position outside the RoPE table"
+        if type(error) is not CallMismatchError or want not in str(error) or \
+                (error.peer, error.token) != (bad, 2):
+            problems.append(f"expected CallMismatchError ({want}), got {error!r}")
+        problems += [] if not untouched_rows(outs[0]) and not untouched_rows(outs[1]) else \
+            ["a row of a valid position was not written"]
+    if seconds >= TIMEOUT_S / 5:
+        problems.append(f"{seconds:.3f} s: the error waited for the timeout")
+    if type(closed) is not ClosedError:
+        problems.append(f"the next call raised {closed!r}, not ClosedError")
+    agree(comm, problems)
+
+
+def test_fault_tags_differ(comm, capsys):
+    """Rank 0 calls with tag=3, the others with tag=4: every rank raises
+    CallMismatchError naming its tag and a differing peer's, with nothing written."""
+    norm, (q, k, qw, kw), outs = setup(comm)
+    tag = 3 if comm.rank == 0 else 4
+    error, seconds = timed(lambda: norm(q, k, qw, kw, out=outs, tag=tag))
+    norm.close()
+    report(comm, capsys, "tag=3 on rank 0, tag=4 elsewhere", seconds, type(error).__name__)
+    problems = fresh_object_problems(comm)
+    other, theirs = (1, 4) if comm.rank == 0 else (0, 3)
+    want = f"rank {comm.rank} made a call with tag={tag} where rank {other} made it with " \
+           f"tag={theirs}"
+    if type(error) is not CallMismatchError or want not in str(error):
+        problems.append(f"expected CallMismatchError ({want}), got {error!r}")
+    problems += fast_and_untouched(seconds, outs)
+    agree(comm, problems)
+
+
+def test_a_rank_that_skips_a_tagged_call_is_caught_at_once(comm):
+    """Tagged calls: the last rank skips layer 0's call and makes layer 1's, which meets
+    the others' layer 0: every rank raises CallMismatchError at once, where untagged
+    calls would have paired off one apart."""
+    norm, (q, k, qw, kw), outs = setup(comm)
+    skipper = comm.size - 1
+    error, seconds = timed(lambda: norm(q, k, qw, kw, out=outs,
+                                        tag=1 if comm.rank == skipper else 0))
+    norm.close()
+    problems = fresh_object_problems(comm)
+    if type(error) is not CallMismatchError or "tag=" not in str(error):
+        problems.append(f"expected CallMismatchError naming the tags, got {error!r}")
+    problems += fast_and_untouched(seconds, outs)
+    agree(comm, problems)
+
+
+def test_a_refused_input_closes_the_object_on_every_rank(comm):
+    norm, (q, k, qw, kw), outs = setup(comm)
+    bad = comm.size - 1
+    first, _ = timed(lambda: norm(q[:, :-8] if comm.rank == bad else q, k, qw, kw, out=outs))
+    then, _ = timed(lambda: norm(q, k, qw, kw, out=outs))
+    norm.close()
+    problems = fresh_object_problems(comm)
+    if type(first) is not (ValueError if comm.rank == bad else CallMismatchError):
+        problems.append(f"the refused call raised {first!r}")
+    if type(then) is not ClosedError:
+        problems.append(f"the next call raised {then!r}, not ClosedError")
     agree(comm, problems)

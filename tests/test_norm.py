@@ -10,6 +10,7 @@ from mpi4py import MPI
 from cupy_qknorm import ClosedError, PeerTimeoutError, PositionError, RoPE, TPQKNorm
 from cupy_qknorm import reference as ref
 from cupy_qknorm.norm import check_config
+from tests.fake_cuda import HostMemory, fake_norm
 
 Q, K = 256, 64
 
@@ -362,15 +363,28 @@ def test_rope_matches_reference(style, pos_dtype):
     assert ref.compare_rope(ko, ky, km, "float32")[1] == 0
 
 
-def test_position_outside_the_table_names_the_token(rope_norm):
+@pytest.mark.parametrize("bad", [64, -1])
+def test_position_outside_the_table_names_the_token(bad):
+    """The rows of valid positions are written, the bad one is not; the object closes."""
     q, k, qw, kw = rope_arrays(4)
+    pos = np.array([0, 63, bad, 1])
     qo, ko = np.full_like(q, 7.0), np.full_like(k, 7.0)
-    for bad in (64, -1):
-        with pytest.raises(PositionError, match=f"token 2 has position {bad}, outside the "
-                                                f"RoPE table's 64 rows") as e:
-            rope_norm(q, k, qw, kw, out=(qo, ko), positions=np.array([0, 63, bad, 1]))
+    good = np.array([0, 63, 0, 1])
+    with TPQKNorm(MPI.COMM_SELF, RQ, RK, "float32", transport="mpi", rope=ROPE) as n:
+        want = [np.full_like(q, 7.0), np.full_like(k, 7.0)]
+        n(q, k, qw, kw, out=want, positions=good)
+    with TPQKNorm(MPI.COMM_SELF, RQ, RK, "float32", transport="mpi", rope=ROPE) as n:
+        with pytest.raises(PositionError, match=f"rank 0: token 2 has position {bad}, outside "
+                                                f"the RoPE table's 64 rows; its row was not "
+                                                f"written, the rows of valid positions were"
+                           ) as e:
+            n(q, k, qw, kw, out=(qo, ko), positions=pos)
         assert (e.value.token, e.value.position) == (2, bad)
-        assert (qo == 7.0).all() and (ko == 7.0).all()
+        for o, w in ((qo, want[0]), (ko, want[1])):
+            assert (o[2] == 7.0).all()
+            np.testing.assert_array_equal(np.delete(o, 2, axis=0), np.delete(w, 2, axis=0))
+        with pytest.raises(ClosedError):
+            n(q, k, qw, kw, out=(qo, ko), positions=good)
 
 
 # -- lifetime and bound calls --------------------------------------------------------------
@@ -427,70 +441,15 @@ def test_bind_validates_at_once_and_stops_after_close():
         call()
 
 
-# -- the cache of validated calls --------------------------------------------------------
-class FakeDeviceTransport:
-    """Stands in for a GPU transport: records what is bound and launched; its error
-    word is host memory the kernels would write (here the test)."""
-
-    def __init__(self):
-        self.bound_calls, self.launches, self.rejected, self.closed = [], [], 0, False
-        self._host_words = [0] * 8
-
-    def failed(self):
-        return self._host_words[0] != 0
-
-    def check(self):
-        if self.failed():
-            raise PeerTimeoutError("rank 0 waited longer than 5 s for rank 1", peer=1)
-
-    def bound(self, plan, ptrs):
-        self.bound_calls.append((plan, list(ptrs)))
-        launches = self.launches
-
-        def go(stream):
-            launches.append(stream)
-        return go
-
-    def reject(self, weight_dtype, stream):
-        self.rejected += 1
-
-    def close(self):
-        self.closed = True
-
-
-class HostMemory:
-    """CuPy arrays over one numpy buffer, as if on device 0: CuPy creates them without a
-    GPU, and the package only reads their shape, strides, dtype and address."""
-
-    def __init__(self, cupy, nbytes=1 << 16):
-        self.cupy, self.host, self.used = cupy, np.zeros(nbytes, np.uint8), 0
-
-    def array(self, shape, dtype=np.float32):
-        cupy = self.cupy
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        mem = cupy.cuda.UnownedMemory(self.host.ctypes.data + self.used, nbytes, self.host,
-                                      device_id=0)
-        self.used += -(-nbytes // 256) * 256
-        return cupy.ndarray(shape, dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
-
-    def set(self, tokens=4):
-        return (self.array((tokens, Q)), self.array((tokens, K)), self.array((Q,)),
-                self.array((K,)))
-
-
-@pytest.fixture
-def device_norm():
-    """A TPQKNorm whose transport is a fake GPU one, on CuPy arrays over host memory."""
+# -- the cache of validated calls (GPU transports over tests/fake_cuda.py) ---------------
+@pytest.fixture(params=["ipc", "nccl", "mpi"], ids=["ipc", "nccl", "mpi-gpu"])
+def device_norm(request):
+    """A TPQKNorm whose transport is a GPU one over a fake CUDA, on CuPy arrays over host
+    memory: (norm, fake cuda, memory). (An id "mpi" would be pytest-mpi's mark.)"""
     cupy = pytest.importorskip("cupy")
-    n = TPQKNorm(MPI.COMM_SELF, Q, K, "float32", transport="mpi")
-    n._transport.close()
-    fake = FakeDeviceTransport()
-    n._transport, n.transport, n._device = fake, "ipc", 0
-    n._error = fake._host_words  # what the constructor takes from a GPU transport
-    n._current_stream = lambda: None
-    yield n, fake, HostMemory(cupy)
+    n, cuda = fake_norm(MPI.COMM_SELF, request.param, Q, K)
+    yield n, cuda, HostMemory(cupy)
     n.close()
-    assert fake.closed
 
 
 def test_cupy_arrays_keep_strides_dtype_and_data(device_norm):
@@ -506,27 +465,39 @@ def test_cupy_arrays_keep_strides_dtype_and_data(device_norm):
 
 
 def test_repeated_calls_validate_once(device_norm):
-    n, fake, mem = device_norm
-    q, k, qw, kw = mem.set()
-    for _ in range(1000):
+    n, cuda, mem = device_norm
+    q, k, qw, kw = _set(mem)
+    per_call = len(n._transport.KINDS) if n.transport != "mpi" else 2
+    for _ in range(100):
         got = n(q, k, qw, kw)
     assert got[0] is q and got[1] is k
-    assert n._validations == 1 and len(fake.bound_calls) == 1 and len(fake.launches) == 1000
-    plan, ptrs = fake.bound_calls[0]
-    assert plan.tokens == 4 and ptrs[:6] == [a.data.ptr for a in (q, k, qw, kw, q, k)]
+    assert n._validations == 1 and len(cuda.launches) == 100 * per_call
+    first = cuda.launches[0]
+    assert first["tokens"] == 4 and [first[f] for f in ("q", "k", "q_weight", "k_weight",
+                                                         "q_out", "k_out")] == \
+        [a.data.ptr for a in (q, k, qw, kw, q, k)]
     qo, ko = mem.array((4, Q)), mem.array((4, K))
     for _ in range(10):                            # another array set: its own entry
         n(q, k, qw, kw, out=(qo, ko))
-    assert n._validations == 2 and len(fake.launches) == 1010
-    assert fake.bound_calls[1][1][4:6] == [qo.data.ptr, ko.data.ptr]
+    assert n._validations == 2 and len(cuda.launches) == 110 * per_call
+    assert (cuda.launches[-1]["q_out"], cuda.launches[-1]["k_out"]) == (qo.data.ptr,
+                                                                       ko.data.ptr)
     q2, k2, qw2, kw2 = (mem.cupy.ndarray(a.shape, a.dtype, a.data) for a in (q, k, qw, kw))
     n(q2, k2, qw2, kw2)                            # new objects over the same memory
     assert n._validations == 3 and len(n._calls) == 3
+    n(q, k, qw, kw, tag=3)                         # a tag is a call of its own
+    n(q, k, qw, kw, tag=3)
+    assert n._validations == 4 and len(n._calls) == 4
+
+
+def _set(mem, tokens=4):
+    return (mem.array((tokens, Q)), mem.array((tokens, K)), mem.array((Q,)),
+            mem.array((K,)))
 
 
 def test_a_dropped_array_drops_its_entry(device_norm):
-    n, fake, mem = device_norm
-    q, k, qw, kw = mem.set()
+    n, cuda, mem = device_norm
+    q, k, qw, kw = _set(mem)
     n(q, k, qw, kw)
     q2 = mem.array((4, Q))
     n(q2, k, qw, kw)
@@ -542,36 +513,40 @@ def test_a_dropped_array_drops_its_entry(device_norm):
 @pytest.mark.parametrize("role", ["q", "k", "q_weight", "k_weight", "out[0]", "out[1]",
                                   "q in place", "k in place", "q_weight in place"])
 def test_an_in_place_reshape_is_validated_again(device_norm, role):
-    n, fake, mem = device_norm
-    q, k, qw, kw = mem.set()
+    n, cuda, mem = device_norm
+    q, k, qw, kw = _set(mem)
     in_place = role.endswith("in place")
     qo, ko = (q, k) if in_place else (mem.array((4, Q)), mem.array((4, K)))
     kwargs = {} if in_place else dict(out=(qo, ko))
     n(q, k, qw, kw, **kwargs)
     n(q, k, qw, kw, **kwargs)
-    assert n._validations == 1 and len(fake.launches) == 2
+    launched = len(cuda.launches)
+    assert n._validations == 1
     names = ["q", "k", "q_weight", "k_weight", "out[0]", "out[1]"]
     a = (q, k, qw, kw, qo, ko)[names.index(role.split()[0])]
+    shape = a.shape
     a.shape = (2, a.size // 2) if a.ndim == 1 else (a.shape[0] * 2, a.shape[1] // 2)
     with pytest.raises(ValueError, match="shape must be"):
         n(q, k, qw, kw, **kwargs)
-    assert n._validations == 2 and len(fake.launches) == 2
-    assert fake.rejected == 1                      # the peers are told at once
-    with pytest.raises(ClosedError):               # the call is broken on every rank
-        n(q, k, qw, kw, **kwargs)
+    assert n._validations == 2 and len(cuda.launches) == launched
+    a.shape = shape
+    n(q, k, qw, kw, **kwargs)  # alone (G=1) a refused input leaves the object usable
+    assert len(cuda.launches) > launched
 
 
 @pytest.mark.parametrize("out", [False, True])
 def test_an_error_a_kernel_recorded_stops_the_cached_path(device_norm, out):
-    n, fake, mem = device_norm
-    q, k, qw, kw = mem.set()
+    n, cuda, mem = device_norm
+    q, k, qw, kw = _set(mem)
     kwargs = dict(out=(mem.array((4, Q)), mem.array((4, K)))) if out else {}
     n(q, k, qw, kw, **kwargs)
     n(q, k, qw, kw, **kwargs)
-    fake._host_words[0] = 1  # as a kernel records a timeout
-    with pytest.raises(PeerTimeoutError, match="rank 1"):
+    launched = len(cuda.launches)
+    n._transport.error[1:6] = [-1, 3, 0, 0, 0]
+    n._transport.error[0] = 1  # as a kernel records a timeout
+    with pytest.raises(PeerTimeoutError, match="rank 0 waited longer than 5 s"):
         n(q, k, qw, kw, **kwargs)
-    assert len(fake.launches) == 2 and not n._calls
+    assert len(cuda.launches) == launched and not n._calls
     with pytest.raises(ClosedError):
         n(q, k, qw, kw, **kwargs)
 

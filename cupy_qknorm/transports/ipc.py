@@ -1,64 +1,76 @@
-"""Transport "ipc": the fused kernel, partial sums pushed into the peers' CUDA IPC buffers
-over NVLink; one launch a chunk, nothing on the host between the ranks."""
+"""Transport "ipc": the fused kernel (kernels/fused.cuh). Each block sums its token's slice,
+pushes the two partial sums into every peer's CUDA IPC buffer over NVLink, waits for the
+peers' partials in its own buffer, then scales, rotates and stores: one launch a chunk,
+nothing on the host between the ranks."""
 from __future__ import annotations
 
 from .. import knobs
 from ..compile import tracing
 from ..errors import QKNormError
-from ..params import SLOT_BYTES, TRACE_WORDS
+from ..params import HEAD, SLOT_BYTES, TRACE_WORDS
 from ..peers import PeerBuffers
 from .device import DeviceTransport
 
 
 class IpcTransport(DeviceTransport):
     name = "ipc"
-    CALL_KINDS = ("fused",)
+    KINDS = ("fused",)
     PDL_KINDS = ("fused",)  # it waits (griddepcontrol.wait) before touching memory
 
-    def __init__(self, cfg, comm):
-        import cupy
-        major = int(cupy.cuda.Device().compute_capability[:-1])
+    def __init__(self, cfg, comm, cuda=None):
         self.buffers = None
-        super().__init__(cfg, comm, pdl=knobs.get("CUPY_QKNORM_PDL") == 1 and major >= 9)
+        super().__init__(cfg, comm, cuda)
         try:
-            self._counters = cupy.zeros(cfg.max_tokens, cupy.uint32)
+            self._counters = self.cuda.zeros(4 * cfg.max_tokens)  # uses of each token slot
+            self.counters = self._counters.ptr
             if cfg.world > 1:
                 self.buffers = PeerBuffers(comm, 2 * cfg.max_tokens * cfg.world * SLOT_BYTES)
                 self.slots = tuple(self.buffers.ptrs)
+            self._trace = None
+            if tracing():  # each block of the fused kernel records where its time goes
+                blocks = self.cuda.sms * 32  # at most 32 an SM
+                self._trace = self.cuda.zeros(8 * blocks * TRACE_WORDS)
+                self.sums = self._trace.ptr
         except BaseException:
             self.close()
             raise
-        self.counters = self._counters.data.ptr
-        if tracing():  # each block of the fused kernel records where its time goes
-            blocks = self.device.attributes["MultiProcessorCount"] * 32  # at most 32 an SM
-            self.sums = cupy.zeros((blocks, TRACE_WORDS), cupy.uint64)
 
-    def trace(self, blocks):
-        """The fused kernel's time records of its last launch's first `blocks` blocks
-        (numpy, [blocks, TRACE_WORDS]; qknorm::Trace), with CUPY_QKNORM_TRACE=1."""
-        if self.sums is None:
-            raise QKNormError("the trace needs CUPY_QKNORM_TRACE=1 when the object is built")
-        return self.sums[:blocks].get()
+    def _pdl(self) -> bool:
+        return knobs.get("CUPY_QKNORM_PDL") == 1 and self.cuda.major >= 9
 
     @property
-    def pdl(self):
+    def pdl(self) -> bool:
         return self._launch.pdl
 
-    def launch(self, go, tokens, grid, stream):
-        go["fused"](grid, stream)
+    def compose(self, chunks):
+        if len(chunks) == 1:
+            return chunks[0].go["fused"]  # one launch, nothing else
+        launches = [c.go["fused"] for c in chunks]
 
-    def launch_fixed(self, go, tokens):
-        return go["fused"]  # one launch, nothing else
+        def run(stream):
+            for go in launches:
+                go(stream)
+        return run
 
-    def reject(self, weight_dtype, stream):
-        """After this rank refused its input: tell the peers at once, through token 0's
-        slot of this call, instead of letting them wait for the timeout."""
+    def refuse(self, tokens, tag, why, stream):
+        """Tell the peers at once, through token 0's slot of this call (the reject kernel),
+        instead of letting them wait for the timeout."""
         if self.cfg.world == 1:
-            return
-        if not self._static_packed:
-            self._pack_static()
-        _, go, _ = self.kernels(weight_dtype, "narrow")
-        go["reject"](1, stream)
+            return None
+        try:
+            spec, loaded, _ = self.kernels(self.cfg.dtype, "narrow")
+            params = bytes(HEAD.size) + self._static_bytes()
+            self._launch.bind(loaded["reject"], 32, 1, params)(stream)
+        except Exception as e:  # noqa: BLE001 - the caller raises its own input error
+            return f"the reject kernel failed ({e})"
+        return None
+
+    def trace(self, blocks: int):
+        """The fused kernel's time records of its last launch's first `blocks` blocks
+        (numpy, [blocks, TRACE_WORDS]; qknorm::Trace), with CUPY_QKNORM_TRACE=1."""
+        if self._trace is None:
+            raise QKNormError("the trace needs CUPY_QKNORM_TRACE=1 when the object is built")
+        return self._trace.owner.view("uint64").reshape(-1, TRACE_WORDS)[:blocks].get()
 
     def close(self):
         if self.buffers is not None:

@@ -1,12 +1,16 @@
 """Transport "mpi": the sums are all-reduced by MPI on the host. numpy arrays are
-normalized on the CPU (float64), GPU arrays by the partial_sums and apply kernels.
+normalized on the CPU (float64, host.py), GPU arrays by the partial_sums and apply kernels
+(kernels/unfused.cuh) with the sums brought to the host between them.
 
 Every call first agrees on the call itself, with one non-blocking all-reduce bounded by
-timeout_s: the token count of every rank and whether each rank's input was valid. So a
-rank with bad input, or a T that differs, raises on every rank at once with nothing
-written, and a rank that never calls makes the others raise PeerTimeoutError instead of
-waiting forever. Its collectives run on the object's own duplicate of the communicator,
-so a request left pending by a timeout cannot match a later collective of the caller.
+timeout_s: each rank's T, tag, whether its input was refused, and its first RoPE position
+outside the table. So a rank with bad input, a T or tag that differs, raises on every
+rank at once with nothing written; a bad position raises on every rank once the rows of
+valid positions are written; and a rank that never calls makes the others raise
+PeerTimeoutError instead of waiting forever. Its collectives run on the object's own
+duplicate of the communicator, so a request left pending by a timeout cannot match a
+later collective of the caller. It synchronizes with the host: it cannot be captured in a
+CUDA graph, and says so at the capture.
 """
 from __future__ import annotations
 
@@ -14,179 +18,203 @@ import time
 
 import numpy as np
 
-from .. import reference
-from ..errors import CallMismatchError, ClosedError, PeerTimeoutError
+from .. import host
+from ..collectives import wait
+from ..errors import CallMismatchError, ClosedError, PeerTimeoutError, \
+    TransportUnavailableError
 from ..params import SUMS_HEADER
+from .base import Transport, describe_tag, peer_position_error, position_error
 from .device import DeviceTransport
 
 MESSAGE_BYTES = 240  # of a rank's error message, when one rank's input is refused
-_REFUSED = 1
+TOKENS, TAG, REFUSED, BAD = range(4)  # a rank's row of the call's agreement
+CAPTURE = ("transport 'mpi' cannot be captured in a CUDA graph (it brings the sums to the "
+           "host); capture calls of an object with transport 'ipc' or 'nccl'")
 
 
-def wait(request, deadline, what, rank):
-    """Test `request` until it completes or `deadline` (time.monotonic(); None: never)."""
-    spins = 0
-    while not request.Test():
-        if deadline is not None and time.monotonic() > deadline:
-            raise PeerTimeoutError(
-                f"rank {rank} waited longer than the timeout for the other ranks in {what} "
-                f"(a rank did not make this call, or is gone); the object is closed for use")
-        spins += 1
-        if spins > 64:
-            time.sleep(2e-5 if spins < 4096 else 1e-3)
-
-
-class MpiTransport:
-    """The "mpi" transport: the call agreement and the host path; GPU arrays go through
-    a device part built at their first call."""
+class MpiTransport(Transport):
     name = "mpi"
+    capturable = False
 
-    def __init__(self, cfg, comm):
+    def __init__(self, cfg, comm, gpu=False, cuda=None):
         self.cfg, self.comm = cfg, comm
-        self._device = None
         self.broken = None  # why the object can no longer make collectives
+        self._table = None
+        self._device = _DevicePart(cfg, comm, self, cuda) if gpu else None
+        self.error = self._device.error if self._device is not None else (0,)
 
-    def _deadline(self):
-        ns = self.cfg.timeout_ns
-        return time.monotonic() + ns / 1e9 if ns > 0 else None
-
+    # -- the agreement --------------------------------------------------------------------
     def allreduce(self, buf, op, what):
         """In-place non-blocking all-reduce of `buf`, bounded by timeout_s."""
+        from mpi4py import MPI
         if self.broken:
             raise ClosedError(self.broken)
-        req = self.comm.Iallreduce(_in_place(), buf, op=op)
+        ns = self.cfg.timeout_ns
+        req = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=op)
         try:
-            wait(req, self._deadline(), what, self.cfg.rank)
+            wait(req, time.monotonic() + ns / 1e9 if ns > 0 else None, what, self.cfg.rank)
         except PeerTimeoutError as e:
             self.broken = str(e)
             raise
 
-    def agree_on_call(self, tokens: int, error: Exception | None) -> None:
-        """Collective, bounded: every rank states its T and whether its input was valid.
-        Raises on every rank if any rank's input was refused (that rank re-raises its own
-        error) or if the ranks' T differ; returns when the call can go on."""
+    def agree(self, tokens: int, tag: int, bad: int = -1, refusal: str | None = None):
+        """Collective, bounded: every rank states its T, tag code, refusal and first bad
+        position (-1: none). Raises on every rank where the call cannot go on (a rank's
+        refusal: CallMismatchError quoting it, except on a refusing rank, which raises its
+        own error; T or tag that differ: CallMismatchError). Returns every rank's row."""
         from mpi4py import MPI
         cfg = self.cfg
-        status = np.zeros(2 + cfg.world, np.int64)
-        status[0], status[1] = tokens, -tokens
-        if error is not None:
-            status[2 + cfg.rank] = _REFUSED
+        status = np.zeros((cfg.world, 4), np.int64)
+        status[cfg.rank] = tokens, tag, refusal is not None, bad + 1
         self.allreduce(status, MPI.MAX, "agreeing on a call")
-        refused = [r for r in range(cfg.world) if status[2 + r]]
+        refused = [r for r in range(cfg.world) if status[r, REFUSED]]
         if refused:
             text = np.zeros((cfg.world, MESSAGE_BYTES), np.uint8)
-            if error is not None:
-                msg = f"{type(error).__name__}: {error}".encode()[:MESSAGE_BYTES]
+            if refusal is not None:
+                msg = refusal.encode()[:MESSAGE_BYTES]
                 text[cfg.rank, :len(msg)] = np.frombuffer(msg, np.uint8)
             self.allreduce(text, MPI.MAX, "sharing why a call was refused")
-            if error is not None:
-                raise error
+            if refusal is not None:
+                return status
             why = "; ".join(f"rank {r}: {_text(text[r])}" for r in refused)
             raise CallMismatchError(f"rank {cfg.rank}: the call was refused by {why}; nothing "
-                                    f"was written", peer=refused[0])
-        high, low = int(status[0]), -int(status[1])
-        if high != low:
+                                    f"was written; the object is closed for use",
+                                    peer=refused[0])
+        counts = status[:, TOKENS]
+        if counts.min() != counts.max():
             raise CallMismatchError(
                 f"rank {cfg.rank} called with {tokens} tokens while the ranks' token counts "
-                f"range from {low} to {high} (T must be the same on every rank within a "
-                f"call); nothing was written")
+                f"range from {counts.min()} to {counts.max()} (T must be the same on every "
+                f"rank within a call); nothing was written; the object is closed for use")
+        other = [r for r in range(cfg.world) if status[r, TAG] != tag]
+        if other:
+            r = other[0]
+            raise CallMismatchError(
+                f"rank {cfg.rank} made a call with {describe_tag(tag)} where rank {r} made it "
+                f"with {describe_tag(int(status[r, TAG]))}: the ranks' calls are out of step; "
+                f"nothing was written; the object is closed for use", peer=r)
+        return status
 
-    def run_host(self, ops, tokens):
-        """numpy arrays: float64 partial sums, the bounded all-reduce, scale (and rotate)."""
-        from mpi4py import MPI
-        cfg = self.cfg
-        q, k, qw, kw, qo, ko, pos = ops
-        x = [reference.to_f64(q.obj, q.dtype), reference.to_f64(k.obj, k.dtype)]
-        sums = np.zeros((tokens, 2))
-        sums[:, 0] = (x[0] * x[0]).sum(axis=1)
-        sums[:, 1] = (x[1] * x[1]).sum(axis=1)
-        if cfg.world > 1:
-            self.allreduce(sums, MPI.SUM, "the all-reduce of the sums")
-        outs = []
-        for v, w, dim, col in ((x[0], qw, cfg.q_dim, 0), (x[1], kw, cfg.k_dim, 1)):
-            with np.errstate(divide="ignore", invalid="ignore"):
-                scale = 1.0 / np.sqrt(sums[:, col:col + 1] / dim + cfg.eps)
-                outs.append(v * scale * reference.to_f64(w.obj, w.dtype))
-        if cfg.rope is not None:
-            positions = np.asarray(pos.obj).astype(np.int64)
-            table = self._host_table()
-            bad = np.nonzero((positions < 0) | (positions >= table.shape[0]))[0]
-            if bad.size:
-                from ..errors import PositionError
-                t = int(bad[0])
-                raise PositionError(
-                    f"rank {cfg.rank}: token {t} has position {int(positions[t])}, outside "
-                    f"the RoPE table's {table.shape[0]} rows; nothing was written",
-                    token=t, position=int(positions[t]))
-            r = cfg.rope
-            outs = [reference.apply_rope(o, positions, table, r.head_dim, r.rotary_dim,
-                                         r.style)[0] for o in outs]
-        for y, out in zip(outs, (qo, ko)):
-            with np.errstate(invalid="ignore", over="ignore"):
-                y = reference.from_f64(y, cfg.dtype)
-            dst = out.obj.view(np.uint16) if cfg.dtype == "bfloat16" else out.obj
-            dst[...] = y
+    def finish(self, status, positions):
+        """After the rows of valid positions are written: raise for a position outside the
+        table on any rank (this rank's own: PositionError; a peer's: CallMismatchError)."""
+        bad = [(r, int(status[r, BAD]) - 1) for r in range(self.cfg.world) if status[r, BAD]]
+        if not bad:
+            return
+        mine = [t for r, t in bad if r == self.cfg.rank]
+        if mine:
+            raise position_error(self.cfg.rank, mine[0], int(positions[mine[0]]),
+                                 self.cfg.rope.rows())
+        raise peer_position_error(self.cfg.rank, *bad[0])
 
-    def _host_table(self):
-        if getattr(self, "_table", None) is None:
-            from ..rope import host_table
-            self._table = host_table(self.cfg.rope)
-        return self._table
+    # -- the contract ---------------------------------------------------------------------
+    def bind(self, call):
+        return self._bind_host(call) if call.on_host else self._device.bind(call)
 
-    def device(self):
-        if self._device is None:
-            self._device = MpiDeviceTransport(self.cfg, self.comm, self)
-        return self._device
+    def refuse(self, tokens, tag, why, stream):
+        try:
+            self.agree(tokens, tag, refusal=why)
+        except PeerTimeoutError:
+            return "the other ranks did not come to agree on the call within timeout_s"
+        except Exception as e:  # noqa: BLE001 - the caller raises its own input error
+            return f"{type(e).__name__}: {e}"
+        return None
 
-    def prepare(self, plan):
-        return self.device().prepare(plan)
-
-    def failed(self) -> bool:
-        return self._device is not None and self._device.failed()
-
-    def check(self):
+    def raise_error(self):
         if self._device is not None:
-            self._device.check()
+            self._device.raise_error()
+
+    def comm_fit(self):
+        return not self.broken and not self.error[0]
 
     def close(self):
         if self._device is not None:
             self._device.close()
             self._device = None
 
+    # -- numpy arrays ---------------------------------------------------------------------
+    def host_table(self):
+        if self._table is None:
+            from ..rope import host_table
+            self._table = host_table(self.cfg.rope)
+        return self._table
 
-class MpiDeviceTransport(DeviceTransport):
-    """GPU arrays under transport "mpi": partial_sums, the sums to the host, the bounded
-    all-reduce, back to the device, apply. Synchronizes the stream once a chunk."""
+    def _bind_host(self, call):
+        """go(stream) for numpy arrays: the agreement, float64 partial sums, the bounded
+        all-reduce, scale (and rotate), store."""
+        from mpi4py import MPI
+        cfg, rope = self.cfg, self.cfg.rope
+        q, k, qw, kw, qo, ko, pos = (op.obj if op is not None else None for op in call.ops)
+        wdt, tokens, tag = call.ops[2].dtype, call.tokens, call.tag
+        table = self.host_table() if rope is not None else None
+
+        def go(stream=None):
+            positions = None
+            if rope is not None:
+                positions = np.asarray(pos).astype(np.int64)
+            bad = -1 if positions is None else host.first_bad_position(positions,
+                                                                        table.shape[0])
+            status = self.agree(tokens, tag, bad)
+            sums = host.partial_sums(q, k, cfg.dtype)
+            if cfg.world > 1:
+                self.allreduce(sums, MPI.SUM, "the all-reduce of the sums")
+            for col, x, w, width, out in ((0, q, qw, cfg.q_dim, qo), (1, k, kw, cfg.k_dim, ko)):
+                host.apply(x, host.to_f64(w, wdt), sums[:, col], width, cfg.eps, cfg.dtype,
+                           out, rope, positions, table)
+            self.finish(status, positions)
+        return go
+
+
+class _DevicePart(DeviceTransport):
+    """GPU arrays under transport "mpi": the agreement (positions read back to the host
+    for it), then per chunk partial_sums, the sums to the host, the bounded all-reduce,
+    back to the device, apply. Synchronizes the stream once a chunk."""
     name = "mpi"
 
-    def __init__(self, cfg, comm, host):
-        import cupy
-        super().__init__(cfg, comm)
-        self.host = host
-        self._counter = cupy.zeros(2, cupy.uint32)
-        self.counters = self._counter.data.ptr
+    def __init__(self, cfg, comm, host_part, cuda=None):
+        super().__init__(cfg, comm, cuda)
+        self.host = host_part
+        self._counter = self.cuda.zeros(8)
+        self.counters = self._counter.ptr
         n = SUMS_HEADER + 2 * cfg.max_tokens
-        self.sums = cupy.zeros(n, cupy.float32)
-        self._pinned = cupy.cuda.alloc_pinned_memory(4 * n)
+        self._sums = self.cuda.zeros(4 * n)
+        self.sums = self._sums.ptr
+        self._pinned = self.cuda.pinned(4 * n)
         self._host_sums = np.frombuffer(self._pinned, np.float32, n)
 
-    def launch(self, go, tokens, grid, stream):
+    def bind(self, call):
         from mpi4py import MPI
-        go["partial_sums"](grid, stream)
-        if self.cfg.world > 1:
-            n = SUMS_HEADER + 2 * tokens
-            host = self._host_sums[:n]
-            self.sums[:n].get(stream=stream, out=host)
-            stream.synchronize()
-            self.host.allreduce(host, MPI.SUM, "the all-reduce of the sums")
-            self.sums[:n].set(host, stream=stream)
-        go["apply"](grid, stream)
+        chunks = self.chunks(call)
+        cfg, mpi, cuda = self.cfg, self.host, self.cuda
+        tokens, tag, pos = call.tokens, call.tag, call.ptrs[6]
+        positions = np.empty(tokens, np.int32 if call.plan.position_bytes == 4 else np.int64) \
+            if cfg.rope is not None else None
+        rows = cfg.rope.rows() if cfg.rope is not None else 0
+        steps = [(c.go["partial_sums"], SUMS_HEADER + 2 * c.tokens, c.go["apply"])
+                 for c in chunks]
+        sums, staged = self.sums, self._host_sums
+
+        def go(stream):
+            if cuda.capturing(stream):
+                mpi.agree(tokens, tag, refusal=f"TransportUnavailableError: {CAPTURE}")
+                raise TransportUnavailableError(CAPTURE)
+            bad = -1
+            if positions is not None:
+                cuda.copy(positions.ctypes.data, pos, positions.nbytes, stream)
+                stream.synchronize()
+                bad = host.first_bad_position(positions, rows)
+            status = mpi.agree(tokens, tag, bad)
+            for partial, count, apply in steps:
+                partial(stream)
+                if cfg.world > 1:
+                    cuda.copy(staged.ctypes.data, sums, 4 * count, stream)
+                    stream.synchronize()
+                    mpi.allreduce(staged[:count], MPI.SUM, "the all-reduce of the sums")
+                    cuda.copy(sums, staged.ctypes.data, 4 * count, stream)
+                apply(stream)
+            mpi.finish(status, positions)
+        return go
 
 
 def _text(row) -> str:
     return bytes(row).rstrip(b"\0").decode(errors="replace")
-
-
-def _in_place():
-    from mpi4py import MPI
-    return MPI.IN_PLACE

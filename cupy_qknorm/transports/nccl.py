@@ -1,5 +1,5 @@
-"""Transport "nccl": partial_sums kernel -> NCCL all-reduce of the sums -> apply kernel.
-The baseline, and the path across nodes.
+"""Transport "nccl": partial_sums kernel -> NCCL all-reduce of the sums -> apply kernel
+(kernels/unfused.cuh). The baseline, and the path across nodes.
 
 NCCL's own wait has no deadline, so a watchdog thread bounds it (the design of PyTorch's
 NCCL watchdog): partial_sums counts its launches in device memory and apply the launches
@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 
+from ..collectives import wait
 from ..params import ERROR_TIMEOUT, ERROR_WORDS, SUMS_HEADER
 from .device import DeviceTransport
 
@@ -23,57 +24,82 @@ POLL_S = 0.02     # how often the watchdog looks
 # where the watchdog copies the device's counts (host words after the error record):
 # launches of partial_sums made / followed by apply
 STARTED, FOLLOWED = ERROR_WORDS, ERROR_WORDS + 1
+NCCL_FLOAT32, NCCL_SUM = 7, 0  # ncclFloat32, ncclSum (NCCL's ABI)
 
 
 class NcclTransport(DeviceTransport):
     name = "nccl"
 
-    def __init__(self, cfg, comm):
-        import cupy
-        from cupy.cuda import nccl
-        super().__init__(cfg, comm)
+    def __init__(self, cfg, comm, cuda=None):
+        super().__init__(cfg, comm, cuda)
         self._nccl = None
         self._watchdog = None
         self._stop = threading.Event()
         self.aborted = False
-        self._counter = cupy.zeros(2, cupy.uint32)
-        self.counters = self._counter.data.ptr
-        self.sums = cupy.zeros(SUMS_HEADER + 2 * cfg.max_tokens, cupy.float32)
-        uid = comm.bcast(nccl.get_unique_id() if comm.rank == 0 else None, root=0)
-        self._nccl = nccl.NcclCommunicator(comm.size, uid, comm.rank)
-        # NCCL connects the channels of an algorithm/protocol lazily, at its first use: do
-        # that now, for every size a call can use, so that no first use falls inside a
-        # CUDA graph capture (where the connection cannot be made). The sums are zeros, and
-        # stay zeros.
-        ptr = self._sums_ptr = self.sums.data.ptr
-        self._f32, self._sum = nccl.NCCL_FLOAT32, nccl.NCCL_SUM
+        try:
+            self._counter = self.cuda.zeros(8)
+            self.counters = self._counter.ptr
+            floats = SUMS_HEADER + 2 * cfg.max_tokens
+            self._sums = self.cuda.zeros(4 * floats)
+            self.sums = self._sums.ptr
+            if cfg.world > 1:
+                self._nccl = self.cuda.nccl(comm)
+                self._warm_up(floats)
+                if cfg.timeout_ns > 0:
+                    self._watchdog = threading.Thread(
+                        target=self._watch, name="cupy_qknorm nccl watchdog", daemon=True)
+                    self._watchdog.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _warm_up(self, floats):
+        """NCCL connects the channels of an algorithm/protocol lazily, at its first use: do
+        that now, for every size a call can use, so that no first use falls inside a CUDA
+        graph capture (where the connection cannot be made). The sums are zeros, and stay
+        zeros."""
         count = 2
         while True:
-            self._nccl.allReduce(ptr, ptr, count, self._f32, self._sum, 0)
-            if count >= SUMS_HEADER + 2 * cfg.max_tokens:
+            self._nccl.allReduce(self.sums, self.sums, count, NCCL_FLOAT32, NCCL_SUM, 0)
+            if count >= floats:
                 break
-            count = min(4 * count, SUMS_HEADER + 2 * cfg.max_tokens)
-        cupy.cuda.runtime.deviceSynchronize()
-        if cfg.world > 1 and cfg.timeout_ns > 0:
-            self._watchdog = threading.Thread(target=self._watch, name="cupy_qknorm nccl "
-                                              "watchdog", daemon=True)
-            self._watchdog.start()
+            count = min(4 * count, floats)
+        self.cuda.synchronize()
 
-    def launch(self, go, tokens, grid, stream):
-        go["partial_sums"](grid, stream)
-        if self.cfg.world > 1:
-            ptr = self._sums_ptr
-            self._nccl.allReduce(ptr, ptr, SUMS_HEADER + 2 * tokens, self._f32, self._sum,
-                                 stream.ptr)
-        go["apply"](grid, stream)
+    def compose(self, chunks):
+        if self.cfg.world == 1:
+            steps = [(c.go["partial_sums"], c.go["apply"]) for c in chunks]
+
+            def alone(stream):
+                for sums, apply in steps:
+                    sums(stream)
+                    apply(stream)
+            return alone
+        allreduce, ptr = self._nccl.allReduce, self.sums
+        if len(chunks) == 1:
+            sums, apply = chunks[0].go["partial_sums"], chunks[0].go["apply"]
+            count = SUMS_HEADER + 2 * chunks[0].tokens
+
+            def one(stream):
+                sums(stream)
+                allreduce(ptr, ptr, count, NCCL_FLOAT32, NCCL_SUM, stream.ptr)
+                apply(stream)
+            return one
+        steps = [(c.go["partial_sums"], SUMS_HEADER + 2 * c.tokens, c.go["apply"])
+                 for c in chunks]
+
+        def run(stream):
+            for sums, count, apply in steps:
+                sums(stream)
+                allreduce(ptr, ptr, count, NCCL_FLOAT32, NCCL_SUM, stream.ptr)
+                apply(stream)
+        return run
 
     def _watch(self):
-        import cupy
-        from cupy.cuda import runtime
-        words, limit = self._host_words, self.cfg.timeout_ns / 1e9
+        words, limit = self.error, self.cfg.timeout_ns / 1e9
         seen, since = None, 0.0
-        with self.device:
-            stream = cupy.cuda.Stream(non_blocking=True)
+        with self.cuda.device():
+            stream = self.cuda.stream()
             counts = self._host + 4 * STARTED
             while not self._stop.wait(POLL_S):
                 if words[0]:
@@ -83,8 +109,7 @@ class NcclTransport(DeviceTransport):
                     self._nccl.check_async_error()
                 except Exception as e:  # noqa: BLE001 - NcclError: a peer or the network failed
                     reason = str(e)
-                runtime.memcpyAsync(counts, self._counter.data.ptr, 8,
-                                    runtime.memcpyDeviceToHost, stream.ptr)
+                self.cuda.copy(counts, self.counters, 8, stream)
                 stream.synchronize()
                 started, followed = words[STARTED], words[FOLLOWED]
                 if started == followed:
@@ -99,20 +124,17 @@ class NcclTransport(DeviceTransport):
 
     def _abort(self, stream):
         """Record a timeout where apply and the host read it, then end NCCL's kernel."""
-        from cupy.cuda import runtime
-        words = self._host_words
+        words = self.error
         record = [ERROR_TIMEOUT, -1, 0, self.cfg.rank, 0, 0]
         for i in range(1, len(record)):
             words[i] = record[i]
         words[0] = record[0]
-        runtime.memcpyAsync(self._error.data.ptr, self._host, 4 * (ERROR_WORDS - 1),
-                            runtime.memcpyHostToDevice, stream.ptr)
+        self.cuda.copy(self._record.ptr, self._host, 4 * (ERROR_WORDS - 1), stream)
         stream.synchronize()
         self.aborted = True
         self._nccl.abort()
 
     def _bounded_barrier(self):
-        from .mpi import wait
         ns = self.cfg.timeout_ns or 5 * 10 ** 9
         try:
             wait(self.comm.Ibarrier(), time.monotonic() + ns / 1e9, "close", self.cfg.rank)
@@ -130,12 +152,10 @@ class NcclTransport(DeviceTransport):
             self._watchdog.join()
             self._watchdog = None
         if self._nccl is not None:
-            import cupy
-            cupy.cuda.runtime.deviceSynchronize()
+            self.cuda.synchronize()
             if not self.aborted:
-                if not self.failed():
+                if not self.error[0]:
                     self._bounded_barrier()
                 self._nccl.abort()
             self._nccl = None
         super().close()
-

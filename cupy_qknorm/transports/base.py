@@ -1,0 +1,101 @@
+"""The contract between TPQKNorm and a transport: how the per-token partial sums of a call
+travel between the ranks. TPQKNorm validates a call, then asks its transport, without
+knowing which one it is:
+
+    go = transport.bind(call)   a launch function go(stream) for these validated arrays;
+                                 it may be called any number of times (the call cache, bind())
+    transport.error[0]          non-zero once an error is pending (host memory, no sync)
+    transport.raise_error()     raises the pending error
+    transport.refuse(...)       this rank refused its input of a call its peers make: tell
+                                 them, so that they raise at once instead of at the timeout
+    transport.close()           collective; frees everything
+
+Errors, the same on every transport (README's table): an error a call raises or leaves
+pending closes the object for use on every rank, except a refused input at G=1.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..arrays import Plan
+from ..errors import CallMismatchError, PositionError
+
+MAX_TAG = 32766  # tags travel as tag + 1 in 15 bits of the exchange (0: no tag)
+
+
+class Call(NamedTuple):
+    """A validated call: its operands (arrays.Operand of q, k, q_weight, k_weight, q_out,
+    k_out, then positions or None), what a launch needs besides the pointers, the
+    pointers, and its tag code (0: no tag; else tag + 1)."""
+    ops: tuple
+    plan: Plan
+    ptrs: tuple
+    tag: int
+
+    @property
+    def tokens(self) -> int:
+        return self.plan.tokens
+
+    @property
+    def on_host(self) -> bool:
+        return self.ops[0].device is None
+
+
+def tag_code(tag) -> int:
+    """The code a tag travels as (0: no tag). Raises ValueError for a tag out of range."""
+    if tag is None:
+        return 0
+    if isinstance(tag, bool) or not isinstance(tag, int) or not 0 <= tag <= MAX_TAG:
+        raise ValueError(f"tag must be an int in 0..{MAX_TAG} (e.g. the layer index) or None, "
+                         f"got {tag!r}")
+    return tag + 1
+
+
+def describe_tag(code: int) -> str:
+    return f"tag={code - 1}" if code else "no tag"
+
+
+CLOSED = "the object is closed for use"
+
+
+def position_error(rank: int, token: int, position: int, rows: int) -> PositionError:
+    """This rank's token `token` has a position outside the RoPE table."""
+    return PositionError(
+        f"rank {rank}: token {token} has position {position}, outside the RoPE table's "
+        f"{rows} rows; its row was not written, the rows of valid positions were; {CLOSED}",
+        token=token, position=position)
+
+
+def peer_position_error(rank: int, peer: int, token: int) -> CallMismatchError:
+    """A peer's token `token` has a position outside its RoPE table."""
+    return CallMismatchError(
+        f"rank {peer}: token {token} has a position outside the RoPE table (rank {peer} "
+        f"raises PositionError); rank {rank} wrote its rows of valid positions; {CLOSED}",
+        peer=peer, token=token)
+
+
+class Transport:
+    """The interface TPQKNorm calls (module docstring). `capturable`: whether its calls may
+    be captured in a CUDA graph."""
+    name = "?"
+    capturable = True
+    error = (0,)
+
+    def bind(self, call: Call):
+        raise NotImplementedError
+
+    def refuse(self, tokens: int, tag: int, why: str, stream) -> str | None:
+        """This rank refused its input (`why`: the error it raises) of a call with about
+        `tokens` rows. Returns None, or a line saying why the peers could not be told."""
+        return None
+
+    def raise_error(self) -> None:
+        pass
+
+    def comm_fit(self) -> bool:
+        """Whether the object's communicator may still be freed collectively: no request of
+        its left pending, no peer known to be gone."""
+        return not self.error[0]
+
+    def close(self) -> None:
+        pass
