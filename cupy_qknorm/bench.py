@@ -25,7 +25,9 @@ import numpy as np
 GRAPH_CALLS = 8
 
 
-TRANSPORT_CHOICES = ("ipc", "nccl", "mpi")
+# what bench can time: the GPU transports ("mpi" sums on the host and cannot be captured
+# in a CUDA graph)
+TRANSPORT_CHOICES = ("ipc", "nccl")
 
 
 def _transports(text):
@@ -49,10 +51,12 @@ def _token_list(text):
     return values
 
 
-def add_parser(sub):
+def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter):
+    """The bench subcommand of `sub`; formatter_class: the command's, so that every option's
+    default shows once."""
     b = sub.add_parser("bench", help="fused vs unfused latency and the hardware floors",
                        description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=formatter_class)
     b.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="data type of q and k")
     b.add_argument("--q-dim", type=int, help="full q width (default: 6144, or what splits "
@@ -64,22 +68,25 @@ def add_parser(sub):
                    help="graph: CUDA-graph replays (device time); eager: host time per call, "
                         "back to back")
     b.add_argument("--transports", default="ipc,nccl", type=_transports,
-                   help="comma-separated, of ipc, nccl, mpi")
+                   help=f"comma-separated, of {', '.join(TRANSPORT_CHOICES)}")
     b.add_argument("--rope", action="store_true",
                    help="also time the norm with MiniMax M2's RoPE: fused (T+rope), and for "
-                        "ipc the norm followed by a separate RoPE kernel (ipc>rope)")
+                        "ipc the norm followed by a separate RoPE kernel (ipc>rope) "
+                        "(default: off)")
     b.add_argument("--positions", default="random", choices=("random", "sequence"),
                    help="with --rope: random, each token anywhere in the table (a decode "
                         "batch of unrelated sequences: every token's angles from memory); "
                         "sequence, one prompt's positions 0..T-1 (a prefill)")
     b.add_argument("--replays", type=int, default=30, help="graph replays per timing")
     b.add_argument("--calls", type=int, default=3000, help="eager calls per timing")
-    b.add_argument("--json", help="write every number to this file (rank 0)")
-    b.add_argument("--plot", help="latency vs T, log-log, to this PNG (needs matplotlib)")
+    b.add_argument("--json", help="write every number to this file (rank 0; default: none)")
+    b.add_argument("--plot", help="latency vs T, log-log, to this PNG (needs matplotlib; "
+                   "default: none)")
     b.add_argument("--commit", help="the commit to print (default: git rev-parse HEAD)")
     b.add_argument("--exchange-floor", action="store_true",
                    help="also time the exchange alone (a one-warp kernel that only pushes "
-                        "and waits) as a graph node: the decode floor of this host")
+                        "and waits) as a graph node: the decode floor of this host "
+                        "(default: off)")
     b.add_argument("--in-place", action="store_true",
                    help="every call writes its output over its input (as SGLang's kernel "
                         "and benchmark do); the copy kernel then copies each buffer onto "
@@ -344,18 +351,16 @@ def time_cupy_launch_us(stream, calls):
 
 
 def run(args):
+    """The bench command. Needs MPI and a GPU on every rank: cupy_qknorm.cli checks both
+    first (one line naming what is missing); an argument it cannot time raises ValueError."""
     import cupy
     from mpi4py import MPI
 
     from . import RoPE, TPQKNorm
-    from .placement import no_gpu_reason, select_device
+    from .placement import select_device
     from .shapes import ITEMSIZE, default_dims, whole_heads
     comm = MPI.COMM_WORLD
     select_device(comm)
-    reason = no_gpu_reason()
-    if reason is not None:
-        _say(comm, f"bench: needs one CUDA GPU per rank; this host has none usable ({reason})")
-        return 2
     world = comm.size
     q, k = default_dims(world)
     args.q_dim = args.q_dim or q
@@ -363,9 +368,8 @@ def run(args):
     dq, dk = args.q_dim // world, args.k_dim // world
     rope = RoPE.minimax_m2() if args.rope else None
     if rope is not None and not whole_heads(world, args.q_dim, args.k_dim, rope.head_dim):
-        _say(comm, f"bench --rope: q_dim={args.q_dim}, k_dim={args.k_dim} do not split into "
-                   f"whole heads of {rope.head_dim} over {world} ranks")
-        return 2
+        raise ValueError(f"--rope: q_dim={args.q_dim}, k_dim={args.k_dim} do not split into "
+                         f"whole heads of {rope.head_dim} over {world} ranks")
     stream = cupy.cuda.Stream(non_blocking=True)
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     card = props["name"].decode()

@@ -1,10 +1,12 @@
 """cupy-qknorm {compile, check, info, bench}: build the kernels, check parity, describe
 this machine, time the op. Also `python -m cupy_qknorm`.
 
-Every command validates its arguments before any work. A usage error (a bad value, an
-unknown architecture, a transport this machine cannot run, a missing NVRTC) prints one
-line, `cupy-qknorm <command>: <why>` (on rank 0 under mpiexec), and exits with 2;
-CUPY_QKNORM_DEBUG=1 adds the traceback.
+Every command validates its arguments and this machine before any work. A usage error (a
+bad value, an unknown architecture, a transport this machine cannot run) or a missing
+piece (CuPy, a CUDA driver or device, NVRTC, an MPI library) prints one line,
+`cupy-qknorm <command>: <why>`, naming the extra to install where one brings it (on rank
+0 under mpiexec), and exits with 2; CUPY_QKNORM_DEBUG=1 adds the traceback. `info` says
+what is missing line by line and exits 0; `check` without CuPy runs on transport "mpi".
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
             return text
         return super()._get_help_string(action)
 
@@ -165,14 +167,15 @@ def _warm_cupy_cache(kc, specs):
 def cmd_check(args):
     """Parity of this machine against the float64 reference; PASS/FAIL on rank 0."""
     import numpy as np
-    from mpi4py import MPI
 
     from . import RoPE, TPQKNorm, knobs
     from . import reference as ref
     from .placement import select_device
     from .rope import check as check_rope, host_table
     from .shapes import default_dims
-    comm = MPI.COMM_WORLD
+    gpu = args.transport in ("ipc", "nccl")
+    comm = _world(f"transport {args.transport!r}" if gpu else None)
+    from mpi4py import MPI
     rank, world = comm.rank, comm.size
     knobs.check_all()
     q_dim, k_dim = default_dims(world)
@@ -235,31 +238,35 @@ def cmd_info(args):
     """What this machine offers: version, kernel sources, CuPy, NVRTC, NCCL, MPI, GPUs."""
     from . import __version__
     from . import compile as kc
+    from .placement import no_gpu_reason
     print(f"cupy_qknorm {__version__}; kernels {kc.KERNEL_DIR} ({kc.SOURCES_HASH})")
     for name, line in (("CuPy", _cupy_line), ("NVRTC", _nvrtc_line), ("NCCL", _nccl_line),
                        ("MPI", _mpi_line)):
         try:
             text = line()
         except Exception as e:  # noqa: BLE001 - informational: say what failed
-            text = f"unavailable ({type(e).__name__}: {e})"
+            text = f"unavailable ({type(e).__name__}: {_first_line(e)})"
         print(f"{name}: {text}")
-    try:
-        import cupy
-        n = cupy.cuda.runtime.getDeviceCount()
-        for d in range(n):
-            p = cupy.cuda.runtime.getDeviceProperties(d)
-            print(f"GPU {d}: {p['name'].decode()} sm_{p['major']}{p['minor']}, "
-                  f"{p['totalGlobalMem'] / 2 ** 30:.0f} GiB")
-        if not n:
-            print("GPUs: none")
-    except Exception as e:  # noqa: BLE001 - no CuPy or no driver
-        print(f"GPUs: none ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    why = no_gpu_reason()
+    if why is not None:
+        print(f"GPUs: none; {why}")
+        return 0
+    import cupy
+    for d in range(cupy.cuda.runtime.getDeviceCount()):
+        p = cupy.cuda.runtime.getDeviceProperties(d)
+        print(f"GPU {d}: {p['name'].decode()} sm_{p['major']}{p['minor']}, "
+              f"{p['totalGlobalMem'] / 2 ** 30:.0f} GiB")
     return 0
 
 
 def _cupy_line():
-    import cupy
-    return f"{cupy.__version__} (CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()})"
+    try:
+        import cupy
+    except ImportError:
+        from .placement import no_gpu_reason
+        return f"unavailable: {no_gpu_reason()}"
+    v = cupy.cuda.runtime.runtimeGetVersion()
+    return f"{cupy.__version__} (CUDA runtime {v // 1000}.{v % 1000 // 10})"
 
 
 def _nvrtc_line():
@@ -274,6 +281,10 @@ def _nvrtc_line():
 
 def _nccl_line():
     import warnings
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "unavailable (it comes with CuPy)"
     with warnings.catch_warnings():  # CuPy warns where libnccl is missing: said below
         warnings.simplefilter("ignore")
         from cupy.cuda import nccl
@@ -283,15 +294,66 @@ def _nccl_line():
 
 
 def _mpi_line():
+    why = _mpi_missing()
+    if why is not None:
+        return f"unavailable: {why}"
     import mpi4py
     from mpi4py import MPI
     lib = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
     return f"mpi4py {mpi4py.__version__}; {lib}; {MPI.COMM_WORLD.size} rank(s) here"
 
 
+# -- what a command needs from this machine ----------------------------------------------
+def _mpi_missing() -> str | None:
+    """None where mpi4py loads an MPI library, else what is missing, in one line."""
+    try:
+        from mpi4py import MPI  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name == "mpi4py":
+            return ("mpi4py is not installed (pip install mpi4py, and where this host has "
+                    "no MPI: pip install 'cupy-qknorm[mpich]')")
+        detail = _first_line(e)
+    except Exception as e:  # noqa: BLE001 - mpi4py's loader raises RuntimeError
+        # its first line is "cannot load MPI library"; the next names the file it tried
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else _first_line(e)
+    else:
+        return None
+    return (f"mpi4py finds no MPI library ({detail}): pip install 'cupy-qknorm[mpich]', or "
+            f"load this host's own MPI")
+
+
+def _world(gpu_for: str | None = None):
+    """MPI.COMM_WORLD; with `gpu_for` (what needs it), also a GPU that CuPy can use on
+    every rank, agreed by an allgather, so every rank raises the same _UsageError."""
+    from .placement import no_gpu_reason
+    why = _mpi_missing()
+    if why is not None:
+        gpu = no_gpu_reason() if gpu_for is not None else None
+        raise _UsageError(why if gpu is None else f"{why}; {gpu_for} also needs a GPU: "
+                                                  f"{gpu}")
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    if gpu_for is None:
+        return comm
+    reasons = comm.allgather(no_gpu_reason())
+    bad = [r for r, why in enumerate(reasons) if why is not None]
+    if bad:
+        where = ("" if comm.size == 1 else "every rank: " if len(set(reasons)) == 1
+                 else f"rank {bad[0]}: ")
+        raise _UsageError(f"{gpu_for} needs a CUDA GPU on every rank; {where}"
+                          f"{reasons[bad[0]]}")
+    return comm
+
+
+def _first_line(e) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 # -- main -------------------------------------------------------------------------------
 class _UsageError(Exception):
-    """An argument this machine cannot act on: one line, exit 2."""
+    """What this machine cannot act on (an argument, a missing piece): one line, exit 2."""
 
 
 def _array_module(norm):
@@ -353,7 +415,7 @@ def parser():
                    help="version, kernel sources, CuPy, NVRTC, NCCL, MPI and GPUs",
                    description="What this machine offers cupy_qknorm.")
     from .bench import add_parser as add_bench
-    add_bench(sub)
+    add_bench(sub, _Formatter)
     return p
 
 
@@ -361,12 +423,8 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.cmd == "compile":
         args.arch = args.arch or ["sm_90"]
-    if args.cmd == "bench":
-        from .bench import run as cmd_bench
-    else:
-        cmd_bench = None
     command = {"compile": cmd_compile, "check": cmd_check, "info": cmd_info,
-               "bench": cmd_bench}[args.cmd]
+               "bench": _bench}[args.cmd]
     from .errors import QKNormError
     try:
         return command(args)
@@ -385,9 +443,16 @@ def main(argv=None):
         return USAGE_ERROR
 
 
+def _bench(args):
+    """bench times the GPU transports: MPI and a GPU on every rank, then bench.run."""
+    _world("timing the GPU transports")
+    from .bench import run
+    return run(args)
+
+
 def _rank(cmd) -> int:
-    """This process's rank where the command runs under MPI, else 0."""
-    if cmd not in ("check", "bench"):
+    """This process's rank where the command runs under MPI (and MPI loads), else 0."""
+    if cmd not in ("check", "bench") or _mpi_missing() is not None:
         return 0
     from mpi4py import MPI
     return MPI.COMM_WORLD.rank

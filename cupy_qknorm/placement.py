@@ -56,9 +56,10 @@ def choose_transport(asked: str, facts) -> tuple:
         if asked == "auto":
             return "mpi", "no GPU on some rank"
         cpu = [r for r, f in enumerate(facts) if not f.gpu]
-        return None, (f"{asked} needs a GPU on every rank; rank {cpu[0]} has none (CuPy with "
-                      f"a CUDA device: pip install 'cupy-qknorm[cuda13]' or "
-                      f"'cupy-qknorm[cuda12]')")
+        # the facts do not say which piece that rank lacks: name each, the install last
+        return None, (f"{asked} needs a GPU on every rank; rank {cpu[0]} has none (no CUDA "
+                      f"device or driver there, or no CuPy: pip install "
+                      f"'cupy-qknorm[cuda13]' or 'cupy-qknorm[cuda12]')")
     shared = _shared_gpu(facts)
     if shared is not None:
         # NCCL refuses two ranks on one device, and the fused kernel's spin-waits would need
@@ -98,14 +99,57 @@ def select_device(comm) -> bool:
     return False
 
 
+# CUDA runtime errors that say what is missing
+_INSUFFICIENT_DRIVER = 35    # cudaErrorInsufficientDriver: no driver, or one too old
+_NO_DEVICE = 100             # cudaErrorNoDevice
+
+CUPY_MISSING = "CuPy is not installed (pip install 'cupy-qknorm[cuda13]' or '[cuda12]')"
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
 def no_gpu_reason() -> str | None:
-    """None where CuPy sees a GPU, else why not (no CuPy, no driver, no device)."""
+    """None where CuPy sees a GPU, else what is missing, in one line: CuPy (with the extra
+    that brings it), a CUDA driver (none, or one older than CuPy's runtime), or a device.
+    An install is named only where it is the remedy: no CuPy, or a CuPy newer than the
+    driver."""
     try:
         import cupy
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return None
-        return "no CUDA device"
-    except ImportError:
-        return "CuPy is not installed (pip install 'cupy-qknorm[cuda13]' or '[cuda12]')"
-    except Exception as e:  # noqa: BLE001 - CUDARuntimeError: no driver
-        return f"{type(e).__name__}: {e}"
+    except ImportError as e:  # not installed, or a CuPy whose own libraries are missing
+        if isinstance(e, ModuleNotFoundError) and \
+                (e.name or "").split(".")[0] in ("cupy", "cupy_backends"):
+            return CUPY_MISSING
+        return f"CuPy is installed but does not import ({type(e).__name__}: {_first(e)})"
+    runtime = cupy.cuda.runtime
+    try:
+        count = runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001 - CUDARuntimeError: say which piece is missing
+        return _runtime_reason(runtime, e)
+    return None if count > 0 else "CuPy is installed but sees no CUDA device"
+
+
+def _runtime_reason(runtime, error) -> str:
+    status = getattr(error, "status", None)
+    if status == _NO_DEVICE:
+        return "CuPy is installed but sees no CUDA device"
+    if status != _INSUFFICIENT_DRIVER:
+        return (f"CuPy is installed but cannot reach a GPU ({type(error).__name__}: "
+                f"{_first(error)})")
+    try:
+        driver, ours = runtime.driverGetVersion(), runtime.runtimeGetVersion()
+    except Exception:  # noqa: BLE001 - the versions only sharpen the message
+        driver, ours = None, None
+    if driver == 0:  # what cudaDriverGetVersion reports where no driver is installed
+        return "CuPy is installed but this host has no CUDA driver (no libcuda)"
+    if driver and ours:
+        return (f"the CUDA driver ({_cuda_version(driver)}) is older than CuPy's CUDA runtime "
+                f"({_cuda_version(ours)}): update the driver, or use the CuPy of its CUDA "
+                f"version (cupy-qknorm[cuda12] in place of [cuda13])")
+    return "CuPy is installed but finds no usable CUDA driver"
+
+
+def _first(e) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -1,6 +1,7 @@
 """Shared fixtures. MPI tests (pytest-mpi's `mpi` mark) run only under
-`mpiexec -n G python -m pytest --with-mpi`; a plain run skips them, and
-tests/test_launch.py starts those runs as subprocesses.
+`mpiexec -n G python -m pytest --with-mpi`; a plain run skips them, saying where they run:
+tests/test_launch.py starts tests/test_mpi.py's runs as subprocesses, scripts/gpu_suite.sh
+those of tests/gpu.
 
 Under MPI: the GPU comes from the node-local rank, ranks other than 0 are quiet, and a
 barrier surrounds each test so one rank's failure cannot shift the others' collectives.
@@ -54,8 +55,94 @@ def run_mpi(ranks, *argv, timeout=120):
                           timeout=timeout)
 
 
+# Runs cupy_qknorm.cli.main on each argv of argv[2] (JSON) in a fresh process that lacks
+# argv[1]: "cupy" (import cupy fails, as where it is not installed), "driver" (CuPy imports,
+# the runtime finds no driver, as here without a GPU), "mpi" (mpi4py's loader finds no
+# libmpi, with the error it raises then) or "" (nothing); argv[3] is Python run first.
+# Prints [[exit code, stdout, stderr or the escaped exception's traceback], ...] as JSON.
+_CLI_WITHOUT = r"""
+import contextlib, io, json, sys, traceback
+missing, commands, setup = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+if missing == "cupy":
+    for name in ("cupy", "cupyx", "cupy_backends"):
+        sys.modules[name] = None
+elif missing == "driver":
+    import cupy
+    from cupy_backends.cuda.api.runtime import CUDARuntimeError
+
+    def no_driver():
+        raise CUDARuntimeError(35)  # cudaErrorInsufficientDriver
+    cupy.cuda.runtime.getDeviceCount = no_driver
+    cupy.cuda.runtime.driverGetVersion = lambda: 0  # no driver installed at all
+elif missing == "mpi":
+    class NoLibmpi:
+        def find_spec(self, name, path=None, target=None):
+            if name == "mpi4py.MPI":
+                raise RuntimeError("cannot load MPI library\n"
+                                   "libmpi.so: cannot open shared object file: No such file "
+                                   "or directory\n"
+                                   "libmpi.so.12: cannot open shared object file: No such "
+                                   "file or directory")
+    sys.meta_path.insert(0, NoLibmpi())
+exec(setup)
+from cupy_qknorm import cli
+results = []
+for argv in commands:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli.main(argv)
+        except SystemExit as e:
+            rc = e.code
+        except BaseException:
+            rc = "escaped"
+            traceback.print_exc()
+    results.append([rc, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def cli_without(missing, *commands, setup="", env=None):
+    """{" ".join(argv): (exit code, stdout, stderr)} of the cupy-qknorm commands run in one
+    process where `missing` is missing (_CLI_WITHOUT): cheaper than a venv without it."""
+    import json
+    env = dict(os.environ if env is None else env, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", _CLI_WITHOUT, missing,
+                        json.dumps([list(c) for c in commands]), setup],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    return {" ".join(c): tuple(res) for c, res in zip(commands, results)}
+
+
 def _under_mpi(config) -> bool:
     return bool(config.getoption("--with-mpi", default=False))
+
+
+MPI_RANKS = (2, 3)  # tests/test_launch.py runs tests/test_mpi.py under mpiexec -n G at these
+PYTEST_MPI_SKIP = "need --with-mpi option to run"  # pytest-mpi's reason: says not where
+
+
+def mpi_skip_reason(path: Path) -> str:
+    """Why an MPI test of file `path` skips in a plain run: where it runs instead."""
+    where = Path(path).resolve().relative_to(ROOT).as_posix()
+    if where == "tests/test_mpi.py":
+        ranks = " and ".join(f"-n {g}" for g in MPI_RANKS)
+        return f"runs under mpiexec {ranks} from tests/test_launch.py"
+    if where.startswith("tests/gpu/"):
+        return "runs under mpiexec on a GPU host (scripts/gpu_suite.sh)"
+    return "runs under mpiexec -n G python -m pytest --with-mpi"
+
+
+def _say_where_mpi_tests_run(items):
+    """pytest-mpi marks each MPI test of a plain run skipped with its own reason; put ours
+    in its place, first, so that -rs and the summary below show it."""
+    for item in items:
+        if item.get_closest_marker("mpi") is None:
+            continue
+        item.own_markers[:] = [m for m in item.own_markers if not (
+            m.name == "skip" and m.kwargs.get("reason") == PYTEST_MPI_SKIP)]
+        item.add_marker(pytest.mark.skip(reason=mpi_skip_reason(item.path)), append=False)
 
 
 def pytest_configure(config):
@@ -76,10 +163,13 @@ FAULT_TIMES = pytest.StashKey[list]()
 NVRTC_BUILD = pytest.StashKey[object]()
 
 
-@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection and pytest-mpi's marks
 def pytest_collection_modifyitems(config, items):
-    """The NVRTC build of tests/test_compile.py starts now, in the background, and its
-    tests run last: the compile uses the CPU the other tests leave idle."""
+    """MPI tests of a plain run say where they run. The NVRTC build of
+    tests/test_compile.py starts now, in the background, and its tests run last: the
+    compile uses the CPU the other tests leave idle."""
+    if not _under_mpi(config):
+        _say_where_mpi_tests_run(items)
     late = [i for i in items if "built" in getattr(i, "fixturenames", ())]
     if not late or _under_mpi(config):
         return
@@ -128,8 +218,6 @@ def pytest_terminal_summary(terminalreporter, config):
         for rep in skipped:
             reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
             reason = reason.removeprefix("Skipped: ")
-            if reason == "need --with-mpi option to run":  # pytest-mpi's words
-                reason = "need mpiexec (tests/test_launch.py runs them)"
             reasons[reason] = reasons.get(reason, 0) + 1
         tr.write_line("skipped (-rs lists each): " + "; ".join(
             f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda r: -r[1])))

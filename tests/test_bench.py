@@ -1,12 +1,12 @@
-"""The benchmark's table and plot input, on CPU (the timings themselves need GPUs)."""
-import subprocess
-import sys
-from pathlib import Path
+"""The benchmark's table and plot input, its options, and what it says where it cannot run,
+on CPU (the timings themselves need GPUs)."""
+import argparse
 
 import pytest
 
-from cupy_qknorm.bench import _table
-from tests.conftest import HAS_GPU
+from cupy_qknorm import cli
+from cupy_qknorm.bench import _table, add_parser
+from tests.conftest import HAS_GPU, mpiexec, run_mpi
 
 RESULT = {"card": "X", "G": 2, "dtype": "bfloat16", "q_dim": 6144, "k_dim": 1024,
           "commit": "abc", "pdl": True, "date": "2026-11-28",
@@ -75,13 +75,14 @@ def test_table_without_copy_rows_or_ipc():
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the message of a host without a GPU")
-def test_bench_without_gpu_says_so():
-    r = subprocess.run([sys.executable, "-m", "cupy_qknorm", "bench", "--tokens", "1"],
-                       capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).resolve().parents[1])
-    assert r.returncode == 2, r.stderr
-    assert "needs one CUDA GPU per rank" in r.stderr
-    assert "Traceback" not in r.stderr
+@pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install mpich)")
+def test_bench_without_gpu_is_one_line_from_rank_0():
+    """Every rank finds it has no GPU (an allgather), every rank exits 2, rank 0 says why."""
+    r = run_mpi(2, "-m", "cupy_qknorm", "bench", "--tokens", "1")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout == "" and r.stderr.splitlines() == [
+        "cupy-qknorm bench: timing the GPU transports needs a CUDA GPU on every rank; every "
+        "rank: CuPy is installed but this host has no CUDA driver (no libcuda)"]
 
 
 def test_table_names_the_layouts_when_known():
@@ -104,14 +105,41 @@ def test_table_header_says_in_place():
 
 
 def test_bench_refuses_unknown_transports_and_tokens(capsys):
-    import argparse
-
-    from cupy_qknorm.bench import add_parser
     sub = argparse.ArgumentParser().add_subparsers(dest="cmd")
     p = add_parser(sub)
     assert p.parse_args(["--transports", "nccl,ipc,nccl"]).transports == ["nccl", "ipc"]
     for bad in (["--transports", "bogus"], ["--transports", ""], ["--tokens", "0,4"],
-                ["--tokens", "x"]):
+                ["--tokens", "x"], ["--transports", "ipc,mpi"]):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
     assert "transports must be" in capsys.readouterr().err
+
+
+def test_help_lists_only_the_transports_bench_times(capsys):
+    """bench times the GPU transports: "mpi" (host sums, not capturable in a graph) is
+    neither offered nor accepted; check offers every transport."""
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--transports TRANSPORTS comma-separated, of ipc, nccl (default: ipc,nccl)" in text
+    assert "mpi" not in text.split("--transports TRANSPORTS")[1].split("--rope")[0]
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--transports", "mpi"])
+    assert "transports must be a comma-separated list of ipc, nccl; got 'mpi'" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["check", "--help"])
+    assert "--transport {auto,ipc,nccl,mpi}" in capsys.readouterr().out
+
+
+def test_rope_without_whole_heads_is_a_value_error_before_any_timing(monkeypatch):
+    """run() refuses --rope at widths that do not split into whole heads, on every rank
+    alike (cli prints it as one line); nothing is allocated or timed before."""
+    cupy = pytest.importorskip("cupy")
+    from cupy_qknorm import bench
+    monkeypatch.setattr(bench, "floor_empty_kernel_us", None)  # called: a TypeError
+    monkeypatch.setattr(cupy.cuda, "Stream", None)
+    args = cli.parser().parse_args(["bench", "--rope", "--k-dim", "192"])
+    with pytest.raises(ValueError, match=r"^--rope: q_dim=6144, k_dim=192 do not split into "
+                                         r"whole heads of 128 over 1 ranks$"):
+        bench.run(args)

@@ -1,6 +1,9 @@
 """The cupy-qknorm command on one rank, in this process (mpiexec runs: test_launch.py):
---version, help with defaults, and usage errors as one line with exit 2 before any work."""
+--version, help with defaults, and usage errors as one line with exit 2 before any work;
+and every command where CuPy, the CUDA driver or the MPI library is missing (in a process
+that lacks it: tests/conftest.py's cli_without)."""
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +14,7 @@ import cupy_qknorm
 from cupy_qknorm import cli
 from cupy_qknorm import compile as kc
 from cupy_qknorm import knobs, tuning
-from tests.conftest import HAS_GPU
+from tests.conftest import HAS_GPU, cli_without
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION_LINE = f"cupy-qknorm {cupy_qknorm.__version__}"
@@ -83,17 +86,31 @@ def subparsers():
 
 
 @pytest.mark.parametrize("command", ["compile", "check", "info", "bench"])
-def test_every_option_has_help_that_shows_its_default(command):
+def test_every_option_shows_its_default_once(command):
     sub = subparsers()[command]
     formatter = sub._get_formatter()
-    missing = []
+    wrong = []
     for action in sub._actions:
         if not action.option_strings or action.dest == "help":
             continue
-        text = formatter._get_help_string(action) or ""
-        if not action.help or "default" not in text.lower():
-            missing.append(f"{'/'.join(action.option_strings)}: {text!r}")
-    assert not missing, missing
+        text = formatter._expand_help(action) if action.help else ""
+        if len(re.findall(r"\bdefault\b", text, re.IGNORECASE)) != 1:
+            wrong.append(f"{'/'.join(action.option_strings)}: {text!r}")
+    assert not wrong, wrong
+    assert "(default: None)" not in sub.format_help()
+
+
+def test_the_default_formatter_would_print_two_defaults():
+    """What the test above guards against: argparse's own formatter appends a default to a
+    help text that already says it, and prints None for options without one."""
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--x", default=3, help="a number (default: three)")
+    p.add_argument("--y", help="a file")
+    text = " ".join(p.format_help().split())
+    assert "(default: three) (default: 3)" in text and "(default: None)" in text
+    p.formatter_class = cli._Formatter
+    text = " ".join(p.format_help().split())
+    assert text.count("default") == 1 and "None" not in text
 
 
 def test_help_shows_this_machines_defaults(capsys):
@@ -228,13 +245,13 @@ def test_check_rope_needs_whole_heads(capsys):
 
 @pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")
 def test_check_gpu_transport_without_a_gpu(capsys):
+    """CuPy is installed here, the driver is not: say so, and name no extra to install."""
     for transport in ("ipc", "nccl"):
         rc, out, err = run(capsys, "check", "--transport", transport)
         assert rc == 2 and out == ""
         assert one_line(err, "check") == (
-            f"cupy-qknorm check: transport '{transport}': {transport} needs a GPU on every "
-            f"rank; rank 0 has none (CuPy with a CUDA device: pip install "
-            f"'cupy-qknorm[cuda13]' or 'cupy-qknorm[cuda12]')")
+            f"cupy-qknorm check: transport '{transport}' needs a CUDA GPU on every rank; "
+            f"CuPy is installed but this host has no CUDA driver (no libcuda)")
 
 
 def test_check_bad_config_is_one_line(capsys):
@@ -256,5 +273,143 @@ def test_info(capsys):
     assert "mpi4py" in lines[4] and "1 rank(s) here" in lines[4]
     assert any(ln.startswith("GPU") for ln in lines[5:])
     if not HAS_GPU:
-        assert lines[5].startswith("GPUs: none")
+        assert lines[5].startswith("GPUs: none; ")
     assert "Traceback" not in err
+
+
+# -- every command where a piece is missing -----------------------------------------------
+COMMANDS = [("--version",), ("info",), ("compile", "--cupy-cache"),
+            ("compile", "--jobs", "1"), ("check", "--transport", "ipc"),
+            ("check", "--transport", "nccl"), ("check", "--tokens", "0,3"),
+            ("check", "--transport", "mpi", "--tokens", "3"), ("bench", "--tokens", "1"),
+            ("bench", "--help")]
+# one small specialization, so that `compile` proves it builds without what is missing
+ONE_SPEC = ("from cupy_qknorm import tuning\n"
+            "spec = tuning.Spec.plan('float32', 'float32', 8, 768, 128, 'narrow')\n"
+            "tuning.shipped_specs = lambda: [spec]\n")
+CUPY_EXTRA = "pip install 'cupy-qknorm[cuda13]' or '[cuda12]'"
+MPI_EXTRA = "pip install 'cupy-qknorm[mpich]'"
+NO_DRIVER = "CuPy is installed but this host has no CUDA driver (no libcuda)"
+NVRTC = kc.nvrtc_available() is None
+
+
+@pytest.fixture(scope="module")
+def without():
+    """{missing: {command: (exit code, stdout, stderr)}} for "cupy", "driver" and "mpi"."""
+    return {m: cli_without(m, *COMMANDS, setup=ONE_SPEC) for m in ("cupy", "driver", "mpi")}
+
+
+def line_of(result, command):
+    """The one stderr line of a command that could not run: exit 2, nothing on stdout."""
+    rc, out, err = result
+    assert rc == 2 and out == "", result
+    return one_line(err, command)
+
+
+def passed(result):
+    rc, out, err = result
+    assert rc == 0 and "Traceback" not in err, result
+    return out
+
+
+# ids without the bare word "mpi", which pytest-mpi takes for its mark
+@pytest.mark.parametrize("missing", ["cupy", "driver", "mpi"],
+                         ids=["no-cupy", "no-driver", "no-libmpi"])
+def test_no_command_ends_in_a_traceback(without, missing):
+    for command, (rc, out, err) in without[missing].items():
+        assert rc in (0, 2) and "Traceback" not in out + err, (command, rc, out, err)
+    assert passed(without[missing]["--version"]) == VERSION_LINE + "\n"
+    assert passed(without[missing]["bench --help"]).startswith("usage: cupy-qknorm bench")
+
+
+def test_without_cupy(without):
+    r = without["cupy"]
+    info = passed(r["info"]).splitlines()
+    assert info[1] == f"CuPy: unavailable: CuPy is not installed ({CUPY_EXTRA})"
+    assert info[3] == "NCCL: unavailable (it comes with CuPy)"
+    assert info[5] == f"GPUs: none; CuPy is not installed ({CUPY_EXTRA})"
+    for t in ("ipc", "nccl"):
+        assert line_of(r[f"check --transport {t}"], "check") == (
+            f"cupy-qknorm check: transport '{t}' needs a CUDA GPU on every rank; CuPy is not "
+            f"installed ({CUPY_EXTRA})")
+    assert line_of(r["bench --tokens 1"], "bench") == (
+        f"cupy-qknorm bench: timing the GPU transports needs a CUDA GPU on every rank; CuPy "
+        f"is not installed ({CUPY_EXTRA})")
+    assert CUPY_EXTRA in line_of(r["compile --cupy-cache"], "compile")
+    # numpy arrays on transport "mpi" need no CuPy; nor does NVRTC
+    for check in ("check --tokens 0,3", "check --transport mpi --tokens 3"):
+        out = passed(r[check])
+        assert "transport=mpi" in out and out.splitlines()[-1].startswith("PASS")
+    if NVRTC:
+        assert passed(r["compile --jobs 1"]).splitlines()[-1].startswith(
+            "compiled 1/1 specializations for sm_90")
+
+
+def test_without_a_driver(without):
+    """CuPy is installed: say that the driver is missing, and name no extra."""
+    r = without["driver"]
+    info = passed(r["info"]).splitlines()
+    assert info[1].startswith("CuPy: ") and "unavailable" not in info[1]
+    assert info[5] == f"GPUs: none; {NO_DRIVER}"
+    lines = [line_of(r[c], c.split()[0]) for c in ("check --transport ipc",
+                                                   "check --transport nccl",
+                                                   "bench --tokens 1", "compile --cupy-cache")]
+    assert lines[0] == ("cupy-qknorm check: transport 'ipc' needs a CUDA GPU on every rank; "
+                        + NO_DRIVER)
+    assert lines[2] == ("cupy-qknorm bench: timing the GPU transports needs a CUDA GPU on "
+                        "every rank; " + NO_DRIVER)
+    assert lines[3] == ("cupy-qknorm compile: --cupy-cache needs a GPU (CuPy compiles for the "
+                        "GPU it sees): " + NO_DRIVER)
+    for line in lines:
+        assert NO_DRIVER in line and "pip install" not in line, line
+    assert passed(r["check --tokens 0,3"]).splitlines()[-1].startswith("PASS")
+
+
+def test_without_an_mpi_library(without):
+    r = without["mpi"]
+    mpi = (f"mpi4py finds no MPI library (libmpi.so: cannot open shared object file: No such "
+           f"file or directory): {MPI_EXTRA}, or load this host's own MPI")
+    info = passed(r["info"]).splitlines()
+    assert len(info) >= 6 and info[4] == f"MPI: unavailable: {mpi}"
+    for check in ("check --tokens 0,3", "check --transport mpi --tokens 3"):
+        assert line_of(r[check], "check") == f"cupy-qknorm check: {mpi}"
+    for command in ("check --transport ipc", "bench --tokens 1"):
+        line = line_of(r[command], command.split()[0])
+        assert line.startswith(f"cupy-qknorm {command.split()[0]}: {mpi}; "), line
+        assert "also needs a GPU: " in line  # what else is missing, in the same line
+    if NVRTC:  # compile needs no MPI
+        assert passed(r["compile --jobs 1"]).splitlines()[-1].startswith("compiled 1/1 ")
+
+
+def test_a_missing_piece_with_the_debug_knob_adds_the_traceback(monkeypatch):
+    monkeypatch.setenv("CUPY_QKNORM_DEBUG", "1")
+    rc, out, err = cli_without("cupy", ("bench",))["bench"]
+    assert rc == 2 and err.startswith("cupy-qknorm bench: timing the GPU transports needs ")
+    assert "Traceback" in err and "_UsageError" in err
+
+
+@pytest.mark.parametrize("status,driver,runtime,want", [
+    (35, 0, 13020, NO_DRIVER),
+    (35, 12040, 13020, "the CUDA driver (12.4) is older than CuPy's CUDA runtime (13.2): "
+                       "update the driver, or use the CuPy of its CUDA version "
+                       "(cupy-qknorm[cuda12] in place of [cuda13])"),
+    (100, 13000, 13020, "CuPy is installed but sees no CUDA device"),
+    (999, 13000, 13020, "CuPy is installed but cannot reach a GPU (CUDARuntimeError: "),
+])
+def test_no_gpu_reason_says_which_piece_is_missing(monkeypatch, status, driver, runtime,
+                                                   want):
+    cupy = pytest.importorskip("cupy")
+    from cupy_backends.cuda.api.runtime import CUDARuntimeError
+
+    from cupy_qknorm.placement import no_gpu_reason
+
+    def fail():
+        raise CUDARuntimeError(status)
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", fail)
+    monkeypatch.setattr(cupy.cuda.runtime, "driverGetVersion", lambda: driver)
+    monkeypatch.setattr(cupy.cuda.runtime, "runtimeGetVersion", lambda: runtime)
+    assert no_gpu_reason().startswith(want)
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", lambda: 0)
+    assert no_gpu_reason() == "CuPy is installed but sees no CUDA device"
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", lambda: 1)
+    assert no_gpu_reason() is None
