@@ -1,6 +1,11 @@
-"""The documents describe the product as it is: sizes, the knob table, no work-log words."""
+"""The documents describe the product as it is: sizes, the knob table, no work-log words;
+and CI runs the README's commands, printing the test command's time."""
+import os
 import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from cupy_qknorm import knobs
 
@@ -14,16 +19,7 @@ def test_readme_and_benchmarks_fit():
 
 def test_knob_table_matches_the_module():
     text = (ROOT / "docs" / "knobs.md").read_text()
-    assert knobs.table() in text
-    for name in knobs.KNOBS:
-        assert f"`{name}`" in text
-
-
-def test_only_knobs_reads_the_environment():
-    for f in sorted((ROOT / "cupy_qknorm").rglob("*.py")):
-        if f.name == "knobs.py":
-            continue
-        assert "os.environ" not in f.read_text(), f"{f} reads the environment"
+    assert knobs.table() in text  # test_knobs: the table names every knob
 
 
 TRACKED = [p for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts
@@ -44,3 +40,36 @@ def test_no_work_log_language():
             if LOG_WORDS.search(line):
                 found.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()[:100]}")
     assert not found, "\n".join(found)
+
+
+def readme_commands():
+    """The README's two commands (install, test), without their comments."""
+    text = (ROOT / "README.md").read_text().split("## Install and test", 1)[1]
+    lines = [ln.split("#")[0].strip() for ln in text.splitlines() if ln.startswith("    ")]
+    return [ln for ln in lines if ln][:2]
+
+
+def test_ci_runs_the_readme_commands_exactly():
+    install, test = readme_commands()
+    assert install.startswith("pip install -e ") and test.startswith("python -m pytest ")
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert install in ci
+    assert f"{test} || rc=$?" in ci  # the exit code is kept, not lost to set -e
+
+
+@pytest.mark.parametrize("code", [0, 1, 5])
+def test_ci_prints_the_test_commands_time_and_keeps_its_exit_code(tmp_path, code):
+    """The test part of .ci/run, with `python` a stub that sleeps a second and exits
+    `code`: CI's log gets the wall time, and the job pytest's exit code (5: no tests)."""
+    script = (ROOT / ".ci" / "run").read_text()
+    test_part = script[script.index("# --- test"):]
+    stub = tmp_path / "python"
+    stub.write_text(f"#!/bin/sh\nsleep 1\nexit {code}\n")
+    stub.chmod(0o755)
+    r = subprocess.run(["bash", "-c", "set -euo pipefail\n" + test_part], cwd=tmp_path,
+                       env=dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == code, r.stdout + r.stderr
+    took = re.search(rf"^CI: the test command took (\d+) s \(exit {code}\)$", r.stdout, re.M)
+    assert took and 1 <= int(took.group(1)) <= 5, r.stdout
+    assert ("collected no tests" in r.stderr) == (code == 5)
