@@ -1,10 +1,14 @@
 """The one loader: kernels/ sources -> compiled kernels, keyed by everything that matters.
 
-`load(spec)` returns a spec's CuPy kernels, compiled by NVRTC through cupy.RawModule and
-cached per (spec, build knobs, device) in memory and by CuPy on disk; `nvrtc_compile(spec,
-arch)` builds the same source with NVRTC through cuda.bindings, which needs no GPU and no
-driver. The code string carries a hash of every file in kernels/: CuPy's disk cache keys
-on the code string and would not notice an edited header pulled in with -I.
+Two modules: the op's (kernels/qknorm.cu: the kernels of Spec.names) and the tools'
+(kernels/tools.cu: the P2P probe, the benchmark's floors and its separate RoPE kernel),
+built only where used. `load(spec)` returns a spec's CuPy kernels, `load_plain(name)` an
+extern "C" kernel of the tools, `load_rope(spec)` a spec's separate RoPE kernel; each is
+compiled by NVRTC through cupy.RawModule and cached per (what it holds, build knobs,
+device) in memory and by CuPy on disk. `nvrtc_compile(spec, arch)` builds the same
+sources with NVRTC through cuda.bindings, which needs no GPU and no driver. The code
+strings carry a hash of every file in kernels/: CuPy's disk cache keys on the code string
+and would not notice an edited header pulled in with -I.
 """
 from __future__ import annotations
 
@@ -25,8 +29,19 @@ def _sources_hash() -> str:
     return h.hexdigest()[:16]
 
 
+OP_MODULE = "qknorm.cu"      # the entry file of the op's kernels (Spec.names)
+TOOLS_MODULE = "tools.cu"    # the entry file of the others (load_plain, load_rope)
+PLAIN_KERNELS = ("qknorm_probe", "qknorm_empty", "qknorm_pingpong", "qknorm_copy",
+                 "qknorm_exchange")  # the tools module's extern "C" kernels (load_plain)
 SOURCES_HASH = _sources_hash()
-SOURCE = f'// cupy_qknorm kernels {SOURCES_HASH}\n#include "qknorm.cu"\n'
+
+
+def _code(module: str) -> str:
+    return f'// cupy_qknorm kernels {SOURCES_HASH}\n#include "{module}"\n'
+
+
+SOURCE = _code(OP_MODULE)
+TOOLS_SOURCE = _code(TOOLS_MODULE)
 
 
 def options(build=None) -> tuple:
@@ -68,14 +83,30 @@ def load(spec: Spec) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _plain_module(build: tuple, device: int):
-    return require_cupy("compiling kernels").RawModule(code=SOURCE, options=options(build))
+    return require_cupy("compiling kernels").RawModule(code=TOOLS_SOURCE,
+                                                       options=options(build))
 
 
 def load_plain(name: str):
-    """An extern "C" kernel of qknorm.cu (qknorm_probe, qknorm_empty, qknorm_pingpong,
-    qknorm_copy, qknorm_exchange) on the current device."""
+    """An extern "C" kernel of the tools module (PLAIN_KERNELS) on the current device."""
     cupy = require_cupy("compiling kernels")
     return _plain_module(knobs.build_values(), cupy.cuda.Device().id).get_function(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_module(name: str, build: tuple, device: int):
+    cupy = require_cupy("compiling kernels")
+    return cupy.RawModule(code=TOOLS_SOURCE, options=options(build), name_expressions=(name,))
+
+
+def load_rope(spec: Spec):
+    """The separate RoPE kernel of `spec` (Spec.rope_name: RoPE alone, in place, on the rows
+    a norm left; same threads a block as the spec's kernels) on the current device."""
+    if spec.rope_name is None:
+        raise ValueError(f"{spec} has no RoPE: no separate RoPE kernel")
+    cupy = require_cupy("compiling kernels")
+    mod = _rope_module(spec.rope_name, knobs.build_values(), cupy.cuda.Device().id)
+    return mod.get_function(spec.rope_name)
 
 
 def _check(result, prog=None):
@@ -135,13 +166,16 @@ def supported_archs() -> list:
     return [f"sm_{a}" for a in archs if a >= MIN_ARCH]
 
 
-def nvrtc_build(names, arch: str = "sm_90", build=None, source: str | None = None):
-    """Compile the name expressions `names` of `source` (default: kernels/qknorm.cu) with
-    NVRTC for `arch` and these build knobs (None: the environment's), ptxas reporting.
-    Returns (log, {name: lowered name}, cubin bytes); raises QKNormError with the log."""
+def nvrtc_build(names, arch: str = "sm_90", build=None, source: str | None = None,
+                module: str = OP_MODULE):
+    """Compile the name expressions `names` of `source` (default: the entry file `module`
+    of kernels/, the op's or TOOLS_MODULE) with NVRTC for `arch` and these build knobs
+    (None: the environment's), ptxas reporting. Returns (log, {name: lowered name}, cubin);
+    raises QKNormError with the log."""
     from cuda.bindings import nvrtc
-    src = (KERNEL_DIR / "qknorm.cu").read_text() if source is None else source
-    prog, = _check(nvrtc.nvrtcCreateProgram(src.encode(), b"qknorm.cu", 0, [], []))
+    src = (KERNEL_DIR / module).read_text() if source is None else source
+    program = module if source is None else "source.cu"  # may include any entry file
+    prog, = _check(nvrtc.nvrtcCreateProgram(src.encode(), program.encode(), 0, [], []))
     try:
         for name in names:
             _check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
@@ -153,19 +187,37 @@ def nvrtc_build(names, arch: str = "sm_90", build=None, source: str | None = Non
             mangled, = _check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))
             lowered[name] = mangled.decode() if isinstance(mangled, bytes) else mangled
         size, = _check(nvrtc.nvrtcGetCUBINSize(prog))
+        cubin = b" " * size
+        _check(nvrtc.nvrtcGetCUBIN(prog, cubin))
         _, n = nvrtc.nvrtcGetProgramLogSize(prog)
         log = b" " * n
         nvrtc.nvrtcGetProgramLog(prog, log)
-        return log.decode(errors="replace").strip(" \0\n"), lowered, size
+        return log.decode(errors="replace").strip(" \0\n"), lowered, cubin
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
+def modules(spec: Spec) -> list:
+    """[(entry file, {kind: name})]: what builds every kernel of `spec`, the op's module
+    and, with RoPE, the tools' for its separate RoPE kernel (kind "rope")."""
+    out = [(OP_MODULE, dict(spec.names))]
+    if spec.rope_name is not None:
+        out.append((TOOLS_MODULE, {"rope": spec.rope_name}))
+    return out
+
+
 def nvrtc_compile(spec: Spec, arch: str = "sm_90") -> dict:
-    """Compile `spec` for `arch` with NVRTC (no GPU needed). Returns sizes, the log and the
-    compiler's resource report of each kernel of the spec (registers, spills, smem)."""
-    log, lowered, size = nvrtc_build(list(spec.names.values()), arch)
-    found = ptxas_resources(log)
-    lowered = {kind: lowered[name] for kind, name in spec.names.items()}
-    return {"cubin_bytes": size, "lowered": lowered, "log": log,
-            "resources": {kind: found.get(name) for kind, name in lowered.items()}}
+    """Compile every kernel of `spec` (modules(spec)) for `arch` with NVRTC (no GPU
+    needed). Returns sizes, the log and the compiler's resource report of each kernel
+    (registers, spills, smem), by kind."""
+    size, logs, lowered, resources = 0, [], {}, {}
+    for module, kinds in modules(spec):
+        log, mangled, cubin = nvrtc_build(list(kinds.values()), arch, module=module)
+        found = ptxas_resources(log)
+        size += len(cubin)
+        logs.append(log)
+        for kind, name in kinds.items():
+            lowered[kind] = mangled[name]
+            resources[kind] = found.get(mangled[name])
+    return {"cubin_bytes": size, "lowered": lowered, "log": "\n".join(logs),
+            "resources": resources}

@@ -1,14 +1,19 @@
-"""The host's view of what the kernels share with it: struct qknorm::Params, the error
-record, the exchange slots and the unfused path's sums header (kernels/qknorm.cuh).
+"""The host's view of what the kernels share with it: struct qknorm::Params and the error
+record (kernels/params.cuh), the exchange slots (exchange.cuh), the unfused path's sums
+header (unfused.cuh) and the trace record (trace.cuh).
 
-The layout is checked against the header's kParamsBytes at import, so an edit of one
-side without the other fails at once rather than launching garbage.
+FIELDS is struct qknorm::Params, field by field; HEAD, STATIC and PARAMS are built from
+it. The header pins the same offsets and sizes (a static_assert a field), and
+tests/test_compile.py compiles a probe of FIELDS against the header's struct: a field
+moved, resized or swapped on either side fails there. Adding a field is one row here and
+one declaration with its QKNORM_FIELD line in params.cuh (and kParamsBytes at the end).
 """
 from __future__ import annotations
 
 import re
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import QKNormError
 from .shapes import MAX_WORLD
@@ -17,18 +22,75 @@ from .shapes import MAX_WORLD
 def _find_kernel_dir() -> Path:
     here = Path(__file__).resolve().parent
     for d in (here / "kernels", here.parent / "kernels"):  # installed wheel, then checkout
-        if (d / "qknorm.cuh").is_file():
+        if (d / "qknorm.cu").is_file():
             return d
     raise QKNormError(f"kernel sources not found next to {here}")
 
 
 KERNEL_DIR = _find_kernel_dir()
 
-# struct qknorm::Params, field by field. The head (pointers, strides, positions, tokens,
-# position width) changes per launch and is repacked then; the rest is packed once.
-HEAD = struct.Struct("<6Q4qQii")
-STATIC = struct.Struct(f"<{MAX_WORLD}Q5Qq2i3fi")
-PARAMS = struct.Struct(HEAD.format + STATIC.format[1:])
+
+class Field(NamedTuple):
+    """One field of struct qknorm::Params: its name there, its struct code here (little
+    endian, no padding: a pointer or an unsigned 64-bit word "Q", long long "q", int "i",
+    float "f", an array "8Q"), and its offset in bytes."""
+    name: str
+    code: str
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return struct.calcsize("<" + self.code)
+
+
+FIELDS = (
+    # the head: repacked for each launch
+    Field("q", "Q", 0),
+    Field("k", "Q", 8),
+    Field("q_out", "Q", 16),
+    Field("k_out", "Q", 24),
+    Field("q_weight", "Q", 32),
+    Field("k_weight", "Q", 40),
+    Field("q_stride", "q", 48),
+    Field("k_stride", "q", 56),
+    Field("q_out_stride", "q", 64),
+    Field("k_out_stride", "q", 72),
+    Field("positions", "Q", 80),
+    Field("tokens", "i", 88),
+    Field("position_bytes", "i", 92),
+    # packed once an object (pack_static)
+    Field("slots", f"{MAX_WORLD}Q", 96),
+    Field("counters", "Q", 160),
+    Field("error", "Q", 168),
+    Field("error_host", "Q", 176),
+    Field("sums", "Q", 184),
+    Field("cos_sin", "Q", 192),
+    Field("timeout_ns", "q", 200),
+    Field("max_tokens", "i", 208),
+    Field("rank", "i", 212),
+    Field("eps", "f", 216),
+    Field("q_dim", "f", 220),
+    Field("k_dim", "f", 224),
+    Field("max_position", "i", 228),
+)
+HEAD_FIELDS = [f.name for f in FIELDS].index("slots")  # the head: the fields before slots
+
+
+def _layout(fields) -> struct.Struct:
+    """The struct of these consecutive fields; each offset must be where the previous
+    field ends (the C struct has no padding, and "<" packs none)."""
+    end = fields[0].offset
+    for f in fields:
+        if f.offset != end:
+            raise QKNormError(f"params.FIELDS: {f.name} at offset {f.offset}, where the "
+                              f"field before it ends at {end}")
+        end += f.size
+    return struct.Struct("<" + "".join(f.code for f in fields))
+
+
+HEAD = _layout(FIELDS[:HEAD_FIELDS])
+STATIC = _layout(FIELDS[HEAD_FIELDS:])
+PARAMS = _layout(FIELDS)
 
 ERROR_WORDS = 8             # {code, peer, token, rank, theirs, ours, 0, 0}
 ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE, ERROR_POSITION, ERROR_REJECTED = 1, 2, 3, 4, 5
@@ -37,18 +99,27 @@ EMPTY_WORD = 0x80000000     # qknorm::kEmptyWord (the float -0.0): every slot wo
 SUMS_HEADER = 8             # qknorm::kSumsHeader: floats before the unfused path's sums
 TRACE_WORDS = 10            # qknorm::kTraceWords: 64-bit words a traced block records
 
+# The constants above, by their names in the kernels (tests/test_compile.py's probe).
+DEVICE_CONSTANTS = {
+    "kParamsBytes": PARAMS.size, "kErrorWords": ERROR_WORDS, "kErrorTimeout": ERROR_TIMEOUT,
+    "kErrorTokens": ERROR_TOKENS, "kErrorSequence": ERROR_SEQUENCE,
+    "kErrorPosition": ERROR_POSITION, "kErrorRejected": ERROR_REJECTED,
+    "kEmptyWord": EMPTY_WORD, "kSumsHeader": SUMS_HEADER, "kTraceWords": TRACE_WORDS,
+}
+
 
 def _header_constant(name: str) -> int:
-    text = (KERNEL_DIR / "qknorm.cuh").read_text()
-    m = re.search(rf"{name}\s*=\s*(\d+)", text)
+    path = KERNEL_DIR / "params.cuh"
+    m = re.search(rf"{name}\s*=\s*(\d+)", path.read_text())
     if m is None:
-        raise QKNormError(f"{name} not found in {KERNEL_DIR / 'qknorm.cuh'}")
+        raise QKNormError(f"{name} not found in {path}")
     return int(m.group(1))
 
 
+# the whole size at import (no compiler needed): a stale install of either side fails here
 if PARAMS.size != _header_constant("kParamsBytes"):
     raise QKNormError(f"the host's Params ({PARAMS.size} bytes) does not match struct "
-                      f"qknorm::Params in qknorm.cuh ({_header_constant('kParamsBytes')})")
+                      f"qknorm::Params in params.cuh ({_header_constant('kParamsBytes')})")
 
 
 def pack_static(buf, slots, counters, error, error_host, sums, cos_sin, timeout_ns,

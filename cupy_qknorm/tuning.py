@@ -19,6 +19,7 @@ from .rope import RoPE, check as check_rope
 from .shapes import DTYPES, MAX_WORLD, MINIMAX_DIMS, default_dims, vector_elems
 
 C_TYPES = {"bfloat16": "qknorm::bf16_t", "float16": "qknorm::f16_t", "float32": "float"}
+ROTARY_STYLES = {1: "NeoX", 2: "GptJ"}   # Spec.style -> kernels/spec.cuh's Rotary alias
 # name: (16-byte vectors a thread, rows staged in shared memory, tokens in flight)
 LAYOUTS = {"narrow": (2, False, 2), "wide": (8, True, 3)}
 STAGE_BYTES_MAX = 44 * 1024   # static shared memory a block may use for staged rows
@@ -109,21 +110,40 @@ class Spec:
 
     @property
     def names(self) -> dict:
-        """{kind: the template instance NVRTC compiles} of every kernel of this spec."""
+        """{kind: the template instance NVRTC compiles} of every kernel of this spec in the
+        op's module (kernels/qknorm.cu): fused, partial_sums, apply, and reject where there
+        are peers to tell. The template arguments are grouped as kernels/spec.cuh says:
+        qknorm::fused<qknorm::bf16_t, float, 2, qknorm::Widths<3072, 512>,
+        qknorm::Tiling<7, 2, 0>, qknorm::NoRope>."""
         t, w = C_TYPES[self.dtype], C_TYPES[self.weight_dtype]
-        dims = f"{self.q_local}, {self.k_local}, {self.warps}"
-        rope = f"{self.head}, {self.rot}, {self.style}"
+        widths = f"qknorm::Widths<{self.q_local}, {self.k_local}>"
+        tiling = f"qknorm::Tiling<{self.warps}, {self.depth}, {self.staged}>"
         out = {
-            "fused": f"qknorm::fused<{t}, {w}, {self.world}, {dims}, {self.depth}, "
-                     f"{self.staged}, {rope}>",
-            "partial_sums": f"qknorm::partial_sums<{t}, {dims}>",
-            "apply": f"qknorm::apply<{t}, {w}, {dims}, {rope}>",
+            "fused": f"qknorm::fused<{t}, {w}, {self.world}, {widths}, {tiling}, "
+                     f"{self.rotary}>",
+            "partial_sums": f"qknorm::partial_sums<{t}, {widths}, {self.warps}>",
+            "apply": f"qknorm::apply<{t}, {w}, {widths}, {self.warps}, {self.rotary}>",
         }
-        if self.style:
-            out["rope"] = f"qknorm::rope<{t}, {dims}, {rope}>"
         if self.world > 1:
             out["reject"] = f"qknorm::reject<{self.world}>"
         return out
+
+    @property
+    def rotary(self) -> str:
+        """The kernels' Rope argument: qknorm::NoRope, qknorm::NeoX<head, rot> or
+        qknorm::GptJ<head, rot>."""
+        if not self.style:
+            return "qknorm::NoRope"
+        return f"qknorm::{ROTARY_STYLES[self.style]}<{self.head}, {self.rot}>"
+
+    @property
+    def rope_name(self) -> str | None:
+        """The separate RoPE kernel of this spec, in the tools module (kernels/tools.cu):
+        the benchmark's unfused baseline. None without RoPE."""
+        if not self.style:
+            return None
+        return (f"qknorm::rope<{C_TYPES[self.dtype]}, qknorm::Widths<{self.q_local}, "
+                f"{self.k_local}>, {self.warps}, {self.rotary}>")
 
     def __str__(self):
         rope = f" rope={self.head}/{self.rot}/{'neox' if self.style == 1 else 'gptj'}" \
@@ -155,3 +175,25 @@ def shipped_specs() -> list:
         for layout in LAYOUTS:
             specs.append(Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, layout, rope))
     return list(dict.fromkeys(specs))  # layouts coincide for some widths
+
+
+def representative_specs() -> list:
+    """Shipped specializations that build every kernel template at least once: every dtype,
+    both weight dtypes, both layouts, the norm alone and each RoPE layout (NeoX paired,
+    NeoX across lanes at G=8, GPT-J, full rotation), G = 1, 2, 3 and 8; what CI compiles
+    (tests/test_compile.py asserts these claims). The full matrix is shipped_specs()."""
+    minimax = RoPE.minimax_m2()
+    plan = Spec.plan
+    return [
+        plan("bfloat16", "bfloat16", 2, 3072, 512, "narrow"),
+        plan("bfloat16", "bfloat16", 2, 3072, 512, "wide", minimax),       # paired, staged
+        plan("float16", "float32", 2, 3072, 512, "narrow", minimax),       # paired
+        plan("bfloat16", "float32", 1, 6144, 1024, "narrow"),
+        plan("float16", "float16", 8, 768, 128, "narrow", minimax),        # across lanes
+        plan("float32", "float32", 2, 3072, 512, "wide"),
+        plan("bfloat16", "bfloat16", 3, 2048, 512, "narrow"),
+        plan("bfloat16", "bfloat16", 2, 3072, 512, "narrow",
+             RoPE(128, 64, style="gptj", max_position=1)),
+        plan("bfloat16", "bfloat16", 2, 3072, 512, "narrow", RoPE(128, 128, max_position=1)),
+    ]
+

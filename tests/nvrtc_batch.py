@@ -1,9 +1,11 @@
 """Compile many kernel names with NVRTC in a few programs, in background processes:
-how tests/test_compile.py builds every shipped specialization within the CI's time.
+how tests/test_compile.py builds its specializations within the CI's time.
 
-- One program per batch of names: the header is parsed once a batch, and a kernel that
-  several specs share is built once. A batch that fails is compiled again name by name,
-  so that each failure is attributed to its kernel.
+- A kernel is (module, name): the entry file of kernels/ that holds it (the op's or the
+  tools') and its name expression, or its name for an extern "C" kernel.
+- One program per batch of names of one module: the headers are parsed once a batch, and
+  a kernel that several specs share is built once. A batch that fails is compiled again
+  name by name, so that each failure is attributed to its kernel.
 - Batches run in spawned worker processes at a lower priority, started when the tests
   are collected (conftest.py), so they use the CPU the other tests leave idle; the
   compile tests run last and wait for what is left.
@@ -20,19 +22,21 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
-def compile_names(names, arch, build=None):
-    """{name: {"resources", "error"}} and the log of one NVRTC program holding `names`,
-    built with these build knobs (None: the environment's). Returns (results, log,
-    seconds)."""
+def compile_names(names, arch, build=None, module=None):
+    """{name: {"resources", "error"}} and the log of one NVRTC program holding `names` of
+    `module` (default: the op's), built with these build knobs (None: the environment's).
+    Returns (results, log, seconds)."""
     from cupy_qknorm import compile as kc
+    module = module or kc.OP_MODULE
     t0 = time.perf_counter()
     try:
-        log, lowered, _ = kc.nvrtc_build(names, arch, build)
+        log, lowered, _ = kc.nvrtc_build(names, arch, build, module=module)
     except kc.QKNormError as e:
         return {n: {"resources": None, "error": str(e)} for n in names}, str(e), \
             time.perf_counter() - t0
@@ -42,27 +46,30 @@ def compile_names(names, arch, build=None):
 
 
 def _batch(job):
-    names, target = job
+    module, names, target = job
     arch, build = target
-    out, log, seconds = compile_names(names, arch, build)
+    out, log, seconds = compile_names(names, arch, build, module)
     if len(names) > 1 and any(r["error"] for r in out.values()):
         out, logs = {}, []
         for name in names:  # attribute the failure to its kernel(s)
-            one, one_log, _ = compile_names([name], arch, build)
+            one, one_log, _ = compile_names([name], arch, build, module)
             out.update(one)
             logs.append(one_log)
         log = "\n".join(logs)
     return target, out, log, seconds
 
 
+_STAGED = re.compile(r"Tiling<\d+, \d+, 1>")
+
+
 def weight(name):
     """Relative compile time of a kernel (the fused kernel dominates; staged rows and
     RoPE make it longer): to balance the batches."""
+    if name.startswith("qknorm::rope<"):
+        return 0.4
     if not name.startswith("qknorm::fused<"):
         return 0.2
-    args = [a.strip() for a in name[name.index("<") + 1:-1].split(",")]
-    staged, style = args[7] == "1", args[10] != "0"
-    return 1.0 + 0.6 * staged + 0.5 * style
+    return 1.0 + 0.6 * bool(_STAGED.search(name)) + 0.5 * ("qknorm::NoRope" not in name)
 
 
 def plan(names, batches):
@@ -160,28 +167,32 @@ def _lower_priority():
 
 
 class Build:
-    """The compile of {target: [names]} (target: (arch, build knobs or None)), started
-    at construction in `workers` processes; result() waits for it."""
+    """The compile of {target: [(module, name)]} (target: (arch, build knobs or None)),
+    started at construction in `workers` processes; result() waits for it. Results are
+    keyed by name: a name expression or an extern "C" name belongs to one module."""
 
-    def __init__(self, names_by_target, workers=2, batches_per_worker=4):
+    def __init__(self, kernels_by_target, workers=2, batches_per_worker=4):
         self.t0 = time.perf_counter()
-        self.results = {target: {} for target in names_by_target}
+        self.results = {target: {} for target in kernels_by_target}
         self.logs = []
         self.cached = self.compiled = 0
         jobs = []
-        for target, names in names_by_target.items():
-            names = list(dict.fromkeys(names))
+        for target, kernels in kernels_by_target.items():
+            kernels = list(dict.fromkeys(kernels))
             known = cache_read(target)
-            for name in names:
+            for _, name in kernels:
                 if name in known:
                     self.results[target][name] = {"resources": known[name], "error": None}
-            todo = [n for n in names if n not in known]
-            self.cached += len(names) - len(todo)
+            todo = [(m, n) for m, n in kernels if n not in known]
+            self.cached += len(kernels) - len(todo)
             self.compiled += len(todo)
-            if todo:
-                n = max(1, min(len(todo), workers * batches_per_worker))
-                jobs += [(b, target) for b in plan(todo, n)]
-        jobs.sort(key=lambda j: -sum(map(weight, j[0])))
+            total = sum(weight(n) for _, n in todo)
+            for module in dict.fromkeys(m for m, _ in todo):
+                names = [n for m, n in todo if m == module]
+                share = sum(map(weight, names)) / total  # batches in proportion to the work
+                n = max(1, min(len(names), round(workers * batches_per_worker * share)))
+                jobs += [(module, b, target) for b in plan(names, n)]
+        jobs.sort(key=lambda j: -sum(map(weight, j[1])))
         self._pool = None
         self._futures = []
         if jobs:

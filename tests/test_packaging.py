@@ -118,8 +118,8 @@ def installed(tmp_path_factory):
 
 def test_wheel_holds_the_package_kernels_and_license(installed):
     names = zipfile.ZipFile(installed.wheel).namelist()
-    for want in ("cupy_qknorm/__init__.py", "cupy_qknorm/transports/__init__.py",
-                 "cupy_qknorm/kernels/qknorm.cuh", "cupy_qknorm/kernels/qknorm.cu"):
+    kernels = [f"cupy_qknorm/kernels/{f.name}" for f in (ROOT / "kernels").glob("*.cu*")]
+    for want in ["cupy_qknorm/__init__.py", "cupy_qknorm/transports/__init__.py"] + kernels:
         assert want in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert not [n for n in names if n.startswith(("tests/", "scripts/", "examples/"))]

@@ -34,38 +34,47 @@ def test_wide_layout_bf16_g2():
     assert str(w) == "bfloat16/w:bfloat16 G=2 q=3072 k=512 warps=2 depth=3 staged"
 
 
+W2 = "qknorm::Widths<3072, 512>"
+
+
 def test_names_without_rope():
     s = Spec.plan("bfloat16", "float32", 2, 3072, 512)
     assert s.names == {
-        "fused": f"qknorm::fused<{BF16}, float, 2, 3072, 512, 7, 2, 0, 0, 0, 0>",
-        "partial_sums": f"qknorm::partial_sums<{BF16}, 3072, 512, 7>",
-        "apply": f"qknorm::apply<{BF16}, float, 3072, 512, 7, 0, 0, 0>",
+        "fused": f"qknorm::fused<{BF16}, float, 2, {W2}, qknorm::Tiling<7, 2, 0>, "
+                 f"qknorm::NoRope>",
+        "partial_sums": f"qknorm::partial_sums<{BF16}, {W2}, 7>",
+        "apply": f"qknorm::apply<{BF16}, float, {W2}, 7, qknorm::NoRope>",
         "reject": "qknorm::reject<2>",
     }
+    assert s.rope_name is None
 
 
 def test_names_with_rope_neox_and_gptj():
     w = Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, "wide", MINIMAX)
     assert (w.head, w.rot, w.style) == (128, 64, 1)
     assert w.names == {
-        "fused": f"qknorm::fused<{BF16}, {BF16}, 2, 3072, 512, 2, 3, 1, 128, 64, 1>",
-        "partial_sums": f"qknorm::partial_sums<{BF16}, 3072, 512, 2>",
-        "apply": f"qknorm::apply<{BF16}, {BF16}, 3072, 512, 2, 128, 64, 1>",
-        "rope": f"qknorm::rope<{BF16}, 3072, 512, 2, 128, 64, 1>",
+        "fused": f"qknorm::fused<{BF16}, {BF16}, 2, {W2}, qknorm::Tiling<2, 3, 1>, "
+                 f"qknorm::NeoX<128, 64>>",
+        "partial_sums": f"qknorm::partial_sums<{BF16}, {W2}, 2>",
+        "apply": f"qknorm::apply<{BF16}, {BF16}, {W2}, 2, qknorm::NeoX<128, 64>>",
         "reject": "qknorm::reject<2>",
     }
+    assert w.rope_name == f"qknorm::rope<{BF16}, {W2}, 2, qknorm::NeoX<128, 64>>"
     assert str(w).endswith("depth=3 staged rope=128/64/neox")
     g = Spec.plan("float16", "float32", 4, 1536, 256, rope=RoPE(128, 32, style="gptj",
                                                                  max_position=8))
-    assert g.names["rope"] == "qknorm::rope<qknorm::f16_t, 1536, 256, 4, 128, 32, 2>"
-    assert g.names["fused"].endswith(f", {g.warps}, 2, 0, 128, 32, 2>")
+    assert g.rope_name == \
+        "qknorm::rope<qknorm::f16_t, qknorm::Widths<1536, 256>, 4, qknorm::GptJ<128, 32>>"
+    assert g.names["fused"].endswith(f", qknorm::Tiling<{g.warps}, 2, 0>, "
+                                     f"qknorm::GptJ<128, 32>>")
     assert str(g).endswith("rope=128/32/gptj")
 
 
 def test_one_rank_has_no_reject_kernel():
     s = Spec.plan("float32", "float32", 1, 6144, 1024, rope=MINIMAX)
-    assert set(s.names) == {"fused", "partial_sums", "apply", "rope"}
-    assert s.names["fused"] == "qknorm::fused<float, float, 1, 6144, 1024, 28, 2, 0, 128, 64, 1>"
+    assert set(s.names) == {"fused", "partial_sums", "apply"}
+    assert s.names["fused"] == "qknorm::fused<float, float, 1, qknorm::Widths<6144, 1024>, " \
+                               "qknorm::Tiling<28, 2, 0>, qknorm::NeoX<128, 64>>"
     for world in range(2, MAX_WORLD + 1):
         assert Spec.plan("float32", "float32", world, 1024, 128).names["reject"] == \
             f"qknorm::reject<{world}>"

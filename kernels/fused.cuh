@@ -1,0 +1,259 @@
+// The fused kernel: per token, local sums -> push to every rank's slot -> wait for all
+// World partials -> sum them in rank order (identical on every rank) -> scale, rotate and
+// store. And reject, which a rank launches in its place when its host refused the input.
+#pragma once
+
+#include "exchange.cuh"
+#include "layout.cuh"
+#include "params.cuh"
+#include "ptx.cuh"
+#include "rope.cuh"
+#include "row.cuh"
+#include "spec.cuh"
+#include "trace.cuh"
+
+namespace qknorm {
+
+template <int Value> struct Constant { static constexpr int value = Value; };
+
+// f(Constant<I>{}) for I = From, From + 1, ... < To while it returns true; true if all did.
+template <int From, int To, class Fn>
+__device__ __forceinline__ bool each_phase(Fn& f) {
+  if constexpr (From < To) {
+    if (!f(Constant<From>{})) return false;
+    return each_phase<From + 1, To>(f);
+  }
+  return true;
+}
+
+// A persistent grid walks the tokens; every rank launches the same grid for the same call.
+// Each block keeps Tile::kDepth tokens in flight: while it waits for the partials of token
+// t it has already pushed token t + 1, and it has issued the loads of tokens up to
+// t + depth - 1, so the peers' latency and the memory latency of the next rows overlap.
+// Depth 2: the next row's load is issued only once the current row is done; depth 3: two
+// rows' loads are in flight while the third waits for its partials. Tile::kStaged = 0
+// holds the rows in registers (depth 3 then costs blocks: slower on H100 and H200,
+// BENCHMARKS.md); 1 holds them in shared memory, filled by asynchronous copies.
+// A block pushes one token ahead of the one it waits for: two ahead was 5-7% slower at
+// 4096-8192 tokens on H200.
+// Elem: the data type (bf16_t, f16_t, float); Weight: the weights' (Elem or float); World:
+// the ranks (G); Slice: a Widths; Tile: a Tiling; Rope: a Rotary (NoRope, NeoX, GptJ).
+template <class Elem, class Weight, int World, class Slice, class Tile, class Rope>
+struct Fused {
+  static constexpr int kWarps = Tile::kWarps;
+  static constexpr int kDepth = Tile::kDepth;
+  static_assert(kDepth >= 2, "at least two tokens in flight");
+  static constexpr int kThreads = Tile::kThreads;
+  using RowLayout = typename LayoutFor<Elem, Slice, kThreads, Rope>::type;
+  using TokenRow =
+      typename Pick<Tile::kStaged != 0, StagedRow<RowLayout>, Row<RowLayout>>::type;
+  using TokenAngles = Angles<RowLayout, Rope>;
+  static constexpr int kStageVectors = Tile::kStaged ? RowLayout::kSlots * kThreads : 0;
+
+  // One set per row: a set is rewritten only by the next push() and finish() of the same
+  // row, kDepth tokens later, after the barrier of another row's finish() that every thread
+  // reaches after its last read of the set.
+  struct Shared {
+    float2 scratch[kDepth][kWarps];
+    float2 scale[kDepth];
+    int ok[kDepth];
+  };
+
+  // A token between load() and finish(): the slot's use and the sums as warp 0 knows
+  // them, the position as every thread does.
+  struct Pending {
+    unsigned int uses;  // use number of the token's slot: which half of the buffer it takes
+    float2 part;        // this rank's sums of squares
+    typename TokenAngles::Token pos;
+  };
+
+  static __device__ __forceinline__ uint4* slot(const Params& p, unsigned int uses,
+                                                long long t, int from) {
+    uint4* mine = nullptr;
+#pragma unroll
+    for (int r = 0; r < World; ++r) if (p.rank == r) mine = p.slots[r];
+    return mine + ((long long)(uses & 1u) * p.max_tokens + t) * World + from;
+  }
+
+  // Issues the loads of token t's row, its position and its slot's use count; nothing
+  // waits for them.
+  static __device__ __forceinline__ void load(const Params& p, TokenRow& row, long long t,
+                                              Pending& pending) {
+    if (World > 1 && threadIdx.x == 0) pending.uses = p.counters[t];
+    if constexpr (TokenAngles::kOn) pending.pos.words = load_position(p, t);
+    row.load(p, t);
+  }
+
+  // Sums token t's row (waiting for its loads, while the InFlight rows loaded after it may
+  // still be in flight) and pushes the partials to every rank.
+  template <int InFlight>
+  static __device__ __forceinline__ void push(const Params& p, const TokenRow& row,
+                                              long long t, Pending& pending, float2* scratch,
+                                              Trace& tr) {
+    tr.begin();
+    row.template ready<InFlight>();
+    const float2 part = block_sum<kWarps>(row.sums(), scratch);
+    tr.summed();
+    pending.part = part;
+    if (World > 1 && threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      const unsigned int uses = __shfl_sync(0xffffffffu, pending.uses, 0);
+      pending.uses = uses;
+      if (lane < World) {
+        uint4* peer = nullptr;
+#pragma unroll
+        for (int r = 0; r < World; ++r) if (lane == r) peer = p.slots[r];
+        const long long base = ((long long)(uses & 1u) * p.max_tokens + t) * World;
+        store_volatile(peer + base + p.rank, make_slot(part.x, part.y, p.tokens, uses));
+      }
+    }
+    // loaded with the row, so here by now; the angles are read a phase later, in finish()
+    if constexpr (TokenAngles::kOn) {
+      pending.pos.row = angle_row(p, pending.pos.words);
+      TokenAngles::prefetch(p, pending.pos.row);
+    }
+  }
+
+  // Waits for token t's partials from every rank, then scales, rotates and stores the row.
+  // A row whose position is out of range still takes its part in the exchange, so the
+  // peers' calls and the slots stay in step; only its store is left out.
+  template <class TokenWeights>
+  static __device__ __forceinline__ void finish(const Params& p, const TokenRow& row,
+                                                long long t, const Pending& pending,
+                                                const TokenWeights& wt, Shared& sh, int set,
+                                                Trace& tr) {
+    TokenAngles angles;  // loaded while warp 0 waits for the partials
+    if constexpr (TokenAngles::kOn) angles.load(p, pending.pos.row);
+    if (threadIdx.x < 32) {
+      tr.begin();
+      const unsigned int uses = pending.uses;
+      const int lane = threadIdx.x;
+      float sq, sk;
+      bool ok = true;
+      if constexpr (World > 1) {
+        const uint4 empty = make_uint4(kEmptyWord, kEmptyWord, kEmptyWord, kEmptyWord);
+        uint4 got = empty;
+        if (lane < World) {
+          uint4* const from = slot(p, uses, t, lane);
+          ok = wait_slot(from, p, lane, (int)t, got);
+          if (ok && got.z != (unsigned int)p.tokens) {
+            if (got.z == kRejectTokens)
+              record_error(p, kErrorRejected, lane, (int)t, 0, p.tokens);
+            else
+              record_error(p, kErrorTokens, lane, (int)t, (int)got.z, p.tokens);
+            ok = false;
+          } else if (ok && got.w != (uses & 0x7fffffffu)) {
+            record_error(p, kErrorSequence, lane, (int)t, (int)got.w,
+                         (int)(uses & 0x7fffffffu));
+            ok = false;
+          }
+          store_volatile(from, empty);
+        }
+        ok = __all_sync(0xffffffffu, ok);
+        tr.waited();
+        sq = 0.f;
+        sk = 0.f;
+#pragma unroll
+        for (int r = 0; r < World; ++r) {
+          sq += __uint_as_float(__shfl_sync(0xffffffffu, got.x, r));
+          sk += __uint_as_float(__shfl_sync(0xffffffffu, got.y, r));
+        }
+      } else {
+        sq = pending.part.x;
+        sk = pending.part.y;
+      }
+      if (lane == 0) {
+        sh.scale[set] = inv_rms(p, sq, sk);
+        sh.ok[set] = ok;
+        if (World > 1) p.counters[t] = uses + 1;
+      }
+    }
+    __syncthreads();
+    if constexpr (TokenAngles::kOn) {
+      if (pending.pos.row < 0) {  // the same for every thread: all read one position
+        if (threadIdx.x == 0) record_position_error(p, t);
+        return;
+      }
+    }
+    if (sh.ok[set]) row.scale_store(p, t, sh.scale[set], wt, angles);
+  }
+};
+
+template <class Elem, class Weight, int World, class Slice, class Tile, class Rope>
+__global__ void __launch_bounds__(Tile::kThreads, 1) fused(const Params p) {
+  using Impl = Fused<Elem, Weight, World, Slice, Tile, Rope>;
+  constexpr int kDepth = Tile::kDepth;
+  __shared__ typename Impl::Shared sh;
+  // staged: the rows
+  __shared__ uint4 stages[Tile::kStaged ? kDepth * Impl::kStageVectors : 1];
+  __shared__ Trace::Data trace_data;
+  Trace tr;
+  tr.start(&trace_data);
+  grid_dependency_wait();  // the previous kernel of the stream is complete from here on
+  allow_dependents();      // the next launch may start its own wait now
+  tr.passed();
+  const long long step = gridDim.x;
+  long long t = blockIdx.x;
+  if (t >= p.tokens) return;
+  Weights<Weight, typename Impl::RowLayout> wt;
+  wt.load(p);
+  // Row i of the ring holds token t + ((i - phase) mod depth) * step. Each phase is its
+  // own copy of the code (a compiler loop kept depth 2 in local memory), so every index
+  // into the ring is a constant and the rows stay in registers. Every phase loads one row
+  // or skips (an empty commit group, for staged rows), so a push finds its row's group a
+  // constant number of groups back.
+  typename Impl::TokenRow rows[kDepth];
+  if constexpr (Tile::kStaged != 0) {
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i)
+      rows[i].at = stages + i * Impl::kStageVectors + threadIdx.x;
+  }
+  typename Impl::Pending pend[kDepth] = {};
+#pragma unroll
+  for (int i = 0; i + 1 < kDepth; ++i) {
+    if (t + i * step < p.tokens) Impl::load(p, rows[i], t + i * step, pend[i]);
+    else Impl::TokenRow::skip();
+  }
+  Impl::template push<kDepth - 2>(p, rows[0], t, pend[0], sh.scratch[0], tr);
+  tr.pushed();
+  // Phase `cur` finishes token t (row cur), after loading token t + (depth - 1) step into
+  // the row the last phase finished and pushing token t + step, loaded depth - 2 phases
+  // ago (one group a phase: that many may still be in flight).
+  auto phase = [&](auto cur_) {  // false once the block's last token is done
+    constexpr int cur = decltype(cur_)::value;
+    constexpr int last = (cur + kDepth - 1) % kDepth, pushed = (cur + 1) % kDepth;
+    const long long ahead = t + (kDepth - 1) * step;
+    if (ahead < p.tokens) Impl::load(p, rows[last], ahead, pend[last]);
+    else Impl::TokenRow::skip();
+    const long long next = t + step;
+    if (next < p.tokens)
+      Impl::template push<kDepth - 2>(p, rows[pushed], next, pend[pushed], sh.scratch[pushed],
+                                      tr);
+    Impl::finish(p, rows[cur], t, pend[cur], wt, sh, cur, tr);
+    t += step;
+    return t < p.tokens;
+  };
+  while (each_phase<0, kDepth>(phase)) {}
+  tr.write(p);
+}
+
+// A rank whose host rejected its input launches this (one block of 32 threads, on the
+// stream where the fused kernel would have run) in place of the fused kernel. It pushes
+// token 0's slot of this call, in the half the fused kernel would have used, with the token
+// count kRejectTokens, into every rank's buffer: the peers' fused kernels wait for token 0
+// first and fail at once (kErrorRejected) instead of at their timeout. It leaves the
+// counters alone; the call fails on every rank, and the object is out of step from there.
+template <int World>
+__global__ void __launch_bounds__(32) reject(const Params p) {
+  grid_dependency_wait();  // counters[0] as the previous call left it
+  const int lane = threadIdx.x;
+  if (lane >= World) return;
+  const unsigned int uses = p.counters[0];
+  uint4* peer = nullptr;
+#pragma unroll
+  for (int r = 0; r < World; ++r) if (lane == r) peer = p.slots[r];
+  store_volatile(peer + (long long)(uses & 1u) * p.max_tokens * World + p.rank,
+                 make_slot(0.f, 0.f, (int)kRejectTokens, uses));
+}
+
+}  // namespace qknorm
