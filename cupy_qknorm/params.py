@@ -5,8 +5,10 @@ header (unfused.cuh) and the trace record (trace.cuh).
 FIELDS is struct qknorm::Params, field by field; HEAD, STATIC and PARAMS are built from
 it. The header pins the same offsets and sizes (a static_assert a field), and
 tests/test_compile.py compiles a probe of FIELDS against the header's struct: a field
-moved, resized or swapped on either side fails there. Adding a field is one row here and
-one declaration with its QKNORM_FIELD line in params.cuh (and kParamsBytes at the end).
+moved, resized or swapped on either side fails there. Adding a field: one row here (its
+offset as the C struct places it; gaps are padded), and in params.cuh its declaration and
+its QKNORM_FIELD line, and kParamsBytes where the size changes (pack_static takes the
+static fields' values in order).
 """
 from __future__ import annotations
 
@@ -73,24 +75,37 @@ FIELDS = (
     Field("k_dim", "f", 224),
     Field("max_position", "i", 228),
 )
-HEAD_FIELDS = [f.name for f in FIELDS].index("slots")  # the head: the fields before slots
+PARAMS_ALIGN = 8  # struct Params's alignment (its pointers'): its size rounds up to it
 
 
-def _layout(fields) -> struct.Struct:
-    """The struct of these consecutive fields; each offset must be where the previous
-    field ends (the C struct has no padding, and "<" packs none)."""
-    end = fields[0].offset
+def _layout(fields, start: int, end: int) -> struct.Struct:
+    """The struct of `fields` from byte `start` to byte `end`, padded ("x") wherever the
+    C struct leaves a gap: the offsets say where ("<" packs no padding of its own)."""
+    fmt, at = "<", start
     for f in fields:
-        if f.offset != end:
-            raise QKNormError(f"params.FIELDS: {f.name} at offset {f.offset}, where the "
-                              f"field before it ends at {end}")
-        end += f.size
-    return struct.Struct("<" + "".join(f.code for f in fields))
+        if f.offset < at:
+            raise QKNormError(f"params.FIELDS: {f.name} at offset {f.offset}, inside the "
+                              f"field before it (which ends at {at})")
+        fmt += (f"{f.offset - at}x" if f.offset > at else "") + f.code
+        at = f.offset + f.size
+    if end > at:
+        fmt += f"{end - at}x"
+    return struct.Struct(fmt)
 
 
-HEAD = _layout(FIELDS[:HEAD_FIELDS])
-STATIC = _layout(FIELDS[HEAD_FIELDS:])
-PARAMS = _layout(FIELDS)
+def layouts(fields=FIELDS):
+    """(HEAD, STATIC, PARAMS) of a table of fields: the head is the fields before slots,
+    repacked for each launch; STATIC the rest, packed once; PARAMS both, its size the C
+    struct's (its end rounded up to PARAMS_ALIGN)."""
+    split = [f.name for f in fields].index("slots")
+    last = max(fields, key=lambda f: f.offset)
+    size = -(-(last.offset + last.size) // PARAMS_ALIGN) * PARAMS_ALIGN
+    head = _layout(fields[:split], 0, fields[split].offset)
+    static = _layout(fields[split:], fields[split].offset, size)
+    return head, static, struct.Struct(head.format + static.format[1:])
+
+
+HEAD, STATIC, PARAMS = layouts(FIELDS)
 
 ERROR_WORDS = 8             # {code, peer, token, rank, theirs, ours, 0, 0}
 ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE, ERROR_POSITION, ERROR_REJECTED = 1, 2, 3, 4, 5

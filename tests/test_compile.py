@@ -421,3 +421,28 @@ def test_a_swapped_pair_in_the_header_fails_its_build(tmp_path, monkeypatch):
     log = _probe([], "sm_90", '#include "params.cuh"\n')
     assert log is not None and "Params::eps is not where cupy_qknorm/params.py packs it" in log
 
+
+def test_adding_a_field_is_one_entry_on_each_side(tmp_path, monkeypatch):
+    """The recipe of params.py: a row in FIELDS; a declaration, its QKNORM_FIELD line and
+    kParamsBytes in params.cuh. An int after max_position leaves the struct 240 bytes (its
+    end rounds up to its pointers' alignment), and the host's layout pads the same."""
+    fields = params.FIELDS + (params.Field("tag", "i", 232),)
+    head, static, whole = params.layouts(fields)
+    assert whole.size == 240 and head.size == params.HEAD.size
+    for f in params.KERNEL_DIR.glob("*.cu*"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    header = tmp_path / "params.cuh"
+    text = header.read_text()
+    last = re.search(r"\n  int max_position;[^\n]*", text).group()
+    for old, new in ((last, last + "\n  int tag;"),
+                     ("QKNORM_FIELD(max_position, 228, 4);",
+                      "QKNORM_FIELD(max_position, 228, 4);\nQKNORM_FIELD(tag, 232, 4);"),
+                     ("kParamsBytes = 232", "kParamsBytes = 240")):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    header.write_text(text)
+    monkeypatch.setattr(kc, "KERNEL_DIR", tmp_path)
+    constants = dict(params.DEVICE_CONSTANTS, kParamsBytes=whole.size)
+    assert _probe(params_asserts(fields, whole.size, constants), "sm_90",
+                  PARAMS_PRELUDE) is None
+
