@@ -278,7 +278,35 @@ def _inputs(comm, dtype, dq, dk, tokens, sets, in_place=False, positions="random
     return out, w
 
 
-def _variants(norms, rope_norms, w, separate_rope):
+def separate_rope(norm, q, k, positions):
+    """go(stream): the rotary embedding of `norm` (a GPU object built with rope=) alone, in
+    place on rows q and k that a norm left, as a launch of its own: the benchmark's unfused
+    baseline, norm then RoPE (kernels/tools.cu). It reads no weight."""
+    from . import arrays
+    from .transports import Call
+    t, c = norm._transport, norm.config
+    if c.rope is None or not hasattr(t, "chunks"):
+        raise TypeError("separate_rope needs an object built with rope= on a GPU transport")
+    qo, ko, pos = (arrays.describe(x, role) for x, role in
+                   ((q, "q"), (k, "k"), (positions, "positions")))
+    arrays.check_rows(qo, "q", c.q_local, c.dtype)
+    arrays.check_rows(ko, "k", c.k_local, c.dtype)
+    arrays.check_positions(pos, qo.shape[0])
+    strides = (arrays.row_stride(qo), arrays.row_stride(ko)) * 2
+    plan = arrays.Plan(qo.shape[0], c.dtype, strides, qo.itemsize, pos.itemsize)
+    call = Call((qo, ko, None, None, qo, ko, pos), plan,
+                (qo.ptr, ko.ptr, 0, 0, qo.ptr, ko.ptr, pos.ptr), 0)
+    launches = [t._launch.bind(t.cuda.load_rope(chunk.spec), chunk.spec.threads, chunk.grid,
+                               chunk.params) for chunk in t.chunks(call, kinds=())]
+
+    def go(stream):
+        for launch in launches:
+            launch(stream)
+    go.keep = (q, k, positions)
+    return go
+
+
+def _variants(norms, rope_norms, w, rope_of):
     """{column: call(q, k, q_out, k_out, positions, stream)} of what is timed."""
     out = {}
     for t, norm in norms.items():
@@ -287,12 +315,16 @@ def _variants(norms, rope_norms, w, separate_rope):
     for t, norm in rope_norms.items():
         out[f"{t}+rope"] = (lambda n: lambda q, k, qo, ko, pos, stream:
                             n(q, k, *w, out=(qo, ko), positions=pos, stream=stream))(norm)
-    if separate_rope is not None:
-        plain, rope = separate_rope
+    if rope_of is not None:
+        plain, rope = rope_of
+        bound = {}
 
         def norm_then_rope(q, k, qo, ko, pos, stream):
             plain(q, k, *w, out=(qo, ko), stream=stream)
-            rope.rope_only(qo, ko, pos, stream)
+            key = (id(qo), id(ko), id(pos))
+            if key not in bound:
+                bound[key] = separate_rope(rope, qo, ko, pos)
+            bound[key](stream)
         out["ipc>rope"] = norm_then_rope
     return out
 

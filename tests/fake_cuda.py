@@ -120,6 +120,11 @@ class FakeCuda:
             out[kind] = Kernel(None, handle, name)
         return out
 
+    def load_rope(self, spec):
+        handle = 0x1000 + len(self._kernels)
+        self._kernels[handle] = ("rope", spec.rope_name)
+        return Kernel(None, handle, spec.rope_name)
+
     def blocks_per_sm(self, kernel, threads):
         return self._blocks
 

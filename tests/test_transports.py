@@ -237,3 +237,29 @@ def test_each_error_record_raises_its_error(record, exc, text, mem):
             n(q, k, qw, kw)
     finally:
         n.close()
+
+
+def test_the_benchmarks_separate_rope_launches_its_kernel_per_chunk(mem):
+    """bench.separate_rope: the RoPE kernel of the tools module alone, in place on the
+    rows, chunk by chunk with the object's layouts; no weight read."""
+    from cupy_qknorm.bench import separate_rope
+    rope = RoPE(128, 64, max_position=64)
+    n, cuda = fake_norm(MPI.COMM_SELF, "ipc", 256, 128, max_tokens=4, rope=rope)
+    try:
+        q, k, _, _ = arrays(mem, 10, 256, 128)
+        pos = mem.array((10,), np.int32)
+        separate_rope(n, q, k, pos)(Stream())
+        got = [(c["kind"], c["tokens"], c["q"] - q.data.ptr, c["q_out"] - q.data.ptr,
+                c["positions"] - pos.data.ptr) for c in cuda.launches]
+        row = q.strides[0]
+        assert got == [("rope", 4, 0, 0, 0), ("rope", 4, 4 * row, 4 * row, 16),
+                       ("rope", 2, 8 * row, 8 * row, 32)]
+        assert {c["name"] for c in cuda.launches} == {cuda.loads[0].rope_name}
+    finally:
+        n.close()
+    plain, _ = fake_norm(MPI.COMM_SELF, "ipc", 256, 128)
+    try:
+        with pytest.raises(TypeError, match="separate_rope needs an object built with rope="):
+            separate_rope(plain, q, k, pos)
+    finally:
+        plain.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
-from ..compile import load, require_cupy
+from ..compile import load, load_rope, require_cupy
 from .launch import Kernel, Launcher
 
 _HOST_ALLOC_MAPPED = 2  # cudaHostAllocMapped; with UVA the device sees the same address
@@ -84,14 +84,13 @@ class Cuda:
 
     def load(self, spec) -> dict:
         """{kind: Kernel} of every kernel of `spec` on this device."""
-        out = {}
-        for kind, raw in load(spec).items():
-            try:
-                handle = int(raw.kernel.ptr)
-            except AttributeError:
-                handle = None
-            out[kind] = Kernel(raw, handle, spec.names[kind])
-        return out
+        return {kind: Kernel(raw, _handle(raw), spec.names[kind])
+                for kind, raw in load(spec).items()}
+
+    def load_rope(self, spec) -> Kernel:
+        """The separate RoPE kernel of `spec` (the benchmark's baseline) on this device."""
+        raw = load_rope(spec)
+        return Kernel(raw, _handle(raw), spec.rope_name)
 
     def blocks_per_sm(self, kernel: Kernel, threads: int) -> int:
         """Blocks of `kernel` one multiprocessor holds at once (the occupancy calculator:
@@ -109,3 +108,11 @@ class Cuda:
         from cupy.cuda import nccl
         uid = comm.bcast(nccl.get_unique_id() if comm.rank == 0 else None, root=0)
         return nccl.NcclCommunicator(comm.size, uid, comm.rank)
+
+
+def _handle(raw):
+    """The CUfunction of a CuPy RawKernel on the current device, or None."""
+    try:
+        return int(raw.kernel.ptr)
+    except AttributeError:
+        return None

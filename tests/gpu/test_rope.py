@@ -10,6 +10,7 @@ import pytest
 
 from cupy_qknorm import ClosedError, PositionError, RoPE, TPQKNorm
 from cupy_qknorm import reference as ref
+from cupy_qknorm.bench import separate_rope
 from tests.conftest import requires_gpu
 from tests.gpu.test_gpu import dims_for, shards
 
@@ -118,6 +119,7 @@ def test_rope_pairs_across_lanes(comm, dtype):
     keep -sin), which MiniMax's shapes no longer take on sm_90: a whole-head rotation in
     the wide layout does not fit the paired one. The fused call, and in fp32 (one rounding
     more stays within its tolerance) the separate RoPE kernel after the norm alone."""
+    import cupy
     rope = RoPE(128, 128, theta=5e6, max_position=4096)
     q_dim, k_dim = dims_for(comm.size)
     with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=512, transport="ipc",
@@ -133,7 +135,7 @@ def test_rope_pairs_across_lanes(comm, dtype):
         outs = [poisoned(qs, dtype), poisoned(ks, dtype)]
         plain(qs, ks, qws, kws, out=outs)
         plain.synchronize()
-        norm.rope_only(outs[0], outs[1], pos)
+        separate_rope(norm, outs[0], outs[1], pos)(cupy.cuda.get_current_stream())
         norm.synchronize()
         assert_rope_close(comm, outs, mine, dtype, "norm, then the RoPE kernel across lanes")
 
@@ -253,7 +255,7 @@ def test_separate_rope_kernel_matches_the_fused_call(comm):
                      rope=MINIMAX) as rope:
         outs = [poisoned(qs, dtype), poisoned(ks, dtype)]
         plain(qs, ks, qws, kws, out=outs)
-        rope.rope_only(outs[0], outs[1], pos)
+        separate_rope(rope, outs[0], outs[1], pos)(cupy.cuda.get_current_stream())
         rope.synchronize()
         plain.synchronize()
         assert_rope_close(comm, outs, mine, dtype, "norm, then the RoPE kernel")
@@ -269,7 +271,6 @@ def test_position_outside_the_table(comm, transport):
     """Token 3 has position max_position: the device catches it, reads nothing out of
     bounds (the suite runs this under compute-sanitizer memcheck) and leaves its row
     unwritten; synchronize() raises PositionError naming the token, on every rank."""
-    import cupy
     dtype = "bfloat16"
     q_dim, k_dim = dims_for(comm.size)
     (qs, ks, qws, kws), pos, mine = rope_case(comm, 2, 10, dtype)
@@ -292,4 +293,3 @@ def test_position_outside_the_table(comm, transport):
     finally:
         comm.Barrier()
         norm.close()
-    _ = cupy  # the arrays above are CuPy
