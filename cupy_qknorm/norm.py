@@ -11,6 +11,7 @@ from typing import NamedTuple
 from . import arrays
 from .collectives import agree
 from .errors import ClosedError, ConfigMismatchError, QKNormError, TransportUnavailableError
+from .params import MAX_CALL_TOKENS
 from .placement import choose_transport, local_facts
 from .rope import RoPE, check as check_rope
 from .shapes import DTYPES, MAX_WORLD, positive_int, vector_elems
@@ -318,6 +319,9 @@ class TPQKNorm:
             raise TypeError(f"q_weight and k_weight must have one dtype, got {ops[2].dtype} "
                             f"and {ops[3].dtype}")
         tokens = ops[0].shape[0]
+        if tokens > MAX_CALL_TOKENS:
+            raise ValueError(f"q has {tokens} rows; a call takes at most {MAX_CALL_TOKENS} "
+                             f"(make several calls)")
         for op, role in ((ops[1], "k"), (ops[4], "out[0]"), (ops[5], "out[1]")):
             if op.shape[0] != tokens:
                 raise ValueError(f"{role} has {op.shape[0]} rows but q has {tokens}")

@@ -60,20 +60,24 @@ FIELDS = (
     Field("positions", "Q", 80),
     Field("tokens", "i", 88),
     Field("position_bytes", "i", 92),
+    Field("first_token", "i", 96),
+    Field("call_tokens", "i", 100),
+    Field("tag", "i", 104),
+    Field("flags", "i", 108),
     # packed once an object (pack_static)
-    Field("slots", f"{MAX_WORLD}Q", 96),
-    Field("counters", "Q", 160),
-    Field("error", "Q", 168),
-    Field("error_host", "Q", 176),
-    Field("sums", "Q", 184),
-    Field("cos_sin", "Q", 192),
-    Field("timeout_ns", "q", 200),
-    Field("max_tokens", "i", 208),
-    Field("rank", "i", 212),
-    Field("eps", "f", 216),
-    Field("q_dim", "f", 220),
-    Field("k_dim", "f", 224),
-    Field("max_position", "i", 228),
+    Field("slots", f"{MAX_WORLD}Q", 112),
+    Field("counters", "Q", 176),
+    Field("error", "Q", 184),
+    Field("error_host", "Q", 192),
+    Field("sums", "Q", 200),
+    Field("cos_sin", "Q", 208),
+    Field("timeout_ns", "q", 216),
+    Field("max_tokens", "i", 224),
+    Field("rank", "i", 228),
+    Field("eps", "f", 232),
+    Field("q_dim", "f", 236),
+    Field("k_dim", "f", 240),
+    Field("max_position", "i", 244),
 )
 PARAMS_ALIGN = 8  # struct Params's alignment (its pointers'): its size rounds up to it
 
@@ -109,9 +113,12 @@ HEAD, STATIC, PARAMS = layouts(FIELDS)
 
 ERROR_WORDS = 8             # {code, peer, token, rank, theirs, ours, 0, 0}
 ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE, ERROR_POSITION, ERROR_REJECTED = 1, 2, 3, 4, 5
-SLOT_BYTES = 16             # one exchange slot: {sum_q, sum_k, tokens, use number}
+ERROR_TAG, ERROR_PEER_POSITION = 6, 7
+FLAG_REFUSED = 1            # qknorm::kFlagRefused: take part in the exchange, read no row
+SLOT_BYTES = 16             # one exchange slot: {sum_q, sum_k, tokens, use and tag}
 EMPTY_WORD = 0x80000000     # qknorm::kEmptyWord (the float -0.0): every slot word, empty
-SUMS_HEADER = 8             # qknorm::kSumsHeader: floats before the unfused path's sums
+SUMS_HEADER = 4 * MAX_WORLD  # qknorm::kSumsHeader: floats before the unfused path's sums
+MAX_CALL_TOKENS = (1 << 24) - 1  # T travels as an fp32 in the unfused path's header
 TRACE_WORDS = 10            # qknorm::kTraceWords: 64-bit words a traced block records
 
 # The constants above, by their names in the kernels (tests/test_compile.py's probe).
@@ -119,6 +126,8 @@ DEVICE_CONSTANTS = {
     "kParamsBytes": PARAMS.size, "kErrorWords": ERROR_WORDS, "kErrorTimeout": ERROR_TIMEOUT,
     "kErrorTokens": ERROR_TOKENS, "kErrorSequence": ERROR_SEQUENCE,
     "kErrorPosition": ERROR_POSITION, "kErrorRejected": ERROR_REJECTED,
+    "kErrorTag": ERROR_TAG, "kErrorPeerPosition": ERROR_PEER_POSITION,
+    "kFlagRefused": FLAG_REFUSED, "kMaxWorld": MAX_WORLD,
     "kEmptyWord": EMPTY_WORD, "kSumsHeader": SUMS_HEADER, "kTraceWords": TRACE_WORDS,
 }
 

@@ -2,17 +2,22 @@
 // failed exchange leaves for the host.
 //
 // Each rank owns slots[2][max_tokens][G] of 16 bytes: slot [h][t][r] holds rank r's
-// {sum_q, sum_k, tokens in its launch, use number of token t} for token t.
+// {sum_q, sum_k, call word, use word} for token t of a launch:
+//   call word: the call's T (bits 0-29; below 2^24), and bit 30 where rank r's position of
+//              the token is outside its RoPE table (the peers learn it with the sums);
+//   use word:  the use number of token slot t (bits 0-15) and the call's tag + 1 (bits
+//              16-30; 0: no tag).
 // The value is its own flag, word by word: an empty word holds 0x80000000, which no word
 // of a written slot can hold (the sums are sums of squares: +0.0 or more, or NaN with other
-// bits, never -0.0; token counts and use numbers stay below 2^31). So zero rows, eps = 0,
-// Inf and NaN all pass through, and a slot read while its 16-byte store lands part by part
-// is simply read again. The reader resets a slot to empty after reading it. Consecutive
-// uses of a token slot alternate halves (counters[t] & 1), so a peer that runs one call
-// ahead writes the other half and never overwrites a value not yet read; it cannot run two
-// calls ahead, since that needs our partial of the next call, written only after this
-// launch finished. The token count and the use number let a reader see a peer that
-// launched something else (T differs between ranks) instead of mixing two calls.
+// bits, never -0.0; the other two words keep bit 31 clear). So zero rows, eps = 0, Inf and
+// NaN all pass through, and a slot read while its 16-byte store lands part by part is
+// simply read again. The reader resets a slot to empty after reading it. Consecutive uses
+// of a token slot alternate halves (counters[t] & 1), so a peer that runs one call ahead
+// writes the other half and never overwrites a value not yet read; it cannot run two calls
+// ahead, since that needs our partial of the next call, written only after this launch
+// finished. T, the use number and the tag let a reader see a peer that made another call
+// (another T, calls out of step, another layer) instead of mixing two calls; 16 bits of
+// use number suffice, since a peer is never more than one call away.
 #pragma once
 
 #include "params.cuh"
@@ -21,33 +26,45 @@
 namespace qknorm {
 
 constexpr unsigned int kEmptyWord = 0x80000000u;
-// The token count of a slot that qknorm::reject pushes: a rank whose host rejected its
-// input says so in token 0's slot, where its peers wait, instead of leaving them to their
-// timeout. No launch has that many tokens.
+constexpr unsigned int kCallTokens = 0x3fffffffu;     // call word: the call's T
+constexpr unsigned int kBadPosition = 0x40000000u;    // call word: the position is outside
+constexpr unsigned int kUseNumber = 0xffffu;          // use word: the use number
+constexpr int kTagShift = 16;                         // use word: the tag code above it
+// The call word of a slot that qknorm::reject pushes: a rank whose host refused its input
+// says so in token 0's slot, where its peers wait, instead of leaving them to their
+// timeout. No call has that many tokens.
 constexpr unsigned int kRejectTokens = 0x7ffffffeu;
 
 __device__ __forceinline__ bool complete(const uint4 v) {
   return v.x != kEmptyWord && v.y != kEmptyWord && v.z != kEmptyWord && v.w != kEmptyWord;
 }
 
-__device__ __forceinline__ uint4 make_slot(float sq, float sk, int tokens, unsigned int uses) {
+__device__ __forceinline__ uint4 make_slot(float sq, float sk, unsigned int call,
+                                           unsigned int uses, int tag) {
   unsigned int q = __float_as_uint(sq), k = __float_as_uint(sk);
   if (q == kEmptyWord) q = 0u;  // never true for a sum of squares; keeps the marker unique
   if (k == kEmptyWord) k = 0u;
-  return make_uint4(q, k, (unsigned int)tokens, uses & 0x7fffffffu);
+  return make_uint4(q, k, call, (uses & kUseNumber) | ((unsigned int)tag << kTagShift));
+}
+
+// Whose record wins: any failure of the exchange over a position error (which leaves the
+// exchange in step, and the host must learn that it is not), and this rank's own position
+// error over a peer's.
+__device__ __forceinline__ int precedence(int code) {
+  return code == kErrorPeerPosition ? 1 : code == kErrorPosition ? 2 : 3;
 }
 
 // Marks the call as failed in device memory and, if mapped, in host memory, where the host
-// reads it without synchronizing. The first failure wins, except that a failure of the
-// exchange takes the record over from a position error: a position error leaves the
-// exchange in step, any other failure does not, and the host must learn that. So the
-// record has two owners at most; a lock keeps their words from mixing, and an owner that
-// finds the code no longer its own writes nothing.
+// reads it without synchronizing. The first failure wins, except that one of higher
+// precedence takes the record over. A lock keeps the words of two owners from mixing, and
+// an owner that finds the code no longer its own writes nothing.
 __device__ void record_error(const Params& p, int code, int peer, int token, int theirs,
                              int ours) {
   int old = atomicCAS(p.error, 0, code);
-  if (old == kErrorPosition && code != kErrorPosition)
-    old = atomicCAS(p.error, kErrorPosition, code) == kErrorPosition ? 0 : old;
+  while (old != 0 && precedence(code) > precedence(old)) {
+    const int seen = atomicCAS(p.error, old, code);
+    old = seen == old ? 0 : seen;
+  }
   if (old != 0) return;
   while (atomicCAS(p.error + kErrorLock, 0, 1) != 0) {}
   if (*(volatile int*)p.error == code) {
@@ -65,10 +82,11 @@ __device__ void record_error(const Params& p, int code, int peer, int token, int
   atomicExch(p.error + kErrorLock, 0);
 }
 
-// Whether the exchange already failed on this rank (any recorded error but a position one).
+// Whether the exchange already failed on this rank (any recorded error but a position one,
+// this rank's or a peer's).
 __device__ __forceinline__ bool exchange_failed(const Params& p) {
   const int code = *(volatile int*)p.error;
-  return code != 0 && code != kErrorPosition;
+  return code != 0 && code != kErrorPosition && code != kErrorPeerPosition;
 }
 
 // Spins until every word of `slot` is written. Gives up (returns false) past the timeout,

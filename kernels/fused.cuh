@@ -95,6 +95,9 @@ struct Fused {
     const float2 part = block_sum<kWarps>(row.sums(), scratch);
     tr.summed();
     pending.part = part;
+    // the position was loaded with the row, so here by now: its validity travels with the
+    // partials; the angles are read a phase later, in finish()
+    if constexpr (TokenAngles::kOn) pending.pos.row = angle_row(p, pending.pos.words);
     if (World > 1 && threadIdx.x < 32) {
       const int lane = threadIdx.x;
       const unsigned int uses = __shfl_sync(0xffffffffu, pending.uses, 0);
@@ -104,14 +107,37 @@ struct Fused {
 #pragma unroll
         for (int r = 0; r < World; ++r) if (lane == r) peer = p.slots[r];
         const long long base = ((long long)(uses & 1u) * p.max_tokens + t) * World;
-        store_volatile(peer + base + p.rank, make_slot(part.x, part.y, p.tokens, uses));
+        unsigned int call = (unsigned int)p.call_tokens;
+        if constexpr (TokenAngles::kOn) {
+          if (pending.pos.row < 0) call |= kBadPosition;
+        }
+        store_volatile(peer + base + p.rank, make_slot(part.x, part.y, call, uses, p.tag));
       }
     }
-    // loaded with the row, so here by now; the angles are read a phase later, in finish()
-    if constexpr (TokenAngles::kOn) {
-      pending.pos.row = angle_row(p, pending.pos.words);
-      TokenAngles::prefetch(p, pending.pos.row);
+    if constexpr (TokenAngles::kOn) TokenAngles::prefetch(p, pending.pos.row);
+  }
+
+  // Whether a peer's slot belongs to this call: the same T, use number and tag (else the
+  // error is recorded and the token is not stored). A peer's position out of range is
+  // recorded too, but its sums are whole and the row is stored.
+  static __device__ __forceinline__ bool check_slot(const Params& p, const uint4 got,
+                                                    int lane, int token, unsigned int uses) {
+    const unsigned int call = got.z & kCallTokens, use = got.w & kUseNumber;
+    const int tag = (int)(got.w >> kTagShift);
+    if (got.z == kRejectTokens) {
+      record_error(p, kErrorRejected, lane, token, 0, p.call_tokens);
+    } else if (call != (unsigned int)p.call_tokens) {
+      record_error(p, kErrorTokens, lane, token, (int)call, p.call_tokens);
+    } else if (use != (uses & kUseNumber)) {
+      record_error(p, kErrorSequence, lane, token, (int)use, (int)(uses & kUseNumber));
+    } else if (tag != p.tag) {
+      record_error(p, kErrorTag, lane, token, tag, p.tag);
+    } else {
+      if ((got.z & kBadPosition) && lane != p.rank)
+        record_error(p, kErrorPeerPosition, lane, token, 0, 0);
+      return true;
     }
+    return false;
   }
 
   // Waits for token t's partials from every rank, then scales, rotates and stores the row.
@@ -135,18 +161,9 @@ struct Fused {
         uint4 got = empty;
         if (lane < World) {
           uint4* const from = slot(p, uses, t, lane);
-          ok = wait_slot(from, p, lane, (int)t, got);
-          if (ok && got.z != (unsigned int)p.tokens) {
-            if (got.z == kRejectTokens)
-              record_error(p, kErrorRejected, lane, (int)t, 0, p.tokens);
-            else
-              record_error(p, kErrorTokens, lane, (int)t, (int)got.z, p.tokens);
-            ok = false;
-          } else if (ok && got.w != (uses & 0x7fffffffu)) {
-            record_error(p, kErrorSequence, lane, (int)t, (int)got.w,
-                         (int)(uses & 0x7fffffffu));
-            ok = false;
-          }
+          const int token = p.first_token + (int)t;  // the call's, for the record
+          ok = wait_slot(from, p, lane, token, got);
+          if (ok) ok = check_slot(p, got, lane, token, uses);
           store_volatile(from, empty);
         }
         ok = __all_sync(0xffffffffu, ok);
@@ -237,10 +254,10 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) fused(const Params p) {
   tr.write(p);
 }
 
-// A rank whose host rejected its input launches this (one block of 32 threads, on the
+// A rank whose host refused its input launches this (one block of 32 threads, on the
 // stream where the fused kernel would have run) in place of the fused kernel. It pushes
-// token 0's slot of this call, in the half the fused kernel would have used, with the token
-// count kRejectTokens, into every rank's buffer: the peers' fused kernels wait for token 0
+// token 0's slot of this call, in the half the fused kernel would have used, with the call
+// word kRejectTokens, into every rank's buffer: the peers' fused kernels wait for token 0
 // first and fail at once (kErrorRejected) instead of at their timeout. It leaves the
 // counters alone; the call fails on every rank, and the object is out of step from there.
 template <int World>
@@ -253,7 +270,7 @@ __global__ void __launch_bounds__(32) reject(const Params p) {
 #pragma unroll
   for (int r = 0; r < World; ++r) if (lane == r) peer = p.slots[r];
   store_volatile(peer + (long long)(uses & 1u) * p.max_tokens * World + p.rank,
-                 make_slot(0.f, 0.f, (int)kRejectTokens, uses));
+                 make_slot(0.f, 0.f, kRejectTokens, uses, p.tag));
 }
 
 }  // namespace qknorm

@@ -5,8 +5,15 @@
 
 namespace qknorm {
 
-// Launch parameters, passed by value. The first 96 bytes (q .. position_bytes) are what
-// the host repacks for each launch; the rest is packed once.
+// The most ranks an object spans: the width of Params::slots and of the unfused path's
+// header (unfused.cuh).
+constexpr int kMaxWorld = 8;
+
+// Params::flags
+constexpr int kFlagRefused = 1;  // this rank refused its input: take part, read no row
+
+// Launch parameters, passed by value. The first 112 bytes (q .. flags) are what the host
+// packs for each launch (a call's chunk); the rest is packed once an object.
 struct Params {
   const void* q;                       // [tokens, q_stride] rows, this rank's slice
   const void* k;
@@ -19,9 +26,13 @@ struct Params {
   long long q_out_stride;
   long long k_out_stride;
   const void* positions;               // RoPE: [tokens] int32 or int64 position of each row
-  int tokens;                          // rows in this launch
+  int tokens;                          // rows in this launch (a chunk of the call)
   int position_bytes;                  // RoPE: 4 or 8
-  uint4* slots[8];                     // exchange buffer of every rank (slots[rank] is ours)
+  int first_token;                     // the call's token that is this launch's row 0
+  int call_tokens;                     // the call's T (below 2^24), the same on every rank
+  int tag;                             // the call's tag + 1, or 0 for none
+  int flags;                           // kFlag*
+  uint4* slots[kMaxWorld];             // exchange buffer of every rank (slots[rank] is ours)
   unsigned int* counters;              // [max_tokens] uses of each token slot so far
   int* error;                          // device error record, kErrorWords ints
   int* error_host;                     // host-mapped copy of the record, or null
@@ -55,32 +66,38 @@ QKNORM_FIELD(k_out_stride, 72, 8);
 QKNORM_FIELD(positions, 80, 8);
 QKNORM_FIELD(tokens, 88, 4);
 QKNORM_FIELD(position_bytes, 92, 4);
-QKNORM_FIELD(slots, 96, 64);
-QKNORM_FIELD(counters, 160, 8);
-QKNORM_FIELD(error, 168, 8);
-QKNORM_FIELD(error_host, 176, 8);
-QKNORM_FIELD(sums, 184, 8);
-QKNORM_FIELD(cos_sin, 192, 8);
-QKNORM_FIELD(timeout_ns, 200, 8);
-QKNORM_FIELD(max_tokens, 208, 4);
-QKNORM_FIELD(rank, 212, 4);
-QKNORM_FIELD(eps, 216, 4);
-QKNORM_FIELD(q_dim, 220, 4);
-QKNORM_FIELD(k_dim, 224, 4);
-QKNORM_FIELD(max_position, 228, 4);
+QKNORM_FIELD(first_token, 96, 4);
+QKNORM_FIELD(call_tokens, 100, 4);
+QKNORM_FIELD(tag, 104, 4);
+QKNORM_FIELD(flags, 108, 4);
+QKNORM_FIELD(slots, 112, 64);
+QKNORM_FIELD(counters, 176, 8);
+QKNORM_FIELD(error, 184, 8);
+QKNORM_FIELD(error_host, 192, 8);
+QKNORM_FIELD(sums, 200, 8);
+QKNORM_FIELD(cos_sin, 208, 8);
+QKNORM_FIELD(timeout_ns, 216, 8);
+QKNORM_FIELD(max_tokens, 224, 4);
+QKNORM_FIELD(rank, 228, 4);
+QKNORM_FIELD(eps, 232, 4);
+QKNORM_FIELD(q_dim, 236, 4);
+QKNORM_FIELD(k_dim, 240, 4);
+QKNORM_FIELD(max_position, 244, 4);
 #undef QKNORM_FIELD
-constexpr int kParamsBytes = 232;
+constexpr int kParamsBytes = 248;
 static_assert(sizeof(Params) == kParamsBytes, "Params layout is shared with the host");
 
 // Error record: {code, peer, token, rank, peer's value, our value, 0, lock}. The codes and
 // words 0-5 are read by the host; word 7 is the device's own (record_error's lock) and
-// starts at 0 like the rest.
+// starts at 0 like the rest. Tokens are the call's (first_token + the launch's row).
 constexpr int kErrorWords = 8;
-constexpr int kErrorTimeout = 1;   // the peer's partial sums never came
-constexpr int kErrorTokens = 2;    // the peer launched with another token count
-constexpr int kErrorSequence = 3;  // the peer's slot holds another use of this token
-constexpr int kErrorPosition = 4;  // a row's position is outside [0, max_position)
-constexpr int kErrorRejected = 5;  // the peer's host rejected its input (qknorm::reject)
-constexpr int kErrorLock = 7;
+constexpr int kErrorTimeout = 1;        // the peer's partial sums never came
+constexpr int kErrorTokens = 2;         // the peer's call has another T
+constexpr int kErrorSequence = 3;       // the peer's slot holds another use of this token
+constexpr int kErrorPosition = 4;       // this rank's position of a row is outside the table
+constexpr int kErrorRejected = 5;       // the peer refused its input of this call
+constexpr int kErrorTag = 6;            // the peer's call has another tag
+constexpr int kErrorPeerPosition = 7;   // the peer's position of a row is outside its table
+constexpr int kErrorLock = 7;           // (a word of the record, not a code)
 
 }  // namespace qknorm

@@ -48,13 +48,14 @@ __device__ __forceinline__ int angle_row(const Params& p, PositionWords w) {
   return w.hi == 0 && w.lo >= 0 && w.lo < p.max_position ? w.lo : -1;
 }
 
-// Row t's position was out of range: nothing of the row is stored.
+// Row t of the launch has a position out of range: nothing of the row is stored. The record
+// names the call's token.
 __device__ void record_position_error(const Params& p, long long t) {
   const PositionWords w = load_position(p, t);
   int pos = w.lo;  // the position clamped to int range
   if (p.position_bytes == 8 && w.hi != (w.lo >> 31))
     pos = w.hi < 0 ? -2147483647 - 1 : 2147483647;
-  record_error(p, kErrorPosition, -1, (int)t, pos, p.max_position);
+  record_error(p, kErrorPosition, -1, p.first_token + (int)t, pos, p.max_position);
 }
 
 // Count floats from 8-byte (Count = 2) or 16-byte (Count % 4 == 0) aligned memory

@@ -1,12 +1,13 @@
 // The unfused path (transports "nccl" and "mpi"): partial sums -> (NCCL or MPI all-reduce
-// of sums[kSumsHeader + 2 tokens]) -> apply. The all-reduce also checks that every rank
-// launched the same token count T, with no collective of its own: partial_sums writes a
-// header of T's base-1024 digits d_i, their squares and a 1, which the all-reduce sums
-// over the n ranks with the rest. Sums of n digits equal n d_i and sums of their squares
-// n d_i^2 only if all n are d_i (the squared deviations from d_i sum to zero), so every
-// rank of a call whose ranks disagree on T sees it. All are integers below 2^24: exact in
-// fp32 in any order.
-//   header = {d0, d1, d2, d0^2, d1^2, d2^2, 1, 0}, then {sum_q, sum_k} per token
+// of sums[kSumsHeader + 2 tokens]) -> apply. The all-reduce also carries what the fused
+// kernel's slots carry, with no collective of its own: each rank writes its own words of a
+// header, and zeros in every other rank's, so that the all-reduced header holds every
+// rank's words exactly (integers below 2^24 are exact in fp32, in any order of addition):
+//   header[f * kMaxWorld + r] = rank r's field f: its call's T, tag + 1, 1 where it refused
+//   its input, and 1 + the call's first token whose position is outside its table (or 0)
+// then {sum_q, sum_k} per token. apply reads the header before anything else: a rank whose
+// T or tag differs, or that refused, fails the call on every rank with nothing stored; a
+// rank's bad position is reported by its peers, which store their rows.
 #pragma once
 
 #include "exchange.cuh"
@@ -18,83 +19,139 @@
 
 namespace qknorm {
 
-constexpr int kSumsHeader = 8;
-
-__device__ __forceinline__ void token_digits(int tokens, int* d) {
-  d[0] = tokens & 1023;
-  d[1] = (tokens >> 10) & 1023;
-  d[2] = tokens >> 20;
-}
+constexpr int kSumsHeader = 4 * kMaxWorld;
+constexpr int kHeaderTokens = 0, kHeaderTag = 1, kHeaderRefused = 2, kHeaderBadPosition = 3;
 
 // The unfused path counts its launches in p.counters: partial_sums writes how many it has
 // made (word 0), apply how many it follows (word 1). A count that stays ahead of the other
 // means the all-reduce between them is still in flight: the host's watchdog
 // (transports/nccl.py) copies both words on a stream of its own, and past timeout_s writes
 // a timeout into the device's error record, which apply reads before it stores anything.
+// Words 2 and 3 are partial_sums' own: its blocks' first bad position, and the blocks done
+// (the last block writes the position into the header, and zeros both for the next launch).
 // Kernels never read host memory here: on some hosts a read of mapped memory costs
 // microseconds, once per block.
-// Elem: the data type; Slice: a Widths; Warps: a block's warps, one token at a time.
+// Elem: the data type; Slice: a Widths; Warps: a block's warps, one token at a time. With
+// p.flags & kFlagRefused it reads no row: it writes the header (and the sums stay stale).
 template <class Elem, class Slice, int Warps>
 __global__ void __launch_bounds__(Warps * 32) partial_sums(const Params p) {
   using TokenRow = Row<Layout<Elem, Slice, Warps * 32>>;
   __shared__ float2 scratch[Warps];
+  const bool refused = (p.flags & kFlagRefused) != 0;
+  const bool positions = p.positions != nullptr && !refused;
   if (blockIdx.x == 0 && threadIdx.x == 0 && p.counters != nullptr)
     p.counters[0] += 1;  // launches made; only this thread writes it
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    int d[3];
-    token_digits(p.tokens, d);
-#pragma unroll
-    for (int i = 0; i < 3; ++i) {
-      p.sums[i] = (float)d[i];
-      p.sums[3 + i] = (float)(d[i] * d[i]);
+  if (blockIdx.x == 0) {
+    for (int i = threadIdx.x; i < kSumsHeader; i += blockDim.x) {
+      const int field = i / kMaxWorld;
+      if (i % kMaxWorld != p.rank) {
+        p.sums[i] = 0.f;
+      } else if (field == kHeaderTokens) {
+        p.sums[i] = (float)p.call_tokens;
+      } else if (field == kHeaderTag) {
+        p.sums[i] = (float)p.tag;
+      } else if (field == kHeaderRefused) {
+        p.sums[i] = refused ? 1.f : 0.f;
+      } else if (!positions) {  // with positions, the last block writes it
+        p.sums[i] = 0.f;
+      }
     }
-    p.sums[6] = 1.0f;
-    p.sums[7] = 0.0f;
   }
   float2* const sums = reinterpret_cast<float2*>(p.sums + kSumsHeader);
   TokenRow row;
-  for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
+  int bad = -1;  // this block's first row whose position is out of range
+  for (long long t = blockIdx.x; !refused && t < p.tokens; t += gridDim.x) {
+    if (positions && bad < 0 && angle_row(p, load_position(p, t)) < 0) bad = (int)t;
     row.load(p, t);
     const float2 s = block_sum<Warps>(row.sums(), scratch);
     if (threadIdx.x == 0) sums[t] = s;
     if constexpr (Warps > 1) __syncthreads();  // scratch is reused by the next token
   }
+  if (positions && threadIdx.x == 0) {
+    unsigned int* const first = p.counters + 2;  // 0x7fffffff - the first bad row, or 0
+    unsigned int* const done = p.counters + 3;
+    if (bad >= 0) atomicMax(first, 0x7fffffffu - (unsigned int)bad);
+    __threadfence();
+    if (atomicAdd(done, 1u) == gridDim.x - 1) {  // the last block: every other is done
+      const unsigned int got = atomicExch(first, 0u);
+      *done = 0u;
+      p.sums[kHeaderBadPosition * kMaxWorld + p.rank] =
+          got ? (float)(p.first_token + (int)(0x7fffffffu - got) + 1) : 0.f;
+    }
+  }
 }
 
-// Whether the all-reduced header says that every rank launched p.tokens (see above).
-__device__ __forceinline__ bool same_tokens(const Params& p) {
-  int d[3];
-  token_digits(p.tokens, d);
-  const float n = p.sums[6];
-  bool same = true;
-#pragma unroll
-  for (int i = 0; i < 3; ++i)
-    same = same && p.sums[i] == n * (float)d[i] && p.sums[3 + i] == n * (float)(d[i] * d[i]);
-  return same;
+// What the all-reduced header says of this launch: an error to record (code, 0 for none;
+// a failure of the exchange: nothing of the launch is stored), or a peer's position out of
+// range (peer_bad >= 0: the rows are stored). The same in every thread of every block.
+struct HeaderVerdict {
+  int code, peer, theirs, ours;
+  int peer_bad, bad_token;
+  bool own_refusal;
+};
+
+__device__ __forceinline__ HeaderVerdict read_header(const Params& p) {
+  HeaderVerdict v = {0, -1, 0, 0, -1, 0, false};
+  const float* h = p.sums;
+  for (int r = 0; r < kMaxWorld && v.code == 0 && !v.own_refusal; ++r) {
+    const int tokens = (int)h[kHeaderTokens * kMaxWorld + r];
+    if (tokens == 0) continue;  // no such rank: every rank present has a call of T >= 1
+    const int tag = (int)h[kHeaderTag * kMaxWorld + r];
+    const int bad = (int)h[kHeaderBadPosition * kMaxWorld + r];
+    if (h[kHeaderRefused * kMaxWorld + r] != 0.f) {
+      if (r == p.rank) {
+        v.own_refusal = true;
+      } else {
+        v.code = kErrorRejected;
+        v.peer = r;
+        v.ours = p.call_tokens;
+      }
+    } else if (tokens != p.call_tokens) {
+      v.code = kErrorTokens;
+      v.peer = r;
+      v.theirs = tokens;
+      v.ours = p.call_tokens;
+    } else if (tag != p.tag) {
+      v.code = kErrorTag;
+      v.peer = r;
+      v.theirs = tag;
+      v.ours = p.tag;
+    } else if (bad != 0 && r != p.rank && v.peer_bad < 0) {
+      v.peer_bad = r;
+      v.bad_token = bad - 1;
+    }
+  }
+  return v;
 }
 
 // With RoPE, the minimum of one block an SM lets ptxas keep the weights in registers
 // (without it, it spilled an unpacked weight in some layouts); without RoPE, none is set.
 // Weight: the weights' type (Elem or float); Rope: a Rotary (NoRope, NeoX, GptJ).
+// Stores every row whose own position is valid, whatever an earlier launch recorded,
+// unless the exchange failed (the header's verdict, or a timeout the watchdog recorded).
 template <class Elem, class Weight, class Slice, int Warps, class Rope>
 __global__ void __launch_bounds__(Warps * 32, Rope::kStyle == kRopeNone ? 0 : 1)
     apply(const Params p) {
   constexpr int kThreads = Warps * 32;
   using RowLayout = typename LayoutFor<Elem, Slice, kThreads, Rope>::type;
   using TokenAngles = Angles<RowLayout, Rope>;
-  // a failure already recorded (the watchdog ended the all-reduce: the sums are not whole)
-  const bool failed = *reinterpret_cast<volatile int*>(p.error) != 0;
   if (blockIdx.x == 0 && threadIdx.x == 0 && p.counters != nullptr)
     p.counters[1] = p.counters[0];  // launches followed
+  // an exchange failed already (the watchdog ended the all-reduce: the sums are not whole)
+  if (exchange_failed(p)) return;
+  const HeaderVerdict v = read_header(p);
+  const bool first = blockIdx.x == 0 && threadIdx.x == 0;
+  if (v.code != 0 || v.own_refusal) {
+    if (first && v.code != 0) record_error(p, v.code, v.peer, p.first_token, v.theirs, v.ours);
+    return;
+  }
   Weights<Weight, RowLayout> wt;
   wt.load(p);
   const float2* const sums = reinterpret_cast<const float2*>(p.sums + kSumsHeader);
   // Failures are recorded once, after the loop: a record_error inside it made ptxas spill.
-  const bool same = same_tokens(p);  // checked by every block before any store
-  if (failed) return;
-  int bad = -1;                      // a row whose position is out of range
+  int bad = -1;  // a row whose position is out of range
   Row<RowLayout> row;
-  for (long long t = blockIdx.x; same && t < p.tokens; t += gridDim.x) {
+  for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
     PositionWords words;
     if constexpr (TokenAngles::kOn) words = load_position(p, t);
     const float2 s = sums[t];
@@ -110,10 +167,9 @@ __global__ void __launch_bounds__(Warps * 32, Rope::kStyle == kRopeNone ? 0 : 1)
     }
     row.scale_store(p, t, inv_rms(p, s.x, s.y), wt, angles);
   }
-  if (threadIdx.x == 0) {
-    if (!same) record_error(p, kErrorTokens, -1, 0, 0, p.tokens);
-    else if (bad >= 0) record_position_error(p, bad);
-  }
+  if (threadIdx.x == 0 && bad >= 0) record_position_error(p, bad);
+  if (first && v.peer_bad >= 0)
+    record_error(p, kErrorPeerPosition, v.peer_bad, v.bad_token, 0, 0);
 }
 
 }  // namespace qknorm

@@ -15,12 +15,11 @@ import inspect
 
 import numpy as np
 
-from cupy_qknorm.params import HEAD, PARAMS
+from cupy_qknorm.params import FIELDS, HEAD, PARAMS
 from cupy_qknorm.transports.cuda import Buffer
 from cupy_qknorm.transports.launch import Kernel, Launcher, _LaunchConfig
 
-HEAD_FIELDS = ("q", "k", "q_out", "k_out", "q_weight", "k_weight", "q_stride", "k_stride",
-               "q_out_stride", "k_out_stride", "positions", "tokens", "position_bytes")
+HEAD_FIELDS = tuple(f.name for f in FIELDS[:[f.name for f in FIELDS].index("slots")])
 
 
 class Stream:

@@ -385,7 +385,7 @@ def params_asserts(fields=params.FIELDS, size=None, constants=params.DEVICE_CONS
 def test_params_fields_match_the_header():
     """params.FIELDS is struct qknorm::Params, field by field (and the constants the host
     shares with the kernels are theirs)."""
-    assert params.PARAMS.size == params.HEAD.size + params.STATIC.size == 232
+    assert params.PARAMS.size == params.HEAD.size + params.STATIC.size == 248
     assert _probe(params_asserts(size=params.PARAMS.size), "sm_90", PARAMS_PRELUDE) is None
 
 
@@ -424,20 +424,22 @@ def test_a_swapped_pair_in_the_header_fails_its_build(tmp_path, monkeypatch):
 
 def test_adding_a_field_is_one_entry_on_each_side(tmp_path, monkeypatch):
     """The recipe of params.py: a row in FIELDS; a declaration, its QKNORM_FIELD line and
-    kParamsBytes in params.cuh. An int after max_position leaves the struct 240 bytes (its
-    end rounds up to its pointers' alignment), and the host's layout pads the same."""
-    fields = params.FIELDS + (params.Field("tag", "i", 232),)
+    kParamsBytes in params.cuh. An int after the last field leaves the struct rounded up
+    to its pointers' alignment, and the host's layout pads the same."""
+    last = params.FIELDS[-1]
+    at = last.offset + last.size
+    fields = params.FIELDS + (params.Field("extra", "i", at),)
     head, static, whole = params.layouts(fields)
-    assert whole.size == 240 and head.size == params.HEAD.size
+    assert whole.size == -(-(at + 4) // 8) * 8 and head.size == params.HEAD.size
     for f in params.KERNEL_DIR.glob("*.cu*"):
         (tmp_path / f.name).write_bytes(f.read_bytes())
     header = tmp_path / "params.cuh"
     text = header.read_text()
-    last = re.search(r"\n  int max_position;[^\n]*", text).group()
-    for old, new in ((last, last + "\n  int tag;"),
-                     ("QKNORM_FIELD(max_position, 228, 4);",
-                      "QKNORM_FIELD(max_position, 228, 4);\nQKNORM_FIELD(tag, 232, 4);"),
-                     ("kParamsBytes = 232", "kParamsBytes = 240")):
+    decl = re.search(rf"\n  int {last.name};[^\n]*", text).group()
+    line = f"QKNORM_FIELD({last.name}, {last.offset}, {last.size});"
+    for old, new in ((decl, decl + "\n  int extra;"),
+                     (line, line + f"\nQKNORM_FIELD(extra, {at}, 4);"),
+                     (f"kParamsBytes = {params.PARAMS.size}", f"kParamsBytes = {whole.size}")):
         assert text.count(old) == 1, old
         text = text.replace(old, new)
     header.write_text(text)

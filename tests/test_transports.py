@@ -9,9 +9,8 @@ from mpi4py import MPI
 
 from cupy_qknorm import (CallMismatchError, ClosedError, PeerTimeoutError, PositionError,
                          QKNormError, RoPE, TransportUnavailableError)
-from cupy_qknorm.params import ERROR_POSITION, ERROR_REJECTED, ERROR_SEQUENCE, \
-    ERROR_TIMEOUT, ERROR_TOKENS, SUMS_HEADER
-from cupy_qknorm.transports.device import ERROR_PEER_POSITION, ERROR_TAG
+from cupy_qknorm.params import ERROR_PEER_POSITION, ERROR_POSITION, ERROR_REJECTED, \
+    ERROR_SEQUENCE, ERROR_TAG, ERROR_TIMEOUT, ERROR_TOKENS, FLAG_REFUSED, SUMS_HEADER
 from tests.fake_cuda import FakeCuda, HostMemory, Stream, fake_norm
 
 cupy = pytest.importorskip("cupy")
@@ -65,9 +64,15 @@ def test_chunks_launch_in_order_with_their_rows(mem):
         n(q, k, qw, kw)
         row = qkv.strides[0]
         got = [(c["tokens"], c["q"] - q.data.ptr, c["k"] - k.data.ptr, c["q_stride"],
-                c["grid"]) for c in cuda.launches]
-        assert got == [(16, 0, 0, Q + 2 * K, 6), (16, 16 * row, 16 * row, Q + 2 * K, 6),
-                       (8, 32 * row, 32 * row, Q + 2 * K, 6)]
+                c["grid"], c["first_token"], c["call_tokens"], c["tag"], c["flags"])
+               for c in cuda.launches]
+        assert got == [(16, 0, 0, Q + 2 * K, 6, 0, 40, 0, 0),
+                       (16, 16 * row, 16 * row, Q + 2 * K, 6, 16, 40, 0, 0),
+                       (8, 32 * row, 32 * row, Q + 2 * K, 6, 32, 40, 0, 0)]
+        cuda.launches.clear()
+        n(q, k, qw, kw, tag=0)
+        n(q, k, qw, kw, tag=32766)
+        assert [c["tag"] for c in cuda.launches] == [1] * 3 + [32767] * 3
         layouts = [spec.staged for spec in cuda.loads]
         assert [c["name"] for c in cuda.launches][:2] == [cuda.launches[0]["name"]] * 2
         assert len(cuda.loads) == 2 and layouts == [1, 0]  # wide for 16, narrow for 8
@@ -201,10 +206,10 @@ def test_mpi_reads_the_positions_back_and_writes_the_valid_rows(mem):
 # -- the error record ------------------------------------------------------------------------
 RECORDS = [
     ((ERROR_TIMEOUT, 1, 7, 0, 0, 0), PeerTimeoutError,
-     "rank 0 waited longer than 5 s for the partial sums of rank 1 (token 7 of a launch)"),
+     "rank 0 waited longer than 5 s for the partial sums of rank 1 (token 7 of a call)"),
     ((ERROR_TIMEOUT, -1, 0, 0, 0, 0), PeerTimeoutError, "of the other ranks"),
     ((ERROR_TOKENS, 1, 0, 0, 5, 3), CallMismatchError,
-     "rank 0 launched 3 tokens where rank 1 launched 5"),
+     "rank 0 called with 3 tokens where rank 1 called with 5"),
     ((ERROR_SEQUENCE, 1, 2, 0, 9, 8), CallMismatchError,
      "rank 0 found use 9 of token 2's slot from rank 1 where it expected use 8"),
     ((ERROR_TAG, 1, 0, 0, 4, 3), CallMismatchError,
@@ -263,3 +268,38 @@ def test_the_benchmarks_separate_rope_launches_its_kernel_per_chunk(mem):
             separate_rope(plain, q, k, pos)
     finally:
         plain.close()
+
+
+def test_nccl_refusal_takes_part_with_no_row(mem):
+    """A rank that refused its input of a call its peers make takes part in their
+    all-reduces, chunk by chunk, with the T its q has and its refusal in the header (so
+    their apply fails the call at once), reading no row; then the object is closed."""
+    n, cuda = fake_norm(MPI.COMM_SELF, "nccl", Q, K, world=2, max_tokens=8)
+    try:
+        q, k, qw, kw = arrays(mem, 11, Q // 2, K // 2)
+        cuda.nccl_calls.clear()
+        with pytest.raises(ValueError, match="q: shape must be"):
+            n(q[:, :-4], k, qw, kw, tag=3)
+        got = [(c["kind"], c["tokens"], c["call_tokens"], c["flags"], c["tag"], c["q"])
+               for c in cuda.launches]
+        assert got == [("partial_sums", 8, 11, FLAG_REFUSED, 4, 0), ("apply", 8, 11, 1, 4, 0),
+                       ("partial_sums", 3, 11, 1, 4, 0), ("apply", 3, 11, 1, 4, 0)]
+        assert [c[1] for c in cuda.nccl_calls] == [SUMS_HEADER + 16, SUMS_HEADER + 6]
+        with pytest.raises(ClosedError):
+            n(q, k, qw, kw)
+    finally:
+        n.close()
+
+
+def test_alone_a_refused_input_launches_nothing_and_leaves_the_object_usable(mem):
+    for transport in TRANSPORTS:
+        n, cuda = fake_norm(MPI.COMM_SELF, transport, Q, K)
+        try:
+            q, k, qw, kw = arrays(mem, 3)
+            with pytest.raises(ValueError, match="tag must be an int in 0..32766"):
+                n(q, k, qw, kw, tag=32767)
+            assert cuda.launches == []
+            n(q, k, qw, kw, tag=5)
+            assert cuda.launches
+        finally:
+            n.close()

@@ -7,14 +7,13 @@ import ctypes
 from typing import NamedTuple
 
 from ..errors import CallMismatchError, PeerTimeoutError
-from ..params import (ERROR_POSITION, ERROR_REJECTED, ERROR_SEQUENCE, ERROR_TOKENS,
-                      ERROR_WORDS, HEAD, PARAMS, pack_static)
+from ..params import (ERROR_PEER_POSITION, ERROR_POSITION, ERROR_REJECTED, ERROR_SEQUENCE,
+                      ERROR_TAG, ERROR_TOKENS, ERROR_WORDS, HEAD, PARAMS, pack_static)
 from ..rope import host_table
 from ..tuning import Spec, layout_for, wide_from
 from .base import Transport, describe_tag, peer_position_error, position_error
 from .cuda import Cuda
 
-ERROR_TAG, ERROR_PEER_POSITION = 6, 7  # XXX params.py once the header has them
 HOST_WORDS = 16  # the error record, then words of the transport's own (nccl's watchdog)
 
 
@@ -103,7 +102,7 @@ class DeviceTransport(Transport):
             self._static = buf.raw[HEAD.size:]
         return self._static
 
-    def chunks(self, call, kinds=None) -> list:
+    def chunks(self, call, kinds=None, flags=0) -> list:
         """The call cut into launches of at most max_tokens tokens, each with its own packed
         parameters and its kernels (`kinds`, default KINDS) bound to them, the grid fixed."""
         plan, (q, k, qw, kw, qo, ko, pos) = call.plan, call.ptrs
@@ -116,7 +115,8 @@ class DeviceTransport(Transport):
             params = HEAD.pack(q + start * step[0], k + start * step[1],
                                qo + start * step[2], ko + start * step[3], qw, kw,
                                *plan.strides, pos + start * plan.position_bytes if pos else 0,
-                               n, plan.position_bytes) + static
+                               n, plan.position_bytes, start, plan.tokens, call.tag,
+                               flags) + static
             go = {kind: self._launch.bind(loaded[kind], spec.threads, grid, params,
                                           pdl=kind in self.PDL_KINDS)
                   for kind in (self.KINDS if kinds is None else kinds)}
@@ -139,17 +139,11 @@ class DeviceTransport(Transport):
     def error_of(self, code, peer, token, rank, theirs, ours):
         """The exception for an error record {code, peer, token, rank, theirs, ours}."""
         closed = "the object is closed for use"
-        if code == ERROR_TOKENS and peer >= 0:
-            return CallMismatchError(
-                f"rank {rank} launched {ours} tokens where rank {peer} launched {theirs} (T "
-                f"must be the same on every rank within a call; calls past max_tokens launch "
-                f"in chunks of max_tokens); nothing of that launch was written on rank "
-                f"{rank}; {closed}", peer=peer, token=token)
         if code == ERROR_TOKENS:
             return CallMismatchError(
-                f"rank {rank} launched {ours} tokens but the ranks' token counts differ (T "
-                f"must be the same on every rank within a call); nothing of that launch was "
-                f"written on rank {rank}; {closed}", token=token)
+                f"rank {rank} called with {ours} tokens where rank {peer} called with "
+                f"{theirs} (T must be the same on every rank within a call); nothing of the "
+                f"call was written on rank {rank}; {closed}", peer=peer, token=token)
         if code == ERROR_SEQUENCE:
             return CallMismatchError(
                 f"rank {rank} found use {theirs} of token {token}'s slot from rank {peer} "
@@ -159,11 +153,11 @@ class DeviceTransport(Transport):
             return CallMismatchError(
                 f"rank {rank} made a call with {describe_tag(ours)} where rank {peer} made it "
                 f"with {describe_tag(theirs)}: the ranks' calls are out of step; nothing of "
-                f"that launch was written on rank {rank}; {closed}", peer=peer, token=token)
+                f"the call was written on rank {rank}; {closed}", peer=peer, token=token)
         if code == ERROR_REJECTED:
             return CallMismatchError(
                 f"rank {peer} refused its input of this call (its own error says why); "
-                f"nothing of the launch was written on rank {rank}; {closed}",
+                f"nothing of the call was written on rank {rank}; {closed}",
                 peer=peer, token=token)
         if code == ERROR_POSITION:
             return position_error(rank, token, theirs, ours)
@@ -172,7 +166,7 @@ class DeviceTransport(Transport):
         return PeerTimeoutError(
             f"rank {rank} waited longer than {self.cfg.timeout_ns / 1e9:g} s for the partial "
             f"sums of {'rank ' + str(peer) if peer >= 0 else 'the other ranks'} (token "
-            f"{token} of a launch); {closed}", peer=peer if peer >= 0 else None, token=token)
+            f"{token} of a call); {closed}", peer=peer if peer >= 0 else None, token=token)
 
     def close(self):
         """Free what this transport holds (subclasses free theirs first)."""

@@ -174,7 +174,7 @@ class _DevicePart(DeviceTransport):
     def __init__(self, cfg, comm, host_part, cuda=None):
         super().__init__(cfg, comm, cuda)
         self.host = host_part
-        self._counter = self.cuda.zeros(8)
+        self._counter = self.cuda.zeros(16)  # as nccl's
         self.counters = self._counter.ptr
         n = SUMS_HEADER + 2 * cfg.max_tokens
         self._sums = self.cuda.zeros(4 * n)

@@ -17,7 +17,7 @@ import threading
 import time
 
 from ..collectives import wait
-from ..params import ERROR_TIMEOUT, ERROR_WORDS, SUMS_HEADER
+from ..params import ERROR_TIMEOUT, ERROR_WORDS, FLAG_REFUSED, MAX_CALL_TOKENS, SUMS_HEADER
 from .device import DeviceTransport
 
 POLL_S = 0.02     # how often the watchdog looks
@@ -37,7 +37,7 @@ class NcclTransport(DeviceTransport):
         self._stop = threading.Event()
         self.aborted = False
         try:
-            self._counter = self.cuda.zeros(8)
+            self._counter = self.cuda.zeros(16)  # launches made, followed; partial_sums scratch
             self.counters = self._counter.ptr
             floats = SUMS_HEADER + 2 * cfg.max_tokens
             self._sums = self.cuda.zeros(4 * floats)
@@ -94,6 +94,25 @@ class NcclTransport(DeviceTransport):
                 allreduce(ptr, ptr, count, NCCL_FLOAT32, NCCL_SUM, stream.ptr)
                 apply(stream)
         return run
+
+    def refuse(self, tokens, tag, why, stream):
+        """Take part in the call with no row: partial_sums writes this rank's header with
+        its refusal (and the T its q has), the all-reduce carries it, and the peers' apply
+        fails the call at once, chunk by chunk as they launch it."""
+        if self.cfg.world == 1:
+            return None
+        if not 0 < tokens <= MAX_CALL_TOKENS:
+            return "its q has no row count to take part in the peers' all-reduce with"
+        try:
+            from ..arrays import Plan
+            from .base import Call
+            c = self.cfg
+            plan = Plan(tokens, c.dtype, (0, 0, 0, 0), 2, 0)
+            call = Call((), plan, (0,) * 7, tag)
+            self.compose(self.chunks(call, flags=FLAG_REFUSED))(stream)
+        except Exception as e:  # noqa: BLE001 - the caller raises its own input error
+            return f"its refusal could not be launched ({e})"
+        return None
 
     def _watch(self):
         words, limit = self.error, self.cfg.timeout_ns / 1e9
