@@ -296,8 +296,8 @@ def separate_rope(norm, q, k, positions):
     plan = arrays.Plan(qo.shape[0], c.dtype, strides, qo.itemsize, pos.itemsize)
     call = Call((qo, ko, None, None, qo, ko, pos), plan,
                 (qo.ptr, ko.ptr, 0, 0, qo.ptr, ko.ptr, pos.ptr), 0)
-    launches = [t._launch.bind(t.cuda.load_rope(chunk.spec), chunk.spec.threads, chunk.grid,
-                               chunk.params) for chunk in t.chunks(call, kinds=())]
+    launches = [t._launch.bind(t.cuda.load_rope(chunk.spec, t.build), chunk.spec.threads,
+                               chunk.grid, chunk.params) for chunk in t.chunks(call, kinds=())]
 
     def go(stream):
         for launch in launches:

@@ -51,9 +51,10 @@ def options(build=None) -> tuple:
         (("-DQKNORM_TRACE=1",) if build.get("CUPY_QKNORM_TRACE") else ())
 
 
-def tracing() -> bool:
-    """Whether kernels built now record where the fused kernel's time goes."""
-    return knobs.get("CUPY_QKNORM_TRACE") == 1
+def tracing(build: tuple | None = None) -> bool:
+    """Whether kernels built with these build knobs (default: the environment's now)
+    record where the fused kernel's time goes."""
+    return dict(knobs.build_values() if build is None else build).get("CUPY_QKNORM_TRACE") == 1
 
 
 def require_cupy(what: str):
@@ -74,10 +75,12 @@ def _module(spec: Spec, build: tuple, device: int):
                           name_expressions=tuple(spec.names.values()))
 
 
-def load(spec: Spec) -> dict:
-    """{kind: cupy RawKernel} of every kernel of `spec` (Spec.names) on the current device."""
+def load(spec: Spec, build: tuple | None = None) -> dict:
+    """{kind: cupy RawKernel} of every kernel of `spec` (Spec.names) on the current device,
+    built with these build knobs (knobs.build_values(); default: the environment's now)."""
     cupy = require_cupy("compiling kernels")
-    mod = _module(spec, knobs.build_values(), cupy.cuda.Device().id)
+    build = knobs.build_values() if build is None else build
+    mod = _module(spec, build, cupy.cuda.Device().id)
     return {kind: mod.get_function(name) for kind, name in spec.names.items()}
 
 
@@ -99,13 +102,14 @@ def _rope_module(name: str, build: tuple, device: int):
     return cupy.RawModule(code=TOOLS_SOURCE, options=options(build), name_expressions=(name,))
 
 
-def load_rope(spec: Spec):
+def load_rope(spec: Spec, build: tuple | None = None):
     """The separate RoPE kernel of `spec` (Spec.rope_name: RoPE alone, in place, on the rows
     a norm left; same threads a block as the spec's kernels) on the current device."""
     if spec.rope_name is None:
         raise ValueError(f"{spec} has no RoPE: no separate RoPE kernel")
     cupy = require_cupy("compiling kernels")
-    mod = _rope_module(spec.rope_name, knobs.build_values(), cupy.cuda.Device().id)
+    build = knobs.build_values() if build is None else build
+    mod = _rope_module(spec.rope_name, build, cupy.cuda.Device().id)
     return mod.get_function(spec.rope_name)
 
 

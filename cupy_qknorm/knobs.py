@@ -1,10 +1,11 @@
 """Every CUPY_QKNORM_* environment variable: its type, default and meaning, in one place.
 
-This module is the only reader of the environment in the package. A value is read when
-it is used (a kernel build, a layout choice, an object's construction), so a change
-inside a process takes effect at the next such use; the values that shape a kernel are
-part of the compiled-kernel cache key (compile.py), so a changed knob never reuses a
-stale kernel. A bad value raises ValueError naming the variable.
+This module is the only reader of the environment in the package. A TPQKNorm reads the
+knobs once, at its construction (its transport keeps the values), so every kernel it
+loads later agrees with its other kernels and its buffers; a change inside a process
+reaches the next object. The values that shape a kernel are part of the compiled-kernel
+cache key (compile.py), so a changed knob never reuses a stale kernel. A bad value raises
+ValueError naming the variable.
 """
 from __future__ import annotations
 

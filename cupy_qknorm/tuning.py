@@ -26,13 +26,23 @@ STAGE_BYTES_MAX = 44 * 1024   # static shared memory a block may use for staged 
 MIN_ARCH = 80                 # cvt.rn.bf16x2.f32, cp.async
 
 
-def wide_from(world: int, rope: bool = False) -> int:
+def read_knobs() -> dict:
+    """The tuning knobs' values now: an object reads them once, at its construction, so
+    that every kernel it loads later agrees with the others and with its buffers."""
+    return {"CUPY_QKNORM_WIDE_FROM": knobs.get("CUPY_QKNORM_WIDE_FROM"),
+            "CUPY_QKNORM_VECTORS_PER_THREAD": knobs.get("CUPY_QKNORM_VECTORS_PER_THREAD"),
+            "CUPY_QKNORM_STAGED": knobs.get("CUPY_QKNORM_STAGED"),
+            "CUPY_QKNORM_DEPTH": knobs.get("CUPY_QKNORM_DEPTH")}
+
+
+def wide_from(world: int, rope: bool = False, tuning: dict | None = None) -> int:
     """Tokens a launch from which the fused kernel takes the wide layout: the knob
     CUPY_QKNORM_WIDE_FROM where set, else what H200 measured (BENCHMARKS.md). One GPU has
     no exchange to hide the narrow layout's second token a block behind (its grid holds
     one token a block up to ~260 tokens): wide from 512. With RoPE the narrow kernel holds
-    2 blocks an SM instead of 4: wide from 1024. Otherwise from 2048."""
-    forced = knobs.get("CUPY_QKNORM_WIDE_FROM")
+    2 blocks an SM instead of 4: wide from 1024. Otherwise from 2048. `tuning`: the knobs
+    as read_knobs() read them (default: now)."""
+    forced = (tuning or read_knobs())["CUPY_QKNORM_WIDE_FROM"]
     if forced is not None:
         return forced
     return 512 if world == 1 else 1024 if rope else 2048
@@ -60,10 +70,11 @@ class Spec:
 
     @classmethod
     def plan(cls, dtype: str, weight_dtype: str, world: int, q_local: int, k_local: int,
-             layout: str = "narrow", rope: RoPE | None = None):
+             layout: str = "narrow", rope: RoPE | None = None, tuning: dict | None = None):
         """The spec of one layout: warps per token, the fewest that keep about its
-        vectors a thread; depth and staging as the layout says (tuning knobs included),
-        rows in registers where staged rows would not fit shared memory."""
+        vectors a thread; depth and staging as the layout says (the tuning knobs, as
+        read_knobs() read them, included; default: now), rows in registers where staged
+        rows would not fit shared memory."""
         if dtype not in C_TYPES:
             raise ValueError(f"dtype must be one of {sorted(C_TYPES)}, got {dtype!r}")
         if weight_dtype not in (dtype, "float32"):
@@ -82,12 +93,13 @@ class Spec:
         if rope is not None:
             check_rope(rope, dtype, world, q_local * world, k_local * world)
             head, rot, style = rope.head_dim, rope.rotary_dim, rope.style_code
+        tuning = tuning or read_knobs()
         vectors = (q_local + k_local) // n
         vpt, staged, depth = LAYOUTS[layout]
-        vpt = knobs.get("CUPY_QKNORM_VECTORS_PER_THREAD") or vpt
+        vpt = tuning["CUPY_QKNORM_VECTORS_PER_THREAD"] or vpt
         warps = min(32, -(-vectors // (32 * vpt)))
-        staged = staged and knobs.get("CUPY_QKNORM_STAGED") == 1
-        forced = knobs.get("CUPY_QKNORM_DEPTH")
+        staged = staged and tuning["CUPY_QKNORM_STAGED"] == 1
+        forced = tuning["CUPY_QKNORM_DEPTH"]
         spec = cls(dtype, weight_dtype, world, q_local, k_local, warps, forced or depth,
                    int(staged), head, rot, style)
         if spec.stage_bytes > STAGE_BYTES_MAX:  # rows in registers, at the register depth

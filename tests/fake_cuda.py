@@ -61,7 +61,7 @@ class FakeCuda:
         self.id, self.name, self.major = 0, "fake", major
         self.sms, self.threads_per_sm, self.regs_per_sm = sms, threads_per_sm, 65536
         self._blocks = blocks_per_sm
-        self.launches, self.nccl_calls, self.loads = [], [], []
+        self.launches, self.nccl_calls, self.loads, self.builds = [], [], [], []
         self.frames_from = frames_from
         self.rc = 0              # what the next cuLaunchKernelEx returns
         self._memory = {}        # ptr -> numpy array, alive while the fake is
@@ -110,8 +110,9 @@ class FakeCuda:
     def launcher(self, pdl):
         return Launcher(pdl, driver=(self._launch_ex, None))
 
-    def load(self, spec):
+    def load(self, spec, build):
         self.loads.append(spec)
+        self.builds.append(build)
         out = {}
         for kind, name in spec.names.items():
             handle = 0x1000 + len(self._kernels)
@@ -119,7 +120,7 @@ class FakeCuda:
             out[kind] = Kernel(None, handle, name)
         return out
 
-    def load_rope(self, spec):
+    def load_rope(self, spec, build):
         handle = 0x1000 + len(self._kernels)
         self._kernels[handle] = ("rope", spec.rope_name)
         return Kernel(None, handle, spec.rope_name)

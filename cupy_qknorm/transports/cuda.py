@@ -82,14 +82,15 @@ class Cuda:
     def launcher(self, pdl: bool) -> Launcher:
         return Launcher(pdl)
 
-    def load(self, spec) -> dict:
-        """{kind: Kernel} of every kernel of `spec` on this device."""
+    def load(self, spec, build) -> dict:
+        """{kind: Kernel} of every kernel of `spec` built with `build` (the build knobs, as
+        knobs.build_values() gives them) on this device."""
         return {kind: Kernel(raw, _handle(raw), spec.names[kind])
-                for kind, raw in load(spec).items()}
+                for kind, raw in load(spec, build).items()}
 
-    def load_rope(self, spec) -> Kernel:
+    def load_rope(self, spec, build) -> Kernel:
         """The separate RoPE kernel of `spec` (the benchmark's baseline) on this device."""
-        raw = load_rope(spec)
+        raw = load_rope(spec, build)
         return Kernel(raw, _handle(raw), spec.rope_name)
 
     def blocks_per_sm(self, kernel: Kernel, threads: int) -> int:

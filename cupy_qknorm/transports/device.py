@@ -9,8 +9,9 @@ from typing import NamedTuple
 from ..errors import CallMismatchError, PeerTimeoutError
 from ..params import (ERROR_PEER_POSITION, ERROR_POSITION, ERROR_REJECTED, ERROR_SEQUENCE,
                       ERROR_TAG, ERROR_TOKENS, ERROR_WORDS, HEAD, PARAMS, pack_static)
+from .. import knobs
 from ..rope import host_table
-from ..tuning import Spec, layout_for, wide_from
+from ..tuning import Spec, layout_for, read_knobs, wide_from
 from .base import Transport, describe_tag, peer_position_error, position_error
 from .cuda import Cuda
 
@@ -40,7 +41,10 @@ class DeviceTransport(Transport):
         self._kernels = {}    # (weight dtype, layout) -> (spec, {kind: Kernel}, grid cap)
         self._static = None   # the packed part of Params that no call changes
         self.slots, self.counters, self.sums = (), 0, 0  # set by subclasses
-        self.wide_from = wide_from(cfg.world, cfg.rope is not None)
+        # every knob a kernel build, a layout or a buffer depends on, read once: a knob
+        # changed later in the process does not reach an object's kernels or buffers
+        self.build, self.tuning = knobs.build_values(), read_knobs()
+        self.wide_from = wide_from(cfg.world, cfg.rope is not None, self.tuning)
         self._launch = self.cuda.launcher(self._pdl())
         self._host = self.cuda.host_mapped(4 * HOST_WORDS)
         self.error = (ctypes.c_int32 * HOST_WORDS).from_address(self._host)
@@ -68,14 +72,15 @@ class DeviceTransport(Transport):
 
     def spec(self, weight_dtype: str, layout: str = "narrow") -> Spec:
         c = self.cfg
-        return Spec.plan(c.dtype, weight_dtype, c.world, c.q_local, c.k_local, layout, c.rope)
+        return Spec.plan(c.dtype, weight_dtype, c.world, c.q_local, c.k_local, layout, c.rope,
+                         self.tuning)
 
     def kernels(self, weight_dtype: str, layout: str = "narrow"):
         """(spec, {kind: Kernel}, grid cap) of a weight dtype and layout, loaded once."""
         k = self._kernels.get((weight_dtype, layout))
         if k is None:
             spec = self.spec(weight_dtype, layout)
-            loaded = self.cuda.load(spec)
+            loaded = self.cuda.load(spec, self.build)
             k = self._kernels[(weight_dtype, layout)] = (spec, loaded,
                                                         self._grid_cap(spec, loaded))
         return k

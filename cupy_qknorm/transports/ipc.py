@@ -18,7 +18,7 @@ class IpcTransport(DeviceTransport):
     PDL_KINDS = ("fused",)  # it waits (griddepcontrol.wait) before touching memory
 
     def __init__(self, cfg, comm, cuda=None):
-        self.buffers = None
+        self.buffers = self._trace = None
         super().__init__(cfg, comm, cuda)
         try:
             self._counters = self.cuda.zeros(4 * cfg.max_tokens)  # uses of each token slot
@@ -26,8 +26,7 @@ class IpcTransport(DeviceTransport):
             if cfg.world > 1:
                 self.buffers = PeerBuffers(comm, 2 * cfg.max_tokens * cfg.world * SLOT_BYTES)
                 self.slots = tuple(self.buffers.ptrs)
-            self._trace = None
-            if tracing():  # each block of the fused kernel records where its time goes
+            if tracing(self.build):  # each block of the fused kernel records its times
                 blocks = self.cuda.sms * 32  # at most 32 an SM
                 self._trace = self.cuda.zeros(8 * blocks * TRACE_WORDS)
                 self.sums = self._trace.ptr
@@ -35,7 +34,7 @@ class IpcTransport(DeviceTransport):
             self.close()
             raise
 
-    def _pdl(self) -> bool:
+    def _pdl(self) -> bool:  # read once, at construction
         return knobs.get("CUPY_QKNORM_PDL") == 1 and self.cuda.major >= 9
 
     @property
