@@ -73,3 +73,14 @@ def test_ci_prints_the_test_commands_time_and_keeps_its_exit_code(tmp_path, code
     took = re.search(rf"^CI: the test command took (\d+) s \(exit {code}\)$", r.stdout, re.M)
     assert took and 1 <= int(took.group(1)) <= 5, r.stdout
     assert ("collected no tests" in r.stderr) == (code == 5)
+
+
+def _error_table(text):
+    """The rows of the table 'What an error leaves behind' in a document."""
+    at = text.index("## What an error leaves behind")
+    return [ln for ln in text[at:].split("\n## ")[0].splitlines() if ln.startswith("|")]
+
+
+def test_readme_and_reliability_state_the_same_error_table():
+    readme = _error_table((ROOT / "README.md").read_text())
+    assert len(readme) >= 8 and readme == _error_table((ROOT / "RELIABILITY.md").read_text())
