@@ -340,7 +340,7 @@ class TPQKNorm:
             raise TypeError(f"all arrays must be on one device; got devices "
                             f"{sorted(where, key=str)} (None = host memory)")
         dev = where.pop()
-        if dev is None and self.transport != "mpi":
+        if dev is None and not self._transport.host_arrays:
             raise TypeError(f"transport {self.transport!r} needs GPU arrays; numpy arrays "
                             f"run with transport='mpi'")
         if dev is not None and self._device is not None and dev != self._device:

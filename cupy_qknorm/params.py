@@ -111,7 +111,7 @@ def layouts(fields=FIELDS):
 
 HEAD, STATIC, PARAMS = layouts(FIELDS)
 
-ERROR_WORDS = 8             # {code, peer, token, rank, theirs, ours, 0, 0}
+ERROR_WORDS = 8             # {code, peer, token, rank, theirs, ours, 0, the device's lock}
 ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE, ERROR_POSITION, ERROR_REJECTED = 1, 2, 3, 4, 5
 ERROR_TAG, ERROR_PEER_POSITION = 6, 7
 FLAG_REFUSED = 1            # qknorm::kFlagRefused: take part in the exchange, read no row

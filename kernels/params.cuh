@@ -87,9 +87,11 @@ QKNORM_FIELD(max_position, 244, 4);
 constexpr int kParamsBytes = 248;
 static_assert(sizeof(Params) == kParamsBytes, "Params layout is shared with the host");
 
-// Error record: {code, peer, token, rank, peer's value, our value, 0, lock}. The codes and
-// words 0-5 are read by the host; word 7 is the device's own (record_error's lock) and
-// starts at 0 like the rest. Tokens are the call's (first_token + the launch's row).
+// Error record: {code, peer, token, rank, theirs, ours, 0, lock}: theirs and ours are the
+// peer's and this rank's value of what differs (T, use number, tag code), or a position
+// and the table's rows (kErrorPosition). The codes and words 0-5 are read by the host;
+// word 7 is the device's own (record_error's lock) and starts at 0 like the rest. Tokens
+// are the call's (first_token + the launch's row).
 constexpr int kErrorWords = 8;
 constexpr int kErrorTimeout = 1;        // the peer's partial sums never came
 constexpr int kErrorTokens = 2;         // the peer's call has another T

@@ -81,31 +81,27 @@ __global__ void __launch_bounds__(Warps * 32) partial_sums(const Params p) {
   }
 }
 
-// What the all-reduced header says of this launch: an error to record (code, 0 for none;
-// a failure of the exchange: nothing of the launch is stored), or a peer's position out of
-// range (peer_bad >= 0: the rows are stored). The same in every thread of every block.
+// What the all-reduced header says of this launch (on a rank that did not refuse it): an
+// error to record (code, 0 for none; a failure of the exchange: nothing of the launch is
+// stored), or a peer's position out of range (peer_bad >= 0: the rows are stored). The
+// same in every thread of every block.
 struct HeaderVerdict {
   int code, peer, theirs, ours;
   int peer_bad, bad_token;
-  bool own_refusal;
 };
 
 __device__ __forceinline__ HeaderVerdict read_header(const Params& p) {
-  HeaderVerdict v = {0, -1, 0, 0, -1, 0, false};
+  HeaderVerdict v = {0, -1, 0, 0, -1, 0};
   const float* h = p.sums;
-  for (int r = 0; r < kMaxWorld && v.code == 0 && !v.own_refusal; ++r) {
+  for (int r = 0; r < kMaxWorld && v.code == 0; ++r) {
     const int tokens = (int)h[kHeaderTokens * kMaxWorld + r];
     if (tokens == 0) continue;  // no such rank: every rank present has a call of T >= 1
     const int tag = (int)h[kHeaderTag * kMaxWorld + r];
     const int bad = (int)h[kHeaderBadPosition * kMaxWorld + r];
     if (h[kHeaderRefused * kMaxWorld + r] != 0.f) {
-      if (r == p.rank) {
-        v.own_refusal = true;
-      } else {
-        v.code = kErrorRejected;
-        v.peer = r;
-        v.ours = p.call_tokens;
-      }
+      v.code = kErrorRejected;
+      v.peer = r;
+      v.ours = p.call_tokens;
     } else if (tokens != p.call_tokens) {
       v.code = kErrorTokens;
       v.peer = r;
@@ -137,12 +133,13 @@ __global__ void __launch_bounds__(Warps * 32, Rope::kStyle == kRopeNone ? 0 : 1)
   using TokenAngles = Angles<RowLayout, Rope>;
   if (blockIdx.x == 0 && threadIdx.x == 0 && p.counters != nullptr)
     p.counters[1] = p.counters[0];  // launches followed
-  // an exchange failed already (the watchdog ended the all-reduce: the sums are not whole)
-  if (exchange_failed(p)) return;
+  // this rank refused its input (its host raises that), or an exchange failed already
+  // (the watchdog ended the all-reduce: the sums are not whole)
+  if ((p.flags & kFlagRefused) != 0 || exchange_failed(p)) return;
   const HeaderVerdict v = read_header(p);
   const bool first = blockIdx.x == 0 && threadIdx.x == 0;
-  if (v.code != 0 || v.own_refusal) {
-    if (first && v.code != 0) record_error(p, v.code, v.peer, p.first_token, v.theirs, v.ours);
+  if (v.code != 0) {
+    if (first) record_error(p, v.code, v.peer, p.first_token, v.theirs, v.ours);
     return;
   }
   Weights<Weight, RowLayout> wt;

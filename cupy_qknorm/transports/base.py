@@ -76,9 +76,10 @@ def peer_position_error(rank: int, peer: int, token: int) -> CallMismatchError:
 
 class Transport:
     """The interface TPQKNorm calls (module docstring). `capturable`: whether its calls may
-    be captured in a CUDA graph."""
+    be captured in a CUDA graph; `host_arrays`: whether it takes numpy arrays."""
     name = "?"
     capturable = True
+    host_arrays = False
     error = (0,)
 
     def bind(self, call: Call):

@@ -35,6 +35,7 @@ CAPTURE = ("transport 'mpi' cannot be captured in a CUDA graph (it brings the su
 class MpiTransport(Transport):
     name = "mpi"
     capturable = False
+    host_arrays = True
 
     def __init__(self, cfg, comm, gpu=False, cuda=None):
         self.cfg, self.comm = cfg, comm
