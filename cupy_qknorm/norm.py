@@ -196,7 +196,9 @@ class TPQKNorm:
         qo = ko = entry = None
         if out is not None and isinstance(out, (tuple, list)) and len(out) == 2:
             qo, ko = out
-        if out is None or (qo is q and ko is k):
+        if tag is not None and type(tag) is not int:
+            pass  # validated on the slow path: it says what is wrong with it
+        elif out is None or (qo is q and ko is k):
             e = self._calls.get((id(q), id(k), id(q_weight), id(k_weight), id(positions), tag))
             if e is not None and e.shapes == (q.shape, k.shape):
                 entry, qo, ko = e, q, k
@@ -213,25 +215,23 @@ class TPQKNorm:
                 self._close_for_use()
                 raise
             return qo, ko
-        if out is None:
-            qo, ko = q, k
-        else:
-            qo, ko = _pair(out)
-        return self._call_slow((q, k, q_weight, k_weight, qo, ko, positions), stream, tag)
+        return self._call_slow(q, k, q_weight, k_weight, out, positions, stream, tag)
 
-    def _call_slow(self, arrs, stream, tag):
+    def _call_slow(self, q, k, q_weight, k_weight, out, positions, stream, tag):
         self._check_usable()
         stream = stream if stream is not None else self._current_stream()
         try:
+            qo, ko = (q, k) if out is None else _pair(out)
+            arrs = (q, k, q_weight, k_weight, qo, ko, positions)
             call = self._validate(*arrs, tag)
             go = self._transport.bind(call) if call.tokens else None
         except Exception as e:  # noqa: BLE001 - re-raised once the peers know
-            self._refuse(arrs[0], tag, e, stream)
+            self._refuse(q, tag, e, stream)
             raise
         if go is not None:
             self._remember(arrs, tag, go)
             self._run(go, stream)
-        return arrs[4], arrs[5]
+        return qo, ko
 
     def _run(self, go, stream):
         try:
@@ -262,7 +262,7 @@ class TPQKNorm:
     def _remember(self, arrs, tag, go):
         """Cache a validated call of CuPy arrays, keyed by the arrays' identity and the tag
         (as __call__ looks it up: without the outputs for a call in place)."""
-        if self._device is None:
+        if self._device is None or not (tag is None or type(tag) is int):
             return
         import cupy
         if not all(type(a) is cupy.ndarray for a in arrs[:6]) or \
@@ -380,11 +380,8 @@ class TPQKNorm:
         t, self._transport = self._transport, None
         self._close_for_use()
         self._error = _NO_ERROR
-        if t is not None:
-            fit = t.comm_fit()
-            t.close()
-            if fit:
-                self._comm.Free()
+        if t is not None and t.close():
+            self._comm.Free()
 
     def __enter__(self):
         return self

@@ -111,7 +111,8 @@ def layouts(fields=FIELDS):
 
 HEAD, STATIC, PARAMS = layouts(FIELDS)
 
-ERROR_WORDS = 8             # {code, peer, token, rank, theirs, ours, 0, the device's lock}
+ERROR_WORDS = 8             # {code, peer, token, rank, theirs, ours, failed, lock}
+ERROR_FAILED = 6            # the record's word that ends every wait once the exchange failed
 ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE, ERROR_POSITION, ERROR_REJECTED = 1, 2, 3, 4, 5
 ERROR_TAG, ERROR_PEER_POSITION = 6, 7
 FLAG_REFUSED = 1            # qknorm::kFlagRefused: take part in the exchange, read no row
@@ -127,6 +128,7 @@ DEVICE_CONSTANTS = {
     "kErrorTokens": ERROR_TOKENS, "kErrorSequence": ERROR_SEQUENCE,
     "kErrorPosition": ERROR_POSITION, "kErrorRejected": ERROR_REJECTED,
     "kErrorTag": ERROR_TAG, "kErrorPeerPosition": ERROR_PEER_POSITION,
+    "kErrorFailed": ERROR_FAILED,
     "kFlagRefused": FLAG_REFUSED, "kMaxWorld": MAX_WORLD,
     "kEmptyWord": EMPTY_WORD, "kSumsHeader": SUMS_HEADER, "kTraceWords": TRACE_WORDS,
 }

@@ -47,33 +47,39 @@ __device__ __forceinline__ uint4 make_slot(float sq, float sk, unsigned int call
   return make_uint4(q, k, call, (uses & kUseNumber) | ((unsigned int)tag << kTagShift));
 }
 
-// Whose record wins: any failure of the exchange over a position error (which leaves the
-// exchange in step, and the host must learn that it is not), and this rank's own position
-// error over a peer's.
-__device__ __forceinline__ int precedence(int code) {
-  return code == kErrorPeerPosition ? 1 : code == kErrorPosition ? 2 : 3;
+// Whether a code is a failure of the exchange (the sums of that launch are not whole, and
+// nothing more of this rank's exchange can be trusted), unlike a position out of range,
+// this rank's or a peer's, which leaves the exchange in step.
+__device__ __forceinline__ bool breaks_exchange(int code) {
+  return code != kErrorPosition && code != kErrorPeerPosition;
 }
 
-// Marks the call as failed in device memory and, if mapped, in host memory, where the host
-// reads it without synchronizing. The first failure wins, except that one of higher
-// precedence takes the record over. A lock keeps the words of two owners from mixing, and
-// an owner that finds the code no longer its own writes nothing.
+// Records an error in device memory and, if mapped, in host memory, where the host reads
+// it without synchronizing. Two things: a failure of the exchange sets the record's failed
+// word, which ends every wait and store of this rank from then on (exchange_failed); and
+// the report {code, peer, token, rank, theirs, ours} is the first error's, except that
+// this rank's own position error takes it over from a peer's. The first error is the
+// cause: a wait that later times out because the ranks' hosts stopped at different calls
+// does not hide it. A lock keeps two owners' words from mixing, an owner that finds the
+// code no longer its own writes nothing, and the host's code word is cleared while the
+// words under it change.
 __device__ void record_error(const Params& p, int code, int peer, int token, int theirs,
                              int ours) {
+  if (breaks_exchange(code)) atomicExch(p.error + kErrorFailed, 1);
   int old = atomicCAS(p.error, 0, code);
-  while (old != 0 && precedence(code) > precedence(old)) {
-    const int seen = atomicCAS(p.error, old, code);
-    old = seen == old ? 0 : seen;
-  }
+  if (old == kErrorPeerPosition && code == kErrorPosition)
+    old = atomicCAS(p.error, kErrorPeerPosition, code) == kErrorPeerPosition ? 0 : old;
   if (old != 0) return;
   while (atomicCAS(p.error + kErrorLock, 0, 1) != 0) {}
   if (*(volatile int*)p.error == code) {
-    const int words[kErrorLock] = {code, peer, token, p.rank, theirs, ours, 0};
+    const int words[kErrorFailed] = {code, peer, token, p.rank, theirs, ours};
 #pragma unroll
-    for (int i = 1; i < kErrorLock; ++i) p.error[i] = words[i];
+    for (int i = 1; i < kErrorFailed; ++i) p.error[i] = words[i];
     if (p.error_host != nullptr) {
+      *(volatile int*)p.error_host = 0;  // (a takeover: the host must not pair old and new)
+      __threadfence_system();
 #pragma unroll
-      for (int i = 1; i < kErrorLock; ++i) p.error_host[i] = words[i];
+      for (int i = 1; i < kErrorFailed; ++i) p.error_host[i] = words[i];
       __threadfence_system();
       *(volatile int*)p.error_host = code;
     }
@@ -82,11 +88,10 @@ __device__ void record_error(const Params& p, int code, int peer, int token, int
   atomicExch(p.error + kErrorLock, 0);
 }
 
-// Whether the exchange already failed on this rank (any recorded error but a position one,
-// this rank's or a peer's).
+// Whether the exchange already failed on this rank (a failure of the exchange was recorded,
+// in this launch or an earlier one, or the host's watchdog ended an all-reduce).
 __device__ __forceinline__ bool exchange_failed(const Params& p) {
-  const int code = *(volatile int*)p.error;
-  return code != 0 && code != kErrorPosition && code != kErrorPeerPosition;
+  return *(volatile int*)(p.error + kErrorFailed) != 0;
 }
 
 // Spins until every word of `slot` is written. Gives up (returns false) past the timeout,

@@ -87,11 +87,12 @@ QKNORM_FIELD(max_position, 244, 4);
 constexpr int kParamsBytes = 248;
 static_assert(sizeof(Params) == kParamsBytes, "Params layout is shared with the host");
 
-// Error record: {code, peer, token, rank, theirs, ours, 0, lock}: theirs and ours are the
-// peer's and this rank's value of what differs (T, use number, tag code), or a position
-// and the table's rows (kErrorPosition). The codes and words 0-5 are read by the host;
-// word 7 is the device's own (record_error's lock) and starts at 0 like the rest. Tokens
-// are the call's (first_token + the launch's row).
+// Error record: {code, peer, token, rank, theirs, ours, failed, lock}: theirs and ours are
+// the peer's and this rank's value of what differs (T, use number, tag code), or a
+// position and the table's rows (kErrorPosition). The host reads words 0-5 (the report);
+// words 6 (1 once this rank's exchange failed) and 7 (record_error's lock) are the
+// device's, and start at 0 like the rest. Tokens are the call's (first_token + the
+// launch's row).
 constexpr int kErrorWords = 8;
 constexpr int kErrorTimeout = 1;        // the peer's partial sums never came
 constexpr int kErrorTokens = 2;         // the peer's call has another T
@@ -100,6 +101,7 @@ constexpr int kErrorPosition = 4;       // this rank's position of a row is outs
 constexpr int kErrorRejected = 5;       // the peer refused its input of this call
 constexpr int kErrorTag = 6;            // the peer's call has another tag
 constexpr int kErrorPeerPosition = 7;   // the peer's position of a row is outside its table
-constexpr int kErrorLock = 7;           // (a word of the record, not a code)
+constexpr int kErrorFailed = 6;         // (words of the record, not codes)
+constexpr int kErrorLock = 7;
 
 }  // namespace qknorm

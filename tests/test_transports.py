@@ -10,7 +10,8 @@ from mpi4py import MPI
 from cupy_qknorm import (CallMismatchError, ClosedError, PeerTimeoutError, PositionError,
                          QKNormError, RoPE, TransportUnavailableError)
 from cupy_qknorm.params import ERROR_PEER_POSITION, ERROR_POSITION, ERROR_REJECTED, \
-    ERROR_SEQUENCE, ERROR_TAG, ERROR_TIMEOUT, ERROR_TOKENS, FLAG_REFUSED, SUMS_HEADER
+    ERROR_FAILED, ERROR_SEQUENCE, ERROR_TAG, ERROR_TIMEOUT, ERROR_TOKENS, FLAG_REFUSED, \
+    SUMS_HEADER
 from tests.fake_cuda import FakeCuda, HostMemory, Stream, fake_norm
 
 cupy = pytest.importorskip("cupy")
@@ -324,5 +325,66 @@ def test_the_knobs_an_object_builds_with_are_read_once(mem, monkeypatch):
         vectors = (Q + K) // 4
         assert [s.warps for s in cuda.loads] == [min(32, -(-vectors // 32))] * 2
         assert [s.staged for s in cuda.loads] == [0, 1]  # wide from 512 at G=1, not 2
+    finally:
+        n.close()
+
+
+def test_the_nccl_watchdog_bounds_an_all_reduce_queued_behind_an_error(mem):
+    """A kernel recorded an error (a T that differs, here) and an all-reduce queued behind
+    it never finds its partner: the watchdog still ends it after timeout_s, marks the
+    record failed and aborts NCCL, and the report stays the kernels' (the cause)."""
+    import time
+    n, cuda = fake_norm(MPI.COMM_SELF, "nccl", Q, K, world=2, timeout_s=0.2)
+    try:
+        t = n._transport
+        t.error[1:6] = [1, 0, 0, 5, 3]
+        t.error[0] = ERROR_TOKENS
+        counts = np.frombuffer(t._counter.owner, np.uint32)
+        counts[0] = 1  # partial_sums launched, apply not yet: an all-reduce in flight
+        deadline = time.monotonic() + 5
+        while not t.aborted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert t.aborted and cuda.nccl_comm.aborted
+        assert t.error[0] == ERROR_TOKENS and t.error[ERROR_FAILED] == 1
+        record = np.frombuffer(t._record.owner, np.int32)
+        assert record[ERROR_FAILED] == 1  # apply stores nothing from here on
+        with pytest.raises(CallMismatchError, match="called with 3 tokens where rank 1"):
+            n.synchronize(Stream())
+    finally:
+        n.close()
+
+
+@pytest.mark.parametrize("tag", [True, 1.0, [1], "1"])
+def test_a_tag_that_is_not_an_int_is_refused_even_after_a_cached_call(tag, mem):
+    n, cuda = fake_norm(MPI.COMM_SELF, "ipc", Q, K)
+    try:
+        q, k, qw, kw = arrays(mem, 2)
+        n(q, k, qw, kw, tag=1)
+        with pytest.raises(ValueError, match="tag must be an int in 0..32766"):
+            n(q, k, qw, kw, tag=tag)
+        assert len(cuda.launches) == 1
+        n(q, k, qw, kw, tag=np.int64(1))  # numpy's ints are ints
+        assert [c["tag"] for c in cuda.launches] == [2, 2]
+    finally:
+        n.close()
+
+
+@pytest.mark.parametrize("how", ["tag", "out"])
+def test_every_refused_call_tells_the_peers_and_closes(how, mem):
+    """A tag or an out= the slow path refuses, with peers: they are told (nccl takes part
+    in their all-reduce with its refusal) and the object closes, the communicator counted
+    unfit on this rank as on its peers."""
+    n, cuda = fake_norm(MPI.COMM_SELF, "nccl", Q, K, world=2)
+    try:
+        q, k, qw, kw = arrays(mem, 3, Q // 2, K // 2)
+        n(q, k, qw, kw)
+        cuda.launches.clear()
+        bad = dict(tag=[1]) if how == "tag" else dict(out=q)
+        with pytest.raises((ValueError, TypeError)):
+            n(q, k, qw, kw, **bad)
+        assert [c["flags"] for c in cuda.launches] == [FLAG_REFUSED] * 2
+        assert not n._transport.fit()
+        with pytest.raises(ClosedError):
+            n(q, k, qw, kw)
     finally:
         n.close()

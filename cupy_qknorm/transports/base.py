@@ -8,13 +8,15 @@ knowing which one it is:
     transport.raise_error()     raises the pending error
     transport.refuse(...)       this rank refused its input of a call its peers make: tell
                                  them, so that they raise at once instead of at the timeout
-    transport.close()           collective; frees everything
+    transport.close()           collective; frees everything; says whether the object's
+                                 communicator may still be freed
 
 Errors, the same on every transport (README's table): an error a call raises or leaves
 pending closes the object for use on every rank, except a refused input at G=1.
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 from ..arrays import Plan
@@ -42,13 +44,15 @@ class Call(NamedTuple):
 
 
 def tag_code(tag) -> int:
-    """The code a tag travels as (0: no tag). Raises ValueError for a tag out of range."""
+    """The code a tag travels as (0: no tag). Raises ValueError for a tag that is not an
+    int (numpy's included, bool not) in 0..MAX_TAG."""
     if tag is None:
         return 0
-    if isinstance(tag, bool) or not isinstance(tag, int) or not 0 <= tag <= MAX_TAG:
+    if isinstance(tag, bool) or not isinstance(tag, numbers.Integral) or \
+            not 0 <= tag <= MAX_TAG:
         raise ValueError(f"tag must be an int in 0..{MAX_TAG} (e.g. the layer index) or None, "
                          f"got {tag!r}")
-    return tag + 1
+    return int(tag) + 1
 
 
 def describe_tag(code: int) -> str:
@@ -88,15 +92,19 @@ class Transport:
     def refuse(self, tokens: int, tag: int, why: str, stream) -> str | None:
         """This rank refused its input (`why`: the error it raises) of a call with about
         `tokens` rows. Returns None, or a line saying why the peers could not be told."""
+        self.refused = True
         return None
 
     def raise_error(self) -> None:
         pass
 
-    def comm_fit(self) -> bool:
+    def fit(self) -> bool:
         """Whether the object's communicator may still be freed collectively: no request of
-        its left pending, no peer known to be gone."""
-        return not self.error[0]
+        its left pending, no peer known to be gone, no call failed (on every rank alike:
+        a rank that refused its input counts as failed, as its peers do)."""
+        return not self.error[0] and not self.refused
 
-    def close(self) -> None:
-        pass
+    refused = False
+
+    def close(self) -> bool:
+        return self.fit()

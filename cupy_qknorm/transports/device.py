@@ -173,13 +173,17 @@ class DeviceTransport(Transport):
             f"sums of {'rank ' + str(peer) if peer >= 0 else 'the other ranks'} (token "
             f"{token} of a call); {closed}", peer=peer if peer >= 0 else None, token=token)
 
-    def close(self):
-        """Free what this transport holds (subclasses free theirs first)."""
+    def close(self) -> bool:
+        """Free what this transport holds (subclasses free theirs first); whether the
+        communicator is fit to be freed, read once the device is idle."""
+        fit = True
         if self._host:
             self.cuda.synchronize()
+            fit = self.fit()
             self.error = _NO_ERROR
             self.cuda.free_host(self._host)
             self._host = 0
+        return fit
 
 
 _NO_ERROR = (0,) * 8

@@ -54,6 +54,7 @@ class IpcTransport(DeviceTransport):
     def refuse(self, tokens, tag, why, stream):
         """Tell the peers at once, through token 0's slot of this call (the reject kernel),
         instead of letting them wait for the timeout."""
+        self.refused = True
         if self.cfg.world == 1:
             return None
         try:

@@ -125,13 +125,17 @@ class MpiTransport(Transport):
         if self._device is not None:
             self._device.raise_error()
 
-    def comm_fit(self):
+    def fit(self):
+        """A refusal or a mismatch agreed on leaves the communicator as fit as a call: only
+        a collective left pending by a timeout (broken) or a GPU error does not."""
         return not self.broken and not self.error[0]
 
     def close(self):
+        fit = self.fit()
         if self._device is not None:
-            self._device.close()
+            fit = self._device.close() and not self.broken
             self._device = None
+        return fit
 
     # -- numpy arrays ---------------------------------------------------------------------
     def host_table(self):

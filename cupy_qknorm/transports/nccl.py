@@ -5,11 +5,13 @@ NCCL's own wait has no deadline, so a watchdog thread bounds it (the design of P
 NCCL watchdog): partial_sums counts its launches in device memory and apply the launches
 it follows; the watchdog copies both counts on a stream of its own every POLL_S, so it
 sees an all-reduce in flight without synchronizing the caller's stream. One that stays in
-flight past timeout_s (or an asynchronous NCCL error) makes the watchdog write a timeout
-into the device's error record (apply then stores nothing) and into the host's copy, and
-abort the communicator, which ends NCCL's kernel. The stream then drains, and the next
-call or synchronize() raises. Works the same for calls replayed from a CUDA graph, since
-the counts are kept by the kernels themselves.
+flight past timeout_s (or an asynchronous NCCL error) makes the watchdog mark the device's
+error record failed (apply then stores nothing), report a timeout where nothing was
+reported yet, and abort the communicator, which ends NCCL's kernel. The stream then
+drains, and the next call or synchronize() raises. It keeps watching after the kernels
+recorded an error: an all-reduce queued behind one (a chunk whose T differs, a call one
+rank made and another did not) may never find its partner. Works the same for calls
+replayed from a CUDA graph, since the counts are kept by the kernels themselves.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import threading
 import time
 
 from ..collectives import wait
-from ..params import ERROR_TIMEOUT, ERROR_WORDS, FLAG_REFUSED, MAX_CALL_TOKENS, SUMS_HEADER
+from ..params import (ERROR_FAILED, ERROR_TIMEOUT, ERROR_WORDS, FLAG_REFUSED, MAX_CALL_TOKENS,
+                      SUMS_HEADER)
 from .device import DeviceTransport
 
 POLL_S = 0.02     # how often the watchdog looks
@@ -99,6 +102,7 @@ class NcclTransport(DeviceTransport):
         """Take part in the call with no row: partial_sums writes this rank's header with
         its refusal (and the T its q has), the all-reduce carries it, and the peers' apply
         fails the call at once, chunk by chunk as they launch it."""
+        self.refused = True
         if self.cfg.world == 1:
             return None
         if not 0 < tokens <= MAX_CALL_TOKENS:
@@ -121,8 +125,6 @@ class NcclTransport(DeviceTransport):
             stream = self.cuda.stream()
             counts = self._host + 4 * STARTED
             while not self._stop.wait(POLL_S):
-                if words[0]:
-                    return  # a kernel recorded an error: the next call raises it
                 reason = None
                 try:
                     self._nccl.check_async_error()
@@ -142,13 +144,19 @@ class NcclTransport(DeviceTransport):
                     return
 
     def _abort(self, stream):
-        """Record a timeout where apply and the host read it, then end NCCL's kernel."""
+        """Mark the device's record failed (apply stores nothing from here on), report a
+        timeout where nothing is reported yet, then end NCCL's kernel."""
         words = self.error
-        record = [ERROR_TIMEOUT, -1, 0, self.cfg.rank, 0, 0]
-        for i in range(1, len(record)):
-            words[i] = record[i]
-        words[0] = record[0]
-        self.cuda.copy(self._record.ptr, self._host, 4 * (ERROR_WORDS - 1), stream)
+        words[ERROR_FAILED] = 1
+        if not words[0]:
+            record = [ERROR_TIMEOUT, -1, 0, self.cfg.rank, 0, 0]
+            for i in range(1, len(record)):
+                words[i] = record[i]
+            words[0] = record[0]
+            self.cuda.copy(self._record.ptr, self._host, 4 * (ERROR_FAILED + 1), stream)
+        else:  # the report is the kernels' (the cause): only the failed word
+            at = 4 * ERROR_FAILED
+            self.cuda.copy(self._record.ptr + at, self._host + at, 4, stream)
         stream.synchronize()
         self.aborted = True
         self._nccl.abort()
@@ -173,8 +181,8 @@ class NcclTransport(DeviceTransport):
         if self._nccl is not None:
             self.cuda.synchronize()
             if not self.aborted:
-                if not self.error[0]:
+                if self.fit():
                     self._bounded_barrier()
                 self._nccl.abort()
             self._nccl = None
-        super().close()
+        return super().close()
