@@ -183,8 +183,11 @@ def nvrtc_build(names, arch: str = "sm_90", build=None, source: str | None = Non
     try:
         for name in names:
             _check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
+        # CuPy's RawModule adds --device-as-default-execution-space: the same build here
+        # (NVRTC 13.0 refuses the fused kernel's generic lambda without it)
         opts = [o.encode() for o in options(build)] + [f"--gpu-architecture={arch}".encode(),
-                                                      b"--ptxas-options=-v"]
+                                                      b"--ptxas-options=-v",
+                                                      b"--device-as-default-execution-space"]
         _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog)
         lowered = {}
         for name in names:
