@@ -61,10 +61,16 @@ __global__ void __launch_bounds__(Warps * 32) partial_sums(const Params p) {
   TokenRow row;
   int bad = -1;  // this block's first row whose position is out of range
   for (long long t = blockIdx.x; !refused && t < p.tokens; t += gridDim.x) {
-    if (positions && bad < 0 && angle_row(p, load_position(p, t)) < 0) bad = (int)t;
+    // the position's load goes out with the row's and is looked at once the row is
+    // summed: no load waits for another
+    PositionWords words = {0, 0};
+    if (positions && threadIdx.x == 0) words = load_position(p, t);
     row.load(p, t);
     const float2 s = block_sum<Warps>(row.sums(), scratch);
-    if (threadIdx.x == 0) sums[t] = s;
+    if (threadIdx.x == 0) {
+      sums[t] = s;
+      if (positions && bad < 0 && angle_row(p, words) < 0) bad = (int)t;
+    }
     if constexpr (Warps > 1) __syncthreads();  // scratch is reused by the next token
   }
   if (positions && threadIdx.x == 0) {
@@ -91,16 +97,21 @@ struct HeaderVerdict {
 };
 
 __device__ __forceinline__ HeaderVerdict read_header(const Params& p) {
+  // every word loaded first, so that the loads wait together, once
+  float h[kSumsHeader];
+#pragma unroll
+  for (int i = 0; i < kSumsHeader; ++i) h[i] = p.sums[i];
   HeaderVerdict v = {0, -1, 0, 0, -1, 0};
-  const float* h = p.sums;
-  for (int r = 0; r < kMaxWorld && v.code == 0; ++r) {
+#pragma unroll
+  for (int r = kMaxWorld - 1; r >= 0; --r) {  // the lowest rank's finding is kept
     const int tokens = (int)h[kHeaderTokens * kMaxWorld + r];
-    if (tokens == 0) continue;  // no such rank: every rank present has a call of T >= 1
     const int tag = (int)h[kHeaderTag * kMaxWorld + r];
     const int bad = (int)h[kHeaderBadPosition * kMaxWorld + r];
+    if (tokens == 0) continue;  // no such rank: every rank present has a call of T >= 1
     if (h[kHeaderRefused * kMaxWorld + r] != 0.f) {
       v.code = kErrorRejected;
       v.peer = r;
+      v.theirs = 0;
       v.ours = p.call_tokens;
     } else if (tokens != p.call_tokens) {
       v.code = kErrorTokens;
@@ -112,7 +123,7 @@ __device__ __forceinline__ HeaderVerdict read_header(const Params& p) {
       v.peer = r;
       v.theirs = tag;
       v.ours = p.tag;
-    } else if (bad != 0 && r != p.rank && v.peer_bad < 0) {
+    } else if (bad != 0 && r != p.rank) {
       v.peer_bad = r;
       v.bad_token = bad - 1;
     }
@@ -133,17 +144,17 @@ __global__ void __launch_bounds__(Warps * 32, Rope::kStyle == kRopeNone ? 0 : 1)
   using TokenAngles = Angles<RowLayout, Rope>;
   if (blockIdx.x == 0 && threadIdx.x == 0 && p.counters != nullptr)
     p.counters[1] = p.counters[0];  // launches followed
-  // this rank refused its input (its host raises that), or an exchange failed already
-  // (the watchdog ended the all-reduce: the sums are not whole)
-  if ((p.flags & kFlagRefused) != 0 || exchange_failed(p)) return;
+  if ((p.flags & kFlagRefused) != 0) return;  // this rank refused (its host raises that)
+  Weights<Weight, RowLayout> wt;
+  wt.load(p);  // issued first: the header's loads overlap them
   const HeaderVerdict v = read_header(p);
+  // an exchange failed already (the watchdog ended the all-reduce: the sums are not whole)
+  if (exchange_failed(p)) return;
   const bool first = blockIdx.x == 0 && threadIdx.x == 0;
   if (v.code != 0) {
     if (first) record_error(p, v.code, v.peer, p.first_token, v.theirs, v.ours);
     return;
   }
-  Weights<Weight, RowLayout> wt;
-  wt.load(p);
   const float2* const sums = reinterpret_cast<const float2*>(p.sums + kSumsHeader);
   // Failures are recorded once, after the loop: a record_error inside it made ptxas spill.
   int bad = -1;  // a row whose position is out of range
