@@ -171,11 +171,12 @@ def supported_archs() -> list:
 
 
 def nvrtc_build(names, arch: str = "sm_90", build=None, source: str | None = None,
-                module: str = OP_MODULE):
+                module: str = OP_MODULE, opts: tuple | None = None):
     """Compile the name expressions `names` of `source` (default: the entry file `module`
     of kernels/, the op's or TOOLS_MODULE) with NVRTC for `arch` and these build knobs
-    (None: the environment's), ptxas reporting. Returns (log, {name: lowered name}, cubin);
-    raises QKNormError with the log."""
+    (None: the environment's), ptxas reporting; `opts` replaces options(build) (another
+    tree's, scripts/sass_diff.py). Returns (log, {name: lowered name}, cubin); raises
+    QKNormError with the log."""
     from cuda.bindings import nvrtc
     src = (KERNEL_DIR / module).read_text() if source is None else source
     program = module if source is None else "source.cu"  # may include any entry file
@@ -185,10 +186,10 @@ def nvrtc_build(names, arch: str = "sm_90", build=None, source: str | None = Non
             _check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
         # CuPy's RawModule adds --device-as-default-execution-space: the same build here
         # (NVRTC 13.0 refuses the fused kernel's generic lambda without it)
-        opts = [o.encode() for o in options(build)] + [f"--gpu-architecture={arch}".encode(),
-                                                      b"--ptxas-options=-v",
-                                                      b"--device-as-default-execution-space"]
-        _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog)
+        argv = [o.encode() for o in (options(build) if opts is None else opts)] + [
+            f"--gpu-architecture={arch}".encode(), b"--ptxas-options=-v",
+            b"--device-as-default-execution-space"]
+        _check(nvrtc.nvrtcCompileProgram(prog, len(argv), argv), prog)
         lowered = {}
         for name in names:
             mangled, = _check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))

@@ -40,6 +40,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package builds both trees' kernels
 
 # Runs in a tree's own interpreter state: its Spec, its modules, its options. The package
 # is entered without its __init__ (which imports the transports), so that a tree whose
@@ -119,40 +120,12 @@ _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
 def _nvrtc(entry: Path, options: list, names: list, arch: str):
-    from cuda.bindings import nvrtc
-
-    def check(result, prog=None):
-        if result[0] != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            log = ""
-            if prog is not None:
-                _, n = nvrtc.nvrtcGetProgramLogSize(prog)
-                buf = b" " * n
-                nvrtc.nvrtcGetProgramLog(prog, buf)
-                log = buf.decode(errors="replace")
-            raise RuntimeError(f"NVRTC: {result[0].name}\n{log}")
-        return result[1:]
-
-    prog, = check(nvrtc.nvrtcCreateProgram(entry.read_bytes(), entry.name.encode(), 0, [],
-                                           []))
-    try:
-        for name in names:
-            check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
-        opts = [o.encode() for o in options] + [f"--gpu-architecture={arch}".encode(),
-                                                b"--ptxas-options=-v"]
-        check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), prog)
-        lowered = {}
-        for name in names:
-            m, = check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))
-            lowered[name] = m.decode() if isinstance(m, bytes) else m
-        size, = check(nvrtc.nvrtcGetCUBINSize(prog))
-        cubin = b" " * size
-        check(nvrtc.nvrtcGetCUBIN(prog, cubin))
-        _, n = nvrtc.nvrtcGetProgramLogSize(prog)
-        log = b" " * n
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        return cubin, lowered, log.decode(errors="replace")
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    """(cubin, {name: lowered}, log) of `names` in the entry file of a tree, with that
+    tree's options, through this checkout's one NVRTC build path."""
+    from cupy_qknorm import compile as kc
+    log, lowered, cubin = kc.nvrtc_build(names, arch, source=entry.read_text(),
+                                         module=entry.name, opts=tuple(options))
+    return cubin, lowered, log
 
 
 def _resources(log: str) -> dict:
@@ -208,7 +181,7 @@ def build(job):
     entry, options, kinds, exprs, arch, nvdisasm, where = job
     try:
         cubin, lowered, log = _nvrtc(Path(entry), options, exprs, arch)
-    except RuntimeError as e:
+    except Exception as e:  # noqa: BLE001 - QKNormError with NVRTC's log: reported per kernel
         return {"error": str(e)}
     where = Path(where)
     where.mkdir(parents=True, exist_ok=True)
