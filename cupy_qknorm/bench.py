@@ -261,20 +261,22 @@ def _inputs(comm, dtype, dq, dk, tokens, sets, in_place=False, positions="random
     The weights are ones, so calls in place keep every row's RMS at 1 however often a
     graph replays (and a rotation keeps it too)."""
     import cupy
-    from . import reference as ref
+    from .host import from_f64
     from .shapes import MINIMAX_ROPE
     rng = np.random.default_rng(1000 + comm.rank)
     pos_rng = np.random.default_rng(77)  # the same positions on every rank
+
+    def rows(width):  # standard normals, each row scaled to an RMS of 10^U(-1, 1)
+        x = rng.standard_normal((tokens, width))
+        return from_f64(x * 10.0 ** rng.uniform(-1, 1, size=(tokens, 1)), dtype)
     out = []
     for _ in range(sets):
-        q = cupy.asarray(ref.from_f64(ref.random_rows(rng, tokens, dq, (-1, 1)), dtype))
-        k = cupy.asarray(ref.from_f64(ref.random_rows(rng, tokens, dk, (-1, 1)), dtype))
+        q, k = cupy.asarray(rows(dq)), cupy.asarray(rows(dk))
         pos = cupy.asarray(pos_rng.integers(0, MINIMAX_ROPE["max_position"], tokens)
                            if positions == "random" else np.arange(tokens))
         out.append((q, k, q, k, pos) if in_place else
                    (q, k, cupy.empty_like(q), cupy.empty_like(k), pos))
-    w = (cupy.asarray(ref.from_f64(np.ones(dq), dtype)), cupy.asarray(ref.from_f64(np.ones(dk),
-                                                                                   dtype)))
+    w = (cupy.asarray(from_f64(np.ones(dq), dtype)), cupy.asarray(from_f64(np.ones(dk), dtype)))
     return out, w
 
 

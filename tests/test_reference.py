@@ -271,3 +271,24 @@ def test_make_rope_case(dtype, style):
                                (case.positions + 1) % 1000, case.table, 128, 64, style)
     assert ref.compare_rope(ref.from_f64(shifted[0], dtype), case.q_ref, case.q_mag,
                             dtype)[1] > 0
+
+
+def test_production_code_does_not_import_the_truth():
+    """The float64 truth checks the product; the product must not lean on it. Only the
+    check command, whose job is to compare against it, imports it."""
+    import ast
+    from pathlib import Path
+    package = Path(ref.__file__).parent
+    offenders = []
+    for f in sorted(package.rglob("*.py")):
+        if f.name in ("reference.py", "cli.py"):
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "reference" or n.endswith(".reference") for n in names):
+                offenders.append(f"{f.relative_to(package)}:{node.lineno}")
+    assert not offenders, offenders
