@@ -13,6 +13,7 @@ from cupy_qknorm import reference as ref
 from tests.conftest import requires_gpu
 from tests.gpu.test_gpu import dims_for, shards
 from tests.gpu.test_rope import assert_rope_close, poisoned, rope_case
+from tests.test_mpi import agree, timed
 
 pytestmark = [requires_gpu, pytest.mark.mpi(min_size=1)]
 
@@ -25,23 +26,6 @@ DTYPE = "bfloat16"
 def make(comm, transport, **kw):
     return TPQKNorm(comm, *dims_for(comm.size), DTYPE, transport=transport,
                     timeout_s=TIMEOUT_S, **kw)
-
-
-def timed(fn):
-    """(exception or None, seconds) of fn()."""
-    t0 = time.perf_counter()
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - returned to the test, which checks its type
-        return e, time.perf_counter() - t0
-    return None, time.perf_counter() - t0
-
-
-def agree(comm, problems):
-    """Collective assertion: every rank fails if any rank found a problem."""
-    found = [f"rank {r}: {p}" for r, ps in enumerate(comm.allgather(list(problems)))
-             for p in ps]
-    assert not found, "; ".join(found)
 
 
 def unwritten_rows(out):
