@@ -58,7 +58,7 @@ class FakeNccl:
 class FakeCuda:
     def __init__(self, sms=4, threads_per_sm=2048, blocks_per_sm=2, major=9,
                  frames_from="__call__"):
-        self.id, self.name, self.major = 0, "fake", major
+        self.id, self.major = 0, major
         self.sms, self.threads_per_sm, self.regs_per_sm = sms, threads_per_sm, 65536
         self._blocks = blocks_per_sm
         self.launches, self.nccl_calls, self.loads, self.builds = [], [], [], []

@@ -1,6 +1,7 @@
 """The GPU transports on the CPU, over tests/fake_cuda.py: what a call launches (kernels,
 chunks, grids, the packed pointers and strides), the Python frames between a cached call
 and the driver, the NCCL calls between the kernels, and what each error record raises."""
+import contextlib
 import re
 
 import numpy as np
@@ -24,6 +25,16 @@ IDS = ["ipc", "nccl", "mpi-gpu"]  # an id "mpi" would be pytest-mpi's mark
 @pytest.fixture
 def mem():
     return HostMemory(cupy, 1 << 22)
+
+
+@contextlib.contextmanager
+def fake(transport, q=Q, k=K, **kwargs):
+    """(norm, cuda) of fake_norm on one rank, closed at the end."""
+    n, cuda = fake_norm(MPI.COMM_SELF, transport, q, k, **kwargs)
+    try:
+        yield n, cuda
+    finally:
+        n.close()
 
 
 def arrays(mem, tokens, q=Q, k=K, dtype=np.float32):
@@ -143,14 +154,11 @@ def test_a_bound_call_packs_once(mem):
 
 def test_zero_tokens_launch_nothing(mem):
     for transport in TRANSPORTS:
-        n, cuda = fake_norm(MPI.COMM_SELF, transport, Q, K)
-        try:
+        with fake(transport) as (n, cuda):
             q, k, qw, kw = arrays(mem, 0)
             assert n(q, k, qw, kw) == (q, k)
             n.bind(q, k, qw, kw)()
             assert cuda.launches == []
-        finally:
-            n.close()
 
 
 def test_a_failed_launch_raises_naming_the_kernel_and_closes(mem):
@@ -294,16 +302,13 @@ def test_nccl_refusal_takes_part_with_no_row(mem):
 
 def test_alone_a_refused_input_launches_nothing_and_leaves_the_object_usable(mem):
     for transport in TRANSPORTS:
-        n, cuda = fake_norm(MPI.COMM_SELF, transport, Q, K)
-        try:
+        with fake(transport) as (n, cuda):
             q, k, qw, kw = arrays(mem, 3)
             with pytest.raises(ValueError, match="tag must be an int in 0..32766"):
                 n(q, k, qw, kw, tag=32767)
             assert cuda.launches == []
             n(q, k, qw, kw, tag=5)
             assert cuda.launches
-        finally:
-            n.close()
 
 
 def test_the_knobs_an_object_builds_with_are_read_once(mem, monkeypatch):

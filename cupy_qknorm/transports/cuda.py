@@ -28,7 +28,6 @@ class Cuda:
         self._cupy, self._runtime = cupy, runtime
         self.id = cupy.cuda.Device().id
         props = runtime.getDeviceProperties(self.id)
-        self.name = props["name"].decode()
         self.major = props["major"]
         self.sms = props["multiProcessorCount"]
         self.threads_per_sm = props["maxThreadsPerMultiProcessor"]

@@ -19,8 +19,7 @@ HOST_WORDS = 16  # the error record, then words of the transport's own (nccl's w
 
 
 class Chunk(NamedTuple):
-    """One launch's worth of a call: `tokens` rows from row `start`, and what launches it."""
-    start: int
+    """One launch's worth of a call: its rows, and what launches them."""
     tokens: int
     spec: Spec
     grid: int
@@ -125,7 +124,7 @@ class DeviceTransport(Transport):
             go = {kind: self._launch.bind(loaded[kind], spec.threads, grid, params,
                                           pdl=kind in self.PDL_KINDS)
                   for kind in (self.KINDS if kinds is None else kinds)}
-            out.append(Chunk(start, n, spec, grid, params, go))
+            out.append(Chunk(n, spec, grid, params, go))
         return out
 
     def bind(self, call):

@@ -33,6 +33,17 @@ def unwritten_rows(out):
     return [int(r) for r in np.flatnonzero((out.get() == p).all(axis=1))]
 
 
+def refused_call_problems(took, outs, rows, closed):
+    """What a call that failed as a whole leaves on a rank: the error without waiting for
+    the timeout, none of its `rows` written, the object closed."""
+    problems = [] if took <= TIMEOUT_S / 2 else [f"{took:.2f} s to the error"]
+    problems += [f"{name}: a row was written" for name, o in zip("qk", outs)
+                 if len(unwritten_rows(o)) != rows]
+    if type(closed) is not ClosedError:
+        problems.append(f"the next call raised {closed!r}")
+    return problems
+
+
 def raise_point(norm, transport, call):
     """The error of a call: raised by the call itself ("mpi") or by synchronize()."""
     err, _ = timed(call)
@@ -184,13 +195,7 @@ def test_tags_differ(comm, transport):
     problems = []
     if type(err) is not CallMismatchError or not all(w in str(err) for w in want):
         problems.append(f"expected CallMismatchError ({want}), got {err!r}")
-    if took > TIMEOUT_S / 2:
-        problems.append(f"{took:.2f} s to the error")
-    for name, o in zip("qk", outs):
-        if len(unwritten_rows(o)) != 50:
-            problems.append(f"{name}: a row was written")
-    if type(closed) is not ClosedError:
-        problems.append(f"the next call raised {closed!r}")
+    problems += refused_call_problems(took, outs, 50, closed)
     agree(comm, problems)
 
 
@@ -225,13 +230,7 @@ def test_refused_input_on_one_rank(comm, transport):
             problems.append(f"expected its own ValueError, got {err!r}")
     elif type(err) is not CallMismatchError or err.peer != bad:
         problems.append(f"expected CallMismatchError naming rank {bad}, got {err!r}")
-    if took > TIMEOUT_S / 2:
-        problems.append(f"{took:.2f} s to the error")
-    for name, o in zip("qk", outs):
-        if len(unwritten_rows(o)) != 40:
-            problems.append(f"{name}: a row was written")
-    if type(closed) is not ClosedError:
-        problems.append(f"the next call raised {closed!r}")
+    problems += refused_call_problems(took, outs, 40, closed)
     agree(comm, problems)
 
 
