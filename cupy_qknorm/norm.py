@@ -14,7 +14,7 @@ from .errors import ClosedError, ConfigMismatchError, QKNormError, TransportUnav
 from .params import MAX_CALL_TOKENS
 from .placement import choose_transport, local_facts
 from .rope import RoPE, check as check_rope
-from .shapes import DTYPES, MAX_WORLD, positive_int, vector_elems
+from .shapes import DTYPES, MAX_WORLD, kv_layout, positive_int, vector_elems
 from .transports import Call, open_transport, tag_code
 
 TRANSPORTS = ("auto", "ipc", "nccl", "mpi")
@@ -32,14 +32,30 @@ class Config:
     world: int
     rank: int
     rope: RoPE | None = None
+    kv_heads: int | None = None   # k's heads, where given (then head_dim too)
+    head_dim: int | None = None
 
     @property
     def q_local(self):
         return self.q_dim // self.world
 
     @property
+    def k_replicas(self) -> int:
+        """Ranks that hold each k head: world / kv_heads where the KV heads are fewer than
+        the ranks (replicated), else 1."""
+        if self.kv_heads is None or self.kv_heads >= self.world:
+            return 1
+        return self.world // self.kv_heads
+
+    @property
     def k_local(self):
-        return self.k_dim // self.world
+        return self.head_dim if self.k_replicas > 1 else self.k_dim // self.world
+
+    @property
+    def k_counted(self) -> bool:
+        """Whether this rank's k partial counts in the full row's sum: the first rank of
+        each replica group does (rank r holds head r * kv_heads // world)."""
+        return self.rank % self.k_replicas == 0
 
     def shared(self):
         """What every rank must agree on."""
@@ -47,7 +63,7 @@ class Config:
             self.rope.head_dim, self.rope.rotary_dim, self.rope.style, self.rope.rows(),
             None if self.rope.table is not None else float(self.rope.theta))
         return (self.q_dim, self.k_dim, self.dtype, self.eps, self.max_tokens,
-                self.timeout_ns, self.world, rope)
+                self.timeout_ns, self.world, rope, self.kv_heads, self.head_dim)
 
 
 def _int(name, v, low, high=None):
@@ -63,22 +79,57 @@ def _real(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, numbers.Real)
 
 
-def check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world, rope=None):
+def check_heads(q_dim, k_dim, world, kv_heads, head_dim, rope=None):
+    """Raise ValueError where k's heads neither split evenly over the ranks nor replicate
+    evenly (or q's heads do not split evenly). Returns (kv_heads, head_dim, k_local)."""
+    kv_heads = positive_int("kv_heads", kv_heads)
+    if head_dim is None and isinstance(rope, RoPE):
+        head_dim = rope.head_dim
+    if head_dim is None:
+        raise ValueError("kv_heads needs head_dim (the width of one head)")
+    head_dim = positive_int("head_dim", head_dim)
+    if isinstance(rope, RoPE) and rope.head_dim != head_dim:
+        raise ValueError(f"head_dim={head_dim} but rope.head_dim={rope.head_dim}")
+    if k_dim != kv_heads * head_dim:
+        raise ValueError(f"k_dim={k_dim} must be kv_heads * head_dim = {kv_heads} * {head_dim} "
+                         f"(every distinct KV head once)")
+    if q_dim % head_dim or (q_dim // head_dim) % world:
+        raise ValueError(f"q_dim={q_dim} is {q_dim / head_dim:g} heads of {head_dim}, which do "
+                         f"not split evenly over {world} ranks")
+    layout = kv_layout(world, kv_heads)
+    if not layout:
+        raise ValueError(f"{kv_heads} KV heads neither split evenly over {world} ranks nor "
+                         f"replicate evenly on them (G must divide {kv_heads} or be a "
+                         f"multiple of it)")
+    return kv_heads, head_dim, head_dim if layout == "replicated" else k_dim // world
+
+
+def check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world, rope=None,
+                 kv_heads=None, head_dim=None):
     """Raise TypeError/ValueError for a bad configuration. Pure: no GPU, no MPI.
-    Returns (q_dim, k_dim, eps, max_tokens, timeout_ns) as plain Python numbers."""
+    Returns (q_dim, k_dim, eps, max_tokens, timeout_ns, kv_heads, head_dim) as plain Python
+    numbers (kv_heads and head_dim None where kv_heads is not given)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if not 1 <= world <= MAX_WORLD:
         raise ValueError(f"the communicator has {world} ranks; 1..{MAX_WORLD} are supported")
     n = vector_elems(dtype)
-    dims = []
-    for name, d in (("q_dim", q_dim), ("k_dim", k_dim)):
-        d = positive_int(name, d)
+    dims = [positive_int("q_dim", q_dim), positive_int("k_dim", k_dim)]
+    k_local = None
+    if kv_heads is not None:
+        kv_heads, head_dim, k_local = check_heads(*dims, world, kv_heads, head_dim, rope)
+    elif head_dim is not None:
+        raise ValueError("head_dim is given without kv_heads")
+    for name, d in (("q_dim", dims[0]), ("k_dim", dims[1])):
+        if name == "k_dim" and k_local is not None and k_local * world != d:
+            if k_local % n:
+                raise ValueError(f"head_dim={k_local} must be a multiple of {n} elements "
+                                 f"({dtype}: 16-byte vectors)")
+            continue  # replicated: one head a rank
         if d % world or (d // world) % n:
             raise ValueError(
                 f"{name}={d} must split over {world} ranks into slices that are multiples of "
                 f"{n} elements ({dtype}: 16-byte vectors); {d}/{world} = {d / world:g}")
-        dims.append(d)
     max_tokens = _int("max_tokens", max_tokens, 1, 1 << 24)
     if not (_real(eps) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
@@ -89,9 +140,9 @@ def check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world, rope=No
     else:
         raise ValueError(f"timeout_s must be a finite number of seconds > 0, or None to "
                          f"wait forever; got {timeout_s!r}")
-    if rope is not None:
-        check_rope(rope, dtype, world, *dims)
-    return dims[0], dims[1], float(eps), max_tokens, timeout_ns
+    if rope is not None:  # replicated k: one head a rank, as if G heads
+        check_rope(rope, dtype, world, dims[0], dims[1] if k_local is None else k_local * world)
+    return dims[0], dims[1], float(eps), max_tokens, timeout_ns, kv_heads, head_dim
 
 
 class TPQKNorm:
@@ -103,6 +154,12 @@ class TPQKNorm:
     per GPU; rank r of `comm` holds columns [r*q_dim/G, (r+1)*q_dim/G) of every row of q
     (and likewise of k and of both weights). Accumulation is fp32 and the result is
     rounded once to `dtype`.
+
+    `kv_heads` (with `head_dim`, or rope's) says how many heads k has (k_dim = kv_heads *
+    head_dim): they split evenly (kv_heads a multiple of G), or, where G is a multiple of
+    kv_heads, they are replicated: rank r holds head r * kv_heads // G and its weight
+    slice, and the k norm's sum counts each distinct head once. Any other layout is
+    refused with one line on every rank. `TPQKNorm.for_model` builds one from a preset.
 
     Collective contract: every rank of `comm` constructs the object with the same
     arguments, makes the same calls in the same order with the same T (and tag, where
@@ -120,7 +177,8 @@ class TPQKNorm:
 
     def __init__(self, comm, q_dim: int, k_dim: int, dtype: str = "bfloat16",
                  eps: float = 1e-6, max_tokens: int = 8192, *, transport: str = "auto",
-                 timeout_s: float | None = 5.0, rope: RoPE | None = None):
+                 timeout_s: float | None = 5.0, rope: RoPE | None = None,
+                 kv_heads: int | None = None, head_dim: int | None = None):
         self._transport = None
         self._closed = True
         self._calls = {}
@@ -135,17 +193,18 @@ class TPQKNorm:
             if transport not in TRANSPORTS:
                 raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
             checked = check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world,
-                                   rope)
+                                   rope, kv_heads, head_dim)
         except (TypeError, ValueError) as e:
             error = str(e)
         agree(comm, error, ValueError)
-        q_dim, k_dim, eps, max_tokens, timeout_ns = checked
+        q_dim, k_dim, eps, max_tokens, timeout_ns, kv_heads, head_dim = checked
         self.config = Config(q_dim, k_dim, dtype, eps, max_tokens, timeout_ns, world, rank,
-                             rope)
+                             rope, kv_heads, head_dim)
         configs = comm.allgather((self.config.shared(), transport))
         if len(set(configs)) > 1:
             lines = "; ".join(f"rank {r}: (q_dim, k_dim, dtype, eps, max_tokens, timeout_ns, "
-                              f"world, rope) = {c[0]}, transport={c[1]!r}"
+                              f"world, rope, kv_heads, head_dim) = {c[0]}, "
+                              f"transport={c[1]!r}"
                               for r, c in enumerate(configs))
             raise ConfigMismatchError(f"ranks disagree on the configuration: {lines}")
         facts = comm.allgather(local_facts())
@@ -398,7 +457,9 @@ class TPQKNorm:
         c = self.config
         return (f"TPQKNorm(q_dim={c.q_dim}, k_dim={c.k_dim}, dtype={c.dtype!r}, eps={c.eps}, "
                 f"max_tokens={c.max_tokens}, transport={getattr(self, 'transport', None)!r}, "
-                f"rope={c.rope!r}, rank={c.rank}/{c.world})")
+                f"rope={c.rope!r}, " + (f"kv_heads={c.kv_heads}, head_dim={c.head_dim}, "
+                                        if c.kv_heads is not None else "") +
+                f"rank={c.rank}/{c.world})")
 
 
 class CachedCall(NamedTuple):

@@ -35,7 +35,7 @@ KERNEL_DIR = _find_kernel_dir()
 class Field(NamedTuple):
     """One field of struct qknorm::Params: its name there, its struct code here (little
     endian, no padding: a pointer or an unsigned 64-bit word "Q", long long "q", int "i",
-    float "f", an array "8Q"), and its offset in bytes."""
+    float "f", an array "16Q"), and its offset in bytes."""
     name: str
     code: str
     offset: int
@@ -66,18 +66,18 @@ FIELDS = (
     Field("flags", "i", 108),
     # packed once an object (pack_static)
     Field("slots", f"{MAX_WORLD}Q", 112),
-    Field("counters", "Q", 176),
-    Field("error", "Q", 184),
-    Field("error_host", "Q", 192),
-    Field("sums", "Q", 200),
-    Field("cos_sin", "Q", 208),
-    Field("timeout_ns", "q", 216),
-    Field("max_tokens", "i", 224),
-    Field("rank", "i", 228),
-    Field("eps", "f", 232),
-    Field("q_dim", "f", 236),
-    Field("k_dim", "f", 240),
-    Field("max_position", "i", 244),
+    Field("counters", "Q", 240),
+    Field("error", "Q", 248),
+    Field("error_host", "Q", 256),
+    Field("sums", "Q", 264),
+    Field("cos_sin", "Q", 272),
+    Field("timeout_ns", "q", 280),
+    Field("max_tokens", "i", 288),
+    Field("rank", "i", 292),
+    Field("eps", "f", 296),
+    Field("q_dim", "f", 300),
+    Field("k_dim", "f", 304),
+    Field("max_position", "i", 308),
 )
 PARAMS_ALIGN = 8  # struct Params's alignment (its pointers'): its size rounds up to it
 
@@ -116,6 +116,7 @@ ERROR_FAILED = 6            # the record's word that ends every wait once the ex
 ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE, ERROR_POSITION, ERROR_REJECTED = 1, 2, 3, 4, 5
 ERROR_TAG, ERROR_PEER_POSITION = 6, 7
 FLAG_REFUSED = 1            # qknorm::kFlagRefused: take part in the exchange, read no row
+FLAG_K_REPLICA = 2          # qknorm::kFlagKReplica: k's slice repeats a lower rank's head
 SLOT_BYTES = 16             # one exchange slot: {sum_q, sum_k, tokens, use and tag}
 EMPTY_WORD = 0x80000000     # qknorm::kEmptyWord (the float -0.0): every slot word, empty
 SUMS_HEADER = 4 * MAX_WORLD  # qknorm::kSumsHeader: floats before the unfused path's sums
@@ -129,7 +130,7 @@ DEVICE_CONSTANTS = {
     "kErrorPosition": ERROR_POSITION, "kErrorRejected": ERROR_REJECTED,
     "kErrorTag": ERROR_TAG, "kErrorPeerPosition": ERROR_PEER_POSITION,
     "kErrorFailed": ERROR_FAILED,
-    "kFlagRefused": FLAG_REFUSED, "kMaxWorld": MAX_WORLD,
+    "kFlagRefused": FLAG_REFUSED, "kFlagKReplica": FLAG_K_REPLICA, "kMaxWorld": MAX_WORLD,
     "kEmptyWord": EMPTY_WORD, "kSumsHeader": SUMS_HEADER, "kTraceWords": TRACE_WORDS,
 }
 

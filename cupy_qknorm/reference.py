@@ -47,6 +47,26 @@ def gather(parts) -> np.ndarray:
     return np.concatenate([np.asarray(p) for p in parts], axis=-1)
 
 
+def shard_heads(x: np.ndarray, world: int, rank: int, heads: int) -> np.ndarray:
+    """Rank `rank`'s slice of a row of `heads` whole heads: shard() where the heads split
+    evenly over `world` ranks, else (world a multiple of heads: replicated) the one head
+    r * heads // world, which world / heads ranks hold alike."""
+    if heads % world == 0:
+        return shard(x, world, rank)
+    if world % heads:
+        raise ValueError(f"{heads} heads neither split nor replicate evenly over {world} ranks")
+    return shard(x, heads, rank * heads // world)
+
+
+def gather_heads(parts, heads: int) -> np.ndarray:
+    """Inverse of shard_heads: every distinct head once (the first rank of each replica
+    group's slice), in order."""
+    world = len(parts)
+    if heads % world == 0:
+        return gather(parts)
+    return gather([parts[r] for r in range(0, world, world // heads)])
+
+
 def ulp_distance(a: np.ndarray, b: np.ndarray, dtype: str) -> np.ndarray:
     """Units in the last place between two arrays of `dtype` (bf16 as uint16 bits).
 

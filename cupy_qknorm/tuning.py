@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from . import knobs
 from .rope import RoPE, check as check_rope
-from .shapes import DTYPES, MAX_WORLD, MINIMAX_DIMS, default_dims, vector_elems
+from .shapes import DTYPES, MAX_WORLD, default_dims, minimax_local, vector_elems
 
 C_TYPES = {"bfloat16": "qknorm::bf16_t", "float16": "qknorm::f16_t", "float32": "float"}
 ROTARY_STYLES = {1: "NeoX", 2: "GptJ"}   # Spec.style -> kernels/spec.cuh's Rotary alias
@@ -165,24 +165,29 @@ class Spec:
                 (" staged" if self.staged else "") + rope)
 
 
+SHIPPED_WORLDS = (1, 2, 3, 4, 5, 6, 7, 8, 16)  # G the package ships kernels for
+
+
 def shipped_specs() -> list:
     """Every specialization the package ships (the compile command and its test build
-    each): for G = 1, 2, 4, 8 with MiniMax's widths, every layout, dtype and weight dtype,
-    without and with MiniMax's RoPE; for the other G, the widths shapes.default_dims gives
-    them, bf16, both layouts; GPT-J style and full rotation at G=2 in bf16. Any other
-    specialization compiles at its first use."""
+    each): for G = 1, 2, 4, 8 and 16 with MiniMax's heads (at 16, one replicated KV head a
+    rank), every layout, dtype and weight dtype, without and with MiniMax's RoPE; for
+    G = 3, 5, 6, 7, the widths shapes.default_dims gives them, bf16, both layouts; GPT-J
+    style and full rotation at G=2 in bf16. Any other specialization compiles at its first
+    use."""
     minimax = RoPE.minimax_m2()
     specs = []
-    for world in range(1, MAX_WORLD + 1):
-        q, k = default_dims(world)
-        minimax_widths = (q, k) == MINIMAX_DIMS
+    for world in SHIPPED_WORLDS:
+        local = minimax_local(world)
+        if local is None:
+            q, k = default_dims(world)
+            local = (q // world, k // world)
         combos = [(d, w) for d in DTYPES for w in sorted({d, "float32"})] \
-            if minimax_widths else [("bfloat16", "bfloat16")]
+            if minimax_local(world) else [("bfloat16", "bfloat16")]
         for dtype, wdt in combos:
-            for rope in ((None, minimax) if minimax_widths else (None,)):
+            for rope in ((None, minimax) if minimax_local(world) else (None,)):
                 for layout in LAYOUTS:
-                    specs.append(Spec.plan(dtype, wdt, world, q // world, k // world, layout,
-                                           rope))
+                    specs.append(Spec.plan(dtype, wdt, world, *local, layout, rope))
     for rope in (RoPE(128, 64, style="gptj", max_position=1), RoPE(128, 128, max_position=1)):
         for layout in LAYOUTS:
             specs.append(Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, layout, rope))
@@ -192,7 +197,7 @@ def shipped_specs() -> list:
 def representative_specs() -> list:
     """Shipped specializations that build every kernel template at least once: every dtype,
     both weight dtypes, both layouts, the norm alone and each RoPE layout (NeoX paired,
-    NeoX across lanes at G=8, GPT-J, full rotation), G = 1, 2, 3 and 8; what CI compiles
+    NeoX across lanes at G=8, GPT-J, full rotation), G = 1, 2, 3, 8 and 16; what CI compiles
     (tests/test_compile.py asserts these claims). The full matrix is shipped_specs()."""
     minimax = RoPE.minimax_m2()
     plan = Spec.plan
@@ -207,5 +212,6 @@ def representative_specs() -> list:
         plan("bfloat16", "bfloat16", 2, 3072, 512, "narrow",
              RoPE(128, 64, style="gptj", max_position=1)),
         plan("bfloat16", "bfloat16", 2, 3072, 512, "narrow", RoPE(128, 128, max_position=1)),
+        plan("bfloat16", "bfloat16", 16, 384, 128, "narrow", minimax),    # replicated k
     ]
 

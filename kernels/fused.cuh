@@ -92,7 +92,9 @@ struct Fused {
                                               Trace& tr) {
     tr.begin();
     row.template ready<InFlight>();
-    const float2 part = block_sum<kWarps>(row.sums(), scratch);
+    float2 part = block_sum<kWarps>(row.sums(), scratch);
+    // a replica of a lower rank's k head adds nothing (a select: NaN and Inf stay its own)
+    if (World > 1 && (p.flags & kFlagKReplica) != 0) part.y = 0.f;
     tr.summed();
     pending.part = part;
     // the position was loaded with the row, so here by now: its validity travels with the

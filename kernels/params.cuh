@@ -7,10 +7,13 @@ namespace qknorm {
 
 // The most ranks an object spans: the width of Params::slots and of the unfused path's
 // header (unfused.cuh).
-constexpr int kMaxWorld = 8;
+constexpr int kMaxWorld = 16;
 
 // Params::flags
 constexpr int kFlagRefused = 1;  // this rank refused its input: take part, read no row
+// k's slice is a replica of a head that a lower rank holds too (KV heads fewer than the
+// ranks): its partial sum of k counts 0, so each distinct head is summed once
+constexpr int kFlagKReplica = 2;
 
 // Launch parameters, passed by value. The first 112 bytes (q .. flags) are what the host
 // packs for each launch (a call's chunk); the rest is packed once an object.
@@ -78,22 +81,22 @@ QKNORM_FIELD(first_token, 96, 4);
 QKNORM_FIELD(call_tokens, 100, 4);
 QKNORM_FIELD(tag, 104, 4);
 QKNORM_FIELD(flags, 108, 4);
-QKNORM_FIELD(slots, 112, 64);
-QKNORM_FIELD(counters, 176, 8);
-QKNORM_FIELD(error, 184, 8);
-QKNORM_FIELD(error_host, 192, 8);
-QKNORM_FIELD(sums, 200, 8);
-QKNORM_FIELD(cos_sin, 208, 8);
-QKNORM_FIELD(timeout_ns, 216, 8);
-QKNORM_FIELD(max_tokens, 224, 4);
-QKNORM_FIELD(rank, 228, 4);
-QKNORM_FIELD(eps, 232, 4);
-QKNORM_FIELD(q_dim, 236, 4);
-QKNORM_FIELD(k_dim, 240, 4);
-QKNORM_FIELD(max_position, 244, 4);
+QKNORM_FIELD(slots, 112, 128);
+QKNORM_FIELD(counters, 240, 8);
+QKNORM_FIELD(error, 248, 8);
+QKNORM_FIELD(error_host, 256, 8);
+QKNORM_FIELD(sums, 264, 8);
+QKNORM_FIELD(cos_sin, 272, 8);
+QKNORM_FIELD(timeout_ns, 280, 8);
+QKNORM_FIELD(max_tokens, 288, 4);
+QKNORM_FIELD(rank, 292, 4);
+QKNORM_FIELD(eps, 296, 4);
+QKNORM_FIELD(q_dim, 300, 4);
+QKNORM_FIELD(k_dim, 304, 4);
+QKNORM_FIELD(max_position, 308, 4);
 #undef QKNORM_FIELD
 #endif
-constexpr int kParamsBytes = 248;
+constexpr int kParamsBytes = 312;
 static_assert(sizeof(Params) == kParamsBytes, "Params layout is shared with the host");
 
 // Error record: {code, peer, token, rank, theirs, ours, failed, lock}: theirs and ours are

@@ -68,7 +68,8 @@ __global__ void __launch_bounds__(Warps * 32) partial_sums(const Params p) {
     row.load(p, t);
     const float2 s = block_sum<Warps>(row.sums(), scratch);
     if (threadIdx.x == 0) {
-      sums[t] = s;
+      // a replica of a lower rank's k head adds nothing (a select, as in the fused kernel)
+      sums[t] = make_float2(s.x, (p.flags & kFlagKReplica) != 0 ? 0.f : s.y);
       if (positions && bad < 0 && angle_row(p, words) < 0) bad = (int)t;
     }
     if constexpr (Warps > 1) __syncthreads();  // scratch is reused by the next token
@@ -97,36 +98,50 @@ struct HeaderVerdict {
 };
 
 __device__ __forceinline__ HeaderVerdict read_header(const Params& p) {
-  // every word loaded first, so that the loads wait together, once
-  float h[kSumsHeader];
-#pragma unroll
-  for (int i = 0; i < kSumsHeader; ++i) h[i] = p.sums[i];
-  HeaderVerdict v = {0, -1, 0, 0, -1, 0};
-#pragma unroll
-  for (int r = kMaxWorld - 1; r >= 0; --r) {  // the lowest rank's finding is kept
-    const int tokens = (int)h[kHeaderTokens * kMaxWorld + r];
-    const int tag = (int)h[kHeaderTag * kMaxWorld + r];
-    const int bad = (int)h[kHeaderBadPosition * kMaxWorld + r];
-    if (tokens == 0) continue;  // no such rank: every rank present has a call of T >= 1
-    if (h[kHeaderRefused * kMaxWorld + r] != 0.f) {
-      v.code = kErrorRejected;
-      v.peer = r;
-      v.theirs = 0;
-      v.ours = p.call_tokens;
+  // Lane r of every warp reads rank r's words (four loads a thread, whatever kMaxWorld);
+  // the warp's ballots then keep the lowest rank's finding, as every thread needs it.
+  static_assert(kMaxWorld <= 32, "a lane a rank");
+  const int lane = threadIdx.x & 31;
+  int tokens = 0, tag = 0, bad = 0;
+  bool refused = false;
+  if (lane < kMaxWorld) {
+    tokens = (int)p.sums[kHeaderTokens * kMaxWorld + lane];
+    tag = (int)p.sums[kHeaderTag * kMaxWorld + lane];
+    refused = p.sums[kHeaderRefused * kMaxWorld + lane] != 0.f;
+    bad = (int)p.sums[kHeaderBadPosition * kMaxWorld + lane];
+  }
+  // tokens 0: no such rank (every rank present has a call of T >= 1)
+  int code = 0, theirs = 0, ours = 0;
+  if (tokens != 0) {
+    if (refused) {
+      code = kErrorRejected;
+      ours = p.call_tokens;
     } else if (tokens != p.call_tokens) {
-      v.code = kErrorTokens;
-      v.peer = r;
-      v.theirs = tokens;
-      v.ours = p.call_tokens;
+      code = kErrorTokens;
+      theirs = tokens;
+      ours = p.call_tokens;
     } else if (tag != p.tag) {
-      v.code = kErrorTag;
-      v.peer = r;
-      v.theirs = tag;
-      v.ours = p.tag;
-    } else if (bad != 0 && r != p.rank) {
-      v.peer_bad = r;
-      v.bad_token = bad - 1;
+      code = kErrorTag;
+      theirs = tag;
+      ours = p.tag;
     }
+  }
+  HeaderVerdict v = {0, -1, 0, 0, -1, 0};
+  const unsigned int failed = __ballot_sync(0xffffffffu, code != 0);
+  if (failed != 0) {
+    const int r = __ffs(failed) - 1;
+    v.code = __shfl_sync(0xffffffffu, code, r);
+    v.peer = r;
+    v.theirs = __shfl_sync(0xffffffffu, theirs, r);
+    v.ours = __shfl_sync(0xffffffffu, ours, r);
+    return v;
+  }
+  const unsigned int peers_bad =
+      __ballot_sync(0xffffffffu, tokens != 0 && bad != 0 && lane != p.rank);
+  if (peers_bad != 0) {
+    const int r = __ffs(peers_bad) - 1;
+    v.peer_bad = r;
+    v.bad_token = __shfl_sync(0xffffffffu, bad, r) - 1;
   }
   return v;
 }

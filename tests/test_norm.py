@@ -41,8 +41,8 @@ def config(**change):
 def test_check_config_returns_plain_numbers():
     got = config(q_dim=np.int64(6144), eps=np.float32(1e-6), max_tokens=np.int32(16),
                  timeout_s=np.float64(0.5))
-    assert got == (6144, 1024, float(np.float32(1e-6)), 16, 500_000_000)
-    assert [type(v) for v in got] == [int, int, float, int, int]
+    assert got == (6144, 1024, float(np.float32(1e-6)), 16, 500_000_000, None, None)
+    assert [type(v) for v in got[:5]] == [int, int, float, int, int]
     assert config(timeout_s=None)[4] == 0           # wait forever
     assert config(timeout_s=1e-12)[4] == 1          # never 0, which means forever
     assert config(eps=0)[2] == 0.0
@@ -69,7 +69,7 @@ def test_check_config_refuses_timeouts(timeout):
     (dict(max_tokens=16.0), "max_tokens must be an int, got 16.0"),
     (dict(dtype="bf16"), "dtype must be one of"),
     (dict(world=3), r"k_dim=1024 must split over 3 ranks into slices that are multiples of 8"),
-    (dict(world=9), "the communicator has 9 ranks; 1..8 are supported"),
+    (dict(world=17), "the communicator has 17 ranks; 1..16 are supported"),
     (dict(q_dim=6144 + 4), r"q_dim=6148 must split over 2 ranks"),
 ])
 def test_check_config_refuses(change, match):
@@ -80,6 +80,41 @@ def test_check_config_refuses(change, match):
 def test_check_config_accepts_numpy_scalars():
     assert config(max_tokens=np.int64(8))[3] == 8 and config(k_dim=np.int32(1024))[1] == 1024
     config(world=3, k_dim=1536)
+
+
+@pytest.mark.parametrize("world,k_local", [(1, 1024), (2, 512), (4, 256), (8, 128),
+                                           (16, 128)])
+def test_check_config_lays_out_kv_heads_split_or_replicated(world, k_local):
+    """MiniMax's 8 KV heads of 128: split up to G=8, one head on two ranks at G=16; the
+    k partial counts on the first rank of each replica group only."""
+    from cupy_qknorm.norm import Config
+    got = config(world=world, kv_heads=8, head_dim=128, rope=RoPE.minimax_m2())
+    assert got[5:] == (8, 128)
+    for rank in range(world):
+        c = Config(*got[:2], "bfloat16", *got[2:5], world, rank, None, *got[5:])
+        assert (c.q_local, c.k_local) == (6144 // world, k_local)
+        assert c.k_counted == (world < 16 or rank % 2 == 0)
+    # head_dim from the rope
+    assert config(world=16, kv_heads=8, rope=RoPE.minimax_m2())[5:] == (8, 128)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(world=3), "8 KV heads neither split evenly over 3 ranks nor replicate evenly on "
+                    r"them \(G must divide 8 or be a multiple of it\)"),
+    (dict(world=12, q_dim=128 * 48), "8 KV heads neither split evenly over 12 ranks"),
+    (dict(head_dim=None), "kv_heads needs head_dim"),
+    (dict(kv_heads=4), r"k_dim=1024 must be kv_heads \* head_dim = 4 \* 128"),
+    (dict(kv_heads=0), "kv_heads must be a positive int"),
+    (dict(q_dim=6144 + 128, world=2), "q_dim=6272 is 49 heads of 128, which do not split "
+                                      "evenly over 2 ranks"),
+    (dict(rope=RoPE(64, 64, max_position=8)), "head_dim=128 but rope.head_dim=64"),
+    (dict(kv_heads=None), "head_dim is given without kv_heads"),
+])
+def test_check_config_refuses_a_kv_head_layout(change, match):
+    args = dict(kv_heads=8, head_dim=128)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        config(**args)
 
 
 def test_check_config_checks_the_rope():

@@ -98,8 +98,8 @@ def test_staged_rows_too_big_for_shared_memory_stay_in_registers():
     (("bf16", "bf16", 2, 3072, 512), "dtype must be one of"),
     (("float32", "bfloat16", 2, 3072, 512), "weight dtype must be 'float32', got 'bfloat16'"),
     (("bfloat16", "float16", 2, 3072, 512), "weight dtype must be 'bfloat16'"),
-    (("bfloat16", "bfloat16", 0, 3072, 512), "world size must be 1..8, got 0"),
-    (("bfloat16", "bfloat16", 9, 3072, 512), "world size must be 1..8, got 9"),
+    (("bfloat16", "bfloat16", 0, 3072, 512), "world size must be 1..16, got 0"),
+    (("bfloat16", "bfloat16", 17, 3072, 512), "world size must be 1..16, got 17"),
     (("float16", "float16", 2, 3076, 512), "local q width 3076 must be a positive multiple of 8"),
     (("float32", "float32", 2, 3072, 0), "local k width 0 must be a positive multiple of 4"),
     (("bfloat16", "bfloat16", 2, 3072, 512, "deep"), "layout must be one of"),
@@ -166,26 +166,26 @@ SHIPPED = shipped_specs()
 
 
 def test_shipped_specs_cover_worlds_dtypes_and_weights():
-    """Every dtype and weight dtype at G = 1, 2, 4, 8 (MiniMax's widths); every G at the
-    widths shapes.default_dims gives it, in bf16."""
+    """Every dtype and weight dtype at G = 1, 2, 4, 8, 16 (MiniMax's heads); G = 3, 5, 6, 7
+    at the widths shapes.default_dims gives them, in bf16."""
     from cupy_qknorm.shapes import default_dims
     assert len(SHIPPED) == len(set(SHIPPED))
     for dtype in DTYPES:
         for wdt in {dtype, "float32"}:
             worlds = {s.world for s in SHIPPED if (s.dtype, s.weight_dtype) == (dtype, wdt)}
-            assert worlds >= {1, 2, 4, 8}, (dtype, wdt)
-    for world in range(1, MAX_WORLD + 1):
+            assert worlds >= {1, 2, 4, 8, 16}, (dtype, wdt)
+    for world in (3, 5, 6, 7):
         q, k = default_dims(world)
-        for rope in (None, MINIMAX) if world in (1, 2, 4, 8) else (None,):
+        for rope in (None,):
             for layout in LAYOUTS:
                 want = Spec.plan("bfloat16", "bfloat16", world, q // world, k // world, layout,
                                  rope)
                 assert want in SHIPPED, want
 
 
-@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("world", [1, 2, 4, 8, 16])
 def test_shipped_specs_hold_minimax_with_and_without_rope(world):
-    q, k = 6144 // world, 1024 // world
+    q, k = 6144 // world, max(128, 1024 // world)  # G=16: a KV head on two ranks
     for dtype in DTYPES:
         for wdt in {dtype, "float32"}:
             for layout in LAYOUTS:

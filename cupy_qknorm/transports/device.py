@@ -8,7 +8,8 @@ from typing import NamedTuple
 
 from ..errors import CallMismatchError, PeerTimeoutError
 from ..params import (ERROR_PEER_POSITION, ERROR_POSITION, ERROR_REJECTED, ERROR_SEQUENCE,
-                      ERROR_TAG, ERROR_TOKENS, ERROR_WORDS, HEAD, PARAMS, pack_static)
+                      ERROR_TAG, ERROR_TOKENS, ERROR_WORDS, FLAG_K_REPLICA, HEAD, PARAMS,
+                      pack_static)
 from .. import knobs
 from ..rope import host_table
 from ..tuning import Spec, layout_for, read_knobs, wide_from
@@ -108,8 +109,12 @@ class DeviceTransport(Transport):
 
     def chunks(self, call, kinds=None, flags=0) -> list:
         """The call cut into launches of at most max_tokens tokens, each with its own packed
-        parameters and its kernels (`kinds`, default KINDS) bound to them, the grid fixed."""
+        parameters and its kernels (`kinds`, default KINDS) bound to them, the grid fixed.
+        A rank whose k head repeats a lower rank's (replicated KV heads) launches with
+        FLAG_K_REPLICA: its k partial counts 0."""
         plan, (q, k, qw, kw, qo, ko, pos) = call.plan, call.ptrs
+        if not self.cfg.k_counted:
+            flags |= FLAG_K_REPLICA
         static, step = self._static_bytes(), [s * plan.itemsize for s in plan.strides]
         out = []
         for start in range(0, plan.tokens, self.cfg.max_tokens):

@@ -161,6 +161,8 @@ class MpiTransport(Transport):
                                                                         table.shape[0])
             status = self.agree(tokens, tag, bad)
             sums = host.partial_sums(q, k, cfg.dtype)
+            if not cfg.k_counted:  # a replica of a lower rank's k head adds nothing
+                sums[:, 1] = 0.0
             if cfg.world > 1:
                 self.allreduce(sums, MPI.SUM, "the all-reduce of the sums")
             for col, x, w, width, out in ((0, q, qw, cfg.q_dim, qo), (1, k, kw, cfg.k_dim, ko)):
