@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 GRAPH_CALLS = 8
+EXCHANGE_PEERS = 8  # the peer pointers qknorm_exchange takes (kernels/tools.cu): G <= 8
 
 
 # what bench can time: the GPU transports ("mpi" sums on the host and cannot be captured
@@ -62,6 +63,9 @@ def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter):
     b.add_argument("--q-dim", type=int, help="full q width (default: 6144, or what splits "
                    "over G ranks: cupy_qknorm.shapes.default_dims)")
     b.add_argument("--k-dim", type=int, help="full k width (default: 1024, or as --q-dim)")
+    b.add_argument("--model", metavar="NAME",
+                   help="a model preset (cupy_qknorm.models): its widths and KV heads, and "
+                        "with --rope its RoPE (default: none)")
     b.add_argument("--tokens", default="1,8,64,512,2048,8192,16384", type=_token_list,
                    help="token counts T, comma-separated")
     b.add_argument("--mode", default="both", choices=("graph", "eager", "both"),
@@ -167,12 +171,12 @@ def floor_one_way_us(comm, stream, iters=2000):
 def floor_exchange_us(comm, stream, timeout_ns=10 ** 9):
     """The exchange alone (qknorm_exchange: push a call number to every rank, wait for
     theirs; no row), 8 calls in one graph like the fused kernel, median replay / 8, the
-    slowest rank. What a call cannot go below at decode on this host, launch included."""
+    slowest rank. What a call cannot go below at decode on this host, launch included.
+    NaN at G=1 and beyond EXCHANGE_PEERS ranks."""
     import cupy
     from .compile import load_plain
-    from .shapes import MAX_WORLD
     from .peers import PeerBuffers
-    if comm.size < 2:
+    if not 2 <= comm.size <= EXCHANGE_PEERS:
         return float("nan")
     buf = PeerBuffers(comm, 8 * comm.size)
     try:
@@ -181,7 +185,7 @@ def floor_exchange_us(comm, stream, timeout_ns=10 ** 9):
         cupy.cuda.runtime.deviceSynchronize()
         comm.Barrier()
         exchange = load_plain("qknorm_exchange")
-        ptrs = list(buf.ptrs) + [0] * (MAX_WORLD - comm.size)
+        ptrs = list(buf.ptrs) + [0] * (EXCHANGE_PEERS - comm.size)
         args = tuple(np.uint64(p) for p in ptrs) + (
             state, np.int32(comm.size), np.int32(comm.rank), np.int64(timeout_ns))
         with stream:
@@ -396,14 +400,30 @@ def run(args):
     comm = MPI.COMM_WORLD
     select_device(comm)
     world = comm.size
-    q, k = default_dims(world)
-    args.q_dim = args.q_dim or q
-    args.k_dim = args.k_dim or k
-    dq, dk = args.q_dim // world, args.k_dim // world
-    rope = RoPE.minimax_m2() if args.rope else None
-    if rope is not None and not whole_heads(world, args.q_dim, args.k_dim, rope.head_dim):
-        raise ValueError(f"--rope: q_dim={args.q_dim}, k_dim={args.k_dim} do not split into "
-                         f"whole heads of {rope.head_dim} over {world} ranks")
+    heads = {}  # kv_heads and head_dim, with --model
+    if args.model is not None:
+        from .models import get
+        model = get(args.model)
+        if args.q_dim or args.k_dim:
+            raise ValueError("--q-dim, --k-dim and --model do not go together: the model "
+                             "sets them")
+        if not model.layout(world):
+            raise ValueError(model.refusal(world))
+        if args.rope and model.rope is None:
+            raise ValueError(f"--rope: {model.name} has no RoPE preset ({model.note})")
+        args.q_dim, args.k_dim = model.q_dim, model.k_dim
+        dq, dk = model.local_dims(world)
+        heads = dict(kv_heads=model.kv_heads, head_dim=model.head_dim)
+        rope = model.rope if args.rope else None
+    else:
+        q, k = default_dims(world)
+        args.q_dim = args.q_dim or q
+        args.k_dim = args.k_dim or k
+        dq, dk = args.q_dim // world, args.k_dim // world
+        rope = RoPE.minimax_m2() if args.rope else None
+        if rope is not None and not whole_heads(world, args.q_dim, args.k_dim, rope.head_dim):
+            raise ValueError(f"--rope: q_dim={args.q_dim}, k_dim={args.k_dim} do not split "
+                             f"into whole heads of {rope.head_dim} over {world} ranks")
     stream = cupy.cuda.Stream(non_blocking=True)
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     card = props["name"].decode()
@@ -430,9 +450,9 @@ def run(args):
     rows = []
     top = max(args.tokens)
     norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
-                         transport=t) for t in args.transports}
+                         transport=t, **heads) for t in args.transports}
     rope_norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
-                              transport=t, rope=rope)
+                              transport=t, rope=rope, **heads)
                   for t in (args.transports if rope is not None else ())}
     separate = None
     if rope is not None and "ipc" in norms:
@@ -482,7 +502,8 @@ def run(args):
         for n in (*norms.values(), *rope_norms.values()):
             n.close()
     floor_us = floors["empty_kernel_graph_us"] + (floors["one_way_us"] if world > 1 else 0)
-    result = {"card": card, "G": world, "dtype": args.dtype, "q_dim": args.q_dim,
+    result = {"card": card, "G": world, "model": args.model, "dtype": args.dtype,
+              "q_dim": args.q_dim,
               "k_dim": args.k_dim, "commit": commit, "pdl": pdl, "in_place": args.in_place,
               "rope": None if rope is None else repr(rope), "columns": columns,
               "positions": args.positions if rope is not None else None,
@@ -521,7 +542,9 @@ def _layout_line(layouts):
 
 def _table(r, modes, columns, floor_us):
     f = r["floors"]
-    lines = [f"{r['card']} x{r['G']}  dtype={r['dtype']}  q_dim={r['q_dim']} k_dim={r['k_dim']}"
+    model = f"  model={r['model']}" if r.get("model") else ""
+    lines = [f"{r['card']} x{r['G']}{model}  dtype={r['dtype']}  q_dim={r['q_dim']} "
+             f"k_dim={r['k_dim']}"
              f"  commit={r['commit']}  pdl={r.get('pdl')}"
              f"{'  in place' if r.get('in_place') else ''}  {r['date']}",
              f"floors: empty kernel (graph node) {f['empty_kernel_graph_us']:.2f} us; one-way "

@@ -168,32 +168,38 @@ def cmd_check(args):
     """Parity of this machine against the float64 reference; PASS/FAIL on rank 0."""
     import numpy as np
 
-    from . import RoPE, TPQKNorm, knobs
+    from . import TPQKNorm, knobs
     from . import reference as ref
     from .placement import select_device
-    from .rope import check as check_rope, host_table
-    from .shapes import default_dims
+    from .rope import host_table
     gpu = args.transport in ("ipc", "nccl")
     comm = _world(f"transport {args.transport!r}" if gpu else None)
     from mpi4py import MPI
     rank, world = comm.rank, comm.size
     knobs.check_all()
-    q_dim, k_dim = default_dims(world)
-    args.q_dim = q_dim if args.q_dim is None else args.q_dim
-    args.k_dim = k_dim if args.k_dim is None else args.k_dim
-    rope = RoPE.minimax_m2() if args.rope else None
-    if rope is not None:  # the same on every rank: every rank raises, rank 0 says why
-        check_rope(rope, args.dtype, world, args.q_dim, args.k_dim)
+    # the same on every rank: every rank raises, rank 0 says why
+    model, rope, heads = _check_shape(args, world)
     select_device(comm)
     worst, bad_total = 0.0, 0
     with TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, args.eps, args.max_tokens,
-                  transport=args.transport, timeout_s=args.timeout, rope=rope) as norm:
+                  transport=args.transport, timeout_s=args.timeout, rope=rope,
+                  kv_heads=args.kv_heads, head_dim=args.head_dim) as norm:
         xp = _array_module(norm)
         if rank == 0:
-            print(f"check: G={world} dtype={args.dtype} q_dim={args.q_dim} k_dim={args.k_dim} "
-                  f"transport={norm.transport} max_tokens={args.max_tokens}"
-                  + (f" rope=MiniMax M2 ({rope.head_dim}/{rope.rotary_dim} {rope.style}, "
+            kv = "" if args.kv_heads is None else (
+                f" kv_heads={args.kv_heads}x{args.head_dim}"
+                f"{' replicated' if norm.config.k_replicas > 1 else ''}")
+            name = f"model={model.name} " if model is not None else ""
+            what = ("MiniMax M2" if model is None else model.name)
+            print(f"check: {name}G={world} dtype={args.dtype} q_dim={args.q_dim} "
+                  f"k_dim={args.k_dim}{kv}{f' eps={args.eps:g}' if model else ''} "
+                  f"transport={norm.transport} "
+                  f"max_tokens={args.max_tokens}"
+                  + (f" rope={what} ({rope.head_dim}/{rope.rotary_dim} {rope.style}, "
                      f"{rope.max_position} positions)" if rope else ""), flush=True)
+        def mine(x, is_k):  # this rank's slice: k's heads may be replicated
+            return ref.shard_heads(x, world, rank, heads) if is_k else ref.shard(x, world, rank)
+
         for i, tokens in enumerate(args.tokens):
             q, k, qw, kw, qr, kr = ref.make_case(args.seed + i, tokens, args.q_dim, args.k_dim,
                                                  args.dtype, eps=args.eps)
@@ -208,14 +214,14 @@ def cmd_check(args):
                     ref.to_f64(qw, args.dtype), ref.to_f64(kw, args.dtype), args.eps, pos,
                     host_table(rope), rope.head_dim, rope.rotary_dim, rope.style)
                 kwargs["positions"] = xp.asarray(pos)
-                mags = [ref.shard(m, world, rank) for m in (qm, km)]
-            sh = [xp.asarray(np.ascontiguousarray(ref.shard(a, world, rank)))
-                  for a in (q, k, qw, kw)]
+                mags = [mine(m, i) for i, m in enumerate((qm, km))]
+            sh = [xp.asarray(np.ascontiguousarray(mine(a, i % 2)))
+                  for i, a in enumerate((q, k, qw, kw))]
             outs = [xp.full_like(sh[0], ref.poison(args.dtype)),
                     xp.full_like(sh[1], ref.poison(args.dtype))]
             norm(*sh, out=outs, **kwargs)
             norm.synchronize()
-            want = [ref.shard(r, world, rank) for r in (qr, kr)]
+            want = [mine(r, i) for i, r in enumerate((qr, kr))]
             errs = [ref.compare(_host(o), y, args.dtype) if mags is None else
                     ref.compare_rope(_host(o), y, m, args.dtype)
                     for o, y, m in zip(outs, want, mags or (None, None))]
@@ -231,6 +237,42 @@ def cmd_check(args):
         print(f"{verdict}: max error {worst:.3g} {ref.TOLERANCE[args.dtype][0]} "
               f"(tolerance {ref.TOLERANCE[args.dtype][1]:g}), {bad_total} elements past it")
     return 0 if bad_total == 0 else 1
+
+
+def _check_shape(args, world):
+    """Fill in check's widths, eps and KV heads (from --model or the defaults); returns
+    (the model or None, its RoPE or MiniMax's with --rope or None, k's heads for the
+    shards). Raises ValueError, the same on every rank, where they cannot run."""
+    from . import RoPE
+    from .models import get
+    from .rope import check as check_rope
+    from .shapes import default_dims
+    model = None
+    if args.model is not None:
+        given = [f"--{n.replace('_', '-')}" for n in ("q_dim", "k_dim", "kv_heads", "head_dim")
+                 if getattr(args, n) is not None] + (["--rope"] if args.rope else [])
+        if given:
+            raise ValueError(f"{', '.join(given)} and --model do not go together: the model "
+                             f"sets them")
+        model = get(args.model)
+        if not model.layout(world):
+            raise ValueError(model.refusal(world))
+        args.q_dim, args.k_dim = model.q_dim, model.k_dim
+        args.kv_heads, args.head_dim = model.kv_heads, model.head_dim
+        args.eps = model.eps if args.eps is None else args.eps
+        rope = model.rope
+    else:
+        q_dim, k_dim = default_dims(world)
+        args.q_dim = q_dim if args.q_dim is None else args.q_dim
+        args.k_dim = k_dim if args.k_dim is None else args.k_dim
+        if args.kv_heads is not None and args.head_dim is None:
+            args.head_dim = args.k_dim // args.kv_heads
+        args.eps = 1e-6 if args.eps is None else args.eps
+        rope = RoPE.minimax_m2() if args.rope else None
+        if rope is not None and args.kv_heads is None:
+            check_rope(rope, args.dtype, world, args.q_dim, args.k_dim)
+    heads = args.kv_heads if args.kv_heads is not None else world
+    return model, rope, heads
 
 
 # -- info -------------------------------------------------------------------------------
@@ -368,6 +410,11 @@ def _host(a):
     return a.get() if hasattr(a, "get") else a
 
 
+def _model_names():
+    from .models import MODELS
+    return list(MODELS)
+
+
 def parser():
     from . import __version__
     from .norm import TRANSPORTS
@@ -399,7 +446,7 @@ def parser():
                         "cupy_qknorm.shapes.default_dims)")
     k.add_argument("--k-dim", type=_positive(int),
                    help="full k width (default: 1024, or what splits over G ranks)")
-    k.add_argument("--eps", type=float, default=1e-6, help="RMSNorm epsilon")
+    k.add_argument("--eps", type=float, help="RMSNorm epsilon (default: 1e-6, or the model's)")
     k.add_argument("--tokens", type=_ints, default="0,1,7,64,1000,3000",
                    help="token counts T to check, comma-separated")
     k.add_argument("--max-tokens", type=_positive(int), default=2048,
@@ -411,6 +458,14 @@ def parser():
                    help="then MiniMax M2's RoPE (heads of 128, 64 rotated, NeoX, theta 5e6, "
                         "positions up to 196607); needs whole heads on every rank "
                         "(default: off)")
+    k.add_argument("--kv-heads", type=_positive(int),
+                   help="k's heads (of --head-dim): split evenly over G, or replicated "
+                        "where G is a multiple of them (default: not given)")
+    k.add_argument("--head-dim", type=_positive(int),
+                   help="with --kv-heads: one head's width (default: k_dim / kv_heads)")
+    k.add_argument("--model", metavar="NAME",
+                   help="a model preset (cupy_qknorm.models: " + ", ".join(_model_names()) +
+                        "): its widths, KV heads, eps and RoPE (default: none)")
     sub.add_parser("info", formatter_class=_Formatter,
                    help="version, kernel sources, CuPy, NVRTC, NCCL, MPI and GPUs",
                    description="What this machine offers cupy_qknorm.")

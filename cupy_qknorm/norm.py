@@ -229,6 +229,26 @@ class TPQKNorm:
         self._error = self._transport.error
         self._closed = False
 
+    @classmethod
+    def for_model(cls, name: str, comm, max_tokens: int = 8192, *, dtype: str = "bfloat16",
+                  transport: str = "auto", timeout_s: float | None = 5.0, rope: bool = True):
+        """The norm of the model preset `name` (cupy_qknorm.models.MODELS: its widths, KV
+        heads, head_dim, eps and RoPE) at this communicator's G. Rank r passes its slices:
+        q [T, q_heads * head_dim / G], k [T, k_local] (whole KV heads split evenly, or the
+        head r * kv_heads // G where the KV heads are fewer than the ranks) and the same
+        slices of both weights. `rope=False` leaves the model's RoPE out (the norm alone).
+        A G the model's heads do not fit raises ValueError, one line, on every rank alike
+        (nothing is allocated)."""
+        from .models import get
+        model = get(name)
+        world = comm.Get_size()
+        if not model.layout(world):
+            raise ValueError(model.refusal(world))
+        return cls(comm, model.q_dim, model.k_dim, dtype, model.eps, max_tokens,
+                   transport=transport, timeout_s=timeout_s,
+                   rope=model.rope if rope else None, kv_heads=model.kv_heads,
+                   head_dim=model.head_dim)
+
     @property
     def capturable(self) -> bool:
         """Whether calls of this object may be captured in a CUDA graph ("ipc" and "nccl";

@@ -158,6 +158,104 @@ def test_rope_parity(comm, style, dtype):
     agree(comm, problems)
 
 
+# -- replicated KV heads and model presets ---------------------------------------------
+def kv_cases(g):
+    """(kv_heads, head_dim) of k at G ranks, replicated: every KV head on G / kv_heads
+    ranks (one head on all of them, and at G=4 two heads on two ranks each)."""
+    return [(1, 64)] + ([(g // 2, 64)] if g % 2 == 0 and g > 2 else [])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_parity_replicated_kv_heads(comm, dtype):
+    """KV heads fewer than the ranks: rank r holds head r * kv_heads // G of k and of its
+    weight; the k norm counts every distinct head once (float64 truth over the distinct
+    heads), on every rank of each replica group alike; q unaffected."""
+    g, problems = comm.size, []
+    for kv, head in kv_cases(g):
+        q_dim, k_dim = 2 * g * head, kv * head
+        with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=16, transport="mpi",
+                      kv_heads=kv, head_dim=head) as norm:
+            assert norm.config.k_local == head and norm.config.k_replicas == g // kv
+            for i, tokens in enumerate((1, 7, 40)):  # 40: three chunks of the sums
+                q, k, qw, kw, qr, kr = ref.make_case(80 + i, tokens, q_dim, k_dim, dtype)
+                qs, qws = mine((q, qw), comm)
+                ks, kws = (np.ascontiguousarray(ref.shard_heads(a, g, comm.rank, kv))
+                           for a in (k, kw))
+                outs = [poisoned(qs, dtype), poisoned(ks, dtype)]
+                norm(qs, ks, qws, kws, out=outs)
+                for name, o, want in (("q", outs[0], ref.shard(qr, g, comm.rank)),
+                                      ("k", outs[1], ref.shard_heads(kr, g, comm.rank, kv))):
+                    err, bad = ref.compare(o, want, dtype)
+                    if bad:
+                        problems.append(f"kv_heads={kv} T={tokens} {name}: {bad} past "
+                                        f"tolerance, max error {err}")
+    agree(comm, problems)
+
+
+def test_a_kv_head_layout_that_does_not_fit_is_refused_on_every_rank(comm):
+    """k's heads neither split nor replicate evenly: the same one-line ValueError on
+    every rank, from the constructor (before any buffer)."""
+    g = comm.size
+    kv = g + 1  # neither a multiple nor a divisor of G (G >= 2)
+    error = construct(comm, g * 64, kv * 64, "float32", transport="mpi", kv_heads=kv,
+                      head_dim=64)
+    want = f"{kv} KV heads neither split evenly over {g} ranks nor replicate evenly"
+    text = str(error)
+    ok = type(error) is ValueError and want in text and "\n" not in text and \
+        text.startswith("rank 0: ")
+    agree(comm, [] if ok else [f"expected ValueError ({want}), got {error!r}"])
+    texts = comm.allgather(text)
+    agree(comm, [] if len(set(texts)) == 1 else [f"the ranks' errors differ: {texts}"])
+
+
+@pytest.mark.parametrize("name", ["minimax-m2", "minimax-m2.7", "olmo-2-32b", "olmo-3-7b",
+                                  "olmoe-1b-7b"])
+def test_model_preset_parity(comm, name):
+    """TPQKNorm.for_model at this G (whole heads, or MiniMax's KV heads replicated),
+    against the float64 truth with the model's RoPE where it has one; a G the model's
+    heads do not fit raises its one-line ValueError on every rank."""
+    from cupy_qknorm.models import get
+    model, g = get(name), comm.size
+    if not model.layout(g):
+        try:
+            TPQKNorm.for_model(name, comm, max_tokens=16, transport="mpi").close()
+            error = None
+        except ValueError as e:
+            error = e
+        ok = error is not None and f"does not run at G={g}" in str(error)
+        agree(comm, [] if ok else [f"expected the model's refusal, got {error!r}"])
+        return
+    dtype, tokens, problems = "bfloat16", 5, []
+    q, k, qw, kw, qr, kr = ref.make_case(90, tokens, model.q_dim, model.k_dim, dtype,
+                                         eps=model.eps)
+    kwargs, mags = {}, None
+    if model.rope is not None:
+        rope = model.rope
+        pos = np.random.default_rng(3).integers(0, rope.max_position, tokens)
+        pos[0] = rope.max_position - 1
+        qr, kr, qm, km = ref.qk_norm_rope(
+            ref.to_f64(q, dtype), ref.to_f64(k, dtype), ref.to_f64(qw, dtype),
+            ref.to_f64(kw, dtype), model.eps, pos, ref.shared_table(
+                rope.max_position, rope.rotary_dim, rope.theta), rope.head_dim,
+            rope.rotary_dim, rope.style)
+        kwargs["positions"] = pos
+        mags = (ref.shard(qm, g, comm.rank), ref.shard_heads(km, g, comm.rank, model.kv_heads))
+    with TPQKNorm.for_model(name, comm, max_tokens=16, transport="mpi") as norm:
+        assert (norm.config.q_local, norm.config.k_local) == model.local_dims(g)
+        qs, qws = mine((q, qw), comm)
+        ks, kws = (np.ascontiguousarray(ref.shard_heads(a, g, comm.rank, model.kv_heads))
+                   for a in (k, kw))
+        outs = [poisoned(qs, dtype), poisoned(ks, dtype)]
+        norm(qs, ks, qws, kws, out=outs, **kwargs)
+    want = (ref.shard(qr, g, comm.rank), ref.shard_heads(kr, g, comm.rank, model.kv_heads))
+    for i, (o, y) in enumerate(zip(outs, want)):
+        err, bad = ref.compare(o, y, dtype) if mags is None else \
+            ref.compare_rope(o, y, mags[i], dtype)
+        if bad:
+            problems.append(f"{'qk'[i]}: {bad} past tolerance, max error {err}")
+    agree(comm, problems)
+
+
 # -- configuration ---------------------------------------------------------------------
 def construct(*args, **kwargs):
     """The error of TPQKNorm(*args, **kwargs), or None (the object is then closed)."""
