@@ -172,11 +172,12 @@ class HostMemory:
 
 
 def fake_norm(comm, transport, q_dim, k_dim, dtype="float32", cuda=None, world=None,
-              **kwargs):
+              rank=0, **kwargs):
     """A TPQKNorm on `comm` whose transport is `transport` ("ipc", "nccl" or "mpi") over a
     FakeCuda: built with transport "mpi" (which runs without a GPU), then given the
-    transport the fake drives. `world`: the ranks the object believes it has, as rank 0
-    ("nccl" only: its peers are the fake's NCCL). Returns (norm, cuda)."""
+    transport the fake drives. `world`: the ranks the object believes it has, as `rank`
+    ("nccl" and "mpi": their peers are the fake's NCCL, or MPI over `comm`; "ipc" needs
+    its PeerBuffers replaced). Returns (norm, cuda)."""
     import dataclasses
 
     from cupy_qknorm import TPQKNorm
@@ -185,7 +186,7 @@ def fake_norm(comm, transport, q_dim, k_dim, dtype="float32", cuda=None, world=N
     norm = TPQKNorm(comm, q_dim, k_dim, dtype, transport="mpi", **kwargs)
     norm._transport.close()
     if world is not None:
-        norm.config = dataclasses.replace(norm.config, world=world, rank=0)
+        norm.config = dataclasses.replace(norm.config, world=world, rank=rank)
     cls = {"ipc": IpcTransport, "nccl": NcclTransport}.get(transport)
     if cls is not None:
         t = cls(norm.config, norm._comm, cuda)

@@ -1,6 +1,7 @@
-"""mpiexec runs, as a user starts them: the MPI test file at 2 and 3 ranks, and the
-check command (with MiniMax's RoPE at 2 ranks, a quick smoke at 8, a GPU transport asked
-for on a machine without one). Every rank must pass (CuPy's distributed tests' pattern).
+"""mpiexec runs, as a user starts them: the MPI test file at 2 and 3 ranks (its
+replicated-head and preset tests at 4 too), and the check command (with MiniMax's RoPE at
+2 ranks, a quick smoke at 8, MiniMax's preset at 16 with its KV heads replicated, a model
+at a G it does not fit, a GPU transport asked for on a machine without one). Every rank must pass (CuPy's distributed tests' pattern).
 The fault times the MPI tests print are listed at the end of the run; a plain run's skip
 of the MPI tests says that they run here."""
 import os
@@ -46,6 +47,38 @@ def test_check_command_at_eight_ranks():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "G=8 dtype=bfloat16 q_dim=6144 k_dim=1024" in r.stdout
     assert r.stdout.rstrip().splitlines()[-1].startswith("PASS")
+
+
+@needs_mpiexec
+def test_check_command_minimax_at_sixteen_ranks():
+    """MiniMax M2 at TP16: each of its 8 KV heads on two ranks, RoPE included."""
+    r = run_mpi(16, "-m", "cupy_qknorm", "check", "--model", "minimax-m2", "--transport",
+                "mpi", "--tokens", "0,1,33", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "model=minimax-m2 G=16 dtype=bfloat16 q_dim=6144 k_dim=1024 kv_heads=8x128 " \
+           "replicated" in r.stdout
+    assert r.stdout.rstrip().splitlines()[-1].startswith("PASS")
+
+
+@needs_mpiexec
+def test_replicated_heads_and_presets_at_four_ranks():
+    """tests/test_mpi.py's replicated-head, preset and refused-layout tests at G=4, where
+    two KV heads each lie on two ranks (the suite's other runs are G=2 and 3)."""
+    r = run_mpi(4, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--with-mpi",
+                "tests/test_mpi.py", "-k", "replicated or preset or does_not_fit")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    assert re.search(r"\b8 passed", r.stdout) and not re.search(
+        r"\d+ (failed|errors?)", r.stdout), r.stdout[-3000:]
+
+
+@needs_mpiexec
+def test_check_command_refuses_a_model_at_a_g_it_does_not_fit():
+    r = run_mpi(3, "-m", "cupy_qknorm", "check", "--model", "minimax-m2", "--transport",
+                "mpi")
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr.splitlines() == [
+        "cupy-qknorm check: minimax-m2 (48 q heads, 8 KV heads of 128) does not run at G=3: "
+        "its heads neither split nor replicate evenly there; G = 1, 2, 4, 8, 16 do"]
 
 
 @needs_mpiexec

@@ -11,8 +11,8 @@ from mpi4py import MPI
 from cupy_qknorm import (CallMismatchError, ClosedError, PeerTimeoutError, PositionError,
                          QKNormError, RoPE, TransportUnavailableError)
 from cupy_qknorm.params import ERROR_PEER_POSITION, ERROR_POSITION, ERROR_REJECTED, \
-    ERROR_FAILED, ERROR_SEQUENCE, ERROR_TAG, ERROR_TIMEOUT, ERROR_TOKENS, FLAG_REFUSED, \
-    SUMS_HEADER
+    ERROR_FAILED, ERROR_SEQUENCE, ERROR_TAG, ERROR_TIMEOUT, ERROR_TOKENS, FLAG_K_REPLICA, \
+    FLAG_REFUSED, SUMS_HEADER
 from tests.fake_cuda import FakeCuda, HostMemory, Stream, fake_norm
 
 cupy = pytest.importorskip("cupy")
@@ -298,6 +298,37 @@ def test_nccl_refusal_takes_part_with_no_row(mem):
             n(q, k, qw, kw)
     finally:
         n.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS, ids=IDS)
+def test_a_replica_of_a_kv_head_launches_with_its_k_partial_off(transport, mem, monkeypatch):
+    """One KV head of K over two ranks (replicated): both ranks pass k [T, K]; rank 1's
+    slice repeats rank 0's head, so each of its launches (every kernel, every chunk)
+    carries FLAG_K_REPLICA and the kernels count its k partial 0; rank 0's carry none."""
+    import types
+
+    from cupy_qknorm.transports import ipc
+
+    def buffers(comm, nbytes):
+        room = np.zeros(2 * nbytes, np.uint8)
+        return types.SimpleNamespace(ptrs=[room.ctypes.data, room.ctypes.data + nbytes],
+                                     close=lambda: None, room=room)
+    monkeypatch.setattr(ipc, "PeerBuffers", buffers)
+    for rank, want in ((0, 0), (1, FLAG_K_REPLICA)):
+        n, cuda = fake_norm(MPI.COMM_SELF, transport, Q, K, world=2, rank=rank, max_tokens=8,
+                            kv_heads=1, head_dim=K)
+        try:
+            assert (n.config.q_local, n.config.k_local, n.config.k_replicas) == (Q // 2, K, 2)
+            if transport == "mpi":  # the absent peer agrees (its sums: MPI over COMM_SELF)
+                n._transport.agree = lambda tokens, tag, bad=-1, refusal=None: \
+                    np.array([[tokens, tag, 0, 0]] * 2)
+            q, k, qw, kw = arrays(mem, 11, Q // 2, K)
+            n(q, k, qw, kw)
+            kinds = ["fused"] if transport == "ipc" else ["partial_sums", "apply"]
+            assert [c["kind"] for c in cuda.launches] == kinds * 2  # two chunks
+            assert [c["flags"] for c in cuda.launches] == [want] * len(cuda.launches)
+        finally:
+            n.close()
 
 
 def test_alone_a_refused_input_launches_nothing_and_leaves_the_object_usable(mem):
