@@ -385,7 +385,7 @@ def params_asserts(fields=params.FIELDS, size=None, constants=params.DEVICE_CONS
 def test_params_fields_match_the_header():
     """params.FIELDS is struct qknorm::Params, field by field (and the constants the host
     shares with the kernels are theirs)."""
-    assert params.PARAMS.size == params.HEAD.size + params.STATIC.size == 248
+    assert params.PARAMS.size == params.HEAD.size + params.STATIC.size == 312
     assert _probe(params_asserts(size=params.PARAMS.size), "sm_90", PARAMS_PRELUDE) is None
 
 

@@ -18,6 +18,7 @@ from mpi4py import MPI
 from cupy_qknorm import (CallMismatchError, ClosedError, ConfigMismatchError,
                          PeerTimeoutError, PositionError, RoPE, TPQKNorm)
 from cupy_qknorm import reference as ref
+from cupy_qknorm.models import MODELS
 from cupy_qknorm.shapes import default_dims
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -208,8 +209,7 @@ def test_a_kv_head_layout_that_does_not_fit_is_refused_on_every_rank(comm):
     agree(comm, [] if len(set(texts)) == 1 else [f"the ranks' errors differ: {texts}"])
 
 
-@pytest.mark.parametrize("name", ["minimax-m2", "minimax-m2.7", "olmo-2-32b", "olmo-3-7b",
-                                  "olmoe-1b-7b"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_model_preset_parity(comm, name):
     """TPQKNorm.for_model at this G (whole heads, or MiniMax's KV heads replicated),
     against the float64 truth with the model's RoPE where it has one; a G the model's
