@@ -1,6 +1,6 @@
 """The smallest use of TPQKNorm, out of place then in place, against the float64 reference:
 
-    mpiexec -n G python scripts/example.py    (G = 1..8)
+    mpiexec -n G python scripts/example.py    (G = 1..16)
 
 Runs on GPUs with CuPy arrays where every rank has one, else on the CPU with numpy.
 Widths: MiniMax M2's (q 6144, k 1024) where they split over G ranks, else
