@@ -93,7 +93,8 @@ struct Fused {
     tr.begin();
     row.template ready<InFlight>();
     float2 part = block_sum<kWarps>(row.sums(), scratch);
-    // a replica of a lower rank's k head adds nothing (a select: NaN and Inf stay its own)
+    // a replica of a lower rank's k head adds 0 (a select, not a product: none of its
+    // values, NaN or Inf included, reaches the sum; the first replica's carry the head)
     if (World > 1 && (p.flags & kFlagKReplica) != 0) part.y = 0.f;
     tr.summed();
     pending.part = part;

@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(Warps * 32) partial_sums(const Params p) {
     row.load(p, t);
     const float2 s = block_sum<Warps>(row.sums(), scratch);
     if (threadIdx.x == 0) {
-      // a replica of a lower rank's k head adds nothing (a select, as in the fused kernel)
+      // a replica of a lower rank's k head adds 0 (a select, as in the fused kernel)
       sums[t] = make_float2(s.x, (p.flags & kFlagKReplica) != 0 ? 0.f : s.y);
       if (positions && bad < 0 && angle_row(p, words) < 0) bad = (int)t;
     }
