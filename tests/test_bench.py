@@ -98,6 +98,12 @@ def test_table_names_the_layouts_when_known():
     assert "fused kernel" not in _table(RESULT, ["graph"], ["ipc"], 1.9)  # older JSON
 
 
+def test_table_header_names_the_model():
+    assert "model=" not in _table(RESULT, ["graph"], ["ipc"], 1.9).splitlines()[0]
+    head = _table({**RESULT, "model": "minimax-m2"}, ["graph"], ["ipc"], 1.9).splitlines()[0]
+    assert " x2  model=minimax-m2  dtype=" in head, head
+
+
 def test_table_header_says_in_place():
     assert "in place" not in _table(RESULT, ["graph"], ["ipc"], 1.9).splitlines()[0]
     head = _table({**RESULT, "in_place": True}, ["graph"], ["ipc"], 1.9).splitlines()[0]

@@ -44,6 +44,18 @@ def test_shard_gather_round_trip():
         ref.shard(x, 5, 0)
 
 
+def test_shard_heads_replicates_and_gather_heads_counts_each_once():
+    """Two heads of 3 over 4 ranks: rank r holds head r * 2 // 4 (0, 0, 1, 1); gathering
+    keeps each distinct head once. Over 2 ranks it is shard()."""
+    x = np.arange(12.0).reshape(2, 6)
+    parts = [ref.shard_heads(x, 4, r, 2) for r in range(4)]
+    assert [p[0].tolist() for p in parts] == [[0, 1, 2], [0, 1, 2], [3, 4, 5], [3, 4, 5]]
+    np.testing.assert_array_equal(ref.gather_heads(parts, 2), x)
+    np.testing.assert_array_equal(ref.shard_heads(x, 2, 1, 2), ref.shard(x, 2, 1))
+    with pytest.raises(ValueError, match="2 heads neither split nor replicate evenly over 3"):
+        ref.shard_heads(x, 3, 0, 2)
+
+
 def test_bf16_round_to_nearest_even():
     one = 0x3F80
     cases = {
