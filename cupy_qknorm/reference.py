@@ -5,8 +5,8 @@ bf16 <-> float32.
 
 then, with RoPE, the first rotary_dim elements of every head of `out` rotate by the angles
 of the row's position (apply_rope); with a paged KV cache, k's output rows and v's rows
-land at their tokens' slots (expected_cache, FP8 through ml_dtypes). bf16 values are held as uint16 bit patterns (CuPy and
-plain numpy have no bfloat16).
+land at their tokens' slots (expected_cache, FP8 through ml_dtypes). bf16 values are held
+as uint16 bit patterns (CuPy and plain numpy have no bfloat16).
 """
 from __future__ import annotations
 
