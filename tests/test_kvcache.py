@@ -11,6 +11,7 @@ from cupy_qknorm import host
 from cupy_qknorm import reference as ref
 from cupy_qknorm.kvcache import (CACHE_FP8, FP8_MAX, CacheView, KVCache, cache_view,
                                  scale_arg, slot_view)
+from tests.conftest import requires_gpu
 
 FP8 = ml_dtypes.float8_e4m3fn
 
@@ -79,6 +80,44 @@ def test_fp8_by_hand(x, bits):
             np.float32)[0]
     assert int(host.fp8_e4m3_bits(x32)) == bits
     assert int(library_fp8(x32)) == bits
+
+
+# the instruction the kernels convert with (sm_89+), as cuda_fp8.h's __nv_cvt_float_to_fp8
+# issues it: x into the low byte
+_CVT = r"""extern "C" __global__ void cvt(const float* x, unsigned char* y, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) {
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(x[i]));
+    y[i] = (unsigned char)(r & 0xFF);
+  }
+}"""
+
+
+@requires_gpu
+def test_fp8_equals_the_gpu_instruction():
+    """fp8_e4m3_bits is the host's copy of the device's conversion: bit for bit with
+    cvt.rn.satfinite.e4m3x2.f32 over every float32 upper half with random lower halves,
+    NaNs of both signs, infinities and the saturation boundary (on sm_89 and later)."""
+    import cupy
+    arch = int(cupy.cuda.Device().compute_capability)  # "90" on an H100 or H200
+    if arch < 89:
+        pytest.skip(f"cvt to e4m3 needs sm_89 or later, this GPU is sm_{arch}")
+    rng = np.random.default_rng(89)
+    upper = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
+    bits = (upper[:, None] | rng.integers(0, 1 << 16, (1 << 16, 8), dtype=np.uint32)).ravel()
+    special = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7F800000,
+                        0xFF800000, 0x43E80000, 0x43E7FFFF, 0x43E80001], np.uint32)
+    x = np.concatenate([bits, special]).view(np.float32)
+    kernel = cupy.RawKernel(_CVT, "cvt")
+    y = cupy.empty(x.size, cupy.uint8)
+    kernel(((x.size + 255) // 256,), (256,), (cupy.asarray(x), y, np.int32(x.size)))
+    got, want = y.get(), host.fp8_e4m3_bits(x)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, (f"{bad.size} differ ({int(np.isnan(x[bad]).sum())} NaN inputs); "
+                           f"first: " + ", ".join(f"{x.view(np.uint32)[i]:#010x}: gpu "
+                                                  f"{got[i]:#04x} host {want[i]:#04x}"
+                                                  for i in bad[:6]))
 
 
 def test_fp8_keeps_shapes_and_takes_strided_input():
