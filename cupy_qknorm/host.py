@@ -153,9 +153,15 @@ def write_cache(cache, rows, slots, heads: int, head_dim: int, block_size: int,
     every token t whose slot s = slots[t] is not -1. `cache` is the numpy array as the
     caller passed it ([num_blocks, block_size, heads, head_dim] of any strides, or a token
     pool [slots, heads, head_dim]; written in place); rows [T, heads * head_dim]. The
-    caller has refused slots outside the cache (first_bad_slot) before: none is written
-    here. Repeated slots: the last token's row wins here (the GPU promises no order)."""
+    caller refuses slots outside the cache (first_bad_slot) with its own error first; one
+    that comes here anyway raises ValueError before anything is written. Repeated slots:
+    the last token's row wins here (the GPU promises no order)."""
     slots = np.asarray(slots).astype(np.int64)
+    num_slots = cache.shape[0] * (1 if cache.ndim == 3 else block_size)
+    bad = first_bad_slot(slots, num_slots)
+    if bad >= 0:
+        raise ValueError(f"token {bad}: slot {int(slots[bad])} is outside the cache's "
+                         f"{num_slots} slots")
     keep = np.flatnonzero(slots != -1)
     if keep.size == 0:
         return

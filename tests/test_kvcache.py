@@ -491,6 +491,20 @@ def test_write_cache_with_library_dtypes_and_nothing_to_write():
     assert np.array_equal(f8.view(np.uint8), before.view(np.uint8))
 
 
+def test_write_cache_refuses_a_slot_outside_before_writing():
+    arr = nhd(2, 16, 1, 128, "bfloat16", 0x7FA5)
+    rows = np.ones((3, 128), np.uint16)
+    for slots, message in (([0, 32, 1], "token 1: slot 32 is outside the cache's 32 slots"),
+                           ([0, 1, -2], "token 2: slot -2 is outside the cache's 32 slots")):
+        with pytest.raises(ValueError, match=message):
+            host.write_cache(arr, rows, np.array(slots), 1, 128, 16, "bfloat16", "bfloat16",
+                             1.0)
+        assert (arr == 0x7FA5).all()
+    with pytest.raises(ValueError, match="token 0: slot 5 is outside the cache's 5 slots"):
+        host.write_cache(pool(5, 1, 128, CACHE_FP8), rows[:1], [5], 1, 128, 1, "bfloat16",
+                         CACHE_FP8, 1.0)
+
+
 def test_expected_cache_by_hand():
     kv = KVCache(2, 16, CACHE_FP8)
     rows = np.array([[1.0] * 16 + [-500.0] * 16, [2.0 ** -10] * 32], np.float32)
