@@ -85,8 +85,8 @@ class KVCache:
         """Heads in a rank's k (and v) slice of `k_local` elements: k_local / head_dim."""
         k_local = positive_int("k width", k_local)
         if k_local % self.head_dim:
-            raise ValueError(f"the rank's k width {k_local} is not a whole number of "
-                             f"kv_cache.head_dim={self.head_dim} heads")
+            raise ValueError(f"kv_cache: the rank's k width {k_local} is not a whole number "
+                             f"of heads of {self.head_dim} (head_dim)")
         return k_local // self.head_dim
 
     def is_fp8(self) -> bool:

@@ -185,8 +185,8 @@ def test_kvcache_refuses_per_data_dtype():
         KVCache(16, 128, "float16").cache_dtype("bfloat16")
     with pytest.raises(ValueError, match="data dtype must be one of"):
         KVCache(16).cache_dtype("int32")
-    with pytest.raises(ValueError, match="k width 1000 is not a whole number of "
-                       "kv_cache.head_dim=128 heads"):
+    with pytest.raises(ValueError, match=r"kv_cache: the rank's k width 1000 is not a whole "
+                       r"number of heads of 128 \(head_dim\)"):
         KVCache(16).kv_heads(1000)
     with pytest.raises(ValueError, match="k width must be a positive int"):
         KVCache(16).kv_heads(0)
