@@ -4,8 +4,9 @@ bf16 <-> float32.
     out = x * w / sqrt(mean(x_full ** 2) + eps)      over the FULL (unsharded) row
 
 then, with RoPE, the first rotary_dim elements of every head of `out` rotate by the angles
-of the row's position (apply_rope). bf16 values are held as uint16 bit patterns (CuPy and
-plain numpy have no bfloat16).
+of the row's position (apply_rope); with a paged KV cache, k's output rows and v's rows
+land at their tokens' slots (expected_cache, FP8 through ml_dtypes). bf16 values are held
+as uint16 bit patterns (CuPy and plain numpy have no bfloat16).
 """
 from __future__ import annotations
 
@@ -300,3 +301,40 @@ def make_rope_case(seed: int, tokens: int, q_dim: int, k_dim: int, dtype: str,
     refs = qk_norm_rope(to_f64(q, dtype), to_f64(k, dtype), to_f64(qw, wdt), to_f64(kw, wdt),
                         eps, positions, table, head_dim, rotary_dim, style)
     return RopeCase(q, k, qw, kw, positions, table, *refs)
+
+
+# ---------------------------------------------------------------------------------------
+# The paged KV-cache write (cupy_qknorm.kvcache states the layout and the conversion).
+def expected_cache(cache_before: np.ndarray, out_rows, slots, kv, heads: int,
+                   data_dtype: str, scale: float) -> np.ndarray:
+    """A copy of `cache_before` (the numpy cache as passed: [num_blocks, block_size, heads,
+    head_dim] or a token pool [slots, heads, head_dim]) with token t's row of `out_rows`
+    ([T, heads * head_dim], data_dtype, bf16 as uint16: the op's rounded k output, or v)
+    written at slot slots[t], one token after another (a later token wins a repeated
+    slot), slot -1 skipped. FP8 caches get ml_dtypes.float8_e4m3fn of
+    clip(f32(row) / f32(scale), -448, 448) (NaN kept), as uint8 bits."""
+    import ml_dtypes  # the test extra's: a library's FP8, not the package's own encoder
+
+    from .kvcache import FP8_MAX
+    cache_dtype = kv.cache_dtype(data_dtype)
+    storage = kv.storage_dtype(data_dtype)
+    rows = np.asarray(out_rows)
+    if cache_dtype == data_dtype:
+        values = rows.view(storage) if rows.dtype != storage else rows
+    else:
+        f32 = bf16_to_f32(rows) if data_dtype == "bfloat16" else rows.astype(np.float32)
+        with np.errstate(all="ignore"):
+            x = np.clip(f32 / np.float32(scale), -FP8_MAX, FP8_MAX)
+            values = x.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    out = np.array(cache_before, copy=True)
+    if out.dtype.itemsize != storage.itemsize:
+        raise ValueError(f"cache_before: {out.dtype} cannot hold a {cache_dtype} cache")
+    cells = out.view(storage) if out.dtype != storage else out
+    for t, s in enumerate(np.asarray(slots).tolist()):
+        if s == -1:
+            continue
+        if not 0 <= s < cells.shape[0] * (1 if cells.ndim == 3 else kv.block_size):
+            raise ValueError(f"token {t}: slot {s} is outside the cache")
+        cell = cells[s] if cells.ndim == 3 else cells[s // kv.block_size, s % kv.block_size]
+        cell[...] = values[t].reshape(heads, kv.head_dim)
+    return out
