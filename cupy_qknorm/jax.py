@@ -36,7 +36,7 @@ from .norm import TPQKNorm
 from .params import MAX_CALL_TOKENS
 from .transports import tag_code
 
-_OBJECTS: dict = {}     # handle -> weakref to a JaxQKNorm
+_OBJECTS = weakref.WeakValueDictionary()  # handle -> JaxQKNorm
 _TARGETS: dict = {}     # target name -> the registered ctypes handler (kept alive forever)
 _LOCK = threading.Lock()
 _NEXT = [1]
@@ -75,8 +75,7 @@ def _make_handler(traits: int):
             if xla_ffi.handshake(frame, traits) or frame.stage != xla_ffi.STAGE_EXECUTE:
                 return None
             attrs = xla_ffi.int_attrs(frame.attrs)
-            ref = _OBJECTS.get(attrs.get("handle"))
-            obj = ref() if ref is not None else None
+            obj = _OBJECTS.get(attrs.get("handle"))
             if obj is None:
                 raise ClosedError("this JaxQKNorm is closed")
             obj._execute(frame, attrs)
@@ -133,7 +132,7 @@ class JaxQKNorm:
         with _LOCK:
             self._handle = _NEXT[0]
             _NEXT[0] += 1
-        _OBJECTS[self._handle] = weakref.ref(self)
+        _OBJECTS[self._handle] = self
 
     # -- tracing ---------------------------------------------------------------------------
     def __call__(self, q, k, q_weight, k_weight, positions=None, *, in_place: bool = False,
@@ -212,7 +211,6 @@ class JaxQKNorm:
     def close(self):
         """Collective and idempotent (TPQKNorm.close). Jitted functions that call the
         object raise ClosedError afterwards."""
-        _OBJECTS.pop(getattr(self, "_handle", None), None)
         norm, self.norm = self.norm, None
         self._bound = {}
         if norm is not None:
