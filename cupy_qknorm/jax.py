@@ -127,6 +127,11 @@ class JaxQKNorm:
                                self.backend == "gpu" and self.norm.capturable)
         self._bound = {}
         self._streams = {}
+        self.captured_calls = 0  # executions XLA captured into a command buffer (CUDA graph)
+        self._runtime = None
+        if self._device is not None:
+            import cupy
+            self._runtime = cupy.cuda.runtime
         self._error = None      # the typed exception of the last failed call
         self._thread = threading.local()
         with _LOCK:
@@ -155,6 +160,8 @@ class JaxQKNorm:
         except Exception as e:  # noqa: BLE001 - re-raised once the peers know
             norm._refuse(q, tag, e, norm._current_stream())
             raise
+        if self._device is not None:
+            self._load_kernels(q.shape[0], arrays.dtype_name(np.dtype(q_weight.dtype)))
         args = (q, k, q_weight, k_weight) + (() if positions is None else (positions,))
         call = jax.ffi.ffi_call(
             self._target, (jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -168,6 +175,20 @@ class JaxQKNorm:
                 raise err from e
             raise
         return tuple(out)
+
+    def _load_kernels(self, tokens, weight_dtype):
+        """Load the kernels a call of `tokens` rows launches now, at trace time: XLA may
+        run the call's first execution inside a stream capture, where loading a module is
+        not allowed."""
+        import cupy
+        t = self.norm._transport
+        t = getattr(t, "_device", None) if t.name == "mpi" else t
+        if t is None or not hasattr(t, "kernels"):
+            return
+        step = self.config.max_tokens
+        with cupy.cuda.Device(self._device):
+            for n in {min(tokens, step), tokens % step} - {0}:
+                t.kernels(weight_dtype, t.layout(n))
 
     def synchronize(self, *results):
         """Wait for `results` (jax.Arrays, e.g. the outputs of a jitted function) and for
@@ -234,6 +255,8 @@ class JaxQKNorm:
             stream = None
             if self._device is not None:
                 stream = self._stream(xla_ffi.stream(frame))
+                if self._runtime.streamIsCapturing(stream.ptr):
+                    self.captured_calls += 1
             bound = self._bound.get(key)
             if bound is None:
                 bound = self._bind(args, rets, None if tag < 0 else tag, stream)
