@@ -80,8 +80,8 @@ def cupy_graph_us(norm, q, k, qw, kw, pos, reps, n):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="64,1024,16384")
-    p.add_argument("--calls", type=int, default=32, help="N: calls in one chain")
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--calls", type=int, default=16, help="N: calls in one chain")
+    p.add_argument("--reps", type=int, default=15)
     p.add_argument("--transport", default="ipc")
     args = p.parse_args()
 
