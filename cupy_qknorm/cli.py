@@ -186,12 +186,14 @@ def cmd_check(args):
         check_rope(rope, args.dtype, world, args.q_dim, args.k_dim)
     select_device(comm)
     worst, bad_total = 0.0, 0
-    with TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, args.eps, args.max_tokens,
-                  transport=args.transport, timeout_s=args.timeout, rope=rope) as norm:
-        xp = _array_module(norm)
+    built = _jax_check(comm, gpu) if args.jax else TPQKNorm
+    with built(comm, args.q_dim, args.k_dim, args.dtype, args.eps, args.max_tokens,
+               transport=args.transport, timeout_s=args.timeout, rope=rope) as norm:
+        xp = _array_module(norm.norm if args.jax else norm)
         if rank == 0:
             print(f"check: G={world} dtype={args.dtype} q_dim={args.q_dim} k_dim={args.k_dim} "
                   f"transport={norm.transport} max_tokens={args.max_tokens}"
+                  + (f" jax.jit ({norm.backend})" if args.jax else "")
                   + (f" rope=MiniMax M2 ({rope.head_dim}/{rope.rotary_dim} {rope.style}, "
                      f"{rope.max_position} positions)" if rope else ""), flush=True)
         for i, tokens in enumerate(args.tokens):
@@ -211,10 +213,13 @@ def cmd_check(args):
                 mags = [ref.shard(m, world, rank) for m in (qm, km)]
             sh = [xp.asarray(np.ascontiguousarray(ref.shard(a, world, rank)))
                   for a in (q, k, qw, kw)]
-            outs = [xp.full_like(sh[0], ref.poison(args.dtype)),
-                    xp.full_like(sh[1], ref.poison(args.dtype))]
-            norm(*sh, out=outs, **kwargs)
-            norm.synchronize()
+            if args.jax:  # XLA allocates the outputs: nothing to poison
+                outs = norm.checked(*sh, kwargs.get("positions"))
+            else:
+                outs = [xp.full_like(sh[0], ref.poison(args.dtype)),
+                        xp.full_like(sh[1], ref.poison(args.dtype))]
+                norm(*sh, out=outs, **kwargs)
+                norm.synchronize()
             want = [ref.shard(r, world, rank) for r in (qr, kr)]
             errs = [ref.compare(_host(o), y, args.dtype) if mags is None else
                     ref.compare_rope(_host(o), y, m, args.dtype)
@@ -356,6 +361,44 @@ class _UsageError(Exception):
     """What this machine cannot act on (an argument, a missing piece): one line, exit 2."""
 
 
+def _jax_check(comm, gpu):
+    """JaxQKNorm for `check --jax`, with checked(q, k, qw, kw, positions): the call
+    through one jitted function, its outputs as host arrays (bf16 as uint16 bits)."""
+    try:
+        import jax
+    except ImportError as e:
+        raise _UsageError("check --jax needs JAX: pip install 'cupy-qknorm[jax]'") from e
+    from .jax import JaxQKNorm
+    backend = "gpu" if jax.default_backend() == "gpu" else "cpu"
+    if gpu and backend == "cpu":
+        raise _UsageError("check --jax with a GPU transport needs JAX's CUDA backend "
+                          "(pip install 'jax[cuda13]')")
+
+    class Checked(JaxQKNorm):
+        def checked(self, q, k, qw, kw, positions):
+            import numpy as np
+            dev = jax.devices(backend)[0]
+            if backend == "gpu":
+                import cupy
+                dev = next(d for d in jax.devices("gpu")
+                           if d.local_hardware_id == cupy.cuda.Device().id)
+            arrays = [_host(a) for a in (q, k, qw, kw) +
+                      (() if positions is None else (positions,))]
+            import ml_dtypes
+            put = [jax.device_put(a.view(ml_dtypes.bfloat16) if a.dtype == np.uint16 else a,
+                                  dev) for a in arrays]
+            if self._jit is None:
+                self._jit = jax.jit(lambda *a: self(*a))
+            with self.errors():
+                out = self._jit(*put)
+                self.synchronize(*out)
+            return [np.asarray(o).view(np.uint16) if o.dtype == ml_dtypes.bfloat16 else
+                    np.asarray(o) for o in out]
+        _jit = None
+
+    return lambda *a, **kw: Checked(*a, backend=backend, **kw)
+
+
 def _array_module(norm):
     if norm._device is None:
         import numpy
@@ -411,6 +454,9 @@ def parser():
                    help="then MiniMax M2's RoPE (heads of 128, 64 rotated, NeoX, theta 5e6, "
                         "positions up to 196607); needs whole heads on every rank "
                         "(default: off)")
+    k.add_argument("--jax", action="store_true",
+                   help="call the norm inside jax.jit (cupy_qknorm.jax; JAX's backend: GPU "
+                        "where it has one, else CPU with transport mpi) (default: off)")
     sub.add_parser("info", formatter_class=_Formatter,
                    help="version, kernel sources, CuPy, NVRTC, NCCL, MPI and GPUs",
                    description="What this machine offers cupy_qknorm.")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 import weakref
 
 import numpy as np
@@ -315,7 +316,9 @@ class JaxQKNorm:
         s = self._streams.get(ptr)
         if s is None:
             import cupy
-            s = self._streams[ptr] = cupy.cuda.ExternalStream(ptr, self._device)
+            with warnings.catch_warnings():  # CuPy 14 deprecates it for from_external()
+                warnings.simplefilter("ignore", DeprecationWarning)
+                s = self._streams[ptr] = cupy.cuda.ExternalStream(ptr, self._device)
         return s
 
 

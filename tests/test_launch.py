@@ -55,6 +55,16 @@ def test_check_command_with_rope():
 
 
 @needs_mpiexec
+def test_check_command_through_jax():
+    pytest.importorskip("jax", reason="needs jax (pip install -e '.[jax]')")
+    r = run_mpi(2, "-m", "cupy_qknorm", "check", "--jax", "--transport", "mpi", "--rope",
+               "--tokens", "0,1,33")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "transport=mpi max_tokens=2048 jax.jit (cpu) rope=MiniMax M2" in r.stdout
+    assert r.stdout.rstrip().splitlines()[-1].startswith("PASS")
+
+
+@needs_mpiexec
 def test_check_command_at_eight_ranks():
     r = run_mpi(8, "-m", "cupy_qknorm", "check", "--transport", "mpi", "--tokens", "0,1,33")
     assert r.returncode == 0, r.stdout + r.stderr
