@@ -128,6 +128,7 @@ class JaxQKNorm:
                                self.backend == "gpu" and self.norm.capturable)
         self._bound = {}
         self._streams = {}
+        self.executions = 0      # times XLA ran the handler (a call, or its capture)
         self.captured_calls = 0  # executions XLA captured into a command buffer (CUDA graph)
         self._runtime = None
         if self._device is not None:
@@ -167,7 +168,10 @@ class JaxQKNorm:
         call = jax.ffi.ffi_call(
             self._target, (jax.ShapeDtypeStruct(q.shape, q.dtype),
                            jax.ShapeDtypeStruct(k.shape, k.dtype)),
-            input_output_aliases={0: 0, 1: 1} if in_place else None)
+            input_output_aliases={0: 0, 1: 1} if in_place else None,
+            # on the CPU: XLA keeps side-effecting calls in program order and never drops
+            # one, so every rank's calls pair off alike
+            has_side_effect=self.backend == "cpu")
         try:
             out = call(*args, handle=np.int64(self._handle), tag=np.int32(code - 1))
         except Exception as e:  # an eager call: its own typed error
@@ -249,6 +253,7 @@ class JaxQKNorm:
 
     # -- execution (XLA's handler) ---------------------------------------------------------
     def _execute(self, frame, attrs):
+        self.executions += 1
         try:
             args, rets = xla_ffi.buffers(frame.args), xla_ffi.buffers(frame.rets)
             tag = attrs.get("tag", -1)
