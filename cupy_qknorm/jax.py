@@ -69,13 +69,14 @@ def _code(e: BaseException) -> int:
 
 
 def _make_handler(traits: int):
-    def handle(frame_p):
+    def handle(address):
         frame = None
         try:
-            frame = frame_p.contents
-            if xla_ffi.handshake(frame, traits) or frame.stage != xla_ffi.STAGE_EXECUTE:
+            frame = xla_ffi.frame_at(address)
+            if frame.extensions and xla_ffi.handshake(frame, traits) or \
+                    frame.stage != xla_ffi.STAGE_EXECUTE:
                 return None
-            attrs = xla_ffi.int_attrs(frame.attrs)
+            attrs = xla_ffi.int_attrs(frame)
             obj = _OBJECTS.get(attrs.get("handle"))
             if obj is None:
                 raise ClosedError("this JaxQKNorm is closed")
@@ -255,7 +256,7 @@ class JaxQKNorm:
     def _execute(self, frame, attrs):
         self.executions += 1
         try:
-            args, rets = xla_ffi.buffers(frame.args), xla_ffi.buffers(frame.rets)
+            args, rets = xla_ffi.args(frame), xla_ffi.rets(frame)
             tag = attrs.get("tag", -1)
             key = (tuple(args), tuple(rets), tag)
             stream = None

@@ -14,6 +14,7 @@ A ctypes CFUNCTYPE takes the GIL for its Python body, whatever thread XLA calls 
 from __future__ import annotations
 
 import ctypes
+import struct
 from typing import NamedTuple
 
 import numpy as np
@@ -120,7 +121,33 @@ assert CallFrame.args.offset == 40 and CallFrame.rets.offset == 80
 assert CallFrame.attrs.offset == 120 and CallFrame.future.offset == 168
 assert Api.stream_get.offset == 80 and Metadata.traits.offset == 32
 
-HANDLER = ctypes.CFUNCTYPE(_p, ctypes.POINTER(CallFrame))
+# A handler receives the frame's address; its fields are read with struct straight from
+# memory: _MEMORY is a read-only byte view of the whole address space (no copy, no foreign
+# call: a field costs one unpack_from), read only at the addresses XLA hands over.
+HANDLER = ctypes.CFUNCTYPE(_p, _p)
+_MEMORY = memoryview((ctypes.c_char * (1 << 62)).from_address(0)).cast("B").toreadonly()
+_HEAD = struct.Struct("<QQQi")      # extension_start, api, ctx, stage (from offset 8)
+_LIST = struct.Struct("<q8xQ")      # size, (types), items of XLA_FFI_Args/Rets (from +16)
+_ATTRS = struct.Struct("<qQQQ")     # size, types, names, attrs (from +16)
+_BUFFER = struct.Struct("<i4xQqQ")  # dtype, data, rank, dims (from offset 16)
+_SPAN = struct.Struct("<QQ")
+_SCALAR = struct.Struct("<i4xQ")
+_VALUES = {4: struct.Struct("<i"), 5: struct.Struct("<q")}
+_ARGS, _RETS, _ATTRS_AT = (CallFrame.args.offset + 16, CallFrame.rets.offset + 16,
+                           CallFrame.attrs.offset + 16)
+
+
+class Frame(NamedTuple):
+    """What a call reads of its XLA_FFI_CallFrame."""
+    address: int
+    extensions: int
+    api: int
+    ctx: int
+    stage: int
+
+
+def frame_at(address: int) -> Frame:
+    return Frame(address, *_HEAD.unpack_from(_MEMORY, address + 8))
 
 
 class Array(NamedTuple):
@@ -130,36 +157,48 @@ class Array(NamedTuple):
     dtype: np.dtype | None
 
 
-def buffers(lst) -> list:
+def _buffers(at: int) -> list:
+    n, items = _LIST.unpack_from(_MEMORY, at)
     out = []
-    for i in range(lst.size):
-        b = ctypes.cast(lst.items[i], ctypes.POINTER(Buffer)).contents
-        out.append(Array(b.data or 0, tuple(b.dims[d] for d in range(b.rank)),
-                         DTYPES.get(b.dtype)))
+    if n > 0:
+        for b in struct.unpack_from(f"<{n}Q", _MEMORY, items):
+            dtype, data, rank, dims = _BUFFER.unpack_from(_MEMORY, b + 16)
+            shape = struct.unpack_from(f"<{rank}q", _MEMORY, dims) if rank > 0 else ()
+            out.append(Array(data, shape, DTYPES.get(dtype)))
     return out
 
 
-_SCALARS = {4: ctypes.c_int32, 5: ctypes.c_int64}
+def args(frame: Frame) -> list:
+    return _buffers(frame.address + _ARGS)
 
 
-def int_attrs(attrs) -> dict:
+def rets(frame: Frame) -> list:
+    return _buffers(frame.address + _RETS)
+
+
+def int_attrs(frame: Frame) -> dict:
     """The call's int32/int64 scalar attributes by name."""
+    n, types, names, values = _ATTRS.unpack_from(_MEMORY, frame.address + _ATTRS_AT)
     out = {}
-    for i in range(attrs.size):
-        if attrs.types[i] != ATTR_SCALAR:
+    if n <= 0:
+        return out
+    kinds = struct.unpack_from(f"<{n}i", _MEMORY, types)
+    names = struct.unpack_from(f"<{n}Q", _MEMORY, names)
+    values = struct.unpack_from(f"<{n}Q", _MEMORY, values)
+    for kind, name, value in zip(kinds, names, values):
+        if kind != ATTR_SCALAR:
             continue
-        name = attrs.names[i].contents
-        s = ctypes.cast(attrs.attrs[i], ctypes.POINTER(Scalar)).contents
-        kind = _SCALARS.get(s.dtype)
-        if kind is not None:
-            out[ctypes.string_at(name.ptr, name.len).decode()] = \
-                ctypes.cast(s.value, ctypes.POINTER(kind)).contents.value
+        dtype, at = _SCALAR.unpack_from(_MEMORY, value)
+        v = _VALUES.get(dtype)
+        if v is not None:
+            text, length = _SPAN.unpack_from(_MEMORY, name)
+            out[bytes(_MEMORY[text:text + length]).decode()] = v.unpack_from(_MEMORY, at)[0]
     return out
 
 
-def handshake(frame, traits: int) -> bool:
+def handshake(frame: Frame, traits: int) -> bool:
     """Answer XLA's metadata query if this call is one (True), else False."""
-    ext = frame.extension_start
+    ext = ctypes.cast(frame.extensions, ctypes.POINTER(ExtensionBase))
     while ext:
         if ext.contents.type == EXTENSION_METADATA:
             meta = ctypes.cast(ext, ctypes.POINTER(MetadataExtension)).contents.metadata
@@ -174,21 +213,30 @@ def handshake(frame, traits: int) -> bool:
     return False
 
 
-def stream(frame) -> int:
+_APIS: dict = {}  # XLA_FFI_Api address -> (XLA_FFI_Stream_Get, XLA_FFI_Error_Create)
+
+
+def _api(address: int) -> tuple:
+    fns = _APIS.get(address)
+    if fns is None:
+        api = Api.from_address(address)
+        fns = _APIS[address] = (api.stream_get, api.error_create)
+    return fns
+
+
+def stream(frame: Frame) -> int:
     """The platform stream of this execution (a CUstream on CUDA), or 0."""
-    api = frame.api.contents
     args = StreamGetArgs(ctypes.sizeof(StreamGetArgs), None, frame.ctx, None)
-    err = api.stream_get(ctypes.byref(args))
-    if err:
+    if _api(frame.api)[0](ctypes.byref(args)):
         raise RuntimeError("XLA_FFI_Stream_Get failed")
     return args.stream or 0
 
 
-def error(frame, code: int, message: str) -> int:
+def error(frame: Frame, code: int, message: str) -> int:
     """An XLA_FFI_Error* carrying `message` (XLA copies it and owns the error)."""
     text = message.encode(errors="replace")
     args = ErrorCreateArgs(ctypes.sizeof(ErrorCreateArgs), None, text, code)
-    return frame.api.contents.error_create(ctypes.byref(args))
+    return _api(frame.api)[1](ctypes.byref(args))
 
 
 def host_array(a: Array) -> np.ndarray:
