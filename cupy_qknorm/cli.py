@@ -181,10 +181,11 @@ def cmd_check(args):
     model, rope, heads = _check_shape(args, world)
     select_device(comm)
     worst, bad_total = 0.0, 0
-    with TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, args.eps, args.max_tokens,
-                  transport=args.transport, timeout_s=args.timeout, rope=rope,
-                  kv_heads=args.kv_heads, head_dim=args.head_dim) as norm:
-        xp = _array_module(norm)
+    built = _jax_check(comm, gpu) if args.jax else TPQKNorm
+    with built(comm, args.q_dim, args.k_dim, args.dtype, args.eps, args.max_tokens,
+               transport=args.transport, timeout_s=args.timeout, rope=rope,
+               kv_heads=args.kv_heads, head_dim=args.head_dim) as norm:
+        xp = _array_module(norm.norm if args.jax else norm)
         if rank == 0:
             kv = "" if args.kv_heads is None else (
                 f" kv_heads={args.kv_heads}x{args.head_dim}"
@@ -195,6 +196,7 @@ def cmd_check(args):
                   f"k_dim={args.k_dim}{kv}{f' eps={args.eps:g}' if model else ''} "
                   f"transport={norm.transport} "
                   f"max_tokens={args.max_tokens}"
+                  + (f" jax.jit ({norm.backend})" if args.jax else "")
                   + (f" rope={what} ({rope.head_dim}/{rope.rotary_dim} {rope.style}, "
                      f"{rope.max_position} positions)" if rope else ""), flush=True)
         def mine(x, is_k):  # this rank's slice: k's heads may be replicated
@@ -217,10 +219,13 @@ def cmd_check(args):
                 mags = [mine(m, i) for i, m in enumerate((qm, km))]
             sh = [xp.asarray(np.ascontiguousarray(mine(a, i % 2)))
                   for i, a in enumerate((q, k, qw, kw))]
-            outs = [xp.full_like(sh[0], ref.poison(args.dtype)),
-                    xp.full_like(sh[1], ref.poison(args.dtype))]
-            norm(*sh, out=outs, **kwargs)
-            norm.synchronize()
+            if args.jax:  # XLA allocates the outputs: nothing to poison
+                outs = norm.checked(*sh, kwargs.get("positions"))
+            else:
+                outs = [xp.full_like(sh[0], ref.poison(args.dtype)),
+                        xp.full_like(sh[1], ref.poison(args.dtype))]
+                norm(*sh, out=outs, **kwargs)
+                norm.synchronize()
             want = [mine(r, i) for i, r in enumerate((qr, kr))]
             errs = [ref.compare(_host(o), y, args.dtype) if mags is None else
                     ref.compare_rope(_host(o), y, m, args.dtype)
@@ -398,6 +403,44 @@ class _UsageError(Exception):
     """What this machine cannot act on (an argument, a missing piece): one line, exit 2."""
 
 
+def _jax_check(comm, gpu):
+    """JaxQKNorm for `check --jax`, with checked(q, k, qw, kw, positions): the call
+    through one jitted function, its outputs as host arrays (bf16 as uint16 bits)."""
+    try:
+        import jax
+    except ImportError as e:
+        raise _UsageError("check --jax needs JAX: pip install 'cupy-qknorm[jax]'") from e
+    from .jax import JaxQKNorm
+    backend = "gpu" if jax.default_backend() == "gpu" else "cpu"
+    if gpu and backend == "cpu":
+        raise _UsageError("check --jax with a GPU transport needs JAX's CUDA backend "
+                          "(pip install 'jax[cuda13]')")
+
+    class Checked(JaxQKNorm):
+        def checked(self, q, k, qw, kw, positions):
+            import numpy as np
+            dev = jax.devices(backend)[0]
+            if backend == "gpu":
+                import cupy
+                dev = next(d for d in jax.devices("gpu")
+                           if d.local_hardware_id == cupy.cuda.Device().id)
+            arrays = [_host(a) for a in (q, k, qw, kw) +
+                      (() if positions is None else (positions,))]
+            import ml_dtypes
+            put = [jax.device_put(a.view(ml_dtypes.bfloat16) if a.dtype == np.uint16 else a,
+                                  dev) for a in arrays]
+            if self._jit is None:
+                self._jit = jax.jit(lambda *a: self(*a))
+            with self.errors():
+                out = self._jit(*put)
+                self.synchronize(*out)
+            return [np.asarray(o).view(np.uint16) if o.dtype == ml_dtypes.bfloat16 else
+                    np.asarray(o) for o in out]
+        _jit = None
+
+    return lambda *a, **kw: Checked(*a, backend=backend, **kw)
+
+
 def _array_module(norm):
     if norm._device is None:
         import numpy
@@ -466,6 +509,9 @@ def parser():
     k.add_argument("--model", metavar="NAME",
                    help="a model preset (cupy_qknorm.models: " + ", ".join(_model_names()) +
                         "): its widths, KV heads, eps and RoPE (default: none)")
+    k.add_argument("--jax", action="store_true",
+                   help="call the norm inside jax.jit (cupy_qknorm.jax; JAX's backend: GPU "
+                        "where it has one, else CPU with transport mpi) (default: off)")
     sub.add_parser("info", formatter_class=_Formatter,
                    help="version, kernel sources, CuPy, NVRTC, NCCL, MPI and GPUs",
                    description="What this machine offers cupy_qknorm.")

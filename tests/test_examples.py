@@ -129,3 +129,14 @@ def test_the_use_check_finds_each_kind_of_misuse():
     assert [f.split(":")[0] for f in found] == ["2", "4", "5", "6", "7", "8", "9"], found
     assert "no_such_name" in found[0] and "too many positional" in found[1]
     assert "colour" in found[2] and "no_such_helper" in found[3]
+
+
+@pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install mpich)")
+def test_jax_prologue_checks_at_two_ranks():
+    pytest.importorskip("jax", reason="needs jax (pip install -e '.[jax]')")
+    r = run_mpi(2, "examples/jax_prologue.py", "--check", "--tokens", "3", "--layers", "2",
+                "--steps", "1", "--hidden", "256")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("G=2 T=3 layers=2 on CPU (cpu, transport 'mpi'): "), lines
+    assert lines[-1].startswith("PASS"), lines

@@ -1,7 +1,9 @@
-"""mpiexec runs, as a user starts them: the MPI test file at 2 and 3 ranks (its
-replicated-head and preset tests at 4 too), and the check command (with MiniMax's RoPE at
-2 ranks, a quick smoke at 8, MiniMax's preset at 16 with its KV heads replicated, a model
-at a G it does not fit, a GPU transport asked for on a machine without one). Every rank must pass (CuPy's distributed tests' pattern).
+"""mpiexec runs, as a user starts them: the MPI test files (tests/test_mpi.py, and
+tests/test_jax_mpi.py where jax is installed) at 2 and 3 ranks (the replicated-head and
+preset tests at 4 too), and the check command (with MiniMax's RoPE at 2 ranks, a quick
+smoke at 8, MiniMax's preset at 16 with its KV heads replicated, a model at a G it does
+not fit, a GPU transport asked for on a machine without one). Every rank must pass
+(CuPy's distributed tests' pattern).
 The fault times the MPI tests print are listed at the end of the run; a plain run's skip
 of the MPI tests says that they run here."""
 import os
@@ -33,12 +35,35 @@ def test_mpi_suite_under_mpiexec(ranks, fault_times):
 
 
 @needs_mpiexec
+@pytest.mark.parametrize("ranks", MPI_RANKS)
+def test_jax_suite_under_mpiexec(ranks):
+    """tests/test_jax_mpi.py: the XLA FFI target inside jitted functions across ranks."""
+    pytest.importorskip("jax", reason="needs jax (pip install -e '.[jax]')")
+    r = run_mpi(ranks, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--with-mpi",
+               "tests/test_jax_mpi.py")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"mpiexec -n {ranks} failed:\n{out[-6000:]}"
+    assert re.search(r"\d+ passed", r.stdout) and not re.search(
+        r"\d+ (failed|errors?|xpassed|skipped)", r.stdout), out[-3000:]
+
+
+@needs_mpiexec
 def test_check_command_with_rope():
     r = run_mpi(2, "-m", "cupy_qknorm", "check", "--transport", "mpi", "--rope",
                "--tokens", "0,1,33")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "rope=MiniMax M2" in r.stdout and r.stdout.rstrip().splitlines()[-1].startswith(
         "PASS")
+
+
+@needs_mpiexec
+def test_check_command_through_jax():
+    pytest.importorskip("jax", reason="needs jax (pip install -e '.[jax]')")
+    r = run_mpi(2, "-m", "cupy_qknorm", "check", "--jax", "--transport", "mpi", "--rope",
+               "--tokens", "0,1,33")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "transport=mpi max_tokens=2048 jax.jit (cpu) rope=MiniMax M2" in r.stdout
+    assert r.stdout.rstrip().splitlines()[-1].startswith("PASS")
 
 
 @needs_mpiexec
@@ -111,8 +136,9 @@ def test_a_plain_run_says_where_the_mpi_tests_run():
 def test_each_mpi_test_file_names_where_it_runs():
     assert mpi_skip_reason(ROOT / "tests" / "gpu" / "test_gpu.py") == \
         "runs under mpiexec on a GPU host (scripts/gpu_suite.sh)"
-    assert mpi_skip_reason(ROOT / "tests" / "test_mpi.py").startswith(
-        f"runs under mpiexec -n {MPI_RANKS[0]} ")
+    for name in ("test_mpi.py", "test_jax_mpi.py"):
+        assert mpi_skip_reason(ROOT / "tests" / name).startswith(
+            f"runs under mpiexec -n {MPI_RANKS[0]} ")
 
 
 # -- the GPU suite (scripts/gpu_suite.sh), checked here without a GPU ----------------------

@@ -1,0 +1,370 @@
+"""The norm inside jax.jit: JaxQKNorm, an XLA FFI target over TPQKNorm (pip extra `jax`).
+
+    qk = JaxQKNorm(comm, q_dim, k_dim, "bfloat16", rope=RoPE.minimax_m2())  # collective
+    @jax.jit
+    def layer(q, k, qw, kw, pos):
+        return qk(q, k, qw, kw, pos)          # (q_out, k_out), jax.Arrays
+
+The call is an XLA custom call (jax.ffi.ffi_call) whose handler is a C function pointer
+made with ctypes over XLA's FFI C API (cupy_qknorm.xla_ffi): the wheel stays pure Python.
+On a GPU it launches the same compiled kernels as TPQKNorm on XLA's stream, with the
+same transports; with transport "ipc" or "nccl" it tells XLA that its calls may be
+captured in a command buffer (a CUDA graph), with "mpi" that they may not. On JAX's CPU
+backend it runs transport "mpi"'s numpy host path on XLA's host buffers.
+
+Contract and errors are TPQKNorm's: every rank builds the object alike, every rank's
+program makes the same calls in the same order with the same T. Bad shapes and dtypes
+raise at trace time with TPQKNorm's one-line messages (and the peers are told, as for a
+refused input). An error of a call (PeerTimeoutError, CallMismatchError, PositionError,
+ClosedError) fails the jitted computation: JAX raises its runtime error with the message
+"cupy_qknorm <ExceptionType>: <message>", and synchronize() (or an eager call of the
+object) raises the typed exception itself.
+
+Importing cupy_qknorm never imports this module or JAX.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+import weakref
+
+import numpy as np
+
+from . import arrays, xla_ffi
+from .errors import (ClosedError, PeerTimeoutError, QKNormError)
+from .norm import TPQKNorm
+from .params import MAX_CALL_TOKENS
+from .transports import tag_code
+
+_OBJECTS = weakref.WeakValueDictionary()  # handle -> JaxQKNorm
+_TARGETS: dict = {}     # target name -> the registered ctypes handler (kept alive forever)
+_LOCK = threading.Lock()
+_NEXT = [1]
+MAX_BOUND = 256         # bound calls remembered per object (keyed by XLA's buffer addresses)
+
+
+def _target(platform: str, graphs: bool) -> str:
+    """The FFI target for `platform` ("cpu" or "CUDA"), registered once per process."""
+    import jax
+    name = f"cupy_qknorm_{platform.lower()}{'_graph' if graphs else ''}"
+    with _LOCK:
+        if name not in _TARGETS:
+            handler = _make_handler(xla_ffi.COMMAND_BUFFER_COMPATIBLE if graphs else 0)
+            ptr = xla_ffi.ctypes.cast(handler, xla_ffi.ctypes.c_void_p).value
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(ptr), platform=platform,
+                                        api_version=1)
+            _TARGETS[name] = handler
+    return name
+
+
+def _code(e: BaseException) -> int:
+    if isinstance(e, PeerTimeoutError):
+        return xla_ffi.DEADLINE_EXCEEDED
+    if isinstance(e, ClosedError):
+        return xla_ffi.FAILED_PRECONDITION
+    if isinstance(e, (TypeError, ValueError)):
+        return xla_ffi.INVALID_ARGUMENT
+    return xla_ffi.INTERNAL
+
+
+def _make_handler(traits: int):
+    def handle(address):
+        frame = None
+        try:
+            frame = xla_ffi.frame_at(address)
+            if frame.extensions and xla_ffi.handshake(frame, traits) or \
+                    frame.stage != xla_ffi.STAGE_EXECUTE:
+                return None
+            attrs = xla_ffi.int_attrs(frame)
+            obj = _OBJECTS.get(attrs.get("handle"))
+            if obj is None:
+                raise ClosedError("this JaxQKNorm is closed")
+            obj._execute(frame, attrs)
+            return None
+        except BaseException as e:  # noqa: BLE001 - every error goes back to XLA
+            if frame is None:
+                return None
+            try:
+                return xla_ffi.error(frame, _code(e), f"cupy_qknorm {type(e).__name__}: {e}")
+            except BaseException:  # noqa: BLE001 - nothing else can be said from here
+                return None
+    return xla_ffi.HANDLER(handle)
+
+
+class JaxQKNorm:
+    """TPQKNorm for jax.Arrays, callable inside jax.jit (and lax.scan): the same math,
+    configuration, transports, collective contract and errors (cupy_qknorm.TPQKNorm).
+
+    Collective: every rank of `comm` builds it with the same arguments (MPI exchanges the
+    IPC handles here, before any jitted call). `backend`: JAX's backend the calls run on
+    (default jax.default_backend()): "gpu" launches the kernels on XLA's stream on the
+    current CuPy device (which must be this process's JAX GPU); "cpu" runs transport
+    "mpi" on the host (transport "auto" means "mpi" there). The norm itself is
+    `self.norm` (a TPQKNorm: eager CuPy calls work on it as ever)."""
+
+    def __init__(self, comm, q_dim: int, k_dim: int, dtype: str = "bfloat16",
+                 eps: float = 1e-6, max_tokens: int = 8192, *, transport: str = "auto",
+                 timeout_s: float | None = 5.0, rope=None, backend: str | None = None,
+                 kv_heads: int | None = None, head_dim: int | None = None):
+        import jax
+        self.norm = None
+        backend = jax.default_backend() if backend is None else backend
+        if backend not in ("cpu", "gpu", "cuda"):
+            raise ValueError(f"backend must be 'cpu' or 'gpu', got {backend!r}")
+        self.backend = "cpu" if backend == "cpu" else "gpu"
+        if self.backend == "cpu":
+            if transport not in ("auto", "mpi"):
+                raise ValueError(f"JAX's CPU backend runs transport 'mpi' (host arrays); "
+                                 f"transport {transport!r} needs backend='gpu'")
+            transport = "mpi"
+        self.norm = TPQKNorm(comm, q_dim, k_dim, dtype, eps, max_tokens,
+                             transport=transport, timeout_s=timeout_s, rope=rope,
+                             kv_heads=kv_heads, head_dim=head_dim)
+        self.config = self.norm.config
+        self.transport = self.norm.transport
+        self._device = self.norm._device
+        if self.backend == "gpu" and self._device is None:
+            self.norm.close()
+            raise QKNormError("backend 'gpu' needs a CUDA GPU on every rank")
+        self._target = _target("cpu" if self.backend == "cpu" else "CUDA",
+                               self.backend == "gpu" and self.norm.capturable)
+        self._bound = {}
+        self._streams = {}
+        self.executions = 0      # times XLA ran the handler (a call, or its capture)
+        self.captured_calls = 0  # executions XLA captured into a command buffer (CUDA graph)
+        self._runtime = None
+        if self._device is not None:
+            import cupy
+            self._runtime = cupy.cuda.runtime
+        self._error = None      # the typed exception of the last failed call
+        self._thread = threading.local()
+        with _LOCK:
+            self._handle = _NEXT[0]
+            _NEXT[0] += 1
+        _OBJECTS[self._handle] = self
+
+    # -- tracing ---------------------------------------------------------------------------
+    def __call__(self, q, k, q_weight, k_weight, positions=None, *, in_place: bool = False,
+                 tag: int | None = None):
+        """(q_out, k_out) = the norm (then RoPE by `positions`, [T] int32/int64) of q
+        [T, q_dim/G] and k [T, k_dim/G] with the weights [q_dim/G], [k_dim/G] (dtype or
+        float32). `in_place`: the outputs alias q and k (input_output_aliases): no new
+        buffers where the caller donates q and k (jax.jit(..., donate_argnums)), else XLA
+        copies them first. `tag`: a static int every rank passes alike, or None.
+
+        Shapes and dtypes are checked here, at trace time (TypeError/ValueError)."""
+        import jax
+        norm = self.norm
+        if norm is None:
+            raise ClosedError("this JaxQKNorm is closed")
+        norm._check_usable()
+        try:
+            code = tag_code(tag)
+            check_avals(self.config, q, k, q_weight, k_weight, positions)
+        except Exception as e:  # noqa: BLE001 - re-raised once the peers know
+            norm._refuse(q, tag, e, norm._current_stream())
+            raise
+        if self._device is not None:
+            self._load_kernels(q.shape[0], arrays.dtype_name(np.dtype(q_weight.dtype)))
+        args = (q, k, q_weight, k_weight) + (() if positions is None else (positions,))
+        call = jax.ffi.ffi_call(
+            self._target, (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                           jax.ShapeDtypeStruct(k.shape, k.dtype)),
+            input_output_aliases={0: 0, 1: 1} if in_place else None,
+            # on the CPU: XLA keeps side-effecting calls in program order and never drops
+            # one, so every rank's calls pair off alike
+            has_side_effect=self.backend == "cpu")
+        try:
+            out = call(*args, handle=np.int64(self._handle), tag=np.int32(code - 1))
+        except Exception as e:  # an eager call: its own typed error
+            err = self._take_error()
+            if err is not None:
+                raise err from e
+            raise
+        return tuple(out)
+
+    def _load_kernels(self, tokens, weight_dtype):
+        """Load the kernels a call of `tokens` rows launches now, at trace time: XLA may
+        run the call's first execution inside a stream capture, where loading a module is
+        not allowed."""
+        import cupy
+        t = self.norm._transport
+        t = getattr(t, "_device", None) if t.name == "mpi" else t
+        if t is None or not hasattr(t, "kernels"):
+            return
+        step = self.config.max_tokens
+        with cupy.cuda.Device(self._device):
+            for n in {min(tokens, step), tokens % step} - {0}:
+                t.kernels(weight_dtype, t.layout(n))
+
+    def synchronize(self, *results):
+        """Wait for `results` (jax.Arrays, e.g. the outputs of a jitted function) and for
+        this object's work on the device; raise the typed error of a failed call, if any."""
+        import jax
+        try:
+            jax.block_until_ready(results)
+        except Exception as e:  # noqa: BLE001 - XLA's error of a failed call
+            err = self._take_error()
+            if err is not None:
+                raise err from e
+            raise
+        if self._device is not None:
+            import cupy
+            with cupy.cuda.Device(self._device):
+                cupy.cuda.runtime.deviceSynchronize()
+        err = self._take_error()
+        if err is not None:
+            raise err
+        if self.norm is None:
+            raise ClosedError("this JaxQKNorm is closed")
+        self.norm._check_usable()
+
+    @contextlib.contextmanager
+    def errors(self):
+        """Raise the typed error of a failed call instead of XLA's runtime error:
+        `with qk.errors(): out = step(x)` (JAX raises a call's failure where the jitted
+        function runs or where its result is awaited)."""
+        try:
+            yield
+        except Exception as e:
+            err = self._take_error()
+            if err is not None and err is not e:
+                raise err from e
+            raise
+
+    def _take_error(self):
+        err, self._error = self._error, None
+        return err
+
+    def close(self):
+        """Collective and idempotent (TPQKNorm.close). Jitted functions that call the
+        object raise ClosedError afterwards."""
+        norm, self.norm = self.norm, None
+        self._bound = {}
+        if norm is not None:
+            norm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"JaxQKNorm(backend={self.backend!r}, {self.norm!r})"
+
+    # -- execution (XLA's handler) ---------------------------------------------------------
+    def _execute(self, frame, attrs):
+        self.executions += 1
+        try:
+            args, rets = xla_ffi.args(frame), xla_ffi.rets(frame)
+            tag = attrs.get("tag", -1)
+            key = (tuple(args), tuple(rets), tag)
+            stream = None
+            if self._device is not None:
+                stream = self._stream(xla_ffi.stream(frame))
+                if self._runtime.streamIsCapturing(stream.ptr):
+                    self.captured_calls += 1
+            bound = self._bound.get(key)
+            if bound is None:
+                bound = self._bind(args, rets, None if tag < 0 else tag, stream)
+                if len(self._bound) >= MAX_BOUND:
+                    self._bound.clear()
+                self._bound[key] = bound
+            bound(stream)
+        except Exception as e:
+            self._error = e
+            self._bound = {}
+            raise
+
+    def _bind(self, args, rets, tag, stream):
+        norm = self.norm
+        if norm is None:
+            raise ClosedError("this JaxQKNorm is closed")
+        view = self._host_view if self._device is None else self._device_view
+        views = [view(a) for a in args]
+        q, k, qw, kw = views[:4]
+        positions = views[4] if len(views) > 4 else None
+        try:
+            return norm.bind(q, k, qw, kw, out=tuple(view(r) for r in rets),
+                             positions=positions, tag=tag)
+        except Exception as e:  # noqa: BLE001 - re-raised once the peers know
+            norm._refuse(q, tag, e, stream if stream is not None else norm._current_stream())
+            raise
+
+    @staticmethod
+    def _host_view(a):
+        if a.dtype is None:
+            raise TypeError("an operand's dtype is not one of bfloat16, float16, float32, "
+                            "int32, int64")
+        return xla_ffi.host_array(a)
+
+    def _device_view(self, a):
+        import cupy
+        if a.dtype is None:
+            raise TypeError("an operand's dtype is not one of bfloat16, float16, float32, "
+                            "int32, int64")
+        n = int(np.prod(a.shape, dtype=np.int64)) * a.dtype.itemsize
+        if n == 0 or not a.ptr:
+            return cupy.ndarray(a.shape, a.dtype)
+        mem = cupy.cuda.UnownedMemory(a.ptr, n, self._views, self._device)
+        return cupy.ndarray(a.shape, a.dtype, cupy.cuda.MemoryPointer(mem, 0))
+
+    _views = object()  # the owner CuPy's views of XLA's buffers name (XLA owns them)
+
+    def _stream(self, ptr):
+        """XLA's stream as a CuPy stream, with this object's device current on the thread
+        XLA calls from (the kernels are launched through the driver on the current
+        context)."""
+        if not getattr(self._thread, "ready", False):
+            import cupy
+            cupy.cuda.runtime.setDevice(self._device)
+            self._thread.ready = True
+        s = self._streams.get(ptr)
+        if s is None:
+            import cupy
+            with warnings.catch_warnings():  # CuPy 14 deprecates it for from_external()
+                warnings.simplefilter("ignore", DeprecationWarning)
+                s = self._streams[ptr] = cupy.cuda.ExternalStream(ptr, self._device)
+        return s
+
+
+def _operand(x, role) -> arrays.Operand:
+    """What tracing knows of a jax array (or tracer): shape and dtype, row-major."""
+    try:
+        shape, dt = tuple(int(d) for d in x.shape), np.dtype(x.dtype)
+    except (AttributeError, TypeError) as e:
+        raise TypeError(f"{role}: expected a jax array, got {type(x).__name__}") from e
+    strides, acc = [], dt.itemsize
+    for d in reversed(shape):
+        strides.insert(0, acc)
+        acc *= max(d, 1)
+    return arrays.Operand(x, 0, shape, tuple(strides), arrays.dtype_name(dt), dt.itemsize,
+                          None)
+
+
+def check_avals(cfg, q, k, q_weight, k_weight, positions) -> None:
+    """TPQKNorm's checks of a call's shapes and dtypes, on what tracing knows (XLA's
+    buffers are row-major and aligned; their addresses are checked at the call)."""
+    ops = [_operand(x, role) for x, role in ((q, "q"), (k, "k"), (q_weight, "q_weight"),
+                                             (k_weight, "k_weight"))]
+    arrays.check_rows(ops[0], "q", cfg.q_local, cfg.dtype)
+    arrays.check_rows(ops[1], "k", cfg.k_local, cfg.dtype)
+    arrays.check_weight(ops[2], "q_weight", cfg.q_local, cfg.dtype)
+    arrays.check_weight(ops[3], "k_weight", cfg.k_local, cfg.dtype)
+    if ops[2].dtype != ops[3].dtype:
+        raise TypeError(f"q_weight and k_weight must have one dtype, got {ops[2].dtype} "
+                        f"and {ops[3].dtype}")
+    tokens = ops[0].shape[0]
+    if tokens > MAX_CALL_TOKENS:
+        raise ValueError(f"q has {tokens} rows; a call takes at most {MAX_CALL_TOKENS} "
+                         f"(make several calls)")
+    if ops[1].shape[0] != tokens:
+        raise ValueError(f"k has {ops[1].shape[0]} rows but q has {tokens}")
+    if cfg.rope is not None:
+        if positions is None:
+            raise TypeError("this object applies RoPE: pass positions=[T] int32 or int64")
+        arrays.check_positions(_operand(positions, "positions"), tokens)
+    elif positions is not None:
+        raise TypeError("positions given, but this object was built without rope=")
