@@ -2,8 +2,9 @@
 record (kernels/params.cuh), the exchange slots (exchange.cuh), the unfused path's sums
 header (unfused.cuh) and the trace record (trace.cuh).
 
-FIELDS is struct qknorm::Params, field by field; HEAD, STATIC and PARAMS are built from
-it. The header pins the same offsets and sizes (a static_assert a field), and
+FIELDS is struct qknorm::Params, field by field; HEAD, STATIC, PARAMS and CACHE (the KV
+cache's fields that end STATIC, packed for each launch of a call with a cache) are built
+from it. The header pins the same offsets and sizes (a static_assert a field), and
 tests/test_compile.py compiles a probe of FIELDS against the header's struct: a field
 moved, resized or swapped on either side fails there. Adding a field: one row here (its
 offset as the C struct places it; gaps are padded), and in params.cuh its declaration and
@@ -78,7 +79,24 @@ FIELDS = (
     Field("q_dim", "f", 236),
     Field("k_dim", "f", 240),
     Field("max_position", "i", 244),
+    # the KV cache: packed for each launch of a call with a cache (CACHE), else zeros
+    Field("v", "Q", 248),
+    Field("v_stride", "q", 256),
+    Field("k_cache", "Q", 264),
+    Field("v_cache", "Q", 272),
+    Field("cache_block", "q", 280),
+    Field("cache_row", "q", 288),
+    Field("cache_head", "q", 296),
+    Field("slot_mapping", "Q", 304),
+    Field("k_scale_at", "Q", 312),
+    Field("v_scale_at", "Q", 320),
+    Field("num_slots", "q", 328),
+    Field("block_size", "i", 336),
+    Field("slot_bytes", "i", 340),
+    Field("k_scale", "f", 344),
+    Field("v_scale", "f", 348),
 )
+CACHE_FIRST = "v"  # the first of the KV cache's fields, which end the struct
 PARAMS_ALIGN = 8  # struct Params's alignment (its pointers'): its size rounds up to it
 
 
@@ -110,12 +128,17 @@ def layouts(fields=FIELDS):
 
 
 HEAD, STATIC, PARAMS = layouts(FIELDS)
+_CACHE_AT = [f.name for f in FIELDS].index(CACHE_FIRST)
+# the KV cache's fields, from their offset to the end of the struct (packed per launch)
+CACHE = _layout(FIELDS[_CACHE_AT:], FIELDS[_CACHE_AT].offset, PARAMS.size)
+CACHE_OFFSET = FIELDS[_CACHE_AT].offset
 
 ERROR_WORDS = 8             # {code, peer, token, rank, theirs, ours, failed, lock}
 ERROR_FAILED = 6            # the record's word that ends every wait once the exchange failed
 ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE, ERROR_POSITION, ERROR_REJECTED = 1, 2, 3, 4, 5
-ERROR_TAG, ERROR_PEER_POSITION = 6, 7
+ERROR_TAG, ERROR_PEER_POSITION, ERROR_SLOT = 6, 7, 8
 FLAG_REFUSED = 1            # qknorm::kFlagRefused: take part in the exchange, read no row
+FLAG_NO_K_STORE = 4         # qknorm::kFlagNoKStore: with a KV cache, k's row to the cache only
 SLOT_BYTES = 16             # one exchange slot: {sum_q, sum_k, tokens, use and tag}
 EMPTY_WORD = 0x80000000     # qknorm::kEmptyWord (the float -0.0): every slot word, empty
 SUMS_HEADER = 4 * MAX_WORLD  # qknorm::kSumsHeader: floats before the unfused path's sums
@@ -128,8 +151,8 @@ DEVICE_CONSTANTS = {
     "kErrorTokens": ERROR_TOKENS, "kErrorSequence": ERROR_SEQUENCE,
     "kErrorPosition": ERROR_POSITION, "kErrorRejected": ERROR_REJECTED,
     "kErrorTag": ERROR_TAG, "kErrorPeerPosition": ERROR_PEER_POSITION,
-    "kErrorFailed": ERROR_FAILED,
-    "kFlagRefused": FLAG_REFUSED, "kMaxWorld": MAX_WORLD,
+    "kErrorSlot": ERROR_SLOT, "kErrorFailed": ERROR_FAILED,
+    "kFlagRefused": FLAG_REFUSED, "kFlagNoKStore": FLAG_NO_K_STORE, "kMaxWorld": MAX_WORLD,
     "kEmptyWord": EMPTY_WORD, "kSumsHeader": SUMS_HEADER, "kTraceWords": TRACE_WORDS,
 }
 
@@ -153,4 +176,5 @@ def pack_static(buf, slots, counters, error, error_host, sums, cos_sin, timeout_
     """Write the fields that stay the same for every launch of an object."""
     slots = tuple(slots) + (0,) * (MAX_WORLD - len(slots))
     STATIC.pack_into(buf, HEAD.size, *slots, counters, error, error_host, sums, cos_sin,
-                     timeout_ns, max_tokens, rank, eps, q_dim, k_dim, max_position)
+                     timeout_ns, max_tokens, rank, eps, q_dim, k_dim, max_position,
+                     *(0,) * len(CACHE.unpack(bytes(CACHE.size))))  # no cache: zeros

@@ -29,6 +29,7 @@ class Cuda:
         self.id = cupy.cuda.Device().id
         props = runtime.getDeviceProperties(self.id)
         self.major = props["major"]
+        self.minor = props["minor"]
         self.sms = props["multiProcessorCount"]
         self.threads_per_sm = props["maxThreadsPerMultiProcessor"]
         self.regs_per_sm = props["regsPerMultiprocessor"]
