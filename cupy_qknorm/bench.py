@@ -308,6 +308,36 @@ def separate_rope(norm, q, k, positions):
     return go
 
 
+def separate_cache_write(norm, k, v, k_cache, v_cache, slot_mapping, k_scale=None,
+                         v_scale=None):
+    """go(stream): the KV-cache write of `norm` (a GPU object built with kv_cache=) alone:
+    rows k (as a norm left them) and v to their slots of the caches, one launch a chunk
+    (kernels/tools.cu's cache_write, as vLLM's reshape_and_cache_flash): the benchmark's
+    unfused baseline, norm + RoPE then the cache write."""
+    from . import arrays
+    from .transports import Call
+    t, c = norm._transport, norm.config
+    if c.kv is None or not hasattr(t, "chunks"):
+        raise TypeError("separate_cache_write needs an object built with kv_cache= on a GPU "
+                        "transport")
+    ko = arrays.describe(k, "k")
+    arrays.check_rows(ko, "k", c.k_local, c.dtype)
+    tokens = ko.shape[0]
+    cache, _ = norm._validate_cache((v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                                     True), [ko] * 6 + [None], tokens)
+    plan = arrays.Plan(tokens, c.dtype, (arrays.row_stride(ko),) * 4, ko.itemsize, 0)
+    call = Call((ko,) * 6 + (None,), plan, (ko.ptr,) * 6 + (0,), 0, cache)
+    launches = [t._launch.bind(t.cuda.load_cache_write(chunk.spec, t.build),
+                               chunk.spec.cache_threads, chunk.grid, chunk.params)
+                for chunk in t.chunks(call, kinds=())]
+
+    def go(stream):
+        for launch in launches:
+            launch(stream)
+    go.keep = (k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return go
+
+
 def _variants(norms, rope_norms, w, rope_of):
     """{column: call(q, k, q_out, k_out, positions, stream)} of what is timed."""
     out = {}

@@ -176,9 +176,14 @@ class Spec:
         thread a 16-byte vector of k's slice (up to 1024)."""
         if not self.cache:
             return None
-        warps = min(32, -(-(self.k_local // vector_elems(self.dtype)) // 32))
-        return (f"qknorm::cache_write<{C_TYPES[self.dtype]}, {self.k_local}, {warps}, "
-                f"{self.kv}>")
+        return (f"qknorm::cache_write<{C_TYPES[self.dtype]}, {self.k_local}, "
+                f"{self.cache_threads // 32}, {self.kv}>")
+
+    @property
+    def cache_threads(self) -> int:
+        """Threads a block of the separate cache write: one a 16-byte vector of k's slice,
+        whole warps, at most 1024."""
+        return 32 * min(32, -(-(self.k_local // vector_elems(self.dtype)) // 32))
 
     @property
     def rope_name(self) -> str | None:

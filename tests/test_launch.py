@@ -1,4 +1,4 @@
-"""mpiexec runs, as a user starts them: the MPI test file at 2 and 3 ranks, and the
+"""mpiexec runs, as a user starts them: the MPI test files at 2 and 3 ranks, and the
 check command (with MiniMax's RoPE at 2 ranks, a quick smoke at 8, a GPU transport asked
 for on a machine without one). Every rank must pass (CuPy's distributed tests' pattern).
 The fault times the MPI tests print are listed at the end of the run; a plain run's skip
@@ -29,6 +29,17 @@ def test_mpi_suite_under_mpiexec(ranks, fault_times):
     times = [ln for ln in r.stdout.splitlines() if ln.startswith("FAULT-TIME")]
     assert len(times) == 6, out[-3000:]  # one line for each fault test_mpi.py times
     fault_times += times
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("ranks", MPI_RANKS)
+def test_mpi_kvcache_under_mpiexec(ranks):
+    r = run_mpi(ranks, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--with-mpi",
+                "tests/test_mpi_kvcache.py")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"mpiexec -n {ranks} failed:\n{out[-6000:]}"
+    assert re.search(r"\d+ passed", r.stdout) and not re.search(
+        r"\d+ (failed|errors?|xpassed)", r.stdout), out[-3000:]
 
 
 @needs_mpiexec

@@ -93,6 +93,12 @@ class Cuda:
         raw = load_rope(spec, build)
         return Kernel(raw, _handle(raw), spec.rope_name)
 
+    def load_cache_write(self, spec, build) -> Kernel:
+        """The separate KV-cache write kernel of `spec` (the benchmark's baseline)."""
+        from ..compile import load_cache_write
+        raw = load_cache_write(spec, build)
+        return Kernel(raw, _handle(raw), spec.cache_name)
+
     def blocks_per_sm(self, kernel: Kernel, threads: int) -> int:
         """Blocks of `kernel` one multiprocessor holds at once (the occupancy calculator:
         registers, shared memory, threads); assume the worst register use without it."""
