@@ -145,8 +145,8 @@ def bad_calls(mem):
         (dict(v_cache=a["vc"][:2]), ValueError, "v_cache must have k_cache's blocks"),
         (dict(slot_mapping=a["slots"][:3]), ValueError, "slot_mapping: shape"),
         (dict(slot_mapping=mem.array((4,), np.float32)), ValueError, "slot_mapping: dtype"),
-        (dict(k_cache=cupy.ndarray((1, 16, 2, HEAD), np.uint16, memptr=a["q"].data)),
-         ValueError, "k_cache overlaps"),
+        (dict(k_cache=cupy.ndarray((1, 16, 2, HEAD), np.uint16, memptr=a["q"].data),
+              v_cache=a["vc"][:1]), ValueError, "k_cache overlaps"),
         (dict(store_k=1), TypeError, "store_k must be True or False"),
     ]
 
