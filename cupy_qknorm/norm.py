@@ -457,6 +457,10 @@ class TPQKNorm:
             raise ValueError(f"v_cache must have k_cache's blocks and strides: k_cache has "
                              f"{kc.num_blocks} blocks, strides {kc.strides}; v_cache "
                              f"{vc.num_blocks}, {vc.strides}")
+        if kc.slots >= 2 ** 31 or (kc.heads - 1) * kc.strides[2] + kc.head_dim >= 2 ** 31:
+            raise ValueError(f"k_cache: {kc.slots} slots and a head stride of "
+                             f"{kc.strides[2]}: the kernels index slots and a row's heads "
+                             f"with 32-bit integers (below 2^31)")
         slot_ptr, slot_bytes = slot_view(slots, tokens)
         ks, ks_at = scale_arg(k_scale, "k_scale")
         vs, vs_at = scale_arg(v_scale, "v_scale")

@@ -208,8 +208,9 @@ def shipped_specs() -> list:
     """Every specialization the package ships (the compile command and its test build
     each): for G = 1, 2, 4, 8 with MiniMax's widths, every layout, dtype and weight dtype,
     without and with MiniMax's RoPE; for the other G, the widths shapes.default_dims gives
-    them, bf16, both layouts; GPT-J style and full rotation at G=2 in bf16. Any other
-    specialization compiles at its first use."""
+    them, bf16, both layouts; GPT-J style and full rotation at G=2 in bf16; the KV cache
+    (bf16 and FP8) after MiniMax's RoPE in bf16 at G = 1, 2, 4, 8, and an FP8 cache of fp32
+    data at G=2. Any other specialization compiles at its first use."""
     minimax = RoPE.minimax_m2()
     specs = []
     for world in range(1, MAX_WORLD + 1):
@@ -225,6 +226,14 @@ def shipped_specs() -> list:
     for rope in (RoPE(128, 64, style="gptj", max_position=1), RoPE(128, 128, max_position=1)):
         for layout in LAYOUTS:
             specs.append(Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, layout, rope))
+    for world in (1, 2, 4, 8):  # the attention prologue: MiniMax's, bf16 and FP8 caches
+        q, k = MINIMAX_DIMS
+        for wdt in ("bfloat16", "float32"):
+            for cache in ((1, 128), (2, 128)):
+                for layout in LAYOUTS:
+                    specs.append(Spec.plan("bfloat16", wdt, world, q // world, k // world,
+                                           layout, minimax, cache=cache))
+    specs.append(Spec.plan("float32", "float32", 2, 3072, 512, "narrow", cache=(2, 128)))
     return list(dict.fromkeys(specs))  # layouts coincide for some widths
 
 

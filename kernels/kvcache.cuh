@@ -103,12 +103,13 @@ struct TokenCache {
   // the element offset of the token's row in the caches, or -1: nothing to write
   __device__ __forceinline__ long long row(const Params& p) const {
     if (slot < 0 || slot >= p.num_slots) return -1;
-    const long long block = slot / p.block_size;
-    return block * p.cache_block + (slot - block * p.block_size) * p.cache_row;
+    const unsigned int s = (unsigned int)slot, block = s / (unsigned int)p.block_size;
+    return (long long)block * p.cache_block +
+           (long long)(s - block * (unsigned int)p.block_size) * p.cache_row;
   }
   // element `offset` of k's slice (a 16-byte vector's first) within the token's row
-  static __device__ __forceinline__ long long place(const Params& p, int offset) {
-    return (long long)(offset / Cache::kHead) * p.cache_head + offset % Cache::kHead;
+  static __device__ __forceinline__ int place(const Params& p, int offset) {
+    return offset / Cache::kHead * (int)p.cache_head + offset % Cache::kHead;
   }
   __device__ __forceinline__ void store_k(const Params& p, long long at, int offset,
                                           uint4 v) const {
