@@ -11,7 +11,7 @@ from typing import NamedTuple
 from . import arrays
 from .collectives import agree
 from .errors import ClosedError, ConfigMismatchError, QKNormError, TransportUnavailableError
-from .kvcache import KVCache, cache_view, scale_arg, slot_view
+from .kvcache import CACHE_FP8, KVCache, cache_view, scale_arg, slot_view
 from .params import MAX_CALL_TOKENS
 from .placement import choose_transport, local_facts
 from .rope import RoPE, check as check_rope
@@ -102,6 +102,9 @@ def check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world, rope=No
             raise TypeError(f"kv_cache must be a cupy_qknorm.KVCache, got "
                             f"{type(kv_cache).__name__}")
         kv_cache.kv_heads(dims[1] // world)
+        if kv_cache.cache_dtype(dtype) not in (dtype, CACHE_FP8):
+            raise ValueError(f"kv_cache: a cache holds the data's dtype ({dtype}) or "
+                             f"{CACHE_FP8}, got {kv_cache.cache_dtype(dtype)}")
         if kv_cache.head_dim % n:
             raise ValueError(f"kv_cache: head_dim={kv_cache.head_dim} must be a multiple of "
                              f"{n} elements ({dtype}: 16-byte vectors)")
