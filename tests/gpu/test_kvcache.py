@@ -23,6 +23,13 @@ FP8 = "float8_e4m3fn"
 HEAD = 128
 
 
+def agree(comm, ok, what):
+    """A collective assertion: every rank passes or fails together (one rank failing
+    alone would leave the others in a collective it never joins)."""
+    failed = comm.allreduce(0 if ok else 1)
+    assert failed == 0, f"{what} (on {failed} rank(s))"
+
+
 def cache_values(rows, dtype, cache_dtype, scale):
     """The cache's bytes of rows [T, width] (numpy, the data's storage dtype), as uint8."""
     rows = np.ascontiguousarray(rows)
@@ -109,16 +116,16 @@ def run_cache(norm, comm, seed, tokens, dtype, kv, layout="nhd", blocks=None, sc
         assert_rope_close(comm, outs, mine, dtype, what)
         k_rows = outs[1].get()
     else:
-        assert np.array_equal(outs[1].get().view(np.uint8), k_poison.view(np.uint8)), \
-            f"{what}: k's output was written with store_k=False"
+        agree(comm, np.array_equal(outs[1].get().view(np.uint8), k_poison.view(np.uint8)),
+              f"{what}: k's output was written with store_k=False")
         k_rows = None  # the caller compares with the same call storing k
     if k_rows is not None:
         want_k = expected(k_before, k_rows, slots, layout, block, heads, dtype, cdt, scale[0])
-        assert np.array_equal(kb.get().view(np.uint8), want_k.view(np.uint8)), \
-            f"{what}: k_cache differs"
+        agree(comm, np.array_equal(kb.get().view(np.uint8), want_k.view(np.uint8)),
+              f"{what}: k_cache differs")
     want_v = expected(v_before, v.get(), slots, layout, block, heads, dtype, cdt, scale[1])
-    assert np.array_equal(vb.get().view(np.uint8), want_v.view(np.uint8)), \
-        f"{what}: v_cache differs"
+    agree(comm, np.array_equal(vb.get().view(np.uint8), want_v.view(np.uint8)),
+          f"{what}: v_cache differs")
     return caches
 
 
@@ -152,7 +159,7 @@ def test_cache_layouts(comm, layout, block, cache):
 
 @pytest.mark.parametrize("layout", ["narrow", "wide"])
 @pytest.mark.parametrize("cache", [None, FP8])
-def test_cache_each_layout_and_fewer_slots_than_tokens(comm, layout, cache):
+def test_cache_each_layout_with_fewer_slots_than_max_tokens(comm, layout, cache):
     """Both layouts of the fused kernel; a cache smaller than max_tokens."""
     q_dim, k_dim = dims_for(comm.size)
     kv = KVCache(16, HEAD, cache)
@@ -174,8 +181,8 @@ def test_cache_store_k_false_and_repeated_slots(comm, transport):
                   rope=MINIMAX, kv_cache=kv) as norm:
         skipped = run_cache(norm, comm, 1, 100, "bfloat16", kv, store_k=False)
         stored = run_cache(norm, comm, 1, 100, "bfloat16", kv)  # the same call, k stored
-        assert bool((skipped[0][0] == stored[0][0]).all()), \
-            "store_k=False wrote another k_cache"
+        agree(comm, bool((skipped[0][0] == stored[0][0]).all()),
+              "store_k=False wrote another k_cache")
         # every slot again, in another order, over the earlier call's rows
         caches = None
         for seed in (2, 3, 4):
@@ -213,13 +220,15 @@ def test_cache_strided_qkv_in_place(comm, transport, cache):
              slot_mapping=cupy.asarray(slots), k_scale=0.25, v_scale=0.5)
         norm.synchronize()
     assert_rope_close(comm, [qkv[:, :dq], qkv[:, dq:dq + dk]], mine, dtype, "strided")
-    assert bool((qkv[:, dq + dk:dq + 2 * dk] == v).all()), "v was touched"
+    agree(comm, bool((qkv[:, dq + dk:dq + 2 * dk] == v).all()), "v was touched")
     cdt = kv.cache_dtype(dtype)
     want_k = expected(k_before, qkv[:, dq:dq + dk].get(), slots, "nhd", 16, heads, dtype,
                       cdt, 0.25)
     want_v = expected(v_before, v.get(), slots, "nhd", 16, heads, dtype, cdt, 0.5)
-    assert np.array_equal(kb.get().view(np.uint8), want_k.view(np.uint8)), "k_cache differs"
-    assert np.array_equal(vb.get().view(np.uint8), want_v.view(np.uint8)), "v_cache differs"
+    agree(comm, np.array_equal(kb.get().view(np.uint8), want_k.view(np.uint8)),
+          "k_cache differs")
+    agree(comm, np.array_equal(vb.get().view(np.uint8), want_v.view(np.uint8)),
+          "v_cache differs")
 
 
 @pytest.mark.parametrize("transport", ["ipc", "nccl"])
@@ -276,8 +285,8 @@ def test_cache_graph_replays_with_new_slots_positions_scales(comm, transport):
             want_k = expected(k_before, outs[1].get(), slots, "nhd", 16, heads, dtype, FP8,
                               kscale)
             want_v = expected(v_before, v, slots, "nhd", 16, heads, dtype, FP8, vscale)
-            assert np.array_equal(kb.get(), want_k), f"replay {i}: k_cache differs"
-            assert np.array_equal(vb.get(), want_v), f"replay {i}: v_cache differs"
+            agree(comm, np.array_equal(kb.get(), want_k), f"replay {i}: k_cache differs")
+            agree(comm, np.array_equal(vb.get(), want_v), f"replay {i}: v_cache differs")
         del graph
 
 
@@ -311,18 +320,17 @@ def test_cache_slot_outside_raises_slot_error(comm, transport):
         except SlotError as e:
             raised = e
         if comm.rank == 0:
-            assert raised is not None and raised.token == bad_token and \
-                raised.slot == blocks * 16, raised
+            agree(comm, raised is not None and raised.token == bad_token and
+                  raised.slot == blocks * 16, f"rank 0 raised {raised!r}")
         else:
-            assert raised is None
+            agree(comm, raised is None, f"rank {comm.rank} raised {raised!r}")
         written = slots.copy()
         written[bad_token] = -1
         want_k = expected(k_before, outs[1].get(), written, "nhd", 16, heads, dtype, dtype,
                           1.0)
         want_v = expected(v_before, v.get(), written, "nhd", 16, heads, dtype, dtype, 1.0)
-        assert np.array_equal(kb.get(), want_k), "k_cache differs"
-        assert np.array_equal(vb.get(), want_v), "v_cache differs"
-        comm.barrier()
+        agree(comm, np.array_equal(kb.get(), want_k), "k_cache differs")
+        agree(comm, np.array_equal(vb.get(), want_v), "v_cache differs")
 
 
 @pytest.mark.parametrize("cache", [None, FP8])
@@ -353,5 +361,6 @@ def test_separate_cache_write_matches_the_fused_one(comm, cache):
             cupy.cuda.get_current_stream())
         fused.synchronize()
         plain.synchronize()
-    assert bool((o1[1] == o2[1]).all())
-    assert bool((caches[0] == caches[2]).all()) and bool((caches[1] == caches[3]).all())
+    agree(comm, bool((o1[1] == o2[1]).all()), "the k outputs differ")
+    agree(comm, bool((caches[0] == caches[2]).all()) and bool((caches[1] == caches[3]).all()),
+          "the separate cache write wrote other bytes")
