@@ -244,9 +244,9 @@ def test_cache_graph_replays_with_new_slots_positions_scales(comm, transport):
     tokens, blocks = 300, 64  # 300 > max_tokens: two launches in the graph
     _, _, qw, kw, _, _ = ref.make_case(1, 1, q_dim, k_dim, dtype)
     (qs, ks, qws, kws), pos, _ = rope_case(comm, 1, tokens, dtype, weights=(qw, kw))
-    qin, kin, vin = cupy.empty_like(qs), cupy.empty_like(ks), cupy.empty_like(ks)
-    pin = cupy.empty_like(pos)
-    sin = cupy.empty(tokens, cupy.int32)
+    qin, kin, vin = cupy.zeros_like(qs), cupy.zeros_like(ks), cupy.zeros_like(ks)
+    pin = cupy.zeros_like(pos)
+    sin = cupy.full(tokens, -1, cupy.int32)  # the warm-up call writes no cache row
     ks_dev, vs_dev = cupy.ones((), cupy.float32), cupy.ones((1,), cupy.float32)
     outs = [cupy.empty_like(qs), cupy.empty_like(ks)]
     kb, kview = make_cache("nhd", blocks, 16, heads, np.uint8, 1)
