@@ -71,6 +71,10 @@ struct Fused {
     unsigned int uses;  // use number of the token's slot: which half of the buffer it takes
     float2 part;        // this rank's sums of squares
     typename TokenAngles::Token pos;
+    // KV cache: the token's slot and scales, and its v row, loaded with the row (a load
+    // issued at finish() was a memory latency on every token's path)
+    typename Pick<Cache::kOn, Slot, Constant<0>>::type cache;
+    typename Pick<Cache::kOn, Values, Constant<0>>::type values;
   };
 
   static __device__ __forceinline__ uint4* slot(const Params& p, unsigned int uses,
@@ -87,6 +91,10 @@ struct Fused {
                                               Pending& pending) {
     if (World > 1 && threadIdx.x == 0) pending.uses = p.counters[t];
     if constexpr (TokenAngles::kOn) pending.pos.words = load_position(p, t);
+    if constexpr (Cache::kOn) {
+      pending.cache.load(p, t);
+      pending.values.load(p, t);
+    }
     row.load(p, t);
   }
 
@@ -156,12 +164,6 @@ struct Fused {
                                                 Trace& tr) {
     TokenAngles angles;  // loaded while warp 0 waits for the partials
     if constexpr (TokenAngles::kOn) angles.load(p, pending.pos.row);
-    Slot cache;  // and the token's slot, scales and v row
-    Values values;
-    if constexpr (Cache::kOn) {
-      cache.load(p, t);
-      values.load(p, t);
-    }
     if (threadIdx.x < 32) {
       tr.begin();
       const unsigned int uses = pending.uses;
@@ -206,9 +208,10 @@ struct Fused {
     }
     if constexpr (Cache::kOn) {
       if (!sh.ok[set]) return;
+      const Slot& cache = pending.cache;
       const long long at = cache.row(p);  // -1: no cache row (padding, or a bad slot)
       row.scale_store(p, t, sh.scale[set], wt, angles, cache, at);
-      if (at >= 0) values.store(p, at, cache);
+      if (at >= 0) pending.values.store(p, at, cache);
       else if (threadIdx.x == 0 && cache.bad(p)) record_slot_error(p, cache.slot, t);
     } else {
       if (sh.ok[set]) row.scale_store(p, t, sh.scale[set], wt, angles);
