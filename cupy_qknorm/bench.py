@@ -679,11 +679,14 @@ def _table(r, modes, columns, floor_us):
             if all("copy_graph_us" in row for row in rows):
                 extra.append(("copy us", lambda row: f"{row['copy_graph_us']:.2f}"))
                 extra.append(("ipc/copy", lambda row: f"{row['ipc_graph_us'] / row['copy_graph_us']:.2f}x"))
-            if "ipc+rope" in cols and all("copy_graph_us" in row for row in rows):
-                extra.append(("ipc+rope/copy", lambda row: f"{row['ipc+rope_graph_us'] / row['copy_graph_us']:.2f}x"))
-            if "ipc+kv" in cols and all("copy_kv_graph_us" in row for row in rows):
-                extra.append(("copy kv us", lambda row: f"{row['copy_kv_graph_us']:.2f}"))
-                extra.append(("ipc+kv/copy kv", lambda row: f"{row['ipc+kv_graph_us'] / row['copy_kv_graph_us']:.2f}x"))
+            for c, copy, title in (("ipc+rope", "copy", "ipc+rope/copy"),
+                                   ("ipc+kv", "copy_kv", "ipc+kv/copy kv")):
+                if c not in cols or not all(f"{copy}_graph_us" in row for row in rows):
+                    continue
+                if copy == "copy_kv":
+                    extra.append(("copy kv us", lambda row: f"{row['copy_kv_graph_us']:.2f}"))
+                extra.append((title, lambda row, c=c, copy=copy:
+                              f"{row[f'{c}_graph_us'] / row[f'{copy}_graph_us']:.2f}x"))
         titles = [f"{c.replace('_bound', ' bound')} us" for c in cols] + [t for t, _ in extra]
         widths = [max(9, len(t)) for t in titles]
         head = f"{'T':>6} | " + " | ".join(f"{t:>{w}}" for t, w in zip(titles, widths))

@@ -440,8 +440,9 @@ class TPQKNorm:
         missing = [n for n, a in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache),
                                   ("slot_mapping", slots)) if a is None]
         if missing:
-            raise TypeError(f"this object writes a KV cache: pass {', '.join(m + '=' for m in missing)}"
-                            f" (v=, k_cache=, v_cache= and slot_mapping= on every call)")
+            names = ", ".join(m + "=" for m in missing)
+            raise TypeError(f"this object writes a KV cache: pass {names} (v=, k_cache=, "
+                            f"v_cache= and slot_mapping= on every call)")
         if type(store_k) is not bool:
             raise TypeError(f"store_k must be True or False, got {store_k!r}")
         kv_cfg, width = cfg.kv, cfg.k_local
@@ -476,10 +477,10 @@ class TPQKNorm:
         for c, role in ((kc, "k_cache"), (vc, "v_cache")):
             end = c.ptr + item * (sum((n - 1) * st for n, st in zip(
                 (c.num_blocks, c.block_size, c.heads), c.strides)) + c.head_dim)
-            for op in ops[:6] + [vop]:
+            for op, name in zip(ops[:6] + [vop], OPERAND_NAMES[:6] + ("v",)):
                 span = arrays.extent(op)
                 if span is not None and span[0] < end and c.ptr < span[1]:
-                    raise ValueError(f"{role} overlaps the call's rows ({op_name(op, ops, vop)})")
+                    raise ValueError(f"{role} overlaps the call's rows ({name})")
         cache = CacheCall(vop.ptr, arrays.row_stride(vop), kc.ptr, vc.ptr, tuple(kc.strides),
                           slot_ptr, ks_at, vs_at, kc.slots, kc.block_size, slot_bytes, ks, vs,
                           store_k, (v, k_cache, v_cache, slots, k_scale, v_scale), heads,
@@ -538,11 +539,6 @@ class TPQKNorm:
                 f"rope={c.rope!r}, rank={c.rank}/{c.world})")
 
 
-def op_name(op, ops, vop) -> str:
-    names = ("q", "k", "q_weight", "k_weight", "out[0]", "out[1]")
-    return "v" if op is vop else names[ops.index(op)]
-
-
 def _scale_key(x):
     return ("value", float(x)) if _real(x) else id(x)
 
@@ -573,10 +569,13 @@ class CachedCall(NamedTuple):
     arrays: tuple
 
 
+OPERAND_NAMES = ("q", "k", "q_weight", "k_weight", "out[0]", "out[1]", "positions")
+
+
 def _check_overlaps(ops):
     """Outputs may be their own inputs exactly (in place), nothing else may overlap them."""
     q, k, qw, kw, qo, ko, pos = ops
-    names = ("q", "k", "q_weight", "k_weight", "out[0]", "out[1]", "positions")
+    names = OPERAND_NAMES
     for i, out in ((4, qo), (5, ko)):
         for j, other in enumerate(ops):
             if j == i or other is None:

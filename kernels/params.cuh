@@ -132,9 +132,9 @@ static_assert(sizeof(Params) == kParamsBytes, "Params layout is shared with the 
 // Error record: {code, peer, token, rank, theirs, ours, failed, lock}: theirs and ours are
 // the peer's and this rank's value of what differs (T, use number, tag code), or a
 // position and the table's rows (kErrorPosition), or a slot and the cache's slots
-// (kErrorSlot). The host reads words 0-5 (the report); words 6 (1 once this rank's exchange failed) and 7 (record_error's lock) are the
-// device's, and start at 0 like the rest. Tokens are the call's (first_token + the
-// launch's row).
+// (kErrorSlot). The host reads words 0-5 (the report); words 6 (1 once this rank's
+// exchange failed) and 7 (record_error's lock) are the device's, and start at 0 like the
+// rest. Tokens are the call's (first_token + the launch's row).
 constexpr int kErrorWords = 8;
 constexpr int kErrorTimeout = 1;        // the peer's partial sums never came
 constexpr int kErrorTokens = 2;         // the peer's call has another T
