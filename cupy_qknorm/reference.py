@@ -280,25 +280,3 @@ def make_rope_case(seed: int, tokens: int, q_dim: int, k_dim: int, dtype: str,
     refs = qk_norm_rope(to_f64(q, dtype), to_f64(k, dtype), to_f64(qw, wdt), to_f64(kw, wdt),
                         eps, positions, table, head_dim, rotary_dim, style)
     return RopeCase(q, k, qw, kw, positions, table, *refs)
-
-
-# -- stand-in of the host half's expected_cache (replaced by the host half) ----------------
-def expected_cache(cache_before, out_rows, slots, kv, heads, data_dtype, scale):
-    import ml_dtypes
-    out = np.array(cache_before, copy=True)
-    rows = np.ascontiguousarray(out_rows)
-    cdt = kv.cache_dtype(data_dtype)
-    if cdt == data_dtype:
-        vals = rows.view(out.dtype)
-    else:
-        f = bf16_to_f32(rows) if data_dtype == "bfloat16" else rows.astype(np.float32)
-        with np.errstate(all="ignore"):
-            x = f / np.float32(scale)
-            x = np.where(np.isnan(x), x, np.clip(x, -448.0, 448.0))
-        vals = x.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
-    vals = vals.reshape(len(rows), heads, kv.head_dim)
-    view = out if out.ndim == 4 else out[:, None]
-    for t, s in enumerate(np.asarray(slots)):
-        if s >= 0:
-            view[s // kv.block_size, s % kv.block_size] = vals[t]
-    return out
