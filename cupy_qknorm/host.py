@@ -98,38 +98,3 @@ def _rotate(y, positions, table, head_dim, rotary_dim, style):
     else:
         out[..., 0:rotary_dim:2], out[..., 1:rotary_dim:2] = first, second
     return out.reshape(y.shape)
-
-
-# -- stand-in of the host half's KV-cache functions (replaced by the host half) -----------
-def fp8_e4m3_bits(x) -> np.ndarray:
-    import ml_dtypes
-    x = np.asarray(x, np.float32)
-    with np.errstate(invalid="ignore"):
-        y = np.where(np.isnan(x), x, np.clip(x, -448.0, 448.0))
-    return y.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
-
-
-def cache_values(rows, data_dtype, cache_dtype, scale):
-    rows = np.asarray(rows)
-    if cache_dtype == data_dtype:
-        return rows
-    f = bf16_to_f32(rows) if data_dtype == "bfloat16" else rows.astype(np.float32)
-    with np.errstate(all="ignore"):
-        return fp8_e4m3_bits(f / np.float32(scale))
-
-
-def write_cache(cache, rows, slots, heads, head_dim, block_size, data_dtype, cache_dtype,
-                scale):
-    vals = cache_values(rows, data_dtype, cache_dtype, scale).reshape(len(rows), heads,
-                                                                      head_dim)
-    c = cache if cache.ndim == 4 else cache[:, None]
-    dst = c.view(np.uint16) if c.dtype != vals.dtype and c.itemsize == 2 else c
-    for t, s in enumerate(np.asarray(slots)):
-        if s >= 0:
-            dst[s // block_size, s % block_size] = vals[t]
-
-
-def first_bad_slot(slots, num_slots):
-    s = np.asarray(slots)
-    bad = np.flatnonzero((s < -1) | (s >= num_slots))
-    return int(bad[0]) if bad.size else -1
