@@ -260,6 +260,12 @@ def _span(op: Operand):
     return op.ptr, op.ptr + (rows - 1) * stride + width, stride, width
 
 
+def extent(op: Operand):
+    """(first byte, end byte) of a 1-D or 2-D operand, or None where it is empty."""
+    span = _span(op)
+    return None if span is None else span[:2]
+
+
 def overlap(a: Operand, b: Operand) -> bool:
     """Whether two row-major operands share a byte. Exact for equal row strides (views
     into one fused qkv buffer interleave without touching); otherwise by their extents."""

@@ -24,6 +24,7 @@ import numpy as np
 
 GRAPH_CALLS = 8
 EXCHANGE_PEERS = 8  # the peer pointers qknorm_exchange takes (kernels/tools.cu): G <= 8
+KV_SCALES = (0.5, 0.25)  # --kv-cache fp8: k_scale, v_scale (Python floats)
 
 
 # what bench can time: the GPU transports ("mpi" sums on the host and cannot be captured
@@ -77,6 +78,12 @@ def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter):
                    help="also time the norm with MiniMax M2's RoPE: fused (T+rope), and for "
                         "ipc the norm followed by a separate RoPE kernel (ipc>rope) "
                         "(default: off)")
+    b.add_argument("--kv-cache", choices=("bf16", "fp8"),
+                   help="with --rope: also the whole attention prologue, norm + RoPE + the "
+                        "paged KV-cache write (blocks of 16, random slots) of a bf16 or FP8 "
+                        "cache: fused (T+kv), ipc+rope then a separate cache write kernel "
+                        "(ipc+rope>kv), and the copy kernel over the prologue's bytes "
+                        "(copy kv us) (default: off)")
     b.add_argument("--positions", default="random", choices=("random", "sequence"),
                    help="with --rope: random, each token anywhere in the table (a decode "
                         "batch of unrelated sequences: every token's angles from memory); "
@@ -259,9 +266,11 @@ def time_copy_graph_us(sets, stream, replays):
     return 1000 * ms / len(sets)
 
 
-def _inputs(comm, dtype, dq, dk, tokens, sets, in_place=False, positions="random"):
-    """`sets` tuples (q, k, q_out, k_out, positions); in place, q_out is q and k_out is k.
-    Positions: random in the table, or the sequence 0..T-1 (positions="sequence").
+def _inputs(comm, dtype, dq, dk, tokens, sets, in_place=False, positions="random", kv=None):
+    """`sets` tuples (q, k, q_out, k_out, positions, cache); in place, q_out is q and k_out
+    is k. Positions: random in the table, or the sequence 0..T-1 (positions="sequence").
+    cache: with `kv` (a KVCache), {v, k_cache, v_cache, slot_mapping} (NHD caches of room
+    for 2 T tokens, distinct random slots), else None.
     The weights are ones, so calls in place keep every row's RMS at 1 however often a
     graph replays (and a rotation keeps it too)."""
     import cupy
@@ -278,8 +287,17 @@ def _inputs(comm, dtype, dq, dk, tokens, sets, in_place=False, positions="random
         q, k = cupy.asarray(rows(dq)), cupy.asarray(rows(dk))
         pos = cupy.asarray(pos_rng.integers(0, MINIMAX_ROPE["max_position"], tokens)
                            if positions == "random" else np.arange(tokens))
-        out.append((q, k, q, k, pos) if in_place else
-                   (q, k, cupy.empty_like(q), cupy.empty_like(k), pos))
+        cache = None
+        if kv is not None:
+            heads, block = kv.kv_heads(dk), kv.block_size
+            blocks = -(-2 * tokens // block)
+            storage = kv.storage_dtype(dtype)
+            cache = {"v": cupy.asarray(rows(dk)),
+                     "k_cache": cupy.zeros((blocks, block, heads, kv.head_dim), storage),
+                     "v_cache": cupy.zeros((blocks, block, heads, kv.head_dim), storage),
+                     "slot_mapping": cupy.asarray(rng.permutation(blocks * block)[:tokens])}
+        out.append((q, k, q, k, pos, cache) if in_place else
+                   (q, k, cupy.empty_like(q), cupy.empty_like(k), pos, cache))
     w = (cupy.asarray(from_f64(np.ones(dq), dtype)), cupy.asarray(from_f64(np.ones(dk), dtype)))
     return out, w
 
@@ -312,26 +330,92 @@ def separate_rope(norm, q, k, positions):
     return go
 
 
-def _variants(norms, rope_norms, w, rope_of):
-    """{column: call(q, k, q_out, k_out, positions, stream)} of what is timed."""
+def separate_cache_write(norm, k, v, k_cache, v_cache, slot_mapping, k_scale=None,
+                         v_scale=None):
+    """go(stream): the KV-cache write of `norm` (a GPU object built with kv_cache=) alone:
+    rows k (as a norm left them) and v to their slots of the caches, one launch a chunk
+    (kernels/tools.cu's cache_write, as vLLM's reshape_and_cache_flash): the benchmark's
+    unfused baseline, norm + RoPE then the cache write."""
+    from . import arrays
+    from .transports import Call
+    t, c = norm._transport, norm.config
+    if c.kv is None or not hasattr(t, "chunks"):
+        raise TypeError("separate_cache_write needs an object built with kv_cache= on a GPU "
+                        "transport")
+    ko = arrays.describe(k, "k")
+    arrays.check_rows(ko, "k", c.k_local, c.dtype)
+    tokens = ko.shape[0]
+    cache, _ = norm._validate_cache((v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                                     True), [ko] * 6 + [None], tokens)
+    plan = arrays.Plan(tokens, c.dtype, (arrays.row_stride(ko),) * 4, ko.itemsize, 0)
+    call = Call((ko,) * 6 + (None,), plan, (ko.ptr,) * 6 + (0,), 0, cache)
+    launches = [t._launch.bind(t.cuda.load_cache_write(chunk.spec, t.build),
+                               chunk.spec.cache_threads, chunk.grid, chunk.params)
+                for chunk in t.chunks(call, kinds=())]
+
+    def go(stream):
+        for launch in launches:
+            launch(stream)
+    go.keep = (k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return go
+
+
+def _variants(norms, rope_norms, w, rope_of, kv_norms=None, scales=(1.0, 1.0)):
+    """{column: call(q, k, q_out, k_out, positions, cache, stream)} of what is timed."""
     out = {}
     for t, norm in norms.items():
-        out[t] = (lambda n: lambda q, k, qo, ko, pos, stream:
+        out[t] = (lambda n: lambda q, k, qo, ko, pos, cache, stream:
                   n(q, k, *w, out=(qo, ko), stream=stream))(norm)
     for t, norm in rope_norms.items():
-        out[f"{t}+rope"] = (lambda n: lambda q, k, qo, ko, pos, stream:
+        out[f"{t}+rope"] = (lambda n: lambda q, k, qo, ko, pos, cache, stream:
                             n(q, k, *w, out=(qo, ko), positions=pos, stream=stream))(norm)
     if rope_of is not None:
         plain, rope = rope_of
         bound = {}
 
-        def norm_then_rope(q, k, qo, ko, pos, stream):
+        def norm_then_rope(q, k, qo, ko, pos, cache, stream):
             plain(q, k, *w, out=(qo, ko), stream=stream)
             key = (id(qo), id(ko), id(pos))
             if key not in bound:
                 bound[key] = separate_rope(rope, qo, ko, pos)
             bound[key](stream)
         out["ipc>rope"] = norm_then_rope
+    ks, vs = scales
+    for t, norm in (kv_norms or {}).items():
+        out[f"{t}+kv"] = (lambda n: lambda q, k, qo, ko, pos, cache, stream:
+                          n(q, k, *w, out=(qo, ko), positions=pos, stream=stream,
+                            k_scale=ks, v_scale=vs, **cache))(norm)
+    if kv_norms and "ipc" in kv_norms and "ipc" in rope_norms:
+        fused, writer = rope_norms["ipc"], kv_norms["ipc"]
+        writes = {}
+
+        def rope_then_cache(q, k, qo, ko, pos, cache, stream):
+            fused(q, k, *w, out=(qo, ko), positions=pos, stream=stream)
+            key = (id(ko), id(cache["k_cache"]))
+            if key not in writes:
+                writes[key] = separate_cache_write(writer, ko, cache["v"], cache["k_cache"],
+                                                   cache["v_cache"], cache["slot_mapping"],
+                                                   ks, vs)
+            writes[key](stream)
+        out["ipc+rope>kv"] = rope_then_cache
+    return out
+
+
+def prologue_bytes(tokens, dq, dk, itemsize, cache_itemsize):
+    """Bytes the attention prologue moves: q, k and v read; q, k and both caches written."""
+    return tokens * ((2 * dq + 3 * dk) * itemsize + 2 * dk * cache_itemsize)
+
+
+def _copy_sets_for(sets, tokens, dq, nbytes, itemsize):
+    """Copy-kernel sets that move `nbytes` like a call of `sets`: q, and a second buffer
+    of the width that makes up the rest (whole 16-byte vectors)."""
+    import cupy
+    rest = nbytes // (2 * tokens * itemsize) - dq
+    rest = -(-rest * itemsize // 16) * 16 // itemsize
+    out = []
+    for s in sets:
+        x = cupy.zeros((tokens, rest), s[0].dtype)
+        out.append((s[0], x, s[2], cupy.empty_like(x)))
     return out
 
 
@@ -454,6 +538,18 @@ def run(args):
     rope_norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
                               transport=t, rope=rope, **heads)
                   for t in (args.transports if rope is not None else ())}
+    kv = None
+    if args.kv_cache is not None:
+        from .kvcache import CACHE_FP8, KVCache
+        if rope is None:
+            raise ValueError("--kv-cache needs --rope (the prologue is norm, RoPE, cache)")
+        if args.kv_cache == "bf16" and args.dtype != "bfloat16":
+            raise ValueError(f"--kv-cache bf16 needs --dtype bfloat16 (a cache holds the "
+                             f"data's dtype or FP8), got {args.dtype}")
+        kv = KVCache(16, rope.head_dim, CACHE_FP8 if args.kv_cache == "fp8" else None)
+    kv_norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
+                            transport=t, rope=rope, kv_cache=kv)
+                for t in (args.transports if kv is not None else ())}
     separate = None
     if rope is not None and "ipc" in norms:
         separate = (norms["ipc"], rope_norms["ipc"])
@@ -467,8 +563,8 @@ def run(args):
     try:
         for tokens in args.tokens:
             sets, w = _inputs(comm, args.dtype, dq, dk, tokens, GRAPH_CALLS, args.in_place,
-                              args.positions)
-            variants = _variants(norms, rope_norms, w, separate)
+                              args.positions, kv)
+            variants = _variants(norms, rope_norms, w, separate, kv_norms, KV_SCALES)
             columns = list(variants)
             row = {"T": tokens, "bytes": 2 * tokens * (dq + dk) * ITEMSIZE[args.dtype]}
             for mode in modes:
@@ -483,7 +579,7 @@ def run(args):
                     for t, norm in {**norms, **{f"{t}+rope": n for t, n in
                                                 rope_norms.items()}}.items():
                         _say(comm, f"T={tokens} {t} bound eager ...")
-                        q_, k_, qo, ko, pos = sets[0]
+                        q_, k_, qo, ko, pos = sets[0][:5]
                         bound = norm.bind(q_, k_, *w, out=(qo, ko),
                                           positions=pos if "+rope" in t else None)
                         us = time_eager_us(lambda *a: bound(a[-1]), sets[0], stream,
@@ -494,18 +590,27 @@ def run(args):
                 row["copy_graph_us"] = comm.allreduce(
                     time_copy_graph_us([s[:4] for s in sets], stream, args.replays),
                     op=MPI.MAX)
-            for n in (*norms.values(), *rope_norms.values()):
+                if kv is not None:
+                    item = ITEMSIZE[args.dtype]
+                    row["kv_bytes"] = prologue_bytes(tokens, dq, dk, item,
+                                                     kv.storage_dtype(args.dtype).itemsize)
+                    _say(comm, f"T={tokens} copy kernel over the prologue's bytes ...")
+                    row["copy_kv_graph_us"] = comm.allreduce(time_copy_graph_us(
+                        _copy_sets_for(sets, tokens, dq, row["kv_bytes"], item), stream,
+                        args.replays), op=MPI.MAX)
+            for n in (*norms.values(), *rope_norms.values(), *kv_norms.values()):
                 n.synchronize()
             rows.append(row)
             del sets
     finally:
-        for n in (*norms.values(), *rope_norms.values()):
+        for n in (*norms.values(), *rope_norms.values(), *kv_norms.values()):
             n.close()
     floor_us = floors["empty_kernel_graph_us"] + (floors["one_way_us"] if world > 1 else 0)
     result = {"card": card, "G": world, "model": args.model, "dtype": args.dtype,
               "q_dim": args.q_dim,
               "k_dim": args.k_dim, "commit": commit, "pdl": pdl, "in_place": args.in_place,
               "rope": None if rope is None else repr(rope), "columns": columns,
+              "kv_cache": None if kv is None else repr(kv),
               "positions": args.positions if rope is not None else None,
               "layouts": layouts, "floors": floors, "rows": rows,
               "date": time.strftime("%Y-%m-%d")}
@@ -561,6 +666,10 @@ def _table(r, modes, columns, floor_us):
         lines.append(f"rope: {r['rope']}, positions {r.get('positions') or 'random'}; "
                      f"T+rope: fused; ipc>rope: the ipc norm, then a separate RoPE kernel "
                      f"(two launches)")
+    if r.get("kv_cache"):
+        lines.append(f"kv: {r['kv_cache']}, NHD, random slots; T+kv: the fused prologue "
+                     f"(norm, RoPE, cache write); ipc+rope>kv: ipc+rope, then a separate cache "
+                     f"write kernel; copy kv us: the prologue's bytes through the copy kernel")
     rows = r["rows"]
     if rows and all("copy_graph_us" in row for row in rows):
         lines.append("copy us: the same bytes through a plain copy kernel, timed like ipc "
@@ -579,6 +688,8 @@ def _table(r, modes, columns, floor_us):
         ratio("nccl", "ipc", "nccl/ipc")
         ratio("ipc+rope", "ipc", "ipc+rope/ipc")
         ratio("ipc>rope", "ipc+rope", "ipc>rope/ipc+rope")
+        ratio("ipc+kv", "ipc+rope", "ipc+kv/ipc+rope")
+        ratio("ipc+rope>kv", "ipc+kv", "ipc+rope>kv/ipc+kv")
         if mode == "eager" and "cupy_launch_us" in f:
             for c in ("ipc", "ipc_bound", "nccl", "nccl_bound"):
                 if c in cols:
@@ -591,6 +702,14 @@ def _table(r, modes, columns, floor_us):
             if all("copy_graph_us" in row for row in rows):
                 extra.append(("copy us", lambda row: f"{row['copy_graph_us']:.2f}"))
                 extra.append(("ipc/copy", lambda row: f"{row['ipc_graph_us'] / row['copy_graph_us']:.2f}x"))
+            for c, copy, title in (("ipc+rope", "copy", "ipc+rope/copy"),
+                                   ("ipc+kv", "copy_kv", "ipc+kv/copy kv")):
+                if c not in cols or not all(f"{copy}_graph_us" in row for row in rows):
+                    continue
+                if copy == "copy_kv":
+                    extra.append(("copy kv us", lambda row: f"{row['copy_kv_graph_us']:.2f}"))
+                extra.append((title, lambda row, c=c, copy=copy:
+                              f"{row[f'{c}_graph_us'] / row[f'{copy}_graph_us']:.2f}x"))
         titles = [f"{c.replace('_bound', ' bound')} us" for c in cols] + [t for t, _ in extra]
         widths = [max(9, len(t)) for t in titles]
         head = f"{'T':>6} | " + " | ".join(f"{t:>{w}}" for t, w in zip(titles, widths))

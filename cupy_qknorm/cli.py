@@ -179,26 +179,43 @@ def cmd_check(args):
     knobs.check_all()
     # the same on every rank: every rank raises, rank 0 says why
     model, rope, heads = _check_shape(args, world)
+    kv = None
+    if args.kv_cache is not None:
+        from .kvcache import CACHE_FP8, KVCache
+        if rope is None:
+            raise ValueError("--kv-cache needs --rope (the prologue is norm, RoPE, cache)")
+        if args.jax:
+            raise ValueError("--kv-cache does not go with --jax (the jitted call writes no "
+                             "cache)")
+        if args.kv_cache == "bf16" and args.dtype != "bfloat16":
+            raise ValueError(f"--kv-cache bf16 needs --dtype bfloat16 (a cache holds the "
+                             f"data's dtype or FP8), got {args.dtype}")
+        kv = KVCache(16, rope.head_dim, CACHE_FP8 if args.kv_cache == "fp8" else None)
     select_device(comm)
-    worst, bad_total = 0.0, 0
+    worst, bad_total, cache_bad = 0.0, 0, 0
     built = _jax_check(comm, gpu) if args.jax else TPQKNorm
+    extra = {} if kv is None else {"kv_cache": kv}
     with built(comm, args.q_dim, args.k_dim, args.dtype, args.eps, args.max_tokens,
                transport=args.transport, timeout_s=args.timeout, rope=rope,
-               kv_heads=args.kv_heads, head_dim=args.head_dim) as norm:
+               kv_heads=args.kv_heads, head_dim=args.head_dim, **extra) as norm:
         xp = _array_module(norm.norm if args.jax else norm)
+        dk = norm.config.k_local
         if rank == 0:
-            kv = "" if args.kv_heads is None else (
+            heads_say = "" if args.kv_heads is None else (
                 f" kv_heads={args.kv_heads}x{args.head_dim}"
                 f"{' replicated' if norm.config.k_replicas > 1 else ''}")
             name = f"model={model.name} " if model is not None else ""
             what = ("MiniMax M2" if model is None else model.name)
             print(f"check: {name}G={world} dtype={args.dtype} q_dim={args.q_dim} "
-                  f"k_dim={args.k_dim}{kv}{f' eps={args.eps:g}' if model else ''} "
+                  f"k_dim={args.k_dim}{heads_say}{f' eps={args.eps:g}' if model else ''} "
                   f"transport={norm.transport} "
                   f"max_tokens={args.max_tokens}"
                   + (f" jax.jit ({norm.backend})" if args.jax else "")
                   + (f" rope={what} ({rope.head_dim}/{rope.rotary_dim} {rope.style}, "
-                     f"{rope.max_position} positions)" if rope else ""), flush=True)
+                     f"{rope.max_position} positions)" if rope else "")
+                  + (f" kv_cache={kv.cache_dtype(args.dtype)} (blocks of {kv.block_size}, "
+                     f"random slots, -1 holes)" if kv else ""), flush=True)
+
         def mine(x, is_k):  # this rank's slice: k's heads may be replicated
             return ref.shard_heads(x, world, rank, heads) if is_k else ref.shard(x, world, rank)
 
@@ -224,8 +241,15 @@ def cmd_check(args):
             else:
                 outs = [xp.full_like(sh[0], ref.poison(args.dtype)),
                         xp.full_like(sh[1], ref.poison(args.dtype))]
+                if kv is not None:
+                    caches = _check_caches(xp, kv, args, dk, rank, i, tokens)
+                    kwargs.update(caches[0])
                 norm(*sh, out=outs, **kwargs)
                 norm.synchronize()
+            if kv is not None:
+                cb = comm.allreduce(_cache_mismatches(kv, args, caches, _host(outs[1]), dk),
+                                    op=MPI.SUM)
+                cache_bad += cb
             want = [mine(r, i) for i, r in enumerate((qr, kr))]
             errs = [ref.compare(_host(o), y, args.dtype) if mags is None else
                     ref.compare_rope(_host(o), y, m, args.dtype)
@@ -235,13 +259,63 @@ def cmd_check(args):
             worst, bad_total = max(worst, err), bad_total + bad
             if rank == 0:
                 unit = ref.TOLERANCE[args.dtype][0]
-                print(f"  T={tokens:>6}: max error {err:.3g} {unit}, {bad} past tolerance",
+                print(f"  T={tokens:>6}: max error {err:.3g} {unit}, {bad} past tolerance"
+                      + (f"; caches: {cb} bytes differ from the reference's" if kv else ""),
                       flush=True)
     if rank == 0:
-        verdict = "PASS" if bad_total == 0 else "FAIL"
+        verdict = "PASS" if bad_total == 0 and cache_bad == 0 else "FAIL"
         print(f"{verdict}: max error {worst:.3g} {ref.TOLERANCE[args.dtype][0]} "
-              f"(tolerance {ref.TOLERANCE[args.dtype][1]:g}), {bad_total} elements past it")
-    return 0 if bad_total == 0 else 1
+              f"(tolerance {ref.TOLERANCE[args.dtype][1]:g}), {bad_total} elements past it"
+              + (f"; {cache_bad} cache bytes differ" if kv else ""))
+    return 0 if bad_total == 0 and cache_bad == 0 else 1
+
+
+KV_CHECK_SCALES = (0.75, 2.5)  # check --kv-cache fp8: k_scale, v_scale
+
+
+def _check_caches(xp, kv, args, dk, rank, i, tokens):
+    """(the call's cache arguments, their host copies before the call, the slots) of one
+    check call: v rows, caches of random bytes with room for 2 T tokens, distinct random
+    slots with -1 holes, the FP8 scales."""
+    import numpy as np
+
+    from .host import from_f64
+    rng = np.random.default_rng(args.seed + 1000 * i + rank)
+    heads, block = kv.kv_heads(dk), kv.block_size
+    blocks = max(1, -(-2 * tokens // block))
+    storage = kv.storage_dtype(args.dtype)
+    shape = (blocks, block, heads, kv.head_dim)
+
+    def poisoned():
+        return rng.integers(0, 256, int(np.prod(shape)) * storage.itemsize,
+                            dtype=np.uint8).view(storage).reshape(shape)
+    before = (poisoned(), poisoned())
+    slots = rng.permutation(blocks * block)[:tokens]
+    slots[rng.random(tokens) < 0.1] = -1
+    v = from_f64(rng.standard_normal((tokens, dk)) * 10.0 ** rng.uniform(-2, 3, (tokens, 1)),
+                 args.dtype)
+    call = {"v": xp.asarray(v), "k_cache": xp.asarray(before[0]),
+            "v_cache": xp.asarray(before[1]), "slot_mapping": xp.asarray(slots)}
+    if kv.dtype is not None:
+        call.update(k_scale=KV_CHECK_SCALES[0], v_scale=KV_CHECK_SCALES[1])
+    return call, before, slots, v
+
+
+def _cache_mismatches(kv, args, caches, k_rows, dk) -> int:
+    """Bytes of this rank's caches that differ from the reference's write of the k rows
+    the op stored and of v (reference.expected_cache)."""
+    import numpy as np
+
+    from . import reference as ref
+    call, before, slots, v = caches
+    heads = kv.kv_heads(dk)
+    scales = KV_CHECK_SCALES if kv.dtype is not None else (1.0, 1.0)
+    bad = 0
+    for got, was, rows, scale in ((call["k_cache"], before[0], k_rows, scales[0]),
+                                  (call["v_cache"], before[1], v, scales[1])):
+        want = ref.expected_cache(was, rows, slots, kv, heads, args.dtype, scale)
+        bad += int(np.count_nonzero(_host(got).view(np.uint8) != want.view(np.uint8)))
+    return bad
 
 
 def _check_shape(args, world):
@@ -512,6 +586,10 @@ def parser():
     k.add_argument("--jax", action="store_true",
                    help="call the norm inside jax.jit (cupy_qknorm.jax; JAX's backend: GPU "
                         "where it has one, else CPU with transport mpi) (default: off)")
+    k.add_argument("--kv-cache", choices=("bf16", "fp8"),
+                   help="with --rope: then the paged KV-cache write of k and v (a cache of "
+                        "the data's dtype, or FP8 E4M3 with scales), checked byte for byte "
+                        "against the reference's (default: off)")
     sub.add_parser("info", formatter_class=_Formatter,
                    help="version, kernel sources, CuPy, NVRTC, NCCL, MPI and GPUs",
                    description="What this machine offers cupy_qknorm.")

@@ -113,6 +113,17 @@ def load_rope(spec: Spec, build: tuple | None = None):
     return mod.get_function(spec.rope_name)
 
 
+def load_cache_write(spec: Spec, build: tuple | None = None):
+    """The separate KV-cache write kernel of `spec` (Spec.cache_name: k_out's and v's rows
+    to the caches, after the op) on the current device."""
+    if spec.cache_name is None:
+        raise ValueError(f"{spec} has no KV cache: no cache write kernel")
+    cupy = require_cupy("compiling kernels")
+    build = knobs.build_values() if build is None else build
+    return _rope_module(spec.cache_name, build, cupy.cuda.Device().id).get_function(
+        spec.cache_name)
+
+
 def _check(result, prog=None):
     from cuda.bindings import nvrtc
     err = result[0]
@@ -207,10 +218,16 @@ def nvrtc_build(names, arch: str = "sm_90", build=None, source: str | None = Non
 
 def modules(spec: Spec) -> list:
     """[(entry file, {kind: name})]: what builds every kernel of `spec`, the op's module
-    and, with RoPE, the tools' for its separate RoPE kernel (kind "rope")."""
+    and, with RoPE or a KV cache, the tools' for its separate RoPE kernel (kind "rope")
+    and cache write (kind "cache_write")."""
     out = [(OP_MODULE, dict(spec.names))]
+    tools = {}
     if spec.rope_name is not None:
-        out.append((TOOLS_MODULE, {"rope": spec.rope_name}))
+        tools["rope"] = spec.rope_name
+    if spec.cache_name is not None:
+        tools["cache_write"] = spec.cache_name
+    if tools:
+        out.append((TOOLS_MODULE, tools))
     return out
 
 

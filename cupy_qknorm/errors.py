@@ -45,3 +45,14 @@ class PositionError(QKNormError, ValueError):
         super().__init__(message)
         self.token = token
         self.position = position
+
+
+class SlotError(QKNormError, ValueError):
+    """A KV-cache slot outside the cache (slot_mapping[t] < -1 or >= the cache's slots):
+    that token's cache rows were not written (its outputs were). Raised by the next call or
+    synchronize() after the launch (the device checks it); the object is closed for use."""
+
+    def __init__(self, message, token=None, slot=None):
+        super().__init__(message)
+        self.token = token
+        self.slot = slot

@@ -11,11 +11,13 @@ from typing import NamedTuple
 from . import arrays
 from .collectives import agree
 from .errors import ClosedError, ConfigMismatchError, QKNormError, TransportUnavailableError
+from .kvcache import CACHE_FP8, KVCache, cache_view, scale_arg, slot_view
 from .params import MAX_CALL_TOKENS
 from .placement import choose_transport, local_facts
 from .rope import RoPE, check as check_rope
 from .shapes import DTYPES, MAX_WORLD, kv_layout, positive_int, vector_elems
 from .transports import Call, open_transport, tag_code
+from .transports.base import CacheCall
 
 TRANSPORTS = ("auto", "ipc", "nccl", "mpi")
 MAX_CACHED_CALLS = 1024  # array sets whose validation is remembered per object
@@ -34,6 +36,7 @@ class Config:
     rope: RoPE | None = None
     kv_heads: int | None = None   # k's heads, where given (then head_dim too)
     head_dim: int | None = None
+    kv: KVCache | None = None
 
     @property
     def q_local(self):
@@ -62,8 +65,11 @@ class Config:
         rope = None if self.rope is None else (
             self.rope.head_dim, self.rope.rotary_dim, self.rope.style, self.rope.rows(),
             None if self.rope.table is not None else float(self.rope.theta))
+        kv = None if self.kv is None else (self.kv.block_size, self.kv.head_dim,
+                                           self.kv.cache_dtype(self.dtype))
         return (self.q_dim, self.k_dim, self.dtype, self.eps, self.max_tokens,
-                self.timeout_ns, self.world, rope, self.kv_heads, self.head_dim)
+                self.timeout_ns, self.world, rope, self.kv_heads, self.head_dim) + (
+                    (kv,) if kv is not None else ())
 
 
 def _int(name, v, low, high=None):
@@ -105,7 +111,7 @@ def check_heads(q_dim, k_dim, world, kv_heads, head_dim, rope=None):
 
 
 def check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world, rope=None,
-                 kv_heads=None, head_dim=None):
+                 kv_heads=None, head_dim=None, kv_cache=None):
     """Raise TypeError/ValueError for a bad configuration. Pure: no GPU, no MPI.
     Returns (q_dim, k_dim, eps, max_tokens, timeout_ns, kv_heads, head_dim) as plain Python
     numbers (kv_heads and head_dim None where kv_heads is not given)."""
@@ -142,6 +148,17 @@ def check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world, rope=No
                          f"wait forever; got {timeout_s!r}")
     if rope is not None:  # replicated k: one head a rank, as if G heads
         check_rope(rope, dtype, world, dims[0], dims[1] if k_local is None else k_local * world)
+    if kv_cache is not None:
+        if not isinstance(kv_cache, KVCache):
+            raise TypeError(f"kv_cache must be a cupy_qknorm.KVCache, got "
+                            f"{type(kv_cache).__name__}")
+        kv_cache.kv_heads(dims[1] // world if k_local is None else k_local)
+        if kv_cache.cache_dtype(dtype) not in (dtype, CACHE_FP8):
+            raise ValueError(f"kv_cache: a cache holds the data's dtype ({dtype}) or "
+                             f"{CACHE_FP8}, got {kv_cache.cache_dtype(dtype)}")
+        if kv_cache.head_dim % n:
+            raise ValueError(f"kv_cache: head_dim={kv_cache.head_dim} must be a multiple of "
+                             f"{n} elements ({dtype}: 16-byte vectors)")
     return dims[0], dims[1], float(eps), max_tokens, timeout_ns, kv_heads, head_dim
 
 
@@ -178,7 +195,8 @@ class TPQKNorm:
     def __init__(self, comm, q_dim: int, k_dim: int, dtype: str = "bfloat16",
                  eps: float = 1e-6, max_tokens: int = 8192, *, transport: str = "auto",
                  timeout_s: float | None = 5.0, rope: RoPE | None = None,
-                 kv_heads: int | None = None, head_dim: int | None = None):
+                 kv_heads: int | None = None, head_dim: int | None = None,
+                 kv_cache: KVCache | None = None):
         self._transport = None
         self._closed = True
         self._calls = {}
@@ -186,6 +204,7 @@ class TPQKNorm:
         self._current_stream = _no_stream
         self._device = None
         self._error = _NO_ERROR  # the transport's host-visible error word (fast path)
+        self._kv = kv_cache is not None
         self.comm = comm
         world, rank = comm.Get_size(), comm.Get_rank()
         error, checked = None, None
@@ -193,17 +212,17 @@ class TPQKNorm:
             if transport not in TRANSPORTS:
                 raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
             checked = check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world,
-                                   rope, kv_heads, head_dim)
+                                   rope, kv_heads, head_dim, kv_cache)
         except (TypeError, ValueError) as e:
             error = str(e)
         agree(comm, error, ValueError)
         q_dim, k_dim, eps, max_tokens, timeout_ns, kv_heads, head_dim = checked
         self.config = Config(q_dim, k_dim, dtype, eps, max_tokens, timeout_ns, world, rank,
-                             rope, kv_heads, head_dim)
+                             rope, kv_heads, head_dim, kv_cache)
         configs = comm.allgather((self.config.shared(), transport))
         if len(set(configs)) > 1:
             lines = "; ".join(f"rank {r}: (q_dim, k_dim, dtype, eps, max_tokens, timeout_ns, "
-                              f"world, rope, kv_heads, head_dim) = {c[0]}, "
+                              f"world, rope, kv_heads, head_dim[, kv_cache]) = {c[0]}, "
                               f"transport={c[1]!r}"
                               for r, c in enumerate(configs))
             raise ConfigMismatchError(f"ranks disagree on the configuration: {lines}")
@@ -257,14 +276,28 @@ class TPQKNorm:
 
     # ------------------------------------------------------------------------------------
     def __call__(self, q, k, q_weight, k_weight, *, out=None, positions=None, stream=None,
-                 tag=None):
+                 tag=None, v=None, k_cache=None, v_cache=None, slot_mapping=None,
+                 k_scale=None, v_scale=None, store_k=True):
         """Normalize q [T, q_dim/G] and k [T, k_dim/G] (in place, or into out=(q2, k2));
         with RoPE, then rotate by `positions` ([T] int32 or int64). `tag`: an int in
         0..32766 that every rank passes alike for this call (e.g. the layer index), or None.
 
+        With kv_cache= at construction, every call also writes the paged KV cache: token t's
+        k row (as stored: after norm and RoPE) and its row of `v` [T, k_dim/G] go to slot
+        slot_mapping[t] ([T] int32 or int64; -1: none) of `k_cache` and `v_cache` ([blocks,
+        block_size, kv heads, head_dim] of any strides, or [slots, kv heads, head_dim] for
+        block_size 1), converted to the cache's dtype (FP8: value / k_scale or v_scale, a
+        float or an fp32 device scalar). store_k=False leaves k's output unwritten.
+
         Returns the output pair. Raises TypeError/ValueError before anything is launched
         for bad input, and the error of this call or an earlier one (PeerTimeoutError,
-        CallMismatchError, PositionError) if one failed."""
+        CallMismatchError, PositionError, SlotError) if one failed."""
+        if self._kv or v is not None or k_cache is not None or v_cache is not None or \
+                slot_mapping is not None or k_scale is not None or v_scale is not None or \
+                store_k is not True:
+            return self._call_cache(q, k, q_weight, k_weight, out, positions, stream, tag,
+                                    (v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                                     store_k))
         # Fast path: the same CuPy array objects and tag as an earlier call. What
         # validation read can change on a live CuPy array only through its shape (strides,
         # dtype and data are read-only): the 2-D arrays' shapes are compared, and for the
@@ -296,19 +329,43 @@ class TPQKNorm:
             return qo, ko
         return self._call_slow(q, k, q_weight, k_weight, out, positions, stream, tag)
 
-    def _call_slow(self, q, k, q_weight, k_weight, out, positions, stream, tag):
+    def _call_cache(self, q, k, q_weight, k_weight, out, positions, stream, tag, kv):
+        """A call with the KV cache's arguments `kv` (v, k_cache, v_cache, slot_mapping,
+        k_scale, v_scale, store_k): the fast path keyed by them too, else the slow one."""
+        qo = ko = None
+        if out is not None and isinstance(out, (tuple, list)) and len(out) == 2:
+            qo, ko = out
+        if (tag is None or type(tag) is int) and (out is None or qo is not None) and \
+                not self._error[0]:
+            in_place = out is None or (qo is q and ko is k)
+            key = _cache_key(q, k, q_weight, k_weight, positions, tag, kv,
+                             () if in_place else (qo, ko))
+            e = self._calls.get(key) if key is not None else None
+            if e is not None and e.shapes == _cache_shapes(q, k, kv, () if in_place
+                                                           else (qo, ko)) and \
+                    q_weight.ndim == 1 and k_weight.ndim == 1 and \
+                    (positions is None or positions.ndim == 1):
+                try:
+                    e.go(stream if stream is not None else self._current_stream())
+                except QKNormError:
+                    self._close_for_use()
+                    raise
+                return (q, k) if in_place else (qo, ko)
+        return self._call_slow(q, k, q_weight, k_weight, out, positions, stream, tag, kv)
+
+    def _call_slow(self, q, k, q_weight, k_weight, out, positions, stream, tag, kv=None):
         self._check_usable()
         stream = stream if stream is not None else self._current_stream()
         try:
             qo, ko = (q, k) if out is None else _pair(out)
             arrs = (q, k, q_weight, k_weight, qo, ko, positions)
-            call = self._validate(*arrs, tag)
+            call = self._validate(*arrs, tag, kv=kv)
             go = self._transport.bind(call) if call.tokens else None
         except Exception as e:  # noqa: BLE001 - re-raised once the peers know
             self._refuse(q, tag, e, stream)
             raise
         if go is not None:
-            self._remember(arrs, tag, go)
+            self._remember(arrs, tag, go, kv)
             self._run(go, stream)
         return qo, ko
 
@@ -338,23 +395,33 @@ class TPQKNorm:
                           f"it refused its input ({why}); they raise PeerTimeoutError after "
                           f"timeout_s", RuntimeWarning, stacklevel=4)
 
-    def _remember(self, arrs, tag, go):
+    def _remember(self, arrs, tag, go, kv=None):
         """Cache a validated call of CuPy arrays, keyed by the arrays' identity and the tag
-        (as __call__ looks it up: without the outputs for a call in place)."""
+        (as __call__ looks it up: without the outputs for a call in place), and with a KV
+        cache by its arguments (_cache_key)."""
         if self._device is None or not (tag is None or type(tag) is int):
             return
         import cupy
         if not all(type(a) is cupy.ndarray for a in arrs[:6]) or \
                 not (arrs[6] is None or type(arrs[6]) is cupy.ndarray):
             return
+        q, k, qw, kw, qo, ko, pos = arrs
+        outs = () if (qo is q and ko is k) else (qo, ko)
+        if kv is not None:
+            if not all(type(a) is cupy.ndarray for a in kv[:4]) or \
+                    not all(a is None or type(a) is cupy.ndarray or _real(a) for a in kv[4:6]):
+                return
+            key = _cache_key(q, k, qw, kw, pos, tag, kv, outs)
+            shapes = _cache_shapes(q, k, kv, outs)
+            arrs = arrs + tuple(a for a in kv[:6] if type(a) is cupy.ndarray)
+        else:
+            key = (id(q), id(k), id(qw), id(kw), id(pos), tag)
+            shapes = (q.shape, k.shape)
+            if outs:
+                key += (id(qo), id(ko))
+                shapes += (qo.shape, ko.shape)
         if len(self._calls) >= MAX_CACHED_CALLS:
             self._calls.clear()
-        q, k, qw, kw, qo, ko, pos = arrs
-        key = (id(q), id(k), id(qw), id(kw), id(pos), tag)
-        shapes = (q.shape, k.shape)
-        if not (qo is q and ko is k):
-            key += (id(qo), id(ko))
-            shapes += (qo.shape, ko.shape)
         owner = weakref.ref(self)
 
         def forget(_, key=key):
@@ -364,20 +431,26 @@ class TPQKNorm:
         self._calls[key] = CachedCall(go, shapes, tuple(weakref.ref(a, forget) for a in arrs
                                                         if a is not None))
 
-    def bind(self, q, k, q_weight, k_weight, *, out=None, positions=None, tag=None):
+    def bind(self, q, k, q_weight, k_weight, *, out=None, positions=None, tag=None, v=None,
+             k_cache=None, v_cache=None, slot_mapping=None, k_scale=None, v_scale=None,
+             store_k=True):
         """Validate these arrays once; return a BoundCall that normalizes them on each
         call with no validation at all: `call(stream=None)` -> (q_out, k_out). The least
         host time per eager call, for pipelines that reuse their buffers. The call holds
         the arrays; they must keep their shapes (no in-place reshape) and the same
-        contract holds as for __call__ (every rank calls, same T, same tag)."""
+        contract holds as for __call__ (every rank calls, same T, same tag). The KV
+        cache's arguments as __call__'s: the contents of slot_mapping, positions and
+        device scalar scales are read at each call (a CUDA graph replay too)."""
         self._check_usable()
         qo, ko = (q, k) if out is None else _pair(out)
         arrs = (q, k, q_weight, k_weight, qo, ko, positions)
-        call = self._validate(*arrs, tag)
+        kv = (v, k_cache, v_cache, slot_mapping, k_scale, v_scale, store_k)
+        call = self._validate(*arrs, tag, kv=kv)
         go = self._transport.bind(call) if call.tokens else _no_tokens
-        return BoundCall(self, go, arrs)
+        return BoundCall(self, go, arrs + ((kv,) if call.cache is not None else ()))
 
-    def _validate(self, q, k, q_weight, k_weight, qo, ko, positions, tag=None) -> Call:
+    def _validate(self, q, k, q_weight, k_weight, qo, ko, positions, tag=None,
+                  kv=None) -> Call:
         self._validations += 1
         cfg = self.config
         code = tag_code(tag)
@@ -414,7 +487,8 @@ class TPQKNorm:
             raise TypeError("positions given, but this object was built without rope=")
         ops.append(pos)
         _check_overlaps(ops)
-        where = {op.device for op in ops if op is not None}
+        cache, extra = self._validate_cache(kv, ops, tokens)
+        where = {op.device for op in ops + extra if op is not None}
         if len(where) > 1:
             raise TypeError(f"all arrays must be on one device; got devices "
                             f"{sorted(where, key=str)} (None = host memory)")
@@ -426,7 +500,71 @@ class TPQKNorm:
             raise TypeError(f"arrays are on device {dev}, this object on device {self._device}")
         if dev is not None and self._device is None:
             raise TypeError("this object was built without a GPU; pass numpy arrays")
-        return Call(tuple(ops), arrays.Plan.of(ops), tuple(arrays.Plan.pointers(ops)), code)
+        return Call(tuple(ops), arrays.Plan.of(ops), tuple(arrays.Plan.pointers(ops)), code,
+                    cache)
+
+    def _validate_cache(self, kv, ops, tokens):
+        """(CacheCall or None, the cache's operands) of a call's KV cache arguments `kv`
+        (None: none given); raises TypeError/ValueError, one line, for bad ones."""
+        cfg = self.config
+        given = kv is not None and (any(a is not None for a in kv[:6]) or kv[6] is not True)
+        if cfg.kv is None:
+            if given:
+                raise TypeError("KV cache arguments given (v=, k_cache=, v_cache=, "
+                                "slot_mapping=, k_scale=, v_scale=, store_k=), but this "
+                                "object was built without kv_cache=")
+            return None, []
+        v, k_cache, v_cache, slots, k_scale, v_scale, store_k = kv if kv is not None \
+            else (None,) * 6 + (True,)
+        missing = [n for n, a in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache),
+                                  ("slot_mapping", slots)) if a is None]
+        if missing:
+            names = ", ".join(m + "=" for m in missing)
+            raise TypeError(f"this object writes a KV cache: pass {names} (v=, k_cache=, "
+                            f"v_cache= and slot_mapping= on every call)")
+        if type(store_k) is not bool:
+            raise TypeError(f"store_k must be True or False, got {store_k!r}")
+        kv_cfg, width = cfg.kv, cfg.k_local
+        vop = arrays.describe(v, "v")
+        arrays.check_rows(vop, "v", width, cfg.dtype)
+        if vop.shape[0] != tokens:
+            raise ValueError(f"v has {vop.shape[0]} rows but q has {tokens}")
+        for out, name in ((ops[4], "out[0]"), (ops[5], "out[1]")):
+            if arrays.overlap(out, vop):
+                raise ValueError(f"{name} overlaps v (outputs may only be their own input "
+                                 f"exactly, in place)")
+        heads = kv_cfg.kv_heads(width)
+        kc = cache_view(k_cache, "k_cache", kv_cfg, heads, cfg.dtype)
+        vc = cache_view(v_cache, "v_cache", kv_cfg, heads, cfg.dtype)
+        if (kc.num_blocks, kc.strides) != (vc.num_blocks, vc.strides):
+            raise ValueError(f"v_cache must have k_cache's blocks and strides: k_cache has "
+                             f"{kc.num_blocks} blocks, strides {kc.strides}; v_cache "
+                             f"{vc.num_blocks}, {vc.strides}")
+        if kc.slots >= 2 ** 31 or (kc.heads - 1) * kc.strides[2] + kc.head_dim >= 2 ** 31:
+            raise ValueError(f"k_cache: {kc.slots} slots and a head stride of "
+                             f"{kc.strides[2]}: the kernels index slots and a row's heads "
+                             f"with 32-bit integers (below 2^31)")
+        slot_ptr, slot_bytes = slot_view(slots, tokens)
+        ks, ks_at = scale_arg(k_scale, "k_scale")
+        vs, vs_at = scale_arg(v_scale, "v_scale")
+        extra = [vop, arrays.describe(k_cache, "k_cache"), arrays.describe(v_cache, "v_cache"),
+                 arrays.describe(slots, "slot_mapping")]
+        extra += [arrays.describe(x, role) for x, role in ((k_scale, "k_scale"),
+                                                           (v_scale, "v_scale"))
+                  if x is not None and not _real(x)]
+        item = kv_cfg.storage_dtype(cfg.dtype).itemsize
+        for c, role in ((kc, "k_cache"), (vc, "v_cache")):
+            end = c.ptr + item * (sum((n - 1) * st for n, st in zip(
+                (c.num_blocks, c.block_size, c.heads), c.strides)) + c.head_dim)
+            for op, name in zip(ops[:6] + [vop], OPERAND_NAMES[:6] + ("v",)):
+                span = arrays.extent(op)
+                if span is not None and span[0] < end and c.ptr < span[1]:
+                    raise ValueError(f"{role} overlaps the call's rows ({name})")
+        cache = CacheCall(vop.ptr, arrays.row_stride(vop), kc.ptr, vc.ptr, tuple(kc.strides),
+                          slot_ptr, ks_at, vs_at, kc.slots, kc.block_size, slot_bytes, ks, vs,
+                          store_k, (v, k_cache, v_cache, slots, k_scale, v_scale), heads,
+                          kv_cfg.head_dim, kv_cfg.cache_dtype(cfg.dtype))
+        return cache, extra
 
     def _check_usable(self):
         if self._closed:
@@ -482,6 +620,27 @@ class TPQKNorm:
                 f"rank={c.rank}/{c.world})")
 
 
+def _scale_key(x):
+    return ("value", float(x)) if _real(x) else id(x)
+
+
+def _cache_key(q, k, qw, kw, pos, tag, kv, outs):
+    """The call cache's key of a call with a KV cache (None where a scale is neither a
+    number nor an array)."""
+    v, kc, vc, sm, ks, vs, store_k = kv
+    if type(store_k) is not bool:
+        return None
+    return (id(q), id(k), id(qw), id(kw), id(pos), tag, id(v), id(kc), id(vc), id(sm),
+            _scale_key(ks), _scale_key(vs), store_k) + tuple(id(o) for o in outs)
+
+
+def _cache_shapes(q, k, kv, outs):
+    v, kc, vc, sm = kv[:4]
+    return (q.shape, k.shape, getattr(v, "shape", None), getattr(kc, "shape", None),
+            getattr(vc, "shape", None), getattr(sm, "shape", None)) + \
+        tuple(o.shape for o in outs)
+
+
 class CachedCall(NamedTuple):
     """A validated call of CuPy arrays, remembered by TPQKNorm: its launch function, the
     shapes it was validated with (q, k; then q_out, k_out out of place) and weak
@@ -491,10 +650,13 @@ class CachedCall(NamedTuple):
     arrays: tuple
 
 
+OPERAND_NAMES = ("q", "k", "q_weight", "k_weight", "out[0]", "out[1]", "positions")
+
+
 def _check_overlaps(ops):
     """Outputs may be their own inputs exactly (in place), nothing else may overlap them."""
     q, k, qw, kw, qo, ko, pos = ops
-    names = ("q", "k", "q_weight", "k_weight", "out[0]", "out[1]", "positions")
+    names = OPERAND_NAMES
     for i, out in ((4, qo), (5, ko)):
         for j, other in enumerate(ops):
             if j == i or other is None:

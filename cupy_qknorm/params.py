@@ -2,8 +2,9 @@
 record (kernels/params.cuh), the exchange slots (exchange.cuh), the unfused path's sums
 header (unfused.cuh) and the trace record (trace.cuh).
 
-FIELDS is struct qknorm::Params, field by field; HEAD, STATIC and PARAMS are built from
-it. The header pins the same offsets and sizes (a static_assert a field), and
+FIELDS is struct qknorm::Params, field by field; HEAD, STATIC, PARAMS and CACHE (the KV
+cache's fields that end STATIC, packed for each launch of a call with a cache) are built
+from it. The header pins the same offsets and sizes (a static_assert a field), and
 tests/test_compile.py compiles a probe of FIELDS against the header's struct: a field
 moved, resized or swapped on either side fails there. Adding a field: one row here (its
 offset as the C struct places it; gaps are padded), and in params.cuh its declaration and
@@ -78,7 +79,24 @@ FIELDS = (
     Field("q_dim", "f", 300),
     Field("k_dim", "f", 304),
     Field("max_position", "i", 308),
+    # the KV cache: packed for each launch of a call with a cache (CACHE), else zeros
+    Field("v", "Q", 312),
+    Field("v_stride", "q", 320),
+    Field("k_cache", "Q", 328),
+    Field("v_cache", "Q", 336),
+    Field("cache_block", "q", 344),
+    Field("cache_row", "q", 352),
+    Field("cache_head", "q", 360),
+    Field("slot_mapping", "Q", 368),
+    Field("k_scale_at", "Q", 376),
+    Field("v_scale_at", "Q", 384),
+    Field("num_slots", "q", 392),
+    Field("block_size", "i", 400),
+    Field("slot_bytes", "i", 404),
+    Field("k_scale", "f", 408),
+    Field("v_scale", "f", 412),
 )
+CACHE_FIRST = "v"  # the first of the KV cache's fields, which end the struct
 PARAMS_ALIGN = 8  # struct Params's alignment (its pointers'): its size rounds up to it
 
 
@@ -110,13 +128,18 @@ def layouts(fields=FIELDS):
 
 
 HEAD, STATIC, PARAMS = layouts(FIELDS)
+_CACHE_AT = [f.name for f in FIELDS].index(CACHE_FIRST)
+# the KV cache's fields, from their offset to the end of the struct (packed per launch)
+CACHE = _layout(FIELDS[_CACHE_AT:], FIELDS[_CACHE_AT].offset, PARAMS.size)
+CACHE_OFFSET = FIELDS[_CACHE_AT].offset
 
 ERROR_WORDS = 8             # {code, peer, token, rank, theirs, ours, failed, lock}
 ERROR_FAILED = 6            # the record's word that ends every wait once the exchange failed
 ERROR_TIMEOUT, ERROR_TOKENS, ERROR_SEQUENCE, ERROR_POSITION, ERROR_REJECTED = 1, 2, 3, 4, 5
-ERROR_TAG, ERROR_PEER_POSITION = 6, 7
+ERROR_TAG, ERROR_PEER_POSITION, ERROR_SLOT = 6, 7, 8
 FLAG_REFUSED = 1            # qknorm::kFlagRefused: take part in the exchange, read no row
 FLAG_K_REPLICA = 2          # qknorm::kFlagKReplica: k's slice repeats a lower rank's head
+FLAG_NO_K_STORE = 4         # qknorm::kFlagNoKStore: with a KV cache, k's row to the cache only
 SLOT_BYTES = 16             # one exchange slot: {sum_q, sum_k, tokens, use and tag}
 EMPTY_WORD = 0x80000000     # qknorm::kEmptyWord (the float -0.0): every slot word, empty
 SUMS_HEADER = 4 * MAX_WORLD  # qknorm::kSumsHeader: floats before the unfused path's sums
@@ -129,8 +152,9 @@ DEVICE_CONSTANTS = {
     "kErrorTokens": ERROR_TOKENS, "kErrorSequence": ERROR_SEQUENCE,
     "kErrorPosition": ERROR_POSITION, "kErrorRejected": ERROR_REJECTED,
     "kErrorTag": ERROR_TAG, "kErrorPeerPosition": ERROR_PEER_POSITION,
-    "kErrorFailed": ERROR_FAILED,
-    "kFlagRefused": FLAG_REFUSED, "kFlagKReplica": FLAG_K_REPLICA, "kMaxWorld": MAX_WORLD,
+    "kErrorSlot": ERROR_SLOT, "kErrorFailed": ERROR_FAILED,
+    "kFlagRefused": FLAG_REFUSED, "kFlagKReplica": FLAG_K_REPLICA,
+    "kFlagNoKStore": FLAG_NO_K_STORE, "kMaxWorld": MAX_WORLD,
     "kEmptyWord": EMPTY_WORD, "kSumsHeader": SUMS_HEADER, "kTraceWords": TRACE_WORDS,
 }
 
@@ -154,4 +178,5 @@ def pack_static(buf, slots, counters, error, error_host, sums, cos_sin, timeout_
     """Write the fields that stay the same for every launch of an object."""
     slots = tuple(slots) + (0,) * (MAX_WORLD - len(slots))
     STATIC.pack_into(buf, HEAD.size, *slots, counters, error, error_host, sums, cos_sin,
-                     timeout_ns, max_tokens, rank, eps, q_dim, k_dim, max_position)
+                     timeout_ns, max_tokens, rank, eps, q_dim, k_dim, max_position,
+                     *(0,) * len(CACHE.unpack(bytes(CACHE.size))))  # no cache: zeros

@@ -20,6 +20,8 @@ from .shapes import DTYPES, MAX_WORLD, default_dims, minimax_local, vector_elems
 
 C_TYPES = {"bfloat16": "qknorm::bf16_t", "float16": "qknorm::f16_t", "float32": "float"}
 ROTARY_STYLES = {1: "NeoX", 2: "GptJ"}   # Spec.style -> kernels/spec.cuh's Rotary alias
+CACHE_KINDS = {1: "SameCache", 2: "Fp8Cache"}  # Spec.cache -> kernels/kvcache.cuh's alias
+FP8_MIN_ARCH = 89             # cvt.rn.satfinite.e4m3x2.f32
 # name: (16-byte vectors a thread, rows staged in shared memory, tokens in flight)
 LAYOUTS = {"narrow": (2, False, 2), "wide": (8, True, 3)}
 STAGE_BYTES_MAX = 44 * 1024   # static shared memory a block may use for staged rows
@@ -67,14 +69,23 @@ class Spec:
     head: int = 0      # RoPE: head_dim (0: no RoPE)
     rot: int = 0       # RoPE: rotary_dim
     style: int = 0     # RoPE: 0 none, 1 NeoX, 2 GPT-J
+    cache: int = 0     # KV cache: 0 none, 1 the data type, 2 FP8 E4M3 (CACHE_KINDS)
+    cache_head: int = 0  # KV cache: head_dim
 
     @classmethod
     def plan(cls, dtype: str, weight_dtype: str, world: int, q_local: int, k_local: int,
-             layout: str = "narrow", rope: RoPE | None = None, tuning: dict | None = None):
+             layout: str = "narrow", rope: RoPE | None = None, tuning: dict | None = None,
+             cache: tuple = (0, 0)):
         """The spec of one layout: warps per token, the fewest that keep about its
         vectors a thread; depth and staging as the layout says (the tuning knobs, as
         read_knobs() read them, included; default: now), rows in registers where staged
-        rows would not fit shared memory."""
+        rows would not fit shared memory. `cache`: (kind, head_dim) of the KV cache the
+        kernels write (Spec.cache; (0, 0): none)."""
+        kind, cache_head = cache
+        if kind not in (0, *CACHE_KINDS) or (kind and (cache_head <= 0 or
+                                                       k_local % cache_head)):
+            raise ValueError(f"cache must be (0, 0) or (1 or 2, a head_dim that divides "
+                             f"{k_local}), got {cache!r}")
         if dtype not in C_TYPES:
             raise ValueError(f"dtype must be one of {sorted(C_TYPES)}, got {dtype!r}")
         if weight_dtype not in (dtype, "float32"):
@@ -101,10 +112,11 @@ class Spec:
         staged = staged and tuning["CUPY_QKNORM_STAGED"] == 1
         forced = tuning["CUPY_QKNORM_DEPTH"]
         spec = cls(dtype, weight_dtype, world, q_local, k_local, warps, forced or depth,
-                   int(staged), head, rot, style)
+                   int(staged), head, rot, style, kind, cache_head if kind else 0)
         if spec.stage_bytes > STAGE_BYTES_MAX:  # rows in registers, at the register depth
             spec = cls(dtype, weight_dtype, world, q_local, k_local, warps,
-                       forced or LAYOUTS["narrow"][2], 0, head, rot, style)
+                       forced or LAYOUTS["narrow"][2], 0, head, rot, style, kind,
+                       cache_head if kind else 0)
         return spec
 
     @property
@@ -130,11 +142,12 @@ class Spec:
         t, w = C_TYPES[self.dtype], C_TYPES[self.weight_dtype]
         widths = f"qknorm::Widths<{self.q_local}, {self.k_local}>"
         tiling = f"qknorm::Tiling<{self.warps}, {self.depth}, {self.staged}>"
+        kv = f", {self.kv}" if self.cache else ""
         out = {
             "fused": f"qknorm::fused<{t}, {w}, {self.world}, {widths}, {tiling}, "
-                     f"{self.rotary}>",
+                     f"{self.rotary}{kv}>",
             "partial_sums": f"qknorm::partial_sums<{t}, {widths}, {self.warps}>",
-            "apply": f"qknorm::apply<{t}, {w}, {widths}, {self.warps}, {self.rotary}>",
+            "apply": f"qknorm::apply<{t}, {w}, {widths}, {self.warps}, {self.rotary}{kv}>",
         }
         if self.world > 1:
             out["reject"] = f"qknorm::reject<{self.world}>"
@@ -149,6 +162,30 @@ class Spec:
         return f"qknorm::{ROTARY_STYLES[self.style]}<{self.head}, {self.rot}>"
 
     @property
+    def kv(self) -> str:
+        """The kernels' Cache argument: qknorm::NoCache, qknorm::SameCache<head_dim> or
+        qknorm::Fp8Cache<head_dim>."""
+        if not self.cache:
+            return "qknorm::NoCache"
+        return f"qknorm::{CACHE_KINDS[self.cache]}<{self.cache_head}>"
+
+    @property
+    def cache_name(self) -> str | None:
+        """The separate KV-cache write kernel of this spec, in the tools module
+        (kernels/tools.cu): the benchmark's unfused baseline. None without a cache. A
+        thread a 16-byte vector of k's slice (up to 1024)."""
+        if not self.cache:
+            return None
+        return (f"qknorm::cache_write<{C_TYPES[self.dtype]}, {self.k_local}, "
+                f"{self.cache_threads // 32}, {self.kv}>")
+
+    @property
+    def cache_threads(self) -> int:
+        """Threads a block of the separate cache write: one a 16-byte vector of k's slice,
+        whole warps, at most 1024."""
+        return 32 * min(32, -(-(self.k_local // vector_elems(self.dtype)) // 32))
+
+    @property
     def rope_name(self) -> str | None:
         """The separate RoPE kernel of this spec, in the tools module (kernels/tools.cu):
         the benchmark's unfused baseline. None without RoPE."""
@@ -160,9 +197,11 @@ class Spec:
     def __str__(self):
         rope = f" rope={self.head}/{self.rot}/{'neox' if self.style == 1 else 'gptj'}" \
             if self.style else ""
+        kv = f" cache={'fp8' if self.cache == 2 else 'same'}/{self.cache_head}" \
+            if self.cache else ""
         return (f"{self.dtype}/w:{self.weight_dtype} G={self.world} q={self.q_local} "
                 f"k={self.k_local} warps={self.warps} depth={self.depth}" +
-                (" staged" if self.staged else "") + rope)
+                (" staged" if self.staged else "") + rope + kv)
 
 
 SHIPPED_WORLDS = (1, 2, 3, 4, 5, 6, 7, 8, 16)  # G the package ships kernels for
@@ -173,8 +212,9 @@ def shipped_specs() -> list:
     each): for G = 1, 2, 4, 8 and 16 with MiniMax's heads (at 16, one replicated KV head a
     rank), every layout, dtype and weight dtype, without and with MiniMax's RoPE; for
     G = 3, 5, 6, 7, the widths shapes.default_dims gives them, bf16, both layouts; GPT-J
-    style and full rotation at G=2 in bf16. Any other specialization compiles at its first
-    use."""
+    style and full rotation at G=2 in bf16; the KV cache (bf16 and FP8) after MiniMax's
+    RoPE in bf16 at G = 1, 2, 4, 8 and 16, and an FP8 cache of fp32 data at G=2. Any other
+    specialization compiles at its first use."""
     minimax = RoPE.minimax_m2()
     specs = []
     for world in SHIPPED_WORLDS:
@@ -191,13 +231,21 @@ def shipped_specs() -> list:
     for rope in (RoPE(128, 64, style="gptj", max_position=1), RoPE(128, 128, max_position=1)):
         for layout in LAYOUTS:
             specs.append(Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, layout, rope))
+    for world in (1, 2, 4, 8, 16):  # the attention prologue: MiniMax's, bf16 and FP8 caches
+        for wdt in ("bfloat16", "float32"):
+            for cache in ((1, 128), (2, 128)):
+                for layout in LAYOUTS:
+                    specs.append(Spec.plan("bfloat16", wdt, world, *minimax_local(world),
+                                           layout, minimax, cache=cache))
+    specs.append(Spec.plan("float32", "float32", 2, 3072, 512, "narrow", cache=(2, 128)))
     return list(dict.fromkeys(specs))  # layouts coincide for some widths
 
 
 def representative_specs() -> list:
     """Shipped specializations that build every kernel template at least once: every dtype,
     both weight dtypes, both layouts, the norm alone and each RoPE layout (NeoX paired,
-    NeoX across lanes at G=8, GPT-J, full rotation), G = 1, 2, 3, 8 and 16; what CI compiles
+    NeoX across lanes at G=8, GPT-J, full rotation), G = 1, 2, 3, 8 and 16, and the KV
+    cache (same dtype, FP8 from 16-bit and from fp32 data); what CI compiles
     (tests/test_compile.py asserts these claims). The full matrix is shipped_specs()."""
     minimax = RoPE.minimax_m2()
     plan = Spec.plan
@@ -213,5 +261,9 @@ def representative_specs() -> list:
              RoPE(128, 64, style="gptj", max_position=1)),
         plan("bfloat16", "bfloat16", 2, 3072, 512, "narrow", RoPE(128, 128, max_position=1)),
         plan("bfloat16", "bfloat16", 16, 384, 128, "narrow", minimax),    # replicated k
+        # the KV cache's write in the epilogue: bf16 (paired), FP8 (staged), FP8 from fp32
+        plan("bfloat16", "bfloat16", 2, 3072, 512, "narrow", minimax, cache=(1, 128)),
+        plan("bfloat16", "float32", 1, 6144, 1024, "wide", minimax, cache=(2, 128)),
+        plan("float32", "float32", 2, 3072, 512, "narrow", cache=(2, 128)),
     ]
 

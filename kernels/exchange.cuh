@@ -63,9 +63,10 @@ __device__ __forceinline__ bool breaks_exchange(int code) {
 // does not hide it. A lock keeps two owners' words from mixing, an owner that finds the
 // code no longer its own writes nothing, and the host's code word is cleared while the
 // words under it change.
-__device__ void record_error(const Params& p, int code, int peer, int token, int theirs,
-                             int ours) {
-  if (breaks_exchange(code)) atomicExch(p.error + kErrorFailed, 1);
+// report_error is the report alone: for a finding that leaves the exchange in step and is
+// no position (a slot outside the KV cache).
+__device__ __forceinline__ void report_error(const Params& p, int code, int peer, int token,
+                                             int theirs, int ours) {
   int old = atomicCAS(p.error, 0, code);
   if (old == kErrorPeerPosition && code == kErrorPosition)
     old = atomicCAS(p.error, kErrorPeerPosition, code) == kErrorPeerPosition ? 0 : old;
@@ -86,6 +87,12 @@ __device__ void record_error(const Params& p, int code, int peer, int token, int
   }
   __threadfence();
   atomicExch(p.error + kErrorLock, 0);
+}
+
+__device__ void record_error(const Params& p, int code, int peer, int token, int theirs,
+                             int ours) {
+  if (breaks_exchange(code)) atomicExch(p.error + kErrorFailed, 1);
+  report_error(p, code, peer, token, theirs, ours);
 }
 
 // Whether the exchange already failed on this rank (a failure of the exchange was recorded,

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "exchange.cuh"
+#include "kvcache.cuh"
 #include "layout.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
@@ -37,8 +38,11 @@ __device__ __forceinline__ bool each_phase(Fn& f) {
 // A block pushes one token ahead of the one it waits for: two ahead was 5-7% slower at
 // 4096-8192 tokens on H200.
 // Elem: the data type (bf16_t, f16_t, float); Weight: the weights' (Elem or float); World:
-// the ranks (G); Slice: a Widths; Tile: a Tiling; Rope: a Rotary (NoRope, NeoX, GptJ).
-template <class Elem, class Weight, int World, class Slice, class Tile, class Rope>
+// the ranks (G); Slice: a Widths; Tile: a Tiling; Rope: a Rotary (NoRope, NeoX, GptJ);
+// Cache: a KVCache (kvcache.cuh): with one, finish() also writes k's row and v's row to the
+// token's slot of the caches, from the same threads' stores.
+template <class Elem, class Weight, int World, class Slice, class Tile, class Rope,
+          class Cache = NoCache>
 struct Fused {
   static constexpr int kWarps = Tile::kWarps;
   static constexpr int kDepth = Tile::kDepth;
@@ -48,6 +52,8 @@ struct Fused {
   using TokenRow =
       typename Pick<Tile::kStaged != 0, StagedRow<RowLayout>, Row<RowLayout>>::type;
   using TokenAngles = Angles<RowLayout, Rope>;
+  using Slot = TokenCache<Elem, Cache>;
+  using Values = ValueRow<Elem, Cache, Slice::kK, kThreads>;
   static constexpr int kStageVectors = Tile::kStaged ? RowLayout::kSlots * kThreads : 0;
 
   // One set per row: a set is rewritten only by the next push() and finish() of the same
@@ -65,6 +71,10 @@ struct Fused {
     unsigned int uses;  // use number of the token's slot: which half of the buffer it takes
     float2 part;        // this rank's sums of squares
     typename TokenAngles::Token pos;
+    // KV cache: the token's slot and scales, and its v row, loaded with the row (a load
+    // issued at finish() was a memory latency on every token's path)
+    typename Pick<Cache::kOn, Slot, Constant<0>>::type cache;
+    typename Pick<Cache::kOn, Values, Constant<0>>::type values;
   };
 
   static __device__ __forceinline__ uint4* slot(const Params& p, unsigned int uses,
@@ -81,6 +91,10 @@ struct Fused {
                                               Pending& pending) {
     if (World > 1 && threadIdx.x == 0) pending.uses = p.counters[t];
     if constexpr (TokenAngles::kOn) pending.pos.words = load_position(p, t);
+    if constexpr (Cache::kOn) {
+      pending.cache.load(p, t);
+      pending.values.load(p, t);
+    }
     row.load(p, t);
   }
 
@@ -195,13 +209,23 @@ struct Fused {
         return;
       }
     }
-    if (sh.ok[set]) row.scale_store(p, t, sh.scale[set], wt, angles);
+    if constexpr (Cache::kOn) {
+      if (!sh.ok[set]) return;
+      const Slot& cache = pending.cache;
+      const long long at = cache.row(p);  // -1: no cache row (padding, or a bad slot)
+      row.scale_store(p, t, sh.scale[set], wt, angles, cache, at);
+      if (at >= 0) pending.values.store(p, at, cache);
+      else if (threadIdx.x == 0 && cache.bad(p)) record_slot_error(p, cache.slot, t);
+    } else {
+      if (sh.ok[set]) row.scale_store(p, t, sh.scale[set], wt, angles);
+    }
   }
 };
 
-template <class Elem, class Weight, int World, class Slice, class Tile, class Rope>
+template <class Elem, class Weight, int World, class Slice, class Tile, class Rope,
+          class Cache = NoCache>
 __global__ void __launch_bounds__(Tile::kThreads, 1) fused(const Params p) {
-  using Impl = Fused<Elem, Weight, World, Slice, Tile, Rope>;
+  using Impl = Fused<Elem, Weight, World, Slice, Tile, Rope, Cache>;
   constexpr int kDepth = Tile::kDepth;
   __shared__ typename Impl::Shared sh;
   // staged: the rows

@@ -14,9 +14,12 @@ constexpr int kFlagRefused = 1;  // this rank refused its input: take part, read
 // k's slice is a replica of a head that a lower rank holds too (KV heads fewer than the
 // ranks): its partial sum of k counts 0, so each distinct head is summed once
 constexpr int kFlagKReplica = 2;
+constexpr int kFlagNoKStore = 4;  // with a KV cache: k's row goes to the cache only
+
 
 // Launch parameters, passed by value. The first 112 bytes (q .. flags) are what the host
-// packs for each launch (a call's chunk); the rest is packed once an object.
+// packs for each launch (a call's chunk); slots .. max_position are packed once an object;
+// the KV cache's fields (v ..) are packed for each launch of a call with a cache.
 struct Params {
   const void* q;                       // [tokens, q_stride] rows, this rank's slice
   const void* k;
@@ -48,6 +51,21 @@ struct Params {
   float q_dim;                         // full (unsharded) widths, as divisors
   float k_dim;
   int max_position;                    // RoPE: rows of cos_sin
+  const void* v;                       // KV cache: [tokens, v_stride] rows of k's width
+  long long v_stride;                  // elements between rows of v
+  void* k_cache;                       // [blocks][block_size][heads][head_dim], any strides
+  void* v_cache;
+  long long cache_block;               // strides of both caches, in their elements
+  long long cache_row;
+  long long cache_head;
+  const void* slot_mapping;            // [tokens] int32 or int64: the token's slot, -1: none
+  const float* k_scale_at;             // FP8: the scales on the device, or null: k_scale
+  const float* v_scale_at;
+  long long num_slots;                 // blocks * block_size
+  int block_size;
+  int slot_bytes;                      // 4 or 8 (0: no cache in this launch)
+  float k_scale;                       // FP8: cache = fp8(value / scale)
+  float v_scale;
 };
 
 // Every field where the host packs it (params.FIELDS): a field moved, resized or swapped
@@ -94,17 +112,32 @@ QKNORM_FIELD(eps, 296, 4);
 QKNORM_FIELD(q_dim, 300, 4);
 QKNORM_FIELD(k_dim, 304, 4);
 QKNORM_FIELD(max_position, 308, 4);
+QKNORM_FIELD(v, 312, 8);
+QKNORM_FIELD(v_stride, 320, 8);
+QKNORM_FIELD(k_cache, 328, 8);
+QKNORM_FIELD(v_cache, 336, 8);
+QKNORM_FIELD(cache_block, 344, 8);
+QKNORM_FIELD(cache_row, 352, 8);
+QKNORM_FIELD(cache_head, 360, 8);
+QKNORM_FIELD(slot_mapping, 368, 8);
+QKNORM_FIELD(k_scale_at, 376, 8);
+QKNORM_FIELD(v_scale_at, 384, 8);
+QKNORM_FIELD(num_slots, 392, 8);
+QKNORM_FIELD(block_size, 400, 4);
+QKNORM_FIELD(slot_bytes, 404, 4);
+QKNORM_FIELD(k_scale, 408, 4);
+QKNORM_FIELD(v_scale, 412, 4);
 #undef QKNORM_FIELD
 #endif
-constexpr int kParamsBytes = 312;
+constexpr int kParamsBytes = 416;
 static_assert(sizeof(Params) == kParamsBytes, "Params layout is shared with the host");
 
 // Error record: {code, peer, token, rank, theirs, ours, failed, lock}: theirs and ours are
 // the peer's and this rank's value of what differs (T, use number, tag code), or a
-// position and the table's rows (kErrorPosition). The host reads words 0-5 (the report);
-// words 6 (1 once this rank's exchange failed) and 7 (record_error's lock) are the
-// device's, and start at 0 like the rest. Tokens are the call's (first_token + the
-// launch's row).
+// position and the table's rows (kErrorPosition), or a slot and the cache's slots
+// (kErrorSlot). The host reads words 0-5 (the report); words 6 (1 once this rank's
+// exchange failed) and 7 (record_error's lock) are the device's, and start at 0 like the
+// rest. Tokens are the call's (first_token + the launch's row).
 constexpr int kErrorWords = 8;
 constexpr int kErrorTimeout = 1;        // the peer's partial sums never came
 constexpr int kErrorTokens = 2;         // the peer's call has another T
@@ -113,6 +146,7 @@ constexpr int kErrorPosition = 4;       // this rank's position of a row is outs
 constexpr int kErrorRejected = 5;       // the peer refused its input of this call
 constexpr int kErrorTag = 6;            // the peer's call has another tag
 constexpr int kErrorPeerPosition = 7;   // the peer's position of a row is outside its table
+constexpr int kErrorSlot = 8;           // this rank's slot of a row is outside its KV cache
 constexpr int kErrorFailed = 6;         // (words of the record, not codes)
 constexpr int kErrorLock = 7;
 

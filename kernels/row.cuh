@@ -3,6 +3,7 @@
 // stored.
 #pragma once
 
+#include "kvcache.cuh"
 #include "layout.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
@@ -82,13 +83,16 @@ struct RowMath {
   }
 
   // Scales, weights, rotates (TokenAngles: an Angles, or the empty one of NoRope) and
-  // stores the row.
-  template <class Weight, class TokenAngles, class Get>
+  // stores the row; with a KV cache (Cache: a TokenCache with its row `at` in the caches,
+  // -1 for none), k's vectors go to the cache too.
+  template <class Weight, class TokenAngles, class Get, class Cache = NoTokenCache>
   static __device__ __forceinline__ void scale_store(const Params& p, long long t,
                                                      float2 scale,
                                                      const Weights<Weight, RowLayout>& wt,
                                                      const TokenAngles& rope,
-                                                     const Get& get) {
+                                                     const Get& get,
+                                                     const Cache& cache = Cache(),
+                                                     long long at = -1) {
     constexpr int kWeightVectors = Weights<Weight, RowLayout>::kVectors;
     auto scaled = [&](int j, float* f) {  // slot j's normalized values
       float wf[kElems];
@@ -110,8 +114,8 @@ struct RowMath {
           if (v0) scaled(j, lo);
           if (v1) scaled(j + 1, hi);
           if (RowLayout::paired(j)) rope.rotate_pair(lo, hi);  // a pair's two slots are valid
-          if (v0) store(p, t, j, lo);
-          if (v1) store(p, t, j + 1, hi);
+          if (v0) store(p, t, j, lo, cache, at);
+          if (v1) store(p, t, j + 1, hi, cache, at);
           continue;
         }
       }
@@ -123,16 +127,31 @@ struct RowMath {
         rope.rotate(j, f);
         if (TokenAngles::kExchange && !RowLayout::valid(j)) continue;
       }
-      store(p, t, j, f);
+      store(p, t, j, f, cache, at);
     }
   }
 
+  template <class Cache = NoTokenCache>
   static __device__ __forceinline__ void store(const Params& p, long long t, int j,
-                                               const float* f) {
-    Elem* dst = RowLayout::is_q(j)
-                    ? static_cast<Elem*>(p.q_out) + t * p.q_out_stride + RowLayout::offset(j)
-                    : static_cast<Elem*>(p.k_out) + t * p.k_out_stride + RowLayout::offset(j);
-    *reinterpret_cast<uint4*>(dst) = Vec<Elem>::pack(f);
+                                               const float* f, const Cache& cache = Cache(),
+                                               long long at = -1) {
+    if constexpr (!Cache::kOn) {
+      Elem* dst = RowLayout::is_q(j)
+                      ? static_cast<Elem*>(p.q_out) + t * p.q_out_stride + RowLayout::offset(j)
+                      : static_cast<Elem*>(p.k_out) + t * p.k_out_stride + RowLayout::offset(j);
+      *reinterpret_cast<uint4*>(dst) = Vec<Elem>::pack(f);
+    } else {
+      const uint4 v = Vec<Elem>::pack(f);
+      if (RowLayout::is_q(j)) {
+        *reinterpret_cast<uint4*>(static_cast<Elem*>(p.q_out) + t * p.q_out_stride +
+                                  RowLayout::offset(j)) = v;
+        return;
+      }
+      if ((p.flags & kFlagNoKStore) == 0)
+        *reinterpret_cast<uint4*>(static_cast<Elem*>(p.k_out) + t * p.k_out_stride +
+                                  RowLayout::offset(j)) = v;
+      if (at >= 0) cache.store_k(p, at, RowLayout::offset(j), v);
+    }
   }
 };
 
@@ -153,11 +172,13 @@ struct Row {
   __device__ __forceinline__ float2 sums() const {
     return Math::sums([&](int j) { return x[j]; });
   }
-  template <class Weight, class TokenAngles>
+  template <class Weight, class TokenAngles, class Cache = NoTokenCache>
   __device__ __forceinline__ void scale_store(const Params& p, long long t, float2 scale,
                                               const Weights<Weight, RowLayout>& wt,
-                                              const TokenAngles& rope) const {
-    Math::scale_store(p, t, scale, wt, rope, [&](int j) { return x[j]; });
+                                              const TokenAngles& rope,
+                                              const Cache& cache = Cache(),
+                                              long long at = -1) const {
+    Math::scale_store(p, t, scale, wt, rope, [&](int j) { return x[j]; }, cache, at);
   }
 };
 
@@ -186,11 +207,14 @@ struct StagedRow {
   __device__ __forceinline__ float2 sums() const {
     return Math::sums([&](int j) { return at[j * kThreads]; });
   }
-  template <class Weight, class TokenAngles>
+  template <class Weight, class TokenAngles, class Cache = NoTokenCache>
   __device__ __forceinline__ void scale_store(const Params& p, long long t, float2 scale,
                                               const Weights<Weight, RowLayout>& wt,
-                                              const TokenAngles& rope) const {
-    Math::scale_store(p, t, scale, wt, rope, [&](int j) { return at[j * kThreads]; });
+                                              const TokenAngles& rope,
+                                              const Cache& cache = Cache(),
+                                              long long row = -1) const {
+    Math::scale_store(p, t, scale, wt, rope, [&](int j) { return at[j * kThreads]; }, cache,
+                      row);
   }
 };
 

@@ -6,7 +6,10 @@
 //   qknorm_copy, qknorm_exchange
 //   qknorm::rope<Elem, Widths<QWidth, KWidth>, Warps, Rope>
 //                                      the benchmark's unfused baseline: RoPE alone
+//   qknorm::cache_write<Elem, KWidth, Warps, Cache>
+//                                      and the KV-cache write alone, after the op
 // e.g. "qknorm::rope<qknorm::bf16_t, qknorm::Widths<3072, 512>, 7, qknorm::NeoX<128, 64>>".
+#include "kvcache.cuh"
 #include "layout.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
@@ -156,6 +159,45 @@ __global__ void __launch_bounds__(Warps * 32, 1) rope(const Params p) {
     }
   }
   if (bad >= 0 && threadIdx.x == 0) record_position_error(p, bad);
+}
+
+// The KV-cache write alone (the benchmark's unfused baseline, as vLLM's
+// reshape_and_cache_flash): token t's rows of k_out and v to its slot of k_cache and
+// v_cache, one launch, 16-byte loads, each thread's vectors loaded before any is stored.
+// Any grid, Warps * 32 threads a block.
+template <class Elem, int KWidth, int Warps, class Cache>
+__global__ void __launch_bounds__(Warps * 32) cache_write(const Params p) {
+  static_assert(Cache::kOn, "cache_write needs a cache");
+  constexpr int kThreads = Warps * 32, kElems = Vec<Elem>::kElems;
+  constexpr int kVectors = KWidth / kElems;
+  constexpr int kPer = (kVectors + kThreads - 1) / kThreads;
+  using Slot = TokenCache<Elem, Cache>;
+  grid_dependency_wait();
+  for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
+    Slot slot;
+    slot.load(p, t);
+    ValueRow<Elem, Cache, KWidth, kThreads> values;
+    values.load(p, t);
+    const uint4* k = reinterpret_cast<const uint4*>(static_cast<const Elem*>(p.k_out) +
+                                                    t * p.k_out_stride);
+    uint4 x[kPer];
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int i = (int)threadIdx.x + u * kThreads;
+      if (i < kVectors) x[u] = k[i];
+    }
+    const long long at = slot.row(p);
+    if (at < 0) {
+      if (threadIdx.x == 0 && slot.bad(p)) record_slot_error(p, slot.slot, t);
+      continue;
+    }
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int i = (int)threadIdx.x + u * kThreads;
+      if (i < kVectors) slot.store_k(p, at, i * kElems, x[u]);
+    }
+    values.store(p, at, slot);
+  }
 }
 
 }  // namespace qknorm

@@ -11,6 +11,7 @@
 #pragma once
 
 #include "exchange.cuh"
+#include "kvcache.cuh"
 #include "layout.cuh"
 #include "params.cuh"
 #include "rope.cuh"
@@ -151,12 +152,16 @@ __device__ __forceinline__ HeaderVerdict read_header(const Params& p) {
 // Weight: the weights' type (Elem or float); Rope: a Rotary (NoRope, NeoX, GptJ).
 // Stores every row whose own position is valid, whatever an earlier launch recorded,
 // unless the exchange failed (the header's verdict, or a timeout the watchdog recorded).
-template <class Elem, class Weight, class Slice, int Warps, class Rope>
+// Cache: a KVCache (kvcache.cuh): with one, k's stored row and v's row go to the token's
+// slot of the caches too.
+template <class Elem, class Weight, class Slice, int Warps, class Rope, class Cache = NoCache>
 __global__ void __launch_bounds__(Warps * 32, Rope::kStyle == kRopeNone ? 0 : 1)
     apply(const Params p) {
   constexpr int kThreads = Warps * 32;
   using RowLayout = typename LayoutFor<Elem, Slice, kThreads, Rope>::type;
   using TokenAngles = Angles<RowLayout, Rope>;
+  using Slot = TokenCache<Elem, Cache>;
+  using Values = ValueRow<Elem, Cache, Slice::kK, kThreads>;
   if (blockIdx.x == 0 && threadIdx.x == 0 && p.counters != nullptr)
     p.counters[1] = p.counters[0];  // launches followed
   if ((p.flags & kFlagRefused) != 0) return;  // this rank refused (its host raises that)
@@ -173,10 +178,17 @@ __global__ void __launch_bounds__(Warps * 32, Rope::kStyle == kRopeNone ? 0 : 1)
   const float2* const sums = reinterpret_cast<const float2*>(p.sums + kSumsHeader);
   // Failures are recorded once, after the loop: a record_error inside it made ptxas spill.
   int bad = -1;  // a row whose position is out of range
+  long long bad_slot = 0, bad_slot_token = -1;  // a row whose slot is outside the cache
   Row<RowLayout> row;
   for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
     PositionWords words;
     if constexpr (TokenAngles::kOn) words = load_position(p, t);
+    Slot slot;
+    Values values;
+    if constexpr (Cache::kOn) {
+      slot.load(p, t);
+      values.load(p, t);
+    }
     const float2 s = sums[t];
     row.load(p, t);
     TokenAngles angles;
@@ -188,7 +200,21 @@ __global__ void __launch_bounds__(Warps * 32, Rope::kStyle == kRopeNone ? 0 : 1)
       }
       angles.load(p, r);
     }
-    row.scale_store(p, t, inv_rms(p, s.x, s.y), wt, angles);
+    if constexpr (Cache::kOn) {
+      const long long at = slot.row(p);
+      row.scale_store(p, t, inv_rms(p, s.x, s.y), wt, angles, slot, at);
+      if (at >= 0) {
+        values.store(p, at, slot);
+      } else if (slot.bad(p)) {
+        bad_slot = slot.slot;
+        bad_slot_token = t;
+      }
+    } else {
+      row.scale_store(p, t, inv_rms(p, s.x, s.y), wt, angles);
+    }
+  }
+  if constexpr (Cache::kOn) {
+    if (threadIdx.x == 0 && bad_slot_token >= 0) record_slot_error(p, bad_slot, bad_slot_token);
   }
   if (threadIdx.x == 0 && bad >= 0) record_position_error(p, bad);
   if (first && v.peer_bad >= 0)

@@ -126,7 +126,8 @@ PYTEST_MPI_SKIP = "need --with-mpi option to run"  # pytest-mpi's reason: says n
 def mpi_skip_reason(path: Path) -> str:
     """Why an MPI test of file `path` skips in a plain run: where it runs instead."""
     where = Path(path).resolve().relative_to(ROOT).as_posix()
-    if where in ("tests/test_mpi.py", "tests/test_jax_mpi.py"):
+    if where in ("tests/test_mpi.py", "tests/test_jax_mpi.py",
+                 "tests/test_mpi_kvcache.py"):
         ranks = " and ".join(f"-n {g}" for g in MPI_RANKS)
         return f"runs under mpiexec {ranks} from tests/test_launch.py"
     if where.startswith("tests/gpu/"):

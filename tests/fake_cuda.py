@@ -15,11 +15,12 @@ import inspect
 
 import numpy as np
 
-from cupy_qknorm.params import FIELDS, HEAD, PARAMS
+from cupy_qknorm.params import CACHE, CACHE_OFFSET, FIELDS, HEAD, PARAMS
 from cupy_qknorm.transports.cuda import Buffer
 from cupy_qknorm.transports.launch import Kernel, Launcher, _LaunchConfig
 
 HEAD_FIELDS = tuple(f.name for f in FIELDS[:[f.name for f in FIELDS].index("slots")])
+CACHE_FIELDS = tuple(f.name for f in FIELDS if f.offset >= CACHE_OFFSET)
 
 
 class Stream:
@@ -34,7 +35,7 @@ class Stream:
 
 class Launch(dict):
     """One recorded launch: kernel kind and name, grid, block, stream handle, pdl, the
-    Params head fields by name, and how many Python frames lay between the caller's
+    Params head fields and KV-cache fields by name, and how many Python frames lay between the caller's
     frame named `frames_from` and the driver call."""
 
 
@@ -144,7 +145,8 @@ class FakeCuda:
             kind=kind, name=name, grid=config.gridDimX, block=config.blockDimX,
             stream=config.hStream or 0, pdl=bool(config.numAttrs), raw=raw,
             frames=frames + 1 if f is not None else None,
-            **dict(zip(HEAD_FIELDS, HEAD.unpack(raw[:HEAD.size])))))
+            **dict(zip(HEAD_FIELDS, HEAD.unpack(raw[:HEAD.size]))),
+            **dict(zip(CACHE_FIELDS, CACHE.unpack(raw[CACHE_OFFSET:])))))
         return self.rc
 
     def kinds(self):

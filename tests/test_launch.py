@@ -1,9 +1,9 @@
-"""mpiexec runs, as a user starts them: the MPI test files (tests/test_mpi.py, and
-tests/test_jax_mpi.py where jax is installed) at 2 and 3 ranks (the replicated-head and
-preset tests at 4 too), and the check command (with MiniMax's RoPE at 2 ranks, a quick
-smoke at 8, MiniMax's preset at 16 with its KV heads replicated, a model at a G it does
-not fit, a GPU transport asked for on a machine without one). Every rank must pass
-(CuPy's distributed tests' pattern).
+"""mpiexec runs, as a user starts them: the MPI test files (tests/test_mpi.py,
+tests/test_mpi_kvcache.py, and tests/test_jax_mpi.py where jax is installed) at 2 and 3
+ranks (the replicated-head and preset tests at 4 too), and the check command (with
+MiniMax's RoPE at 2 ranks, a quick smoke at 8, MiniMax's preset at 16 with its KV heads
+replicated, a model at a G it does not fit, a GPU transport asked for on a machine
+without one). Every rank must pass (CuPy's distributed tests' pattern).
 The fault times the MPI tests print are listed at the end of the run; a plain run's skip
 of the MPI tests says that they run here."""
 import os
@@ -45,6 +45,17 @@ def test_jax_suite_under_mpiexec(ranks):
     assert r.returncode == 0, f"mpiexec -n {ranks} failed:\n{out[-6000:]}"
     assert re.search(r"\d+ passed", r.stdout) and not re.search(
         r"\d+ (failed|errors?|xpassed|skipped)", r.stdout), out[-3000:]
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("ranks", MPI_RANKS)
+def test_mpi_kvcache_under_mpiexec(ranks):
+    r = run_mpi(ranks, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--with-mpi",
+                "tests/test_mpi_kvcache.py")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"mpiexec -n {ranks} failed:\n{out[-6000:]}"
+    assert re.search(r"\d+ passed", r.stdout) and not re.search(
+        r"\d+ (failed|errors?|xpassed)", r.stdout), out[-3000:]
 
 
 @needs_mpiexec

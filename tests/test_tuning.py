@@ -209,5 +209,5 @@ def test_shipped_specs_are_what_the_runtime_plans():
     for s in SHIPPED:
         rope = RoPE(s.head, s.rot, style=styles[s.style], max_position=1) if s.style else None
         plans = {Spec.plan(s.dtype, s.weight_dtype, s.world, s.q_local, s.k_local, layout,
-                           rope) for layout in LAYOUTS}
+                           rope, cache=(s.cache, s.cache_head)) for layout in LAYOUTS}
         assert s in plans, s

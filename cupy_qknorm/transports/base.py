@@ -20,19 +20,51 @@ import numbers
 from typing import NamedTuple
 
 from ..arrays import Plan
-from ..errors import CallMismatchError, PositionError
+from ..errors import CallMismatchError, PositionError, SlotError
 
 MAX_TAG = 32766  # tags travel as tag + 1 in 15 bits of the exchange (0: no tag)
+
+
+class CacheCall(NamedTuple):
+    """A validated call's KV cache: what its launches' cache fields hold (params.CACHE;
+    v and slot_mapping are the call's first row's, a chunk moves them on), and the arrays
+    themselves for the host path."""
+    v: int                # address of v's first row
+    v_stride: int         # elements between rows of v
+    k_cache: int
+    v_cache: int
+    strides: tuple        # (block, row, head) strides of both caches, in their elements
+    slot_mapping: int
+    k_scale_at: int       # device scalars (0: the value)
+    v_scale_at: int
+    num_slots: int
+    block_size: int
+    slot_bytes: int       # 4 or 8
+    k_scale: float
+    v_scale: float
+    store_k: bool
+    arrays: tuple         # (v, k_cache, v_cache, slot_mapping, k_scale, v_scale) as passed
+    heads: int
+    head_dim: int
+    cache_dtype: str
+
+    def fields(self, start: int, itemsize: int) -> tuple:
+        """params.CACHE's values for a launch from the call's token `start`."""
+        return (self.v + start * self.v_stride * itemsize, self.v_stride, self.k_cache,
+                self.v_cache, *self.strides, self.slot_mapping + start * self.slot_bytes,
+                self.k_scale_at, self.v_scale_at, self.num_slots, self.block_size,
+                self.slot_bytes, self.k_scale, self.v_scale)
 
 
 class Call(NamedTuple):
     """A validated call: its operands (arrays.Operand of q, k, q_weight, k_weight, q_out,
     k_out, then positions or None), what a launch needs besides the pointers, the
-    pointers, and its tag code (0: no tag; else tag + 1)."""
+    pointers, its tag code (0: no tag; else tag + 1), and its KV cache (or None)."""
     ops: tuple
     plan: Plan
     ptrs: tuple
     tag: int
+    cache: CacheCall | None = None
 
     @property
     def tokens(self) -> int:
@@ -68,6 +100,15 @@ def position_error(rank: int, token: int, position: int, rows: int) -> PositionE
         f"rank {rank}: token {token} has position {position}, outside the RoPE table's "
         f"{rows} rows; its row was not written, the rows of valid positions were; {CLOSED}",
         token=token, position=position)
+
+
+def slot_error(rank: int, token: int, slot: int, slots: int, written: bool) -> SlotError:
+    """This rank's token `token` has a KV-cache slot outside its cache."""
+    what = ("its cache rows were not written, its outputs and every other row were"
+            if written else "nothing of the call was written")
+    return SlotError(
+        f"rank {rank}: token {token} has slot_mapping {slot}, outside the KV cache's "
+        f"{slots} slots (-1: no write); {what}; {CLOSED}", token=token, slot=slot)
 
 
 def peer_position_error(rank: int, peer: int, token: int) -> CallMismatchError:

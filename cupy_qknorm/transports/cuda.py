@@ -29,6 +29,7 @@ class Cuda:
         self.id = cupy.cuda.Device().id
         props = runtime.getDeviceProperties(self.id)
         self.major = props["major"]
+        self.minor = props["minor"]
         self.sms = props["multiProcessorCount"]
         self.threads_per_sm = props["maxThreadsPerMultiProcessor"]
         self.regs_per_sm = props["regsPerMultiprocessor"]
@@ -91,6 +92,12 @@ class Cuda:
         """The separate RoPE kernel of `spec` (the benchmark's baseline) on this device."""
         raw = load_rope(spec, build)
         return Kernel(raw, _handle(raw), spec.rope_name)
+
+    def load_cache_write(self, spec, build) -> Kernel:
+        """The separate KV-cache write kernel of `spec` (the benchmark's baseline)."""
+        from ..compile import load_cache_write
+        raw = load_cache_write(spec, build)
+        return Kernel(raw, _handle(raw), spec.cache_name)
 
     def blocks_per_sm(self, kernel: Kernel, threads: int) -> int:
         """Blocks of `kernel` one multiprocessor holds at once (the occupancy calculator:

@@ -7,13 +7,15 @@ import ctypes
 from typing import NamedTuple
 
 from ..errors import CallMismatchError, PeerTimeoutError
-from ..params import (ERROR_PEER_POSITION, ERROR_POSITION, ERROR_REJECTED, ERROR_SEQUENCE,
-                      ERROR_TAG, ERROR_TOKENS, ERROR_WORDS, FLAG_K_REPLICA, HEAD, PARAMS,
+from ..errors import TransportUnavailableError
+from ..params import (CACHE, CACHE_OFFSET, ERROR_PEER_POSITION, ERROR_POSITION,
+                      ERROR_REJECTED, ERROR_SEQUENCE, ERROR_SLOT, ERROR_TAG, ERROR_TOKENS,
+                      ERROR_WORDS, FLAG_K_REPLICA, FLAG_NO_K_STORE, HEAD, PARAMS,
                       pack_static)
 from .. import knobs
 from ..rope import host_table
-from ..tuning import Spec, layout_for, read_knobs, wide_from
-from .base import Transport, describe_tag, peer_position_error, position_error
+from ..tuning import FP8_MIN_ARCH, Spec, layout_for, read_knobs, wide_from
+from .base import Transport, describe_tag, peer_position_error, position_error, slot_error
 from .cuda import Cuda
 
 HOST_WORDS = 16  # the error record, then words of the transport's own (nccl's watchdog)
@@ -38,6 +40,12 @@ class DeviceTransport(Transport):
     def __init__(self, cfg, comm, cuda=None):
         self.cfg, self.comm = cfg, comm
         self.cuda = cuda if cuda is not None else Cuda(f"transport {self.name!r}")
+        self.cache_kind = cache_kind(cfg)
+        arch = 10 * self.cuda.major + getattr(self.cuda, "minor", 0)
+        if self.cache_kind == 2 and arch < FP8_MIN_ARCH:
+            raise TransportUnavailableError(
+                f"an FP8 KV cache needs sm_{FP8_MIN_ARCH} or newer "
+                f"(cvt.rn.satfinite.e4m3x2.f32); this GPU is sm_{arch}")
         self._kernels = {}    # (weight dtype, layout) -> (spec, {kind: Kernel}, grid cap)
         self._static = None   # the packed part of Params that no call changes
         self.slots, self.counters, self.sums = (), 0, 0  # set by subclasses
@@ -73,7 +81,7 @@ class DeviceTransport(Transport):
     def spec(self, weight_dtype: str, layout: str = "narrow") -> Spec:
         c = self.cfg
         return Spec.plan(c.dtype, weight_dtype, c.world, c.q_local, c.k_local, layout, c.rope,
-                         self.tuning)
+                         self.tuning, (self.cache_kind, c.kv.head_dim if c.kv else 0))
 
     def kernels(self, weight_dtype: str, layout: str = "narrow"):
         """(spec, {kind: Kernel}, grid cap) of a weight dtype and layout, loaded once."""
@@ -116,6 +124,8 @@ class DeviceTransport(Transport):
         if not self.cfg.k_counted:
             flags |= FLAG_K_REPLICA
         static, step = self._static_bytes(), [s * plan.itemsize for s in plan.strides]
+        cache = call.cache
+        extra = FLAG_NO_K_STORE if cache is not None and not cache.store_k else 0
         out = []
         for start in range(0, plan.tokens, self.cfg.max_tokens):
             n = min(self.cfg.max_tokens, plan.tokens - start)
@@ -125,7 +135,10 @@ class DeviceTransport(Transport):
                                qo + start * step[2], ko + start * step[3], qw, kw,
                                *plan.strides, pos + start * plan.position_bytes if pos else 0,
                                n, plan.position_bytes, start, plan.tokens, call.tag,
-                               flags) + static
+                               flags | extra) + static
+            if cache is not None:
+                params = params[:CACHE_OFFSET] + CACHE.pack(*cache.fields(start,
+                                                                          plan.itemsize))
             go = {kind: self._launch.bind(loaded[kind], spec.threads, grid, params,
                                           pdl=kind in self.PDL_KINDS)
                   for kind in (self.KINDS if kinds is None else kinds)}
@@ -172,6 +185,8 @@ class DeviceTransport(Transport):
             return position_error(rank, token, theirs, ours)
         if code == ERROR_PEER_POSITION:
             return peer_position_error(rank, peer, token)
+        if code == ERROR_SLOT:
+            return slot_error(rank, token, theirs, ours, written=True)
         return PeerTimeoutError(
             f"rank {rank} waited longer than {self.cfg.timeout_ns / 1e9:g} s for the partial "
             f"sums of {'rank ' + str(peer) if peer >= 0 else 'the other ranks'} (token "
@@ -191,3 +206,12 @@ class DeviceTransport(Transport):
 
 
 _NO_ERROR = (0,) * 8
+
+
+def cache_kind(cfg) -> int:
+    """The kernels' KV cache of a configuration (tuning.Spec.cache): 0 none, 1 the data
+    type, 2 FP8."""
+    if getattr(cfg, "kv", None) is None:
+        return 0
+    from ..kvcache import CACHE_FP8
+    return 2 if cfg.kv.cache_dtype(cfg.dtype) == CACHE_FP8 else 1

@@ -23,7 +23,7 @@ from ..collectives import wait
 from ..errors import CallMismatchError, ClosedError, PeerTimeoutError, \
     TransportUnavailableError
 from ..params import SUMS_HEADER
-from .base import Transport, describe_tag, peer_position_error, position_error
+from .base import Transport, describe_tag, peer_position_error, position_error, slot_error
 from .device import DeviceTransport
 
 MESSAGE_BYTES = 240  # of a rank's error message, when one rank's input is refused
@@ -152,6 +152,7 @@ class MpiTransport(Transport):
         q, k, qw, kw, qo, ko, pos = (op.obj if op is not None else None for op in call.ops)
         wdt, tokens, tag = call.ops[2].dtype, call.tokens, call.tag
         table = self.host_table() if rope is not None else None
+        cache = call.cache
 
         def go(stream=None):
             positions = None
@@ -159,15 +160,27 @@ class MpiTransport(Transport):
                 positions = np.asarray(pos).astype(np.int64)
             bad = -1 if positions is None else host.first_bad_position(positions,
                                                                         table.shape[0])
+            slots = None
+            if cache is not None:  # a bad slot refuses the call: nothing is written
+                slots = np.asarray(cache.arrays[3]).astype(np.int64)
+                t = host.first_bad_slot(slots, cache.num_slots)
+                if t >= 0:
+                    error = slot_error(cfg.rank, t, int(slots[t]), cache.num_slots, False)
+                    self.agree(tokens, tag, bad, refusal=f"SlotError: {error}")
+                    raise error
             status = self.agree(tokens, tag, bad)
             sums = host.partial_sums(q, k, cfg.dtype)
             if not cfg.k_counted:  # a replica of a lower rank's k head adds nothing
                 sums[:, 1] = 0.0
             if cfg.world > 1:
                 self.allreduce(sums, MPI.SUM, "the all-reduce of the sums")
-            for col, x, w, width, out in ((0, q, qw, cfg.q_dim, qo), (1, k, kw, cfg.k_dim, ko)):
+            k_rows = ko if cache is None or cache.store_k else np.empty_like(ko)
+            for col, x, w, width, out in ((0, q, qw, cfg.q_dim, qo),
+                                          (1, k, kw, cfg.k_dim, k_rows)):
                 host.apply(x, host.to_f64(w, wdt), sums[:, col], width, cfg.eps, cfg.dtype,
                            out, rope, positions, table)
+            if cache is not None:
+                _write_caches(cache, k_rows, slots, positions, table, cfg.dtype)
             self.finish(status, positions)
         return go
 
@@ -221,6 +234,18 @@ class _DevicePart(DeviceTransport):
                 apply(stream)
             mpi.finish(status, positions)
         return go
+
+
+def _write_caches(cache, k_rows, slots, positions, table, dtype):
+    """The host path's KV-cache write: k's stored rows and v's rows at their slots, but
+    for tokens whose position is outside the table (their rows were not written)."""
+    if positions is not None:
+        slots = np.where((positions >= 0) & (positions < table.shape[0]), slots, -1)
+    v, k_cache, v_cache, _, k_scale, v_scale = cache.arrays
+    for c, rows, scale in ((k_cache, k_rows, k_scale), (v_cache, v, v_scale)):
+        value = 1.0 if scale is None else float(np.asarray(scale, np.float32).reshape(-1)[0])
+        host.write_cache(c, np.asarray(rows), slots, cache.heads, cache.head_dim,
+                         cache.block_size, dtype, cache.cache_dtype, value)
 
 
 def _text(row) -> str:
