@@ -312,7 +312,8 @@ def expected_cache(cache_before: np.ndarray, out_rows, slots, kv, heads: int,
     ([T, heads * head_dim], data_dtype, bf16 as uint16: the op's rounded k output, or v)
     written at slot slots[t], one token after another (a later token wins a repeated
     slot), slot -1 skipped. FP8 caches get ml_dtypes.float8_e4m3fn of
-    clip(f32(row) / f32(scale), -448, 448) (NaN kept), as uint8 bits."""
+    clip(f32(row) / f32(scale), -448, 448) as uint8 bits, every NaN as 0x7F (the GPU's
+    canonical NaN: ml_dtypes keeps a NaN's sign, the hardware does not)."""
     import ml_dtypes  # the test extra's: a library's FP8, not the package's own encoder
 
     from .kvcache import FP8_MAX
@@ -326,6 +327,7 @@ def expected_cache(cache_before: np.ndarray, out_rows, slots, kv, heads: int,
         with np.errstate(all="ignore"):
             x = np.clip(f32 / np.float32(scale), -FP8_MAX, FP8_MAX)
             values = x.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+            values = np.where(np.isnan(x), np.uint8(0x7F), values)
     out = np.array(cache_before, copy=True)
     if out.dtype.itemsize != storage.itemsize:
         raise ValueError(f"cache_before: {out.dtype} cannot hold a {cache_dtype} cache")

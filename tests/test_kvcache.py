@@ -17,9 +17,12 @@ FP8 = ml_dtypes.float8_e4m3fn
 
 
 def library_fp8(x) -> np.ndarray:
-    """ml_dtypes' E4M3 (fn) bits of float32 x, saturated as the cache's conversion is."""
+    """ml_dtypes' E4M3 (fn) bits of float32 x, saturated as the cache's conversion is, every
+    NaN as 0x7F (the GPU's canonical NaN; ml_dtypes keeps the sign)."""
+    x = np.asarray(x, np.float32)
     with np.errstate(all="ignore"):
-        return np.clip(np.asarray(x, np.float32), -FP8_MAX, FP8_MAX).astype(FP8).view(np.uint8)
+        bits = np.clip(x, -FP8_MAX, FP8_MAX).astype(FP8).view(np.uint8)
+    return np.where(np.isnan(x), np.uint8(0x7F), bits)
 
 
 def assert_same_bits(x):
@@ -65,7 +68,7 @@ def test_fp8_every_rounding_boundary():
 @pytest.mark.parametrize("x, bits", [
     (1.0, 0x38), (-2.0, 0xC0), (0.0, 0x00), (-0.0, 0x80), (FP8_MAX, 0x7E), (-FP8_MAX, 0xFE),
     (463.99, 0x7E), (464.0, 0x7E), (465.0, 0x7E), (1e30, 0x7E), (-3.4e38, 0xFE),
-    (np.inf, 0x7E), (-np.inf, 0xFE), (np.nan, 0x7F), (-np.nan, 0xFF),
+    (np.inf, 0x7E), (-np.inf, 0xFE), (np.nan, 0x7F), (-np.nan, 0x7F),
     (2.0**-6, 0x08), (2.0**-6 - 2.0**-30, 0x08),     # the smallest normal, and from below
     (2.0**-9, 0x01), (7 * 2.0**-9, 0x07),            # subnormals m * 2^-9
     (2.0**-10, 0x00), (3 * 2.0**-10, 0x02),          # subnormal ties: to even
@@ -76,7 +79,7 @@ def test_fp8_every_rounding_boundary():
 def test_fp8_by_hand(x, bits):
     x32 = np.float32(x)
     if np.isnan(x):  # -np.nan's sign survives float32 conversion only through the bits
-        x32 = np.array([0xFFC00000 if bits == 0xFF else 0x7FC00000], np.uint32).view(
+        x32 = np.array([0xFFC00000 if np.signbit(x) else 0x7FC00000], np.uint32).view(
             np.float32)[0]
     assert int(host.fp8_e4m3_bits(x32)) == bits
     assert int(library_fp8(x32)) == bits
