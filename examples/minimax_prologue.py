@@ -36,8 +36,7 @@ Python float and v's an fp32 array of one element beside the data (read at every
 and graph replay). With --check, each rank's
 last-layer caches must equal cupy_qknorm.reference.expected_cache (FP8 through
 ml_dtypes) of the cache before the last step and the k and v rows it produced, bit for
-bit: every written slot holds its row, no other byte changed. --kv-cache needs a
-cupy_qknorm whose TPQKNorm takes kv_cache= (it says so otherwise).
+bit: every written slot holds its row, no other byte changed.
 
 RoPE needs whole heads of 128 on every rank: the default widths (MiniMax M2's where
 they split over G ranks, else cupy_qknorm.shapes.default_dims(G)) have them; given
@@ -46,7 +45,6 @@ widths must be multiples of 128 * G.
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -184,11 +182,6 @@ class Paged:
             self.slots[step] = table[np.arange(tokens), pos // bs - first] * bs + pos % bs
         if tokens > 1:
             self.slots[:, -1] = -1
-
-
-def kv_supported() -> bool:
-    """Whether this cupy_qknorm's TPQKNorm writes a KV cache (takes kv_cache=)."""
-    return "kv_cache" in inspect.signature(TPQKNorm).parameters
 
 
 _TO_BF16 = None
@@ -453,11 +446,6 @@ def main(argv=None):
             print(f"minimax_prologue: q_dim={args.q_dim} and k_dim={args.k_dim} must split "
                   f"into whole heads of {head} over {world} ranks (multiples of "
                   f"{head * world})", file=sys.stderr)
-        return 2
-    if args.kv_cache and not kv_supported():
-        if comm.rank == 0:
-            print("minimax_prologue: --kv-cache needs a cupy_qknorm whose TPQKNorm writes a "
-                  "KV cache (kv_cache=); this one does not", file=sys.stderr)
         return 2
     lines, verdict = run(args, comm)
     if comm.rank == 0:

@@ -47,6 +47,19 @@ def test_minimax_prologue_checks_at_three_ranks():
 
 
 @pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install mpich)")
+def test_minimax_prologue_writes_and_checks_an_fp8_cache():
+    """The example's paged FP8 cache (k's scale a float, v's an array; a padding slot of
+    -1) checked bit for bit against reference.expected_cache on each of 2 ranks."""
+    r = run_mpi(2, "examples/minimax_prologue.py", "--transport", "mpi", "--tokens", "3",
+                "--layers", "2", "--steps", "2", "--check", "--kv-cache", "fp8",
+                "--block-size", "4", timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "KV cache of layer 1" in r.stdout and "0 bytes differ" in r.stdout, out
+    assert r.stdout.count("PASS") == 2 and "FAIL" not in r.stdout, out
+
+
+@pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install mpich)")
 def test_readme_example_at_a_world_minimax_widths_do_not_split():
     r = run_mpi(5, "scripts/example.py", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
