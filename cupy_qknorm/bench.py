@@ -548,7 +548,7 @@ def run(args):
                              f"data's dtype or FP8), got {args.dtype}")
         kv = KVCache(16, rope.head_dim, CACHE_FP8 if args.kv_cache == "fp8" else None)
     kv_norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
-                            transport=t, rope=rope, kv_cache=kv)
+                            transport=t, rope=rope, kv_cache=kv, **heads)
                 for t in (args.transports if kv is not None else ())}
     separate = None
     if rope is not None and "ipc" in norms:

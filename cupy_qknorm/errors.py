@@ -49,8 +49,9 @@ class PositionError(QKNormError, ValueError):
 
 class SlotError(QKNormError, ValueError):
     """A KV-cache slot outside the cache (slot_mapping[t] < -1 or >= the cache's slots):
-    that token's cache rows were not written (its outputs were). Raised by the next call or
-    synchronize() after the launch (the device checks it); the object is closed for use."""
+    on a GPU, that token's cache rows were not written (its outputs were), raised by the
+    next call or synchronize() after the launch (the device checks it); with "mpi" on numpy
+    arrays, raised in the call, before anything is written. The object is closed for use."""
 
     def __init__(self, message, token=None, slot=None):
         super().__init__(message)

@@ -10,7 +10,7 @@ where row is k's output (after the norm and RoPE, rounded as the output holds it
 row, and c is the identity for a cache of the data's dtype, or for FP8 E4M3
 
     c(x) = fp8_e4m3(f32(x) / f32(scale)),  round to nearest even, saturating at +-448,
-           NaN kept (stored as uint8 bits, as bf16 is stored as uint16 bits).
+           every NaN as 0x7F (stored as uint8 bits, as bf16 is stored as uint16 bits).
 
 A cache is [num_blocks, block_size, kv_heads, head_dim] with any strides (the head_dim
 axis contiguous): the NHD layout is the contiguous case, an HND cache

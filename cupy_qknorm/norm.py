@@ -152,6 +152,11 @@ def check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world, rope=No
         if not isinstance(kv_cache, KVCache):
             raise TypeError(f"kv_cache must be a cupy_qknorm.KVCache, got "
                             f"{type(kv_cache).__name__}")
+        for what, d in (("head_dim", head_dim), ("rope.head_dim",
+                                                 rope.head_dim if rope is not None else None)):
+            if d is not None and kv_cache.head_dim != d:
+                raise ValueError(f"kv_cache: head_dim={kv_cache.head_dim} but {what}={d} "
+                                 f"(a cache row is one head)")
         kv_cache.kv_heads(dims[1] // world if k_local is None else k_local)
         if kv_cache.cache_dtype(dtype) not in (dtype, CACHE_FP8):
             raise ValueError(f"kv_cache: a cache holds the data's dtype ({dtype}) or "
@@ -250,13 +255,14 @@ class TPQKNorm:
 
     @classmethod
     def for_model(cls, name: str, comm, max_tokens: int = 8192, *, dtype: str = "bfloat16",
-                  transport: str = "auto", timeout_s: float | None = 5.0, rope: bool = True):
+                  transport: str = "auto", timeout_s: float | None = 5.0, rope: bool = True,
+                  kv_cache: KVCache | None = None):
         """The norm of the model preset `name` (cupy_qknorm.models.MODELS: its widths, KV
         heads, head_dim, eps and RoPE) at this communicator's G. Rank r passes its slices:
         q [T, q_heads * head_dim / G], k [T, k_local] (whole KV heads split evenly, or the
         head r * kv_heads // G where the KV heads are fewer than the ranks) and the same
-        slices of both weights. `rope=False` leaves the model's RoPE out (the norm alone).
-        A G the model's heads do not fit raises ValueError, one line, on every rank alike
+        slices of both weights. `rope=False` leaves the model's RoPE out (the norm alone);
+        `kv_cache` as TPQKNorm's (its head_dim the model's). A G the model's heads do not fit raises ValueError, one line, on every rank alike
         (nothing is allocated)."""
         from .models import get
         model = get(name)
@@ -266,7 +272,7 @@ class TPQKNorm:
         return cls(comm, model.q_dim, model.k_dim, dtype, model.eps, max_tokens,
                    transport=transport, timeout_s=timeout_s,
                    rope=model.rope if rope else None, kv_heads=model.kv_heads,
-                   head_dim=model.head_dim)
+                   head_dim=model.head_dim, kv_cache=kv_cache)
 
     @property
     def capturable(self) -> bool:
@@ -283,7 +289,7 @@ class TPQKNorm:
         0..32766 that every rank passes alike for this call (e.g. the layer index), or None.
 
         With kv_cache= at construction, every call also writes the paged KV cache: token t's
-        k row (as stored: after norm and RoPE) and its row of `v` [T, k_dim/G] go to slot
+        k row (as stored: after norm and RoPE) and its row of `v` [T, k_local] go to slot
         slot_mapping[t] ([T] int32 or int64; -1: none) of `k_cache` and `v_cache` ([blocks,
         block_size, kv heads, head_dim] of any strides, or [slots, kv heads, head_dim] for
         block_size 1), converted to the cache's dtype (FP8: value / k_scale or v_scale, a
@@ -547,19 +553,28 @@ class TPQKNorm:
         slot_ptr, slot_bytes = slot_view(slots, tokens)
         ks, ks_at = scale_arg(k_scale, "k_scale")
         vs, vs_at = scale_arg(v_scale, "v_scale")
+        scale_ops = [(arrays.describe(x, role), role) for x, role in
+                     ((k_scale, "k_scale"), (v_scale, "v_scale"))
+                     if x is not None and not _real(x)]
+        slot_op = arrays.describe(slots, "slot_mapping")
         extra = [vop, arrays.describe(k_cache, "k_cache"), arrays.describe(v_cache, "v_cache"),
-                 arrays.describe(slots, "slot_mapping")]
-        extra += [arrays.describe(x, role) for x, role in ((k_scale, "k_scale"),
-                                                           (v_scale, "v_scale"))
-                  if x is not None and not _real(x)]
+                 slot_op] + [op for op, _ in scale_ops]
         item = kv_cfg.storage_dtype(cfg.dtype).itemsize
+        # every other operand (rows, positions, slots, scales) is read while the caches
+        # are written: none may share a byte with either cache, nor the caches each other
+        others = [(op, name) for op, name in list(zip(ops[:7], OPERAND_NAMES[:7])) +
+                  [(vop, "v"), (slot_op, "slot_mapping")] + scale_ops if op is not None]
+        spans = []
         for c, role in ((kc, "k_cache"), (vc, "v_cache")):
             end = c.ptr + item * (sum((n - 1) * st for n, st in zip(
                 (c.num_blocks, c.block_size, c.heads), c.strides)) + c.head_dim)
-            for op, name in zip(ops[:6] + [vop], OPERAND_NAMES[:6] + ("v",)):
+            spans.append((c.ptr, end))
+            for op, name in others:
                 span = arrays.extent(op)
                 if span is not None and span[0] < end and c.ptr < span[1]:
-                    raise ValueError(f"{role} overlaps the call's rows ({name})")
+                    raise ValueError(f"{role} overlaps {name}")
+        if spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]:
+            raise ValueError("k_cache and v_cache overlap (each needs its own memory)")
         cache = CacheCall(vop.ptr, arrays.row_stride(vop), kc.ptr, vc.ptr, tuple(kc.strides),
                           slot_ptr, ks_at, vs_at, kc.slots, kc.block_size, slot_bytes, ks, vs,
                           store_k, (v, k_cache, v_cache, slots, k_scale, v_scale), heads,

@@ -132,7 +132,7 @@ class Layer:
     def norm(self, norm, positions, cache_args=None):
         if self.caches is None:
             norm(self.q, self.k, self.qw, self.kw, positions=positions)
-        else:  # the cache's arguments go by keyword, where a runtime without them is refused
+        else:  # the cache's arguments go by keyword
             extra = dict(cache_args, v=self.v, k_cache=self.caches[0],
                          v_cache=self.caches[1])
             norm(self.q, self.k, self.qw, self.kw, positions=positions, **extra)

@@ -6,10 +6,11 @@
 // element d of head h of that row is at
 //   cache + block * cache_block + row * cache_row + h * cache_head + d
 // (strides in elements of the cache, any order: an HND cache is a transposed view, a token
-// pool has block_size 1). s = -1 writes nothing (padding). A slot outside [0, num_slots)
-// writes nothing and records kErrorSlot, naming the token: the host raises SlotError.
-// FP8 caches hold fp8_e4m3(value / scale): the division in IEEE fp32 (__fdiv_rn), then
-// round to nearest even, saturating at +-448, NaN kept (cvt.rn.satfinite, sm_89+).
+// pool has block_size 1). s = -1 writes nothing (padding). A slot below -1 or at or past
+// num_slots writes nothing and records kErrorSlot, naming the token: the host raises
+// SlotError. FP8 caches hold fp8_e4m3(value / scale): the division in IEEE fp32
+// (__fdiv_rn), then round to nearest even, saturating at +-448, every NaN as 0x7F
+// (cvt.rn.satfinite, sm_89+).
 #pragma once
 
 #include "exchange.cuh"

@@ -152,10 +152,15 @@ def bad_calls(mem):
         (dict(k_cache=cupy.ndarray((1, 16, 2, HEAD), np.uint16, memptr=a["q"].data),
               v_cache=a["vc"][:1]), ValueError, "k_cache overlaps"),
         (dict(store_k=1), TypeError, "store_k must be True or False"),
+        (dict(v_cache=a["kc"]), ValueError, "k_cache and v_cache overlap"),
+        (dict(slot_mapping=cupy.ndarray((4,), np.int64, memptr=a["kc"].data)), ValueError,
+         "k_cache overlaps slot_mapping"),
+        (dict(positions=cupy.ndarray((4,), np.int32, memptr=a["vc"].data)), ValueError,
+         "v_cache overlaps positions"),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(14))
 def test_bad_cache_arguments_are_refused_before_launch(case, mem):
     kv = KVCache(16, HEAD, None)
     with fake("ipc", kv) as (n, cuda):
@@ -181,6 +186,12 @@ def test_cache_arguments_need_an_object_with_a_cache(mem):
 
 def test_kv_cache_config_is_checked():
     from cupy_qknorm.norm import check_config
+    with pytest.raises(ValueError, match="head_dim=64 but rope.head_dim=128"):
+        check_config(256, 256, "bfloat16", 1e-6, 16, 1.0, 1, RoPE(128, 64, max_position=4),
+                     kv_cache=KVCache(16, 64))
+    with pytest.raises(ValueError, match="head_dim=64 but head_dim=128"):
+        check_config(2048, 256, "bfloat16", 1e-6, 16, 1.0, 4, None, kv_heads=2,
+                     head_dim=128, kv_cache=KVCache(16, 64))
     with pytest.raises(ValueError):  # k's slice is not whole heads of 96
         check_config(256, 256, "bfloat16", 1e-6, 16, 1.0, 1, None, kv_cache=KVCache(16, 96))
     with pytest.raises(TypeError, match="KVCache"):

@@ -106,3 +106,27 @@ def test_preset_parity_at_one_rank(name):
 def test_for_model_without_rope_is_the_norm_alone():
     with TPQKNorm.for_model("minimax-m2", MPI.COMM_SELF, transport="mpi", rope=False) as n:
         assert n.config.rope is None and n.config.k_dim == 1024
+
+
+def test_for_model_writes_the_kv_cache():
+    """for_model(kv_cache=...): the preset's norm + RoPE, then k's stored rows and v at
+    their slots (numpy, "mpi"), as reference.expected_cache writes them; a slot -1 hole."""
+    from cupy_qknorm import KVCache
+    m, dtype, tokens = get("minimax-m2"), "bfloat16", 3
+    kv = KVCache(4, m.head_dim, "float8_e4m3fn")
+    q, k, qw, kw, _, _ = ref.make_case(3, tokens, m.q_dim, m.k_dim, dtype, eps=m.eps)
+    v = k[::-1].copy()
+    rng = np.random.default_rng(2)
+    caches = [rng.integers(0, 256, (2, 4, m.kv_heads, m.head_dim), dtype=np.uint8)
+              for _ in range(2)]
+    before = [c.copy() for c in caches]
+    slots = np.array([5, -1, 2], np.int64)
+    outs = [np.empty_like(q), np.empty_like(k)]
+    with TPQKNorm.for_model("minimax-m2", MPI.COMM_SELF, max_tokens=4, transport="mpi",
+                            kv_cache=kv) as norm:
+        norm(q, k, qw, kw, out=outs, positions=np.arange(tokens), v=v, k_cache=caches[0],
+             v_cache=caches[1], slot_mapping=slots, k_scale=0.5, v_scale=2.0)
+    for got, was, rows, scale in zip(caches, before, (outs[1], v), (0.5, 2.0)):
+        want = ref.expected_cache(was, rows, slots, kv, m.kv_heads, dtype, scale)
+        assert np.array_equal(got, want)
+    assert not np.array_equal(caches[0], before[0])  # something was written
