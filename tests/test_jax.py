@@ -3,8 +3,8 @@ target's plumbing (jit, lax.scan over layers, donation and in place, out of plac
 positions int32 and int64), parity against the float64 reference, the trace-time checks
 (TPQKNorm's messages) and the errors of a call; the paged KV-cache write (bf16 and FP8
 caches bit for bit against reference.expected_cache, slot -1 holes, a cache per layer
-under lax.scan, store_k=False, a slot outside the cache, bad cache arguments). tests/test_jax_mpi.py runs the same
-target across ranks; tests/gpu/test_jax.py on a GPU."""
+under lax.scan, store_k=False, a slot outside the cache, bad cache arguments).
+tests/test_jax_mpi.py runs the same target across ranks; tests/gpu/test_jax.py on a GPU."""
 import functools
 import subprocess
 import sys

@@ -5,9 +5,10 @@ does, at G = 2 and 3).
 
 Parity against the float64 reference under jit and lax.scan (in place and out of place),
 and the faults: a rank whose input is refused at trace time, a T that differs, a rank that
-never calls. The paged KV-cache write: each rank's bf16 and FP8 caches bit for bit against
-reference.expected_cache (slot -1 holes, a cache per layer under lax.scan, store_k=False),
-a slot outside the cache and a bad cache shape on one rank. Each raises a typed error on every rank, within its bound. As in
+never calls, a KV-cache slot outside the cache or a bad cache shape on one rank. Each
+raises a typed error on every rank, within its bound. The paged KV-cache write: each
+rank's bf16 and FP8 caches bit for bit against reference.expected_cache (slot -1 holes, a
+cache per layer under lax.scan, store_k=False). As in
 tests/test_mpi.py, every rank makes every collective step before anything is asserted,
 and assertions are collective."""
 import time
