@@ -258,7 +258,10 @@ def test_kv_cache_bit_for_bit_in_place(cache_dtype, layout, scales):
         for i, tokens in enumerate((1, 7, 19)):  # 19 > max_tokens: chunks
             q, k, qw, kw, v, pos, slots = cache_case(20 + i, tokens, 24)
             kc, vc = poisoned_cache(i, shape, storage), poisoned_cache(i + 9, shape, storage)
-            jkc, jvc = jnp.asarray(kc), jnp.asarray(vc)
+            # the token pool's caches as ml_dtypes' bfloat16 / float8_e4m3fn: the same bits
+            typed = {np.dtype(np.uint16): ml_dtypes.bfloat16,
+                     np.dtype(np.uint8): ml_dtypes.float8_e4m3fn}[storage]
+            jkc, jvc = (jnp.asarray(c.view(typed) if layout == "pool" else c) for c in (kc, vc))
             addr = (jkc.unsafe_buffer_pointer(), jvc.unsafe_buffer_pointer())
             qo, ko, kco, vco = step(*(to_jax(a) for a in (q, k, qw, kw, v)), jkc, jvc,
                                     jnp.asarray(pos), jnp.asarray(slots))
@@ -266,12 +269,13 @@ def test_kv_cache_bit_for_bit_in_place(cache_dtype, layout, scales):
             assert ref.compare_rope(to_np(qo, "bfloat16"), qy, qm, "bfloat16")[1] == 0
             assert ref.compare_rope(to_np(ko, "bfloat16"), ky, km, "bfloat16")[1] == 0
             assert (kco.unsafe_buffer_pointer(), vco.unsafe_buffer_pointer()) == addr
-            assert kco.dtype == storage and kco.shape == shape
+            assert kco.dtype == (typed if layout == "pool" else storage) and kco.shape == shape
+            kco, vco = (np.asarray(c).view(storage) for c in (kco, vco))
             want_k = ref.expected_cache(kc, to_np(ko, "bfloat16"), slots, kv, 1, "bfloat16",
                                         0.375)
             want_v = ref.expected_cache(vc, v, slots, kv, 1, "bfloat16", 2.5)
-            assert np.array_equal(np.asarray(kco), want_k), f"T={tokens}: k_cache"
-            assert np.array_equal(np.asarray(vco), want_v), f"T={tokens}: v_cache"
+            assert np.array_equal(kco, want_k), f"T={tokens}: k_cache"
+            assert np.array_equal(vco, want_v), f"T={tokens}: v_cache"
             assert not np.array_equal(want_k, kc) or tokens == 1  # rows were written
 
 
