@@ -20,9 +20,9 @@ Contract and errors are TPQKNorm's: every rank builds the object alike, every ra
 program makes the same calls in the same order with the same T. Bad shapes and dtypes
 raise at trace time with TPQKNorm's one-line messages (and the peers are told, as for a
 refused input). An error of a call (PeerTimeoutError, CallMismatchError, PositionError,
-SlotError, ClosedError) fails the jitted computation: JAX raises its runtime error with the message
-"cupy_qknorm <ExceptionType>: <message>", and synchronize() (or an eager call of the
-object) raises the typed exception itself.
+SlotError, ClosedError) fails the jitted computation: JAX raises its runtime error with
+the message "cupy_qknorm <ExceptionType>: <message>", and synchronize() (or an eager
+call of the object) raises the typed exception itself.
 
 Importing cupy_qknorm never imports this module or JAX.
 """
@@ -195,7 +195,8 @@ class JaxQKNorm:
         if self._device is not None:
             self._load_kernels(q.shape[0], arrays.dtype_name(np.dtype(q_weight.dtype)))
         args = [q, k, q_weight, k_weight] + ([] if positions is None else [positions])
-        results = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype)]
+        results = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct(k.shape, k.dtype)]
         aliases = {0: 0, 1: 1} if in_place else {}
         attrs = {"handle": np.int64(self._handle), "tag": np.int32(code - 1)}
         cache = self.config.kv is not None
