@@ -184,9 +184,6 @@ def cmd_check(args):
         from .kvcache import CACHE_FP8, KVCache
         if rope is None:
             raise ValueError("--kv-cache needs --rope (the prologue is norm, RoPE, cache)")
-        if args.jax:
-            raise ValueError("--kv-cache does not go with --jax (the jitted call writes no "
-                             "cache)")
         if args.kv_cache == "bf16" and args.dtype != "bfloat16":
             raise ValueError(f"--kv-cache bf16 needs --dtype bfloat16 (a cache holds the "
                              f"data's dtype or FP8), got {args.dtype}")
@@ -236,13 +233,18 @@ def cmd_check(args):
                 mags = [mine(m, i) for i, m in enumerate((qm, km))]
             sh = [xp.asarray(np.ascontiguousarray(mine(a, i % 2)))
                   for i, a in enumerate((q, k, qw, kw))]
+            if kv is not None:
+                caches = _check_caches(xp, kv, args, dk, rank, i, tokens)
             if args.jax:  # XLA allocates the outputs: nothing to poison
-                outs = norm.checked(*sh, kwargs.get("positions"))
+                outs = norm.checked(*sh, kwargs.get("positions"),
+                                    caches[0] if kv is not None else None)
+                if kv is not None:  # the caches the call returned
+                    caches[0].update(k_cache=outs[2], v_cache=outs[3])
+                    outs = outs[:2]
             else:
                 outs = [xp.full_like(sh[0], ref.poison(args.dtype)),
                         xp.full_like(sh[1], ref.poison(args.dtype))]
                 if kv is not None:
-                    caches = _check_caches(xp, kv, args, dk, rank, i, tokens)
                     kwargs.update(caches[0])
                 norm(*sh, out=outs, **kwargs)
                 norm.synchronize()
@@ -478,8 +480,9 @@ class _UsageError(Exception):
 
 
 def _jax_check(comm, gpu):
-    """JaxQKNorm for `check --jax`, with checked(q, k, qw, kw, positions): the call
-    through one jitted function, its outputs as host arrays (bf16 as uint16 bits)."""
+    """JaxQKNorm for `check --jax`, with checked(q, k, qw, kw, positions, cache): the call
+    through one jitted function, its outputs as host arrays (bf16 as uint16 bits); with
+    `cache` (the KV cache's arguments by name) the caches it returns follow them."""
     try:
         import jax
     except ImportError as e:
@@ -491,7 +494,7 @@ def _jax_check(comm, gpu):
                           "(pip install 'jax[cuda13]')")
 
     class Checked(JaxQKNorm):
-        def checked(self, q, k, qw, kw, positions):
+        def checked(self, q, k, qw, kw, positions, cache=None):
             import numpy as np
             dev = jax.devices(backend)[0]
             if backend == "gpu":
@@ -500,11 +503,17 @@ def _jax_check(comm, gpu):
                            if d.local_hardware_id == cupy.cuda.Device().id)
             arrays = [_host(a) for a in (q, k, qw, kw) +
                       (() if positions is None else (positions,))]
+            names = ("v", "k_cache", "v_cache", "slot_mapping") if cache else ()
+            static = {n: cache[n] for n in ("k_scale", "v_scale") if n in cache} \
+                if cache else {}
+            ours = len(arrays)
+            arrays += [_host(cache[n]) for n in names]
             import ml_dtypes
             put = [jax.device_put(a.view(ml_dtypes.bfloat16) if a.dtype == np.uint16 else a,
                                   dev) for a in arrays]
             if self._jit is None:
-                self._jit = jax.jit(lambda *a: self(*a))
+                self._jit = jax.jit(lambda *a: self(*a[:ours], **dict(zip(names, a[ours:])),
+                                                    **static))
             with self.errors():
                 out = self._jit(*put)
                 self.synchronize(*out)

@@ -7,6 +7,10 @@
 
 The call is an XLA custom call (jax.ffi.ffi_call) whose handler is a C function pointer
 made with ctypes over XLA's FFI C API (cupy_qknorm.xla_ffi): the wheel stays pure Python.
+With kv_cache= (a KVCache, as for TPQKNorm) each call also writes the paged KV cache:
+it takes v, k_cache, v_cache and slot_mapping and returns the caches, aliased to the ones
+passed (XLA's buffers written in place where the caller donates them).
+
 On a GPU it launches the same compiled kernels as TPQKNorm on XLA's stream, with the
 same transports; with transport "ipc" or "nccl" it tells XLA that its calls may be
 captured in a command buffer (a CUDA graph), with "mpi" that they may not. On JAX's CPU
@@ -16,15 +20,16 @@ Contract and errors are TPQKNorm's: every rank builds the object alike, every ra
 program makes the same calls in the same order with the same T. Bad shapes and dtypes
 raise at trace time with TPQKNorm's one-line messages (and the peers are told, as for a
 refused input). An error of a call (PeerTimeoutError, CallMismatchError, PositionError,
-ClosedError) fails the jitted computation: JAX raises its runtime error with the message
-"cupy_qknorm <ExceptionType>: <message>", and synchronize() (or an eager call of the
-object) raises the typed exception itself.
+SlotError, ClosedError) fails the jitted computation: JAX raises its runtime error with
+the message "cupy_qknorm <ExceptionType>: <message>", and synchronize() (or an eager
+call of the object) raises the typed exception itself.
 
 Importing cupy_qknorm never imports this module or JAX.
 """
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 import warnings
 import weakref
@@ -33,6 +38,7 @@ import numpy as np
 
 from . import arrays, xla_ffi
 from .errors import (ClosedError, PeerTimeoutError, QKNormError)
+from .kvcache import cache_view, scale_arg, slot_view
 from .norm import TPQKNorm
 from .params import MAX_CALL_TOKENS
 from .transports import tag_code
@@ -42,6 +48,9 @@ _TARGETS: dict = {}     # target name -> the registered ctypes handler (kept ali
 _LOCK = threading.Lock()
 _NEXT = [1]
 MAX_BOUND = 256         # bound calls remembered per object (keyed by XLA's buffer addresses)
+# the "kv" attribute of a call that writes the KV cache: which operands it has
+KV, KV_STORE_K, KV_K_SCALE_ARRAY, KV_V_SCALE_ARRAY = 1, 2, 4, 8
+KV_ARGUMENTS = ("v=, k_cache=, v_cache=, slot_mapping=, k_scale=, v_scale=, store_k=")
 
 
 def _target(platform: str, graphs: bool) -> str:
@@ -76,7 +85,7 @@ def _make_handler(traits: int):
             if frame.extensions and xla_ffi.handshake(frame, traits) or \
                     frame.stage != xla_ffi.STAGE_EXECUTE:
                 return None
-            attrs = xla_ffi.int_attrs(frame)
+            attrs = xla_ffi.scalar_attrs(frame)
             obj = _OBJECTS.get(attrs.get("handle"))
             if obj is None:
                 raise ClosedError("this JaxQKNorm is closed")
@@ -100,13 +109,17 @@ class JaxQKNorm:
     IPC handles here, before any jitted call). `backend`: JAX's backend the calls run on
     (default jax.default_backend()): "gpu" launches the kernels on XLA's stream on the
     current CuPy device (which must be this process's JAX GPU); "cpu" runs transport
-    "mpi" on the host (transport "auto" means "mpi" there). The norm itself is
-    `self.norm` (a TPQKNorm: eager CuPy calls work on it as ever)."""
+    "mpi" on the host (transport "auto" means "mpi" there). `kv_cache` (a KVCache): every
+    call also writes the paged KV cache (docs/kvcache.md); XLA's arrays are row-major, so
+    a cache is NHD [num_blocks, block_size, kv heads, head_dim] or a token pool [slots,
+    kv heads, head_dim] with block_size 1. The norm itself is `self.norm` (a TPQKNorm:
+    eager CuPy calls work on it as ever)."""
 
     def __init__(self, comm, q_dim: int, k_dim: int, dtype: str = "bfloat16",
                  eps: float = 1e-6, max_tokens: int = 8192, *, transport: str = "auto",
                  timeout_s: float | None = 5.0, rope=None, backend: str | None = None,
-                 kv_heads: int | None = None, head_dim: int | None = None):
+                 kv_heads: int | None = None, head_dim: int | None = None,
+                 kv_cache=None):
         import jax
         self.norm = None
         backend = jax.default_backend() if backend is None else backend
@@ -120,7 +133,7 @@ class JaxQKNorm:
             transport = "mpi"
         self.norm = TPQKNorm(comm, q_dim, k_dim, dtype, eps, max_tokens,
                              transport=transport, timeout_s=timeout_s, rope=rope,
-                             kv_heads=kv_heads, head_dim=head_dim)
+                             kv_heads=kv_heads, head_dim=head_dim, kv_cache=kv_cache)
         self.config = self.norm.config
         self.transport = self.norm.transport
         self._device = self.norm._device
@@ -146,12 +159,24 @@ class JaxQKNorm:
 
     # -- tracing ---------------------------------------------------------------------------
     def __call__(self, q, k, q_weight, k_weight, positions=None, *, in_place: bool = False,
-                 tag: int | None = None):
+                 tag: int | None = None, v=None, k_cache=None, v_cache=None,
+                 slot_mapping=None, k_scale=None, v_scale=None, store_k: bool = True):
         """(q_out, k_out) = the norm (then RoPE by `positions`, [T] int32/int64) of q
         [T, q_dim/G] and k [T, k_dim/G] with the weights [q_dim/G], [k_dim/G] (dtype or
         float32). `in_place`: the outputs alias q and k (input_output_aliases): no new
         buffers where the caller donates q and k (jax.jit(..., donate_argnums)), else XLA
         copies them first. `tag`: a static int every rank passes alike, or None.
+
+        With kv_cache= at construction: (q_out, k_out, k_cache_out, v_cache_out). Token
+        t's k output row and its row of `v` [T, k_dim/G] go to slot slot_mapping[t] ([T]
+        int32/int64; -1: none) of `k_cache` and `v_cache` (NHD [num_blocks, block_size,
+        kv heads, head_dim] or a token pool [slots, kv heads, head_dim]; bf16 as uint16 or
+        bfloat16, FP8 as uint8 or float8_e4m3fn), converted to the cache's dtype (FP8:
+        value / k_scale or v_scale: a Python float, static, or an fp32 jax array of
+        shape () or (1,), read when the call runs). The cache outputs alias the caches
+        passed (input_output_aliases): XLA writes the rows into the donated buffers, or
+        into a copy where the caches are not donated. store_k=False: k's output is not
+        stored and the result is (q_out, None, k_cache_out, v_cache_out).
 
         Shapes and dtypes are checked here, at trace time (TypeError/ValueError)."""
         import jax
@@ -162,27 +187,53 @@ class JaxQKNorm:
         try:
             code = tag_code(tag)
             check_avals(self.config, q, k, q_weight, k_weight, positions)
+            check_cache_avals(self.config, q.shape[0], v, k_cache, v_cache, slot_mapping,
+                              k_scale, v_scale, store_k)
         except Exception as e:  # noqa: BLE001 - re-raised once the peers know
             norm._refuse(q, tag, e, norm._current_stream())
             raise
         if self._device is not None:
             self._load_kernels(q.shape[0], arrays.dtype_name(np.dtype(q_weight.dtype)))
-        args = (q, k, q_weight, k_weight) + (() if positions is None else (positions,))
+        args = [q, k, q_weight, k_weight] + ([] if positions is None else [positions])
+        results = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct(k.shape, k.dtype)]
+        aliases = {0: 0, 1: 1} if in_place else {}
+        attrs = {"handle": np.int64(self._handle), "tag": np.int32(code - 1)}
+        cache = self.config.kv is not None
+        if cache:
+            flags = KV | (KV_STORE_K if store_k else 0)
+            if not store_k:  # no k output: k is left as it was
+                results.pop()
+                aliases.pop(1, None)
+            at = len(args)
+            args += [v, k_cache, v_cache, slot_mapping]
+            for i, c in ((at + 1, k_cache), (at + 2, v_cache)):
+                aliases[i] = len(results)  # a cache is written in place, never copied out
+                results.append(jax.ShapeDtypeStruct(c.shape, c.dtype))
+            for x, name, bit in ((k_scale, "k_scale", KV_K_SCALE_ARRAY),
+                                 (v_scale, "v_scale", KV_V_SCALE_ARRAY)):
+                if x is None or _real(x):
+                    attrs[name] = np.float32(scale_arg(x, name)[0])
+                else:
+                    args.append(x)
+                    flags |= bit
+            attrs["kv"] = np.int32(flags)
         call = jax.ffi.ffi_call(
-            self._target, (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                           jax.ShapeDtypeStruct(k.shape, k.dtype)),
-            input_output_aliases={0: 0, 1: 1} if in_place else None,
+            self._target, tuple(results), input_output_aliases=aliases or None,
             # on the CPU: XLA keeps side-effecting calls in program order and never drops
             # one, so every rank's calls pair off alike
             has_side_effect=self.backend == "cpu")
         try:
-            out = call(*args, handle=np.int64(self._handle), tag=np.int32(code - 1))
+            out = call(*args, **attrs)
         except Exception as e:  # an eager call: its own typed error
             err = self._take_error()
             if err is not None:
                 raise err from e
             raise
-        return tuple(out)
+        out = tuple(out)
+        if cache and not store_k:
+            return (out[0], None) + out[1:]
+        return out
 
     def _load_kernels(self, tokens, weight_dtype):
         """Load the kernels a call of `tokens` rows launches now, at trace time: XLA may
@@ -260,7 +311,7 @@ class JaxQKNorm:
         try:
             args, rets = xla_ffi.args(frame), xla_ffi.rets(frame)
             tag = attrs.get("tag", -1)
-            key = (tuple(args), tuple(rets), tag)
+            key = (tuple(args), tuple(rets), tuple(attrs.items()))
             stream = None
             if self._device is not None:
                 stream = self._stream(xla_ffi.stream(frame))
@@ -268,7 +319,7 @@ class JaxQKNorm:
                     self.captured_calls += 1
             bound = self._bound.get(key)
             if bound is None:
-                bound = self._bind(args, rets, None if tag < 0 else tag, stream)
+                bound = self._bind(args, rets, None if tag < 0 else tag, stream, attrs)
                 if len(self._bound) >= MAX_BOUND:
                     self._bound.clear()
                 self._bound[key] = bound
@@ -278,17 +329,35 @@ class JaxQKNorm:
             self._bound = {}
             raise
 
-    def _bind(self, args, rets, tag, stream):
+    def _bind(self, args, rets, tag, stream, attrs):
         norm = self.norm
         if norm is None:
             raise ClosedError("this JaxQKNorm is closed")
         view = self._host_view if self._device is None else self._device_view
         views = [view(a) for a in args]
         q, k, qw, kw = views[:4]
-        positions = views[4] if len(views) > 4 else None
+        outs = [view(r) for r in rets]
+        at = 4 if self.config.rope is None else 5
+        positions = views[4] if at == 5 else None
+        flags = attrs.get("kv", 0)
         try:
-            return norm.bind(q, k, qw, kw, out=tuple(view(r) for r in rets),
-                             positions=positions, tag=tag)
+            if not flags & KV:
+                return norm.bind(q, k, qw, kw, out=tuple(outs), positions=positions, tag=tag)
+            # operands: ..., v, k_cache, v_cache, slot_mapping[, k_scale][, v_scale];
+            # results: q_out[, k_out], k_cache, v_cache (the caches' own buffers, aliased)
+            v, slots = views[at], views[at + 3]
+            scales, i = [], at + 4
+            for name, bit in (("k_scale", KV_K_SCALE_ARRAY), ("v_scale", KV_V_SCALE_ARRAY)):
+                if flags & bit:
+                    scales.append(views[i])
+                    i += 1
+                else:
+                    scales.append(attrs.get(name, 1.0))
+            store_k = bool(flags & KV_STORE_K)
+            out = (outs[0], outs[1] if store_k else k)  # k as it was: not written
+            return norm.bind(q, k, qw, kw, out=out, positions=positions, tag=tag, v=v,
+                             k_cache=outs[-2], v_cache=outs[-1], slot_mapping=slots,
+                             k_scale=scales[0], v_scale=scales[1], store_k=store_k)
         except Exception as e:  # noqa: BLE001 - re-raised once the peers know
             norm._refuse(q, tag, e, stream if stream is not None else norm._current_stream())
             raise
@@ -296,15 +365,13 @@ class JaxQKNorm:
     @staticmethod
     def _host_view(a):
         if a.dtype is None:
-            raise TypeError("an operand's dtype is not one of bfloat16, float16, float32, "
-                            "int32, int64")
+            raise TypeError(f"an operand's dtype is not one of {OPERAND_DTYPES}")
         return xla_ffi.host_array(a)
 
     def _device_view(self, a):
         import cupy
         if a.dtype is None:
-            raise TypeError("an operand's dtype is not one of bfloat16, float16, float32, "
-                            "int32, int64")
+            raise TypeError(f"an operand's dtype is not one of {OPERAND_DTYPES}")
         n = int(np.prod(a.shape, dtype=np.int64)) * a.dtype.itemsize
         if n == 0 or not a.ptr:
             return cupy.ndarray(a.shape, a.dtype)
@@ -328,6 +395,14 @@ class JaxQKNorm:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 s = self._streams[ptr] = cupy.cuda.ExternalStream(ptr, self._device)
         return s
+
+
+OPERAND_DTYPES = ("bfloat16, float16, float32, int32, int64, uint8, uint16, "
+                  "float8_e4m3fn")
+
+
+def _real(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, numbers.Real)
 
 
 def _operand(x, role) -> arrays.Operand:
@@ -368,3 +443,64 @@ def check_avals(cfg, q, k, q_weight, k_weight, positions) -> None:
         arrays.check_positions(_operand(positions, "positions"), tokens)
     elif positions is not None:
         raise TypeError("positions given, but this object was built without rope=")
+
+
+def _stand_in(x, role) -> np.ndarray:
+    """A numpy array of x's shape and dtype with row-major strides, all of whose elements
+    are one aligned element: what the cache checks read of an XLA buffer at trace time
+    (its shape, dtype and row-major layout; XLA's buffers are aligned)."""
+    op = _operand(x, role)
+    dt = np.dtype(x.dtype)
+    base = np.zeros(64 + dt.itemsize, np.uint8)
+    at = -base.ctypes.data % 64
+    one = base[at:at + dt.itemsize].view(dt)
+    return np.lib.stride_tricks.as_strided(one, op.shape, op.strides, writeable=True)
+
+
+def check_cache_avals(cfg, tokens, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                      store_k) -> None:
+    """TPQKNorm's checks of a call's KV cache arguments, on what tracing knows; nothing
+    where the object has no kv_cache and none is given."""
+    given = any(a is not None for a in (v, k_cache, v_cache, slot_mapping, k_scale,
+                                        v_scale)) or store_k is not True
+    if cfg.kv is None:
+        if given:
+            raise TypeError(f"KV cache arguments given ({KV_ARGUMENTS}), but this object "
+                            f"was built without kv_cache=")
+        return
+    missing = [n for n, a in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache),
+                              ("slot_mapping", slot_mapping)) if a is None]
+    if missing:
+        names = ", ".join(m + "=" for m in missing)
+        raise TypeError(f"this object writes a KV cache: pass {names} (v=, k_cache=, "
+                        f"v_cache= and slot_mapping= on every call)")
+    if type(store_k) is not bool:
+        raise TypeError(f"store_k must be True or False, got {store_k!r}")
+    vop = _operand(v, "v")
+    arrays.check_rows(vop, "v", cfg.k_local, cfg.dtype)
+    if vop.shape[0] != tokens:
+        raise ValueError(f"v has {vop.shape[0]} rows but q has {tokens}")
+    heads = cfg.kv.kv_heads(cfg.k_local)
+    kc = cache_view(_stand_in(k_cache, "k_cache"), "k_cache", cfg.kv, heads, cfg.dtype)
+    vc = cache_view(_stand_in(v_cache, "v_cache"), "v_cache", cfg.kv, heads, cfg.dtype)
+    if (kc.num_blocks, kc.strides) != (vc.num_blocks, vc.strides):
+        raise ValueError(f"v_cache must have k_cache's blocks and strides: k_cache has "
+                         f"{kc.num_blocks} blocks, strides {kc.strides}; v_cache "
+                         f"{vc.num_blocks}, {vc.strides}")
+    if kc.slots >= 2 ** 31 or (kc.heads - 1) * kc.strides[2] + kc.head_dim >= 2 ** 31:
+        raise ValueError(f"k_cache: {kc.slots} slots and a head stride of "
+                         f"{kc.strides[2]}: the kernels index slots and a row's heads "
+                         f"with 32-bit integers (below 2^31)")
+    slot_view(_stand_in(slot_mapping, "slot_mapping"), tokens)
+    for x, role in ((k_scale, "k_scale"), (v_scale, "v_scale")):
+        if x is None or _real(x):
+            scale_arg(x, role)
+            continue
+        try:
+            op = _operand(x, role)
+        except TypeError as e:
+            raise ValueError(f"{role}: must be a number > 0 or an fp32 scalar array, got "
+                             f"{type(x).__name__}") from e
+        if op.dtype != "float32" or op.shape not in ((), (1,)):
+            raise ValueError(f"{role}: an array scale must be float32 of shape () or (1,), "
+                             f"got {np.dtype(x.dtype).name} {list(op.shape)}")

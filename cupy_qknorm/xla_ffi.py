@@ -25,9 +25,11 @@ EXTENSION_METADATA = 1
 COMMAND_BUFFER_COMPATIBLE = 1
 ATTR_SCALAR = 3
 
-# XLA_FFI_DataType -> numpy dtype of the bits (bf16 as uint16 bit patterns)
+# XLA_FFI_DataType -> numpy dtype of the bits (bf16 as uint16 bit patterns, FP8 E4M3 (fn)
+# as uint8 bit patterns)
 DTYPES = {16: np.dtype(np.uint16), 7: np.dtype(np.uint16), 10: np.dtype(np.float16), 11: np.dtype(np.float32),
-          4: np.dtype(np.int32), 5: np.dtype(np.int64)}
+          4: np.dtype(np.int32), 5: np.dtype(np.int64), 6: np.dtype(np.uint8),
+          20: np.dtype(np.uint8)}
 # XLA_FFI_Error_Code
 INVALID_ARGUMENT, DEADLINE_EXCEEDED, FAILED_PRECONDITION, INTERNAL = 3, 4, 9, 13
 
@@ -132,7 +134,7 @@ _ATTRS = struct.Struct("<qQQQ")     # size, types, names, attrs (from +16)
 _BUFFER = struct.Struct("<i4xQqQ")  # dtype, data, rank, dims (from offset 16)
 _SPAN = struct.Struct("<QQ")
 _SCALAR = struct.Struct("<i4xQ")
-_VALUES = {4: struct.Struct("<i"), 5: struct.Struct("<q")}
+_VALUES = {4: struct.Struct("<i"), 5: struct.Struct("<q"), 11: struct.Struct("<f")}
 _ARGS, _RETS, _ATTRS_AT = (CallFrame.args.offset + 16, CallFrame.rets.offset + 16,
                            CallFrame.attrs.offset + 16)
 
@@ -176,8 +178,9 @@ def rets(frame: Frame) -> list:
     return _buffers(frame.address + _RETS)
 
 
-def int_attrs(frame: Frame) -> dict:
-    """The call's int32/int64 scalar attributes by name."""
+def scalar_attrs(frame: Frame) -> dict:
+    """The call's int32, int64 and float32 scalar attributes by name (Python ints and
+    floats)."""
     n, types, names, values = _ATTRS.unpack_from(_MEMORY, frame.address + _ATTRS_AT)
     out = {}
     if n <= 0:

@@ -1,8 +1,11 @@
 """cupy_qknorm.jax on JAX's CPU backend, one process (G=1, MPI.COMM_SELF): the XLA FFI
 target's plumbing (jit, lax.scan over layers, donation and in place, out of place, RoPE
 positions int32 and int64), parity against the float64 reference, the trace-time checks
-(TPQKNorm's messages) and the errors of a call. tests/test_jax_mpi.py runs the same
-target across ranks; tests/gpu/test_jax.py on a GPU."""
+(TPQKNorm's messages) and the errors of a call; the paged KV-cache write (bf16 and FP8
+caches bit for bit against reference.expected_cache, slot -1 holes, a cache per layer
+under lax.scan, store_k=False, a slot outside the cache, bad cache arguments).
+tests/test_jax_mpi.py runs the same target across ranks; tests/gpu/test_jax.py on a GPU."""
+import functools
 import subprocess
 import sys
 
@@ -26,7 +29,8 @@ jnp = pytest.importorskip("jax.numpy")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 from mpi4py import MPI  # noqa: E402
 
-from cupy_qknorm import (ClosedError, PositionError, RoPE, TPQKNorm)  # noqa: E402
+from cupy_qknorm import (ClosedError, KVCache, PositionError, RoPE, SlotError,  # noqa: E402
+                         TPQKNorm)
 from cupy_qknorm import reference as ref  # noqa: E402
 from cupy_qknorm.jax import JaxQKNorm  # noqa: E402
 
@@ -198,3 +202,199 @@ def test_eager_call_and_closed_object():
 def test_cpu_backend_runs_transport_mpi_only():
     with pytest.raises(ValueError, match="JAX's CPU backend runs transport 'mpi'"):
         JaxQKNorm(MPI.COMM_SELF, Q, K, transport="ipc", backend="cpu")
+
+
+# -- the paged KV-cache write ------------------------------------------------------------
+FP8 = "float8_e4m3fn"
+KV_ROPE = RoPE(128, 64, theta=5e6, max_position=4096)
+
+
+def poisoned_cache(seed, shape, storage):
+    """A cache of random bytes (every slot not written must keep them)."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape)) * np.dtype(storage).itemsize
+    return rng.integers(0, 256, n, dtype=np.uint8).view(storage).reshape(shape)
+
+
+def cache_case(seed, tokens, slots_total):
+    """(q, k, qw, kw, v, positions, slots): bf16 data at widths Q, K; every fifth token's
+    slot -1 (a hole), the others distinct."""
+    q, k, qw, kw, _, _ = ref.make_case(seed, tokens, Q, K, "bfloat16")
+    rng = np.random.default_rng(seed + 1)
+    v = ref.make_case(seed + 2, tokens, Q, K, "bfloat16")[1]
+    pos = rng.integers(0, 4096, tokens).astype(np.int32)
+    slots = rng.permutation(slots_total)[:tokens].astype(np.int32)
+    slots[::5] = -1
+    return q, k, qw, kw, v, pos, slots
+
+
+def k_reference(q, k, qw, kw, pos):
+    """The float64 reference of q's and k's outputs after the norm and KV_ROPE."""
+    table = ref.rope_table(4096, 64, 5e6)
+    return ref.qk_norm_rope(*(ref.to_f64(a, "bfloat16") for a in (q, k, qw, kw)), 1e-6, pos,
+                            table, 128, 64, "neox")
+
+
+@pytest.mark.parametrize("cache_dtype", [None, FP8])
+@pytest.mark.parametrize("layout", ["nhd", "pool"])
+@pytest.mark.parametrize("scales", ["floats", "arrays"])
+def test_kv_cache_bit_for_bit_in_place(cache_dtype, layout, scales):
+    """bf16 data; a bf16 (uint16 bits) or FP8 (uint8 bits) cache, NHD or a token pool, the
+    scales as static floats or fp32 scalar arrays. The caches come back in the donated
+    buffers, equal bit for bit to reference.expected_cache of the k output (checked against
+    the float64 reference) and of v; every other byte keeps its poison."""
+    block = 4 if layout == "nhd" else 1
+    kv = KVCache(block, 128, cache_dtype)
+    storage = kv.storage_dtype("bfloat16")
+    shape = (6, block, 1, 128) if layout == "nhd" else (24, 1, 128)
+    ks, vs = (0.375, 2.5) if scales == "floats" else (jnp.float32(0.375),
+                                                       jnp.ones((1,), jnp.float32) * 2.5)
+    with JaxQKNorm(MPI.COMM_SELF, Q, K, "bfloat16", max_tokens=8, rope=KV_ROPE,
+                   backend="cpu", kv_cache=kv) as qk:
+        @functools.partial(jax.jit, donate_argnums=(5, 6))
+        def step(q, k, qw, kw, v, kc, vc, pos, slots):
+            return qk(q, k, qw, kw, pos, v=v, k_cache=kc, v_cache=vc, slot_mapping=slots,
+                      k_scale=ks, v_scale=vs)
+        for i, tokens in enumerate((1, 7, 19)):  # 19 > max_tokens: chunks
+            q, k, qw, kw, v, pos, slots = cache_case(20 + i, tokens, 24)
+            kc, vc = poisoned_cache(i, shape, storage), poisoned_cache(i + 9, shape, storage)
+            # the token pool's caches as ml_dtypes' bfloat16 / float8_e4m3fn: the same bits
+            typed = {np.dtype(np.uint16): ml_dtypes.bfloat16,
+                     np.dtype(np.uint8): ml_dtypes.float8_e4m3fn}[storage]
+            jkc, jvc = (jnp.asarray(c.view(typed) if layout == "pool" else c) for c in (kc, vc))
+            addr = (jkc.unsafe_buffer_pointer(), jvc.unsafe_buffer_pointer())
+            qo, ko, kco, vco = step(*(to_jax(a) for a in (q, k, qw, kw, v)), jkc, jvc,
+                                    jnp.asarray(pos), jnp.asarray(slots))
+            qy, ky, qm, km = k_reference(q, k, qw, kw, pos)
+            assert ref.compare_rope(to_np(qo, "bfloat16"), qy, qm, "bfloat16")[1] == 0
+            assert ref.compare_rope(to_np(ko, "bfloat16"), ky, km, "bfloat16")[1] == 0
+            assert (kco.unsafe_buffer_pointer(), vco.unsafe_buffer_pointer()) == addr
+            assert kco.dtype == (typed if layout == "pool" else storage) and kco.shape == shape
+            kco, vco = (np.asarray(c).view(storage) for c in (kco, vco))
+            want_k = ref.expected_cache(kc, to_np(ko, "bfloat16"), slots, kv, 1, "bfloat16",
+                                        0.375)
+            want_v = ref.expected_cache(vc, v, slots, kv, 1, "bfloat16", 2.5)
+            assert np.array_equal(kco, want_k), f"T={tokens}: k_cache"
+            assert np.array_equal(vco, want_v), f"T={tokens}: v_cache"
+            assert not np.array_equal(want_k, kc) or tokens == 1  # rows were written
+
+
+def test_kv_cache_per_layer_under_scan_and_store_k_false():
+    """Three layers under lax.scan in one jit, each with its own FP8 caches (stacked) and
+    the same slots; then store_k=False: no k output, the caches as with store_k=True."""
+    kv = KVCache(4, 128, FP8)
+    layers, tokens, shape = 3, 9, (5, 4, 1, 128)
+    with JaxQKNorm(MPI.COMM_SELF, Q, K, "bfloat16", max_tokens=16, rope=KV_ROPE,
+                   backend="cpu", kv_cache=kv) as qk:
+        @jax.jit
+        def prologue(q, k, qw, kw, v, kc, vc, pos, slots):
+            def step(carry, x):
+                q, k, qw, kw, v, kc, vc = x
+                return carry, qk(q, k, qw, kw, pos, in_place=True, v=v, k_cache=kc,
+                                 v_cache=vc, slot_mapping=slots, k_scale=0.5, v_scale=0.25)
+            return jax.lax.scan(step, 0, (q, k, qw, kw, v, kc, vc))[1]
+
+        cases = [cache_case(40 + i, tokens, 20) for i in range(layers)]
+        pos, slots = cases[0][5], cases[0][6]
+        stacked = [np.stack([c[j] for c in cases]) for j in range(5)]
+        kc = np.stack([poisoned_cache(60 + i, shape, np.uint8) for i in range(layers)])
+        vc = np.stack([poisoned_cache(70 + i, shape, np.uint8) for i in range(layers)])
+        qo, ko, kco, vco = prologue(*(to_jax(a) for a in stacked), jnp.asarray(kc),
+                                    jnp.asarray(vc), jnp.asarray(pos), jnp.asarray(slots))
+        for i, (q, k, qw, kw, v, _, _) in enumerate(cases):
+            qy, ky, qm, km = k_reference(q, k, qw, kw, pos)
+            assert ref.compare_rope(to_np(qo[i], "bfloat16"), qy, qm, "bfloat16")[1] == 0
+            assert ref.compare_rope(to_np(ko[i], "bfloat16"), ky, km, "bfloat16")[1] == 0
+            want_k = ref.expected_cache(kc[i], to_np(ko[i], "bfloat16"), slots, kv, 1,
+                                        "bfloat16", 0.5)
+            want_v = ref.expected_cache(vc[i], v, slots, kv, 1, "bfloat16", 0.25)
+            assert np.array_equal(np.asarray(kco[i]), want_k), f"layer {i}: k_cache"
+            assert np.array_equal(np.asarray(vco[i]), want_v), f"layer {i}: v_cache"
+
+        q, k, qw, kw, v, pos, slots = cases[0]
+        no_k = jax.jit(lambda q, k, qw, kw, v, kc, vc, pos, slots: qk(
+            q, k, qw, kw, pos, v=v, k_cache=kc, v_cache=vc, slot_mapping=slots, k_scale=0.5,
+            v_scale=0.25, store_k=False))
+        jk = to_jax(k)
+        qo2, ko2, kco2, vco2 = no_k(to_jax(q), jk, to_jax(qw), to_jax(kw), to_jax(v),
+                                    jnp.asarray(kc[0]), jnp.asarray(vc[0]), jnp.asarray(pos),
+                                    jnp.asarray(slots))
+        assert ko2 is None
+        assert np.array_equal(to_np(qo2, "bfloat16"), to_np(qo[0], "bfloat16"))
+        assert np.array_equal(to_np(jk, "bfloat16"), k)  # k as it was
+        assert np.array_equal(np.asarray(kco2), np.asarray(kco[0]))
+        assert np.array_equal(np.asarray(vco2), np.asarray(vco[0]))
+
+
+def test_a_slot_outside_the_cache_raises_slot_error_and_closes():
+    kv = KVCache(4, 128)
+    q, k, qw, kw, v, _, slots = cache_case(80, 5, 12)
+    kc = vc = np.zeros((3, 4, 1, 128), np.uint16)
+    with JaxQKNorm(MPI.COMM_SELF, Q, K, "bfloat16", backend="cpu", kv_cache=kv) as qk:
+        f = jax.jit(lambda q, k, qw, kw, v, kc, vc, s: qk(q, k, qw, kw, v=v, k_cache=kc,
+                                                          v_cache=vc, slot_mapping=s))
+        args = [to_jax(a) for a in (q, k, qw, kw, v)] + [jnp.asarray(kc), jnp.asarray(vc)]
+        f(*args, jnp.asarray(slots))[2].block_until_ready()
+        slots[3] = 12
+        with pytest.raises(Exception) as raw:
+            f(*args, jnp.asarray(slots))[2].block_until_ready()
+        assert "cupy_qknorm SlotError: rank 0: token 3 has slot_mapping 12, outside the KV " \
+            "cache's 12 slots" in str(raw.value)
+        err = qk._take_error()
+        assert type(err) is SlotError and (err.token, err.slot) == (3, 12)
+        with pytest.raises(ClosedError):
+            with qk.errors():
+                f(*args, jnp.asarray(slots))[2].block_until_ready()
+
+
+def _tpqknorm_cache_error(kv, arrays, kwargs):
+    with TPQKNorm(MPI.COMM_SELF, Q, K, "bfloat16", transport="mpi", kv_cache=kv) as n:
+        try:
+            n(*arrays, **kwargs)
+        except (TypeError, ValueError) as e:
+            return e
+    raise AssertionError("TPQKNorm took the input")
+
+
+def test_bad_cache_arguments_raise_at_trace_time_with_tpqknorms_messages():
+    kv = KVCache(4, 128, FP8)
+    q, k, qw, kw, v, _, slots = cache_case(90, 4, 12)
+    kc = np.zeros((3, 4, 1, 128), np.uint8)
+    good = dict(v=v, k_cache=kc, v_cache=kc.copy(), slot_mapping=slots)
+    cases = {
+        "block size": dict(good, k_cache=np.zeros((6, 2, 1, 128), np.uint8)),
+        "head_dim": dict(good, v_cache=np.zeros((3, 4, 1, 64), np.uint8)),
+        "HND as its own array": dict(good, k_cache=np.zeros((3, 1, 4, 128), np.uint8)),
+        "2-D": dict(good, k_cache=np.zeros((12, 128), np.uint8)),
+        "3-D at block_size 4": dict(good, k_cache=np.zeros((12, 1, 128), np.uint8)),
+        "bf16 bits for FP8": dict(good, k_cache=np.zeros((3, 4, 1, 128), np.uint16)),
+        "blocks differ": dict(good, v_cache=np.zeros((2, 4, 1, 128), np.uint8)),
+        "empty": dict(good, k_cache=np.zeros((0, 4, 1, 128), np.uint8),
+                      v_cache=np.zeros((0, 4, 1, 128), np.uint8)),
+        "v width": dict(good, v=q[:, :64]),
+        "v rows": dict(good, v=v[:3]),
+        "slots float": dict(good, slot_mapping=slots.astype(np.float32)),
+        "slots length": dict(good, slot_mapping=slots[:3]),
+        "k_scale negative": dict(good, k_scale=-1.0),
+        "v_scale int array": dict(good, v_scale=np.array([2], np.int32)),
+        "k_scale 2 values": dict(good, k_scale=np.ones(2, np.float32)),
+        "v_cache missing": dict(good, v_cache=None),
+        "store_k not a bool": dict(good, store_k=1),
+    }
+    with JaxQKNorm(MPI.COMM_SELF, Q, K, "bfloat16", backend="cpu", kv_cache=kv) as qk:
+        for name, kwargs in cases.items():
+            want = _tpqknorm_cache_error(kv, (q, k, qw, kw), kwargs)
+            arrs = {n: a for n, a in kwargs.items() if isinstance(a, np.ndarray)}
+            static = {n: a for n, a in kwargs.items() if n not in arrs}
+            traced = jax.jit(lambda a, arrs: qk(*a, **arrs, **static))
+            with pytest.raises(type(want)) as got:  # caches as their own dtype (uint16)
+                traced([to_jax(x) for x in (q, k, qw, kw)],
+                       {n: jnp.asarray(x) if "cache" in n else to_jax(x)
+                        for n, x in arrs.items()})
+            assert str(got.value) == str(want), name
+        # G=1: still usable after the refusals
+        qk(*(to_jax(x) for x in (q, k, qw, kw)), **{n: to_jax(x) for n, x in good.items()})
+    plain = JaxQKNorm(MPI.COMM_SELF, Q, K, "bfloat16", backend="cpu")
+    with pytest.raises(TypeError, match="but this object was built without kv_cache="):
+        plain(*(to_jax(x) for x in (q, k, qw, kw)), **{n: to_jax(x) for n, x in good.items()})
+    plain.close()

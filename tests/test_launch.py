@@ -78,6 +78,17 @@ def test_check_command_through_jax():
 
 
 @needs_mpiexec
+def test_check_command_through_jax_with_an_fp8_cache():
+    pytest.importorskip("jax", reason="needs jax (pip install -e '.[jax]')")
+    r = run_mpi(2, "-m", "cupy_qknorm", "check", "--jax", "--transport", "mpi", "--rope",
+                "--kv-cache", "fp8", "--tokens", "1,33")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "jax.jit (cpu)" in r.stdout and "kv_cache=float8_e4m3fn" in r.stdout
+    assert r.stdout.rstrip().splitlines()[-1].startswith("PASS")
+    assert r.stdout.rstrip().splitlines()[-1].endswith("0 cache bytes differ")
+
+
+@needs_mpiexec
 def test_check_command_at_eight_ranks():
     r = run_mpi(8, "-m", "cupy_qknorm", "check", "--transport", "mpi", "--tokens", "0,1,33")
     assert r.returncode == 0, r.stdout + r.stderr

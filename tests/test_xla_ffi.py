@@ -22,7 +22,7 @@ def frame_of(shapes, dtypes, n_args, attrs):
     rets = (ctypes.c_void_p * (len(bufs) - n_args))(*bufs[n_args:])
     kinds, names, values = [], [], []
     for name, (dt, v) in sorted(attrs.items()):
-        val = (ctypes.c_int32 if dt == 4 else ctypes.c_int64)(v)
+        val = {4: ctypes.c_int32, 5: ctypes.c_int64, 11: ctypes.c_float}[dt](v)
         s = x.Scalar(dt, ctypes.addressof(val))
         text = ctypes.create_string_buffer(name.encode())
         span = x.ByteSpan(ctypes.cast(text, ctypes.POINTER(ctypes.c_char)), len(name))
@@ -44,7 +44,8 @@ def frame_of(shapes, dtypes, n_args, attrs):
 def test_a_frame_reads_back_its_buffers_and_attributes():
     shapes = [(5, 256), (5, 128), (256,), (128,), (5,), (5, 256), (5, 128)]
     dtypes = [16, 16, 11, 11, 5, 16, 16]
-    frame, _keep = frame_of(shapes, dtypes, 5, {"handle": (5, 2 ** 40 + 3), "tag": (4, -1)})
+    frame, _keep = frame_of(shapes, dtypes, 5, {"handle": (5, 2 ** 40 + 3), "tag": (4, -1),
+                                                "k_scale": (11, 0.375)})
     f = x.frame_at(ctypes.addressof(frame))
     assert (f.extensions, f.ctx, f.stage) == (0, 0x1234, x.STAGE_EXECUTE)
     args, rets = x.args(f), x.rets(f)
@@ -52,7 +53,8 @@ def test_a_frame_reads_back_its_buffers_and_attributes():
     assert [a.ptr for a in args + rets] == [0x10000 * (i + 1) for i in range(7)]
     assert [a.dtype for a in args] == [np.dtype(np.uint16)] * 2 + [np.dtype(np.float32)] * 2 \
         + [np.dtype(np.int64)]
-    assert x.int_attrs(f) == {"handle": 2 ** 40 + 3, "tag": -1}
+    assert x.scalar_attrs(f) == {"handle": 2 ** 40 + 3, "tag": -1, "k_scale": 0.375}
+    assert x.DTYPES[6] == x.DTYPES[20] == np.dtype(np.uint8)  # u8 and FP8 E4M3 (fn): bits
 
 
 def test_handshake_finds_the_metadata_extension_down_the_chain():

@@ -3,7 +3,10 @@ XLA's stream. Parity against the float64 reference (norm then MiniMax's RoPE, bf
 jit, lax.scan over layers, donation in place and out of place, for every transport; a
 jitted function replayed on fresh data and positions (captured by XLA in a command buffer
 with "ipc" and "nccl", never with "mpi"); a position outside the table; a peer that never
-calls. Run by scripts/gpu_suite.sh, like the rest of tests/gpu.
+calls. The paged KV-cache write (JaxQKNorm(kv_cache=)): bf16 and FP8 caches, donated,
+bit for bit against reference.expected_cache for every transport, replays with fresh
+slots and scales, a cache per layer under lax.scan, store_k=False, a slot outside the
+cache. Run by scripts/gpu_suite.sh, like the rest of tests/gpu.
 
 JAX shares the GPU with CuPy: XLA_PYTHON_CLIENT_PREALLOCATE=false (set here before JAX
 starts, unless given) keeps XLA from taking most of the memory up front;
@@ -17,7 +20,8 @@ import pytest
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_FLAGS", "--xla_gpu_graph_min_graph_size=1")
 
-from cupy_qknorm import CallMismatchError, PeerTimeoutError, PositionError, RoPE  # noqa: E402
+from cupy_qknorm import (CallMismatchError, KVCache, PeerTimeoutError,  # noqa: E402
+                         PositionError, RoPE, SlotError)
 from tests.conftest import requires_gpu  # noqa: E402
 from tests.gpu.test_rope import rope_case  # noqa: E402
 from tests.gpu.test_gpu import dims_for  # noqa: E402
@@ -164,3 +168,124 @@ def test_a_peer_that_never_calls_is_bounded(comm):
         comm.Barrier()
     ok = comm.rank == 0 or (type(err) is PeerTimeoutError and took < 30)
     assert all(comm.allgather(ok)), f"rank {comm.rank}: {err!r} after {took:.1f} s"
+
+
+# -- the paged KV-cache write ------------------------------------------------------------
+FP8 = "float8_e4m3fn"
+
+
+def cache_inputs(comm, seed, tokens, kv, blocks=None):
+    """A rope_case with v (k's rows permuted), poisoned numpy caches [blocks, block_size,
+    heads, 128] and slots (distinct, every fifth -1)."""
+    q_dim, k_dim = dims_for(comm.size)
+    heads = kv.kv_heads(k_dim // comm.size)
+    (qs, ks, qws, kws), pos, mine = rope_case(comm, seed, tokens, "bfloat16")
+    rng = np.random.default_rng(seed + 3)
+    v = ks.get()[rng.permutation(tokens)]
+    blocks = blocks or -(-2 * tokens // kv.block_size)
+    shape = (blocks, kv.block_size, heads, 128)
+    storage = kv.storage_dtype("bfloat16")
+    kc, vc = (rng.integers(0, 256, int(np.prod(shape)) * storage.itemsize, dtype=np.uint8)
+              .view(storage).reshape(shape) for _ in range(2))
+    slots = rng.permutation(blocks * kv.block_size)[:tokens].astype(np.int32)
+    slots[::5] = -1
+    return (qs, ks, qws, kws, pos), v, kc, vc, slots, mine, heads
+
+
+def caches_match(comm, kv, heads, got, before, rows, slots, scales):
+    """Whether each cache of `got` equals reference.expected_cache (collective)."""
+    ok = all(np.array_equal(np.asarray(g).view(b.dtype),  # a bf16 cache's bits
+                            ref.expected_cache(b, r, slots, kv, heads, "bfloat16", s))
+             for g, b, r, s in zip(got, before, rows, scales))
+    return all(comm.allgather(ok))
+
+
+@pytest.mark.parametrize("transport", ["ipc", "nccl", "mpi"])
+@pytest.mark.parametrize("cache_dtype", [None, FP8])
+def test_kv_cache_parity_donated_and_replayed(comm, transport, cache_dtype):
+    """One jitted call with donated caches: the caches come back in the same buffers,
+    bit for bit; replayed at T=64 with fresh slots, data and device scale (XLA's command
+    buffer with "ipc" and "nccl"); T=1000 in two chunks."""
+    dev = jax_device()
+    q_dim, k_dim = dims_for(comm.size)
+    kv = KVCache(16, 128, cache_dtype)
+    with JaxQKNorm(comm, q_dim, k_dim, "bfloat16", max_tokens=512, transport=transport,
+                   rope=MINIMAX, backend="gpu", kv_cache=kv) as qk:
+        step = jax.jit(lambda q, k, qw, kw, p, v, kc, vc, s, vs: qk(
+            q, k, qw, kw, p, v=v, k_cache=kc, v_cache=vc, slot_mapping=s, k_scale=0.7,
+            v_scale=vs), donate_argnums=(6, 7))
+        for i, tokens in enumerate((1, 64, 64, 64, 1000)):
+            args, v, kc, vc, slots, mine, heads = cache_inputs(comm, 30 + i, tokens, kv)
+            vscale = 0.5 + i
+            jkc, jvc = put(kc, dev), put(vc, dev)
+            addr = (jkc.unsafe_buffer_pointer(), jvc.unsafe_buffer_pointer())
+            qo, ko, kco, vco = step(*(put(a, dev) for a in args), put(v, dev), jkc, jvc,
+                                    put(slots, dev), put(np.float32(vscale), dev))
+            qk.synchronize(qo, ko, kco, vco)
+            what = f"T={tokens} {transport} cache={kv.cache_dtype('bfloat16')}"
+            assert rope_bad(comm, (qo, ko), mine) == 0, what
+            same = (kco.unsafe_buffer_pointer(), vco.unsafe_buffer_pointer()) == addr
+            assert all(comm.allgather(same)), f"{what}: the caches were not written in place"
+            assert caches_match(comm, kv, heads, (kco, vco), (kc, vc),
+                                (bf16_bits(ko), v), slots, (0.7, vscale)), what
+
+
+@pytest.mark.parametrize("transport", ["ipc", "nccl", "mpi"])
+def test_kv_cache_per_layer_under_scan_and_store_k_false(comm, transport):
+    dev = jax_device()
+    q_dim, k_dim = dims_for(comm.size)
+    kv = KVCache(16, 128, FP8)
+    with JaxQKNorm(comm, q_dim, k_dim, "bfloat16", max_tokens=512, transport=transport,
+                   rope=MINIMAX, backend="gpu", kv_cache=kv) as qk:
+        def call(x, p, s, **kw):
+            q, k, qw, kw_, v, kc, vc = x
+            return qk(q, k, qw, kw_, p, v=v, k_cache=kc, v_cache=vc, slot_mapping=s,
+                      k_scale=0.7, v_scale=3.0, **kw)
+
+        @jax.jit
+        def layers(x, p, s):
+            return jax.lax.scan(lambda c, x: (c, call(x, p, s, in_place=True)), 0, x)[1]
+
+        no_k = jax.jit(lambda x, p, s: call(x, p, s, store_k=False))
+        args, v, kc, vc, slots, mine, heads = cache_inputs(comm, 50, 100, kv)
+        pos = put(args[4], dev)
+        x = tuple(jnp.stack([put(a, dev)] * 2) for a in (*args[:4], v, kc, vc))
+        qo, ko, kco, vco = layers(x, pos, put(slots, dev))
+        one = tuple(put(a, dev) for a in (*args[:4], v, kc, vc))
+        qo1, none, kc1, vc1 = no_k(one, pos, put(slots, dev))
+        qk.synchronize(qo, ko, kco, vco, qo1, kc1, vc1)
+        for layer in range(2):
+            assert rope_bad(comm, (qo[layer], ko[layer]), mine) == 0, f"layer {layer}"
+            assert caches_match(comm, kv, heads, (kco[layer], vco[layer]), (kc, vc),
+                                (bf16_bits(ko[layer]), v), slots, (0.7, 3.0)), f"layer {layer}"
+        ok = none is None and np.array_equal(bf16_bits(qo1), bf16_bits(qo[0])) and \
+            np.array_equal(np.asarray(kc1).view(np.uint8), np.asarray(kco[0]).view(np.uint8)) \
+            and np.array_equal(np.asarray(vc1).view(np.uint8), np.asarray(vco[0]).view(np.uint8))
+        assert all(comm.allgather(ok)), "store_k=False"
+
+
+def test_kv_cache_slot_outside_raises_slot_error(comm):
+    """Rank 0's token 7 has a slot past its cache: synchronize() raises SlotError there,
+    naming it (the device checks it); the peers' calls succeed."""
+    dev = jax_device()
+    q_dim, k_dim = dims_for(comm.size)
+    kv = KVCache(16, 128, None)
+    args, v, kc, vc, slots, _, _ = cache_inputs(comm, 60, 20, kv)
+    if comm.rank == 0:
+        slots[7] = kc.shape[0] * 16
+    err = None
+    with JaxQKNorm(comm, q_dim, k_dim, "bfloat16", rope=MINIMAX, backend="gpu",
+                   kv_cache=kv) as qk:
+        f = jax.jit(lambda q, k, qw, kw, p, v, kc, vc, s: qk(
+            q, k, qw, kw, p, v=v, k_cache=kc, v_cache=vc, slot_mapping=s))
+        try:
+            with qk.errors():
+                qk.synchronize(*f(*(put(a, dev) for a in (*args, v, kc, vc, slots))))
+        except Exception as e:  # noqa: BLE001 - checked below
+            err = e
+        comm.Barrier()
+    if comm.rank == 0:
+        ok = type(err) is SlotError and (err.token, err.slot) == (7, kc.shape[0] * 16)
+    else:
+        ok = err is None
+    assert all(comm.allgather(ok)), f"rank {comm.rank}: {err!r}"
