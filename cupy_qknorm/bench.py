@@ -32,6 +32,20 @@ KV_SCALES = (0.5, 0.25)  # --kv-cache fp8: k_scale, v_scale (Python floats)
 TRANSPORT_CHOICES = ("ipc", "nccl")
 
 
+def kv_cache_option(kind, dtype, rope):
+    """The KVCache of `--kv-cache bf16|fp8` (check and bench): blocks of 16, rows of one
+    RoPE head; None without the option. ValueError, one line, where it cannot run."""
+    if kind is None:
+        return None
+    from .kvcache import CACHE_FP8, KVCache
+    if rope is None:
+        raise ValueError("--kv-cache needs --rope (the prologue is norm, RoPE, cache)")
+    if kind == "bf16" and dtype != "bfloat16":
+        raise ValueError(f"--kv-cache bf16 needs --dtype bfloat16 (a cache holds the "
+                         f"data's dtype or FP8), got {dtype}")
+    return KVCache(16, rope.head_dim, CACHE_FP8 if kind == "fp8" else None)
+
+
 def _transports(text):
     names = [v for v in text.split(",") if v]
     bad = [v for v in names if v not in TRANSPORT_CHOICES]
@@ -538,15 +552,7 @@ def run(args):
     rope_norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
                               transport=t, rope=rope, **heads)
                   for t in (args.transports if rope is not None else ())}
-    kv = None
-    if args.kv_cache is not None:
-        from .kvcache import CACHE_FP8, KVCache
-        if rope is None:
-            raise ValueError("--kv-cache needs --rope (the prologue is norm, RoPE, cache)")
-        if args.kv_cache == "bf16" and args.dtype != "bfloat16":
-            raise ValueError(f"--kv-cache bf16 needs --dtype bfloat16 (a cache holds the "
-                             f"data's dtype or FP8), got {args.dtype}")
-        kv = KVCache(16, rope.head_dim, CACHE_FP8 if args.kv_cache == "fp8" else None)
+    kv = kv_cache_option(args.kv_cache, args.dtype, rope)
     kv_norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
                             transport=t, rope=rope, kv_cache=kv, **heads)
                 for t in (args.transports if kv is not None else ())}

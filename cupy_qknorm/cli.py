@@ -179,15 +179,8 @@ def cmd_check(args):
     knobs.check_all()
     # the same on every rank: every rank raises, rank 0 says why
     model, rope, heads = _check_shape(args, world)
-    kv = None
-    if args.kv_cache is not None:
-        from .kvcache import CACHE_FP8, KVCache
-        if rope is None:
-            raise ValueError("--kv-cache needs --rope (the prologue is norm, RoPE, cache)")
-        if args.kv_cache == "bf16" and args.dtype != "bfloat16":
-            raise ValueError(f"--kv-cache bf16 needs --dtype bfloat16 (a cache holds the "
-                             f"data's dtype or FP8), got {args.dtype}")
-        kv = KVCache(16, rope.head_dim, CACHE_FP8 if args.kv_cache == "fp8" else None)
+    from .bench import kv_cache_option
+    kv = kv_cache_option(args.kv_cache, args.dtype, rope)
     select_device(comm)
     worst, bad_total, cache_bad = 0.0, 0, 0
     built = _jax_check(comm, gpu) if args.jax else TPQKNorm

@@ -39,7 +39,7 @@ import numpy as np
 from . import arrays, xla_ffi
 from .errors import (ClosedError, PeerTimeoutError, QKNormError)
 from .kvcache import cache_view, scale_arg, slot_view
-from .norm import TPQKNorm
+from .norm import TPQKNorm, check_cache_arguments, check_cache_pair, check_value_rows
 from .params import MAX_CALL_TOKENS
 from .transports import tag_code
 
@@ -50,9 +50,6 @@ _NEXT = [1]
 MAX_BOUND = 256         # bound calls remembered per object (keyed by XLA's buffer addresses)
 # the "kv" attribute of a call that writes the KV cache: which operands it has
 KV, KV_STORE_K, KV_K_SCALE_ARRAY, KV_V_SCALE_ARRAY = 1, 2, 4, 8
-KV_ARGUMENTS = ("v=, k_cache=, v_cache=, slot_mapping=, k_scale=, v_scale=, store_k=")
-
-
 def _target(platform: str, graphs: bool) -> str:
     """The FFI target for `platform` ("cpu" or "CUDA"), registered once per process."""
     import jax
@@ -461,36 +458,14 @@ def check_cache_avals(cfg, tokens, v, k_cache, v_cache, slot_mapping, k_scale, v
                       store_k) -> None:
     """TPQKNorm's checks of a call's KV cache arguments, on what tracing knows; nothing
     where the object has no kv_cache and none is given."""
-    given = any(a is not None for a in (v, k_cache, v_cache, slot_mapping, k_scale,
-                                        v_scale)) or store_k is not True
-    if cfg.kv is None:
-        if given:
-            raise TypeError(f"KV cache arguments given ({KV_ARGUMENTS}), but this object "
-                            f"was built without kv_cache=")
+    if not check_cache_arguments(cfg, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                                 store_k):
         return
-    missing = [n for n, a in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache),
-                              ("slot_mapping", slot_mapping)) if a is None]
-    if missing:
-        names = ", ".join(m + "=" for m in missing)
-        raise TypeError(f"this object writes a KV cache: pass {names} (v=, k_cache=, "
-                        f"v_cache= and slot_mapping= on every call)")
-    if type(store_k) is not bool:
-        raise TypeError(f"store_k must be True or False, got {store_k!r}")
-    vop = _operand(v, "v")
-    arrays.check_rows(vop, "v", cfg.k_local, cfg.dtype)
-    if vop.shape[0] != tokens:
-        raise ValueError(f"v has {vop.shape[0]} rows but q has {tokens}")
+    check_value_rows(_operand(v, "v"), cfg, tokens)
     heads = cfg.kv.kv_heads(cfg.k_local)
     kc = cache_view(_stand_in(k_cache, "k_cache"), "k_cache", cfg.kv, heads, cfg.dtype)
     vc = cache_view(_stand_in(v_cache, "v_cache"), "v_cache", cfg.kv, heads, cfg.dtype)
-    if (kc.num_blocks, kc.strides) != (vc.num_blocks, vc.strides):
-        raise ValueError(f"v_cache must have k_cache's blocks and strides: k_cache has "
-                         f"{kc.num_blocks} blocks, strides {kc.strides}; v_cache "
-                         f"{vc.num_blocks}, {vc.strides}")
-    if kc.slots >= 2 ** 31 or (kc.heads - 1) * kc.strides[2] + kc.head_dim >= 2 ** 31:
-        raise ValueError(f"k_cache: {kc.slots} slots and a head stride of "
-                         f"{kc.strides[2]}: the kernels index slots and a row's heads "
-                         f"with 32-bit integers (below 2^31)")
+    check_cache_pair(kc, vc)
     slot_view(_stand_in(slot_mapping, "slot_mapping"), tokens)
     for x, role in ((k_scale, "k_scale"), (v_scale, "v_scale")):
         if x is None or _real(x):

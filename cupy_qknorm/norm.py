@@ -167,6 +167,51 @@ def check_config(q_dim, k_dim, dtype, eps, max_tokens, timeout_s, world, rope=No
     return dims[0], dims[1], float(eps), max_tokens, timeout_ns, kv_heads, head_dim
 
 
+KV_ARGUMENTS = "v=, k_cache=, v_cache=, slot_mapping=, k_scale=, v_scale=, store_k="
+
+
+def check_cache_arguments(cfg, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                          store_k) -> bool:
+    """Whether a call writes the KV cache: TypeError, one line, where its cache arguments do
+    not fit the object `cfg` describes (given without kv_cache=, one of v, k_cache, v_cache,
+    slot_mapping missing, store_k not a bool)."""
+    if cfg.kv is None:
+        if any(a is not None for a in (v, k_cache, v_cache, slot_mapping, k_scale,
+                                       v_scale)) or store_k is not True:
+            raise TypeError(f"KV cache arguments given ({KV_ARGUMENTS}), but this object "
+                            f"was built without kv_cache=")
+        return False
+    missing = [n for n, a in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache),
+                              ("slot_mapping", slot_mapping)) if a is None]
+    if missing:
+        names = ", ".join(m + "=" for m in missing)
+        raise TypeError(f"this object writes a KV cache: pass {names} (v=, k_cache=, "
+                        f"v_cache= and slot_mapping= on every call)")
+    if type(store_k) is not bool:
+        raise TypeError(f"store_k must be True or False, got {store_k!r}")
+    return True
+
+
+def check_value_rows(vop, cfg, tokens):
+    """v's operand: rows of k's local width and the data dtype, one per token."""
+    arrays.check_rows(vop, "v", cfg.k_local, cfg.dtype)
+    if vop.shape[0] != tokens:
+        raise ValueError(f"v has {vop.shape[0]} rows but q has {tokens}")
+
+
+def check_cache_pair(kc, vc):
+    """k_cache's and v_cache's views (kvcache.CacheView): the same blocks and strides, and
+    slots and a row's heads that the kernels' 32-bit indices reach."""
+    if (kc.num_blocks, kc.strides) != (vc.num_blocks, vc.strides):
+        raise ValueError(f"v_cache must have k_cache's blocks and strides: k_cache has "
+                         f"{kc.num_blocks} blocks, strides {kc.strides}; v_cache "
+                         f"{vc.num_blocks}, {vc.strides}")
+    if kc.slots >= 2 ** 31 or (kc.heads - 1) * kc.strides[2] + kc.head_dim >= 2 ** 31:
+        raise ValueError(f"k_cache: {kc.slots} slots and a head stride of "
+                         f"{kc.strides[2]}: the kernels index slots and a row's heads "
+                         f"with 32-bit integers (below 2^31)")
+
+
 class TPQKNorm:
     """Tensor-parallel RMSNorm of q and k over the full rows:
 
@@ -513,28 +558,14 @@ class TPQKNorm:
         """(CacheCall or None, the cache's operands) of a call's KV cache arguments `kv`
         (None: none given); raises TypeError/ValueError, one line, for bad ones."""
         cfg = self.config
-        given = kv is not None and (any(a is not None for a in kv[:6]) or kv[6] is not True)
-        if cfg.kv is None:
-            if given:
-                raise TypeError("KV cache arguments given (v=, k_cache=, v_cache=, "
-                                "slot_mapping=, k_scale=, v_scale=, store_k=), but this "
-                                "object was built without kv_cache=")
-            return None, []
         v, k_cache, v_cache, slots, k_scale, v_scale, store_k = kv if kv is not None \
             else (None,) * 6 + (True,)
-        missing = [n for n, a in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache),
-                                  ("slot_mapping", slots)) if a is None]
-        if missing:
-            names = ", ".join(m + "=" for m in missing)
-            raise TypeError(f"this object writes a KV cache: pass {names} (v=, k_cache=, "
-                            f"v_cache= and slot_mapping= on every call)")
-        if type(store_k) is not bool:
-            raise TypeError(f"store_k must be True or False, got {store_k!r}")
+        if not check_cache_arguments(cfg, v, k_cache, v_cache, slots, k_scale, v_scale,
+                                     store_k):
+            return None, []
         kv_cfg, width = cfg.kv, cfg.k_local
         vop = arrays.describe(v, "v")
-        arrays.check_rows(vop, "v", width, cfg.dtype)
-        if vop.shape[0] != tokens:
-            raise ValueError(f"v has {vop.shape[0]} rows but q has {tokens}")
+        check_value_rows(vop, cfg, tokens)
         for out, name in ((ops[4], "out[0]"), (ops[5], "out[1]")):
             if arrays.overlap(out, vop):
                 raise ValueError(f"{name} overlaps v (outputs may only be their own input "
@@ -542,14 +573,7 @@ class TPQKNorm:
         heads = kv_cfg.kv_heads(width)
         kc = cache_view(k_cache, "k_cache", kv_cfg, heads, cfg.dtype)
         vc = cache_view(v_cache, "v_cache", kv_cfg, heads, cfg.dtype)
-        if (kc.num_blocks, kc.strides) != (vc.num_blocks, vc.strides):
-            raise ValueError(f"v_cache must have k_cache's blocks and strides: k_cache has "
-                             f"{kc.num_blocks} blocks, strides {kc.strides}; v_cache "
-                             f"{vc.num_blocks}, {vc.strides}")
-        if kc.slots >= 2 ** 31 or (kc.heads - 1) * kc.strides[2] + kc.head_dim >= 2 ** 31:
-            raise ValueError(f"k_cache: {kc.slots} slots and a head stride of "
-                             f"{kc.strides[2]}: the kernels index slots and a row's heads "
-                             f"with 32-bit integers (below 2^31)")
+        check_cache_pair(kc, vc)
         slot_ptr, slot_bytes = slot_view(slots, tokens)
         ks, ks_at = scale_arg(k_scale, "k_scale")
         vs, vs_at = scale_arg(v_scale, "v_scale")
