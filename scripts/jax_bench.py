@@ -98,14 +98,14 @@ def cupy_graph_us(norm, q, k, qw, kw, pos, reps, n):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="64,1024,16384")
-    p.add_argument("--calls", type=int, default=16, help="N: calls in one chain")
+    p.add_argument("--calls", default="16,64",
+                   help="N1,N2: chain lengths; per call = (time(N2) - time(N1)) / (N2 - N1)")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--transport", default="ipc")
     args = p.parse_args()
 
     import cupy
     import jax
-    import jax.numpy as jnp
     import ml_dtypes
     from mpi4py import MPI
 
@@ -114,13 +114,14 @@ def main():
     from cupy_qknorm.jax import JaxQKNorm
     from cupy_qknorm.rope import host_table
 
-    comm, n, eps = MPI.COMM_SELF, args.calls, 1e-6
+    comm, eps = MPI.COMM_SELF, 1e-6
+    n1, n2 = (int(x) for x in args.calls.split(","))
     rope = RoPE.minimax_m2()
     q_dim, k_dim = 6144, 1024
     dev = next(d for d in jax.devices("gpu") if d.local_hardware_id == cupy.cuda.Device().id)
     print(f"jax {jax.__version__} on {dev.device_kind}; cupy {cupy.__version__}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; G=1 bf16 MiniMax widths, "
-          f"in place, chains of N={n} calls, us per call", flush=True)
+          f"in place, chains of N={n1} and N={n2} calls, us per call", flush=True)
     table = jax.device_put(host_table(rope), dev)
     rng = np.random.default_rng(0)
     rows = []
@@ -128,12 +129,14 @@ def main():
                    backend="gpu") as qk, \
             TPQKNorm(comm, q_dim, k_dim, "bfloat16", rope=rope, transport=args.transport) \
             as norm:
-        def ours(q, k, qw, kw, pos):
-            for _ in range(n):
-                q, k = qk(q, k, qw, kw, pos, in_place=True)
-            return q, k
+        def ours(n):
+            def chain(q, k, qw, kw, pos):
+                for _ in range(n):
+                    q, k = qk(q, k, qw, kw, pos, in_place=True)
+                return q, k
+            return chain
 
-        def theirs(rotate):
+        def theirs(rotate, n):
             def chain(q, k, qw, kw, pos):
                 r = rope if rotate else None
                 for _ in range(n):
@@ -142,8 +145,8 @@ def main():
                 return q, k
             return jax.jit(chain)
 
-        ours_jit, xla_rope, xla_plain = jax.jit(ours), theirs(True), theirs(False)
-        ours_donated = jax.jit(ours, donate_argnums=(0, 1))
+        fns = {n: (jax.jit(ours(n)), jax.jit(ours(n), donate_argnums=(0, 1)),
+                   theirs(False, n), theirs(True, n)) for n in (n1, n2)}
         for t in (int(x) for x in args.tokens.split(",")):
             q = f32_to_bf16(rng.standard_normal((t, q_dim)))
             k = f32_to_bf16(rng.standard_normal((t, k_dim)))
@@ -151,22 +154,28 @@ def main():
             kw = f32_to_bf16(1 + 0.25 * rng.standard_normal(k_dim))
             pos = rng.integers(0, rope.rows(), t).astype(np.int32)
             graph = cupy_graph_us(norm, *(cupy.asarray(a) for a in (q, k, qw, kw, pos)),
-                                  args.reps, n)
+                                  args.reps, n2)
             jargs = [jax.device_put(a.view(ml_dtypes.bfloat16) if a.dtype == np.uint16
                                     else a, dev) for a in (q, k, qw, kw, pos)]
-            before, ran = qk.captured_calls, qk.executions
-            mine = wall_us(ours_jit, jargs, args.reps, n)
-            qk.synchronize()
-            captured, ran = qk.captured_calls - before, qk.executions - ran
-            kept = donated_us(ours_donated, jargs, args.reps, n)
-            plain = wall_us(xla_plain, jargs, args.reps, n)
-            rotated = wall_us(xla_rope, jargs, args.reps, n)
-            rows.append((t, graph, mine, kept, plain, rotated))
-            print(f"T={t}: CuPy graph {graph:.2f}, jit {mine:.2f}, jit donated {kept:.2f}, "
-                  f"XLA norm {plain:.2f}, "
-                  f"XLA norm+RoPE {rotated:.2f} (our handler ran {ran} times for "
-                  f"{(args.reps + 3) * n} calls, {captured} of them captured by XLA)",
-                  flush=True)
+            chains = {}
+            for n, (mine, kept, plain, rotated) in fns.items():
+                before, ran = qk.captured_calls, qk.executions
+                walls = [wall_us(mine, jargs, args.reps, 1)]
+                qk.synchronize()
+                captured, ran = qk.captured_calls - before, qk.executions - ran
+                walls += [donated_us(kept, jargs, args.reps, 1), wall_us(plain, jargs, args.reps, 1),
+                          wall_us(rotated, jargs, args.reps, 1)]
+                chains[n] = walls
+                print(f"T={t} N={n}: chain wall us: jit {walls[0]:.1f}, jit donated "
+                      f"{walls[1]:.1f}, XLA norm {walls[2]:.1f}, XLA norm+RoPE {walls[3]:.1f} "
+                      f"(our handler ran {ran} times for {(args.reps + 3) * n} calls, "
+                      f"{captured} of them captured by XLA)", flush=True)
+            per = [(b - a) / (n2 - n1) for a, b in zip(chains[n1], chains[n2])]
+            rows.append((t, graph, *per))
+            print(f"T={t}: per call: CuPy graph {graph:.2f}, jit {per[0]:.2f}, jit donated "
+                  f"{per[1]:.2f}, XLA norm {per[2]:.2f}, XLA norm+RoPE {per[3]:.2f}", flush=True)
+    print(f"\nus per call: CuPy graph = median replay of {n2} calls / {n2}; jit = (wall({n2}) "
+          f"- wall({n1})) / {n2 - n1} (JAX's dispatch cancels)")
     print("\n| T | ours + RoPE, CuPy graph | ours + RoPE, jit | jit / graph | jit, q and k "
           "donated | XLA norm, jit | XLA norm + RoPE, jit | XLA / ours (jit) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
