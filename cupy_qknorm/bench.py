@@ -280,9 +280,11 @@ def time_copy_graph_us(sets, stream, replays):
     return 1000 * ms / len(sets)
 
 
-def _inputs(comm, dtype, dq, dk, tokens, sets, in_place=False, positions="random", kv=None):
+def _inputs(comm, dtype, dq, dk, tokens, sets, in_place=False, positions="random", kv=None,
+            rope=None):
     """`sets` tuples (q, k, q_out, k_out, positions, cache); in place, q_out is q and k_out
-    is k. Positions: random in the table, or the sequence 0..T-1 (positions="sequence").
+    is k. Positions: random in `rope`'s table (MiniMax M2's without one), or the sequence
+    0..T-1 (positions="sequence").
     cache: with `kv` (a KVCache), {v, k_cache, v_cache, slot_mapping} (NHD caches of room
     for 2 T tokens, distinct random slots), else None.
     The weights are ones, so calls in place keep every row's RMS at 1 however often a
@@ -290,6 +292,7 @@ def _inputs(comm, dtype, dq, dk, tokens, sets, in_place=False, positions="random
     import cupy
     from .host import from_f64
     from .shapes import MINIMAX_ROPE
+    table_rows = MINIMAX_ROPE["max_position"] if rope is None else rope.rows()
     rng = np.random.default_rng(1000 + comm.rank)
     pos_rng = np.random.default_rng(77)  # the same positions on every rank
 
@@ -299,7 +302,7 @@ def _inputs(comm, dtype, dq, dk, tokens, sets, in_place=False, positions="random
     out = []
     for _ in range(sets):
         q, k = cupy.asarray(rows(dq)), cupy.asarray(rows(dk))
-        pos = cupy.asarray(pos_rng.integers(0, MINIMAX_ROPE["max_position"], tokens)
+        pos = cupy.asarray(pos_rng.integers(0, table_rows, tokens)
                            if positions == "random" else np.arange(tokens))
         cache = None
         if kv is not None:
@@ -569,7 +572,7 @@ def run(args):
     try:
         for tokens in args.tokens:
             sets, w = _inputs(comm, args.dtype, dq, dk, tokens, GRAPH_CALLS, args.in_place,
-                              args.positions, kv)
+                              args.positions, kv, rope)
             variants = _variants(norms, rope_norms, w, separate, kv_norms, KV_SCALES)
             columns = list(variants)
             row = {"T": tokens, "bytes": 2 * tokens * (dq + dk) * ITEMSIZE[args.dtype]}

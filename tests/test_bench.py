@@ -1,10 +1,13 @@
 """The benchmark's table and plot input, its options, and what it says where it cannot run,
 on CPU (the timings themselves need GPUs)."""
 import argparse
+import sys
+
+import numpy as np
 
 import pytest
 
-from cupy_qknorm import cli
+from cupy_qknorm import bench, cli
 from cupy_qknorm.bench import _table, add_parser
 from tests.conftest import HAS_GPU, mpiexec, run_mpi
 
@@ -149,3 +152,19 @@ def test_rope_without_whole_heads_is_a_value_error_before_any_timing(monkeypatch
     with pytest.raises(ValueError, match=r"^--rope: q_dim=6144, k_dim=192 do not split into "
                                          r"whole heads of 128 over 1 ranks$"):
         bench.run(args)
+
+
+def test_random_positions_stay_inside_the_models_rope_table(monkeypatch):
+    """bench --model NAME --rope draws positions from that model's table (OLMo 2: 4096
+    rows), not MiniMax's 196608."""
+    import types
+
+    from cupy_qknorm.models import get
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        asarray=np.asarray, zeros=np.zeros, empty_like=np.empty_like))
+    comm = types.SimpleNamespace(rank=0)
+    olmo = get("olmo-2-7b").rope
+    sets, _ = bench._inputs(comm, "bfloat16", 8, 8, 4096, 2, rope=olmo)
+    assert max(int(s[4].max()) for s in sets) < olmo.rows() == 4096
+    sets, _ = bench._inputs(comm, "bfloat16", 8, 8, 4096, 2)
+    assert max(int(s[4].max()) for s in sets) >= 4096  # MiniMax M2's table by default
