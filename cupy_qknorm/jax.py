@@ -143,6 +143,7 @@ class JaxQKNorm:
         self._streams = {}
         self.executions = 0      # times XLA ran the handler (a call, or its capture)
         self.captured_calls = 0  # executions XLA captured into a command buffer (CUDA graph)
+        self.cache_copies = 0    # caches copied because XLA's result was not the operand
         self._runtime = None
         if self._device is not None:
             import cupy
@@ -352,12 +353,33 @@ class JaxQKNorm:
                     scales.append(attrs.get(name, 1.0))
             store_k = bool(flags & KV_STORE_K)
             out = (outs[0], outs[1] if store_k else k)  # k as it was: not written
-            return norm.bind(q, k, qw, kw, out=out, positions=positions, tag=tag, v=v,
-                             k_cache=outs[-2], v_cache=outs[-1], slot_mapping=slots,
-                             k_scale=scales[0], v_scale=scales[1], store_k=store_k)
+            bound = norm.bind(q, k, qw, kw, out=out, positions=positions, tag=tag, v=v,
+                              k_cache=outs[-2], v_cache=outs[-1], slot_mapping=slots,
+                              k_scale=scales[0], v_scale=scales[1], store_k=store_k)
+            # XLA may hand a cache result that is not the operand's buffer (under lax.scan
+            # it slices the stacked caches straight into the call): the result is then the
+            # cache as passed, copied first, with the tokens' rows written over it
+            moved = [(rets[r], args[a]) for r, a in ((-2, at + 1), (-1, at + 2))
+                     if rets[r].ptr != args[a].ptr]
+            return bound if not moved else self._copying(moved, bound)
         except Exception as e:  # noqa: BLE001 - re-raised once the peers know
             norm._refuse(q, tag, e, stream if stream is not None else norm._current_stream())
             raise
+
+    def _copying(self, moved, bound):
+        """`bound`, after copying each (result, operand) cache pair's operand into its
+        result, on the call's stream (a device copy; on the host a numpy copy)."""
+        def call(stream):
+            for dst, src in moved:
+                n = int(np.prod(src.shape, dtype=np.int64)) * src.dtype.itemsize
+                if stream is None:
+                    np.copyto(xla_ffi.host_array(dst), xla_ffi.host_array(src))
+                else:
+                    self._runtime.memcpyAsync(dst.ptr, src.ptr, n,
+                                              self._runtime.memcpyDeviceToDevice, stream.ptr)
+                self.cache_copies += 1
+            bound(stream)
+        return call
 
     @staticmethod
     def _host_view(a):

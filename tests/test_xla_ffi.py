@@ -8,14 +8,16 @@ import numpy as np
 from cupy_qknorm import xla_ffi as x
 
 
-def frame_of(shapes, dtypes, n_args, attrs):
+def frame_of(shapes, dtypes, n_args, attrs, ptrs=None):
     """A CallFrame with buffers of `shapes`/`dtypes` (the first n_args arguments, the rest
-    results) and scalar attributes {name: (xla dtype, value)}; returns (frame, keep)."""
+    results; at `ptrs`, else at made-up addresses) and scalar attributes
+    {name: (xla dtype, value)}; returns (frame, keep)."""
     keep = []
     bufs = []
     for i, (shape, dt) in enumerate(zip(shapes, dtypes)):
         dims = (ctypes.c_int64 * max(1, len(shape)))(*shape)
-        b = x.Buffer(ctypes.sizeof(x.Buffer), None, dt, 0x10000 * (i + 1), len(shape), dims)
+        ptr = 0x10000 * (i + 1) if ptrs is None else ptrs[i]
+        b = x.Buffer(ctypes.sizeof(x.Buffer), None, dt, ptr, len(shape), dims)
         keep += [dims, b]
         bufs.append(ctypes.addressof(b))
     args = (ctypes.c_void_p * n_args)(*bufs[:n_args])
