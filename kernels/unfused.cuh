@@ -75,7 +75,10 @@ __global__ void __launch_bounds__(Warps * 32) partial_sums(const Params p) {
     }
     if constexpr (Warps > 1) __syncthreads();  // scratch is reused by the next token
   }
-  if (positions && threadIdx.x == 0) {
+  float* const bad_word = p.sums + kHeaderBadPosition * kMaxWorld + p.rank;
+  if (positions && threadIdx.x == 0 && gridDim.x == 1) {  // one block: no other to wait for
+    *bad_word = bad >= 0 ? (float)(p.first_token + bad + 1) : 0.f;
+  } else if (positions && threadIdx.x == 0) {
     unsigned int* const first = p.counters + 2;  // 0x7fffffff - the first bad row, or 0
     unsigned int* const done = p.counters + 3;
     if (bad >= 0) atomicMax(first, 0x7fffffffu - (unsigned int)bad);
@@ -83,8 +86,7 @@ __global__ void __launch_bounds__(Warps * 32) partial_sums(const Params p) {
     if (atomicAdd(done, 1u) == gridDim.x - 1) {  // the last block: every other is done
       const unsigned int got = atomicExch(first, 0u);
       *done = 0u;
-      p.sums[kHeaderBadPosition * kMaxWorld + p.rank] =
-          got ? (float)(p.first_token + (int)(0x7fffffffu - got) + 1) : 0.f;
+      *bad_word = got ? (float)(p.first_token + (int)(0x7fffffffu - got) + 1) : 0.f;
     }
   }
 }
@@ -165,11 +167,13 @@ __global__ void __launch_bounds__(Warps * 32, Rope::kStyle == kRopeNone ? 0 : 1)
   if (blockIdx.x == 0 && threadIdx.x == 0 && p.counters != nullptr)
     p.counters[1] = p.counters[0];  // launches followed
   if ((p.flags & kFlagRefused) != 0) return;  // this rank refused (its host raises that)
+  // an exchange failed already (the watchdog ended the all-reduce: the sums are not whole);
+  // loaded first, so that the weights' and the header's loads overlap it
+  const bool failed = exchange_failed(p);
   Weights<Weight, RowLayout> wt;
-  wt.load(p);  // issued first: the header's loads overlap them
+  wt.load(p);
   const HeaderVerdict v = read_header(p);
-  // an exchange failed already (the watchdog ended the all-reduce: the sums are not whole)
-  if (exchange_failed(p)) return;
+  if (failed) return;
   const bool first = blockIdx.x == 0 && threadIdx.x == 0;
   if (v.code != 0) {
     if (first) record_error(p, v.code, v.peer, p.first_token, v.theirs, v.ours);
