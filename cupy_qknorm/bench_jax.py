@@ -32,8 +32,8 @@ def require_jax():
     try:
         import jax
     except ImportError as e:
-        raise ValueError(f"--jax needs JAX (pip install 'cupy-qknorm[jax]' and a "
-                         f"jax[cuda] for this CUDA): {e}") from e
+        raise ValueError(f"--jax needs JAX (pip install 'cupy-qknorm[jax]', and on a GPU "
+                         f"JAX's CUDA plugin: 'jax[cuda13]'): {e}") from e
     return jax
 
 
@@ -42,7 +42,8 @@ def per_call_us(wall_us, n1: int = N1, n2: int = N2) -> float:
     what a chain of n calls costs per call once its fixed part (dispatch, sync) is out."""
     if not 0 < n1 < n2:
         raise ValueError(f"chain lengths must be 0 < n1 < n2, got {n1}, {n2}")
-    return (wall_us(n2) - wall_us(n1)) / (n2 - n1)
+    short = wall_us(n1)
+    return (wall_us(n2) - short) / (n2 - n1)
 
 
 def median_wall_us(fn, args, sync, reps: int = REPS, warmup: int = WARMUP,
@@ -76,7 +77,17 @@ def device(jax):
     """JAX's GPU that is CuPy's current device (the bench's GPU on this rank)."""
     import cupy
     index = cupy.cuda.Device().id
-    gpus = jax.devices("gpu")
+    # JAX opens every GPU it sees; a process of one GPU needs only its own (as
+    # jax.distributed sets it); no effect once JAX's backend has started
+    try:
+        jax.config.update("jax_cuda_visible_devices", str(index))
+    except AttributeError:  # a JAX without the option: it opens them all
+        pass
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError as e:
+        raise ValueError(f"--jax: JAX has no GPU backend (JAX's CUDA plugin: pip install "
+                         f"'jax[cuda13]'): {e}") from e
     dev = next((d for d in gpus if d.local_hardware_id == index), None)
     if dev is None and len(gpus) == 1:
         dev = gpus[0]
