@@ -552,6 +552,15 @@ def run(args):
         if rope is not None and not whole_heads(world, args.q_dim, args.k_dim, rope.head_dim):
             raise ValueError(f"--rope: q_dim={args.q_dim}, k_dim={args.k_dim} do not split "
                              f"into whole heads of {rope.head_dim} over {world} ranks")
+    dev = None  # JAX's GPU, with --jax: CuPy's; every rank raises alike where one has none
+    if jx is not None:
+        try:
+            dev, why = bench_jax.device(jx), None
+        except ValueError as e:
+            why = str(e)
+        whys = [w for w in comm.allgather(why) if w]
+        if whys:
+            raise ValueError(whys[0])
     stream = cupy.cuda.Stream(non_blocking=True)
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     card = props["name"].decode()
@@ -586,10 +595,9 @@ def run(args):
     kv_norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
                             transport=t, rope=rope, kv_cache=kv, **heads)
                 for t in (args.transports if kv is not None else ())}
-    jax_norms, dev = {}, None
+    jax_norms = {}
     if jx is not None:
         from .jax import JaxQKNorm
-        dev = bench_jax.device(jx)
         # collective, like TPQKNorm; with --rope the +rope call (the graph's "ipc+rope")
         jax_norms = {t: JaxQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
                                   transport=t, rope=rope, backend="gpu", **heads)

@@ -345,3 +345,46 @@ def test_jit_and_xla_chains_on_jax_cpu():
             assert runs == (3 + 2) * (1 + 3)           # warm-up and timed calls of both
         assert np.isfinite(xla_us(jax, jargs, 1e-6, rope, dev, calls=(1, 3), reps=2))
     assert np.isfinite(xla_us(jax, jargs, 1e-6, None, dev, calls=(1, 3), reps=2))
+
+
+def test_jax_without_a_gpu_backend_is_one_line(monkeypatch):
+    """bench_jax.device on a JAX that has no GPU: ValueError, one line (bench.run
+    gathers it from every rank before any collective allocation)."""
+    import types
+    jax = pytest.importorskip("jax")
+    from cupy_qknorm import bench_jax
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Device=lambda: types.SimpleNamespace(id=0))))
+    monkeypatch.setattr(jax, "devices", lambda kind=None: (_ for _ in ()).throw(
+        RuntimeError("Unknown backend: 'gpu' requested")))
+    before = jax.config.values.get("jax_cuda_visible_devices", "all")
+    try:
+        with pytest.raises(ValueError, match=r"^--jax: JAX has no GPU backend \(JAX's CUDA "
+                                             r"plugin: pip install 'jax\[cuda13\]'\): "
+                                             r"Unknown backend"):
+            bench_jax.device(jax)
+    finally:
+        jax.config.update("jax_cuda_visible_devices", before)
+
+
+def test_jax_device_is_cupys(monkeypatch):
+    """JAX's GPU of CuPy's device index; the only one where JAX was given just that GPU
+    (jax_cuda_visible_devices, which bench sets to CuPy's index)."""
+    import types
+
+    from cupy_qknorm import bench_jax
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Device=lambda: types.SimpleNamespace(id=2))))
+    set_to = []
+
+    def fake_jax(ids):
+        gpus = [types.SimpleNamespace(local_hardware_id=i) for i in ids]
+        return types.SimpleNamespace(
+            devices=lambda kind: gpus,
+            config=types.SimpleNamespace(update=lambda k, v: set_to.append((k, v))))
+    assert bench_jax.device(fake_jax([0, 1, 2, 3])).local_hardware_id == 2
+    assert set_to == [("jax_cuda_visible_devices", "2")]
+    assert bench_jax.device(fake_jax([0])).local_hardware_id == 0
+    with pytest.raises(ValueError, match=r"^--jax: JAX has no GPU that is CuPy's device 2 "
+                                         r"\(JAX sees \[0, 1\]\)$"):
+        bench_jax.device(fake_jax([0, 1]))
