@@ -388,3 +388,30 @@ def test_jax_device_is_cupys(monkeypatch):
     with pytest.raises(ValueError, match=r"^--jax: JAX has no GPU that is CuPy's device 2 "
                                          r"\(JAX sees \[0, 1\]\)$"):
         bench_jax.device(fake_jax([0, 1]))
+
+
+def test_jax_row_on_jax_cpu_fills_the_table():
+    """bench's per-T step of --jax (_jax_row) on JAX's CPU backend, G=1, our target on
+    transport "mpi": the slowest rank's numbers under the keys the table reads."""
+    jax = pytest.importorskip("jax")
+    from mpi4py import MPI
+
+    from cupy_qknorm import RoPE
+    from cupy_qknorm.host import from_f64
+    from cupy_qknorm.jax import JaxQKNorm
+    rope = RoPE(128, 64, theta=5e6, max_position=64)
+    rng = np.random.default_rng(5)
+    q, k = (from_f64(rng.standard_normal((4, n)), "bfloat16") for n in (256, 128))
+    w = tuple(from_f64(np.ones(n), "bfloat16") for n in (256, 128))
+    inputs = (q, k, None, None, rng.integers(0, 64, 4), None)
+    with JaxQKNorm(MPI.COMM_SELF, 256, 128, "bfloat16", max_tokens=8, rope=rope,
+                   backend="cpu") as qk:
+        row = bench._jax_row(jax, MPI.COMM_SELF, {"mpi": qk}, jax.devices("cpu")[0],
+                             inputs, w, rope, True, 4)
+    assert sorted(row) == ["mpi_jit_us", "xla_us"] and all(np.isfinite(list(row.values())))
+    result = {**JAX_RESULT, "jax": {**JAX_RESULT["jax"], "transports": ["mpi"]},
+              "rows": [{"T": 4, "bytes": 1, "mpi+rope_graph_us": 1.0, **row}]}
+    head = next(ln for ln in _table(result, ["graph"], ["mpi+rope"], 1.9).splitlines()
+                if ln.lstrip().startswith("T |"))
+    assert [c.strip() for c in head.split("|")][-4:] == [
+        "mpi jit us", "mpi jit/graph", "xla us", "xla/mpi jit"]
