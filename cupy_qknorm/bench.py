@@ -112,11 +112,31 @@ def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter):
                    help="also time the exchange alone (a one-warp kernel that only pushes "
                         "and waits) as a graph node: the decode floor of this host "
                         "(default: off)")
+    b.add_argument("--jax", action="store_true",
+                   help="also, per T (graph mode), our call inside jax.jit (JaxQKNorm, with "
+                        "RoPE where --rope) as '<transport> jit us', and XLA's own jitted "
+                        "norm (+ RoPE) as 'xla us' (G=1 only), each per call as the slope "
+                        "between chains of 16 and 64 dependent calls in one jitted function "
+                        "(JAX's dispatch cancels); jit/graph: over the CuPy graph column; "
+                        "xla/jit: XLA's over ours. Needs jax[cuda] (default: off)")
     b.add_argument("--in-place", action="store_true",
                    help="every call writes its output over its input (as SGLang's kernel "
                         "and benchmark do); the copy kernel then copies each buffer onto "
                         "itself. Default: separate output arrays")
     return b
+
+
+def jax_refusal(args) -> str | None:
+    """Why --jax cannot run with these options (one line), or None. Pure."""
+    if not getattr(args, "jax", False):
+        return None
+    if args.mode == "eager":
+        return "--jax times jitted chains beside the CuPy graph numbers: it needs --mode " \
+               "graph or both"
+    if args.kv_cache is not None:
+        return "--jax with --kv-cache is not supported yet (it times the norm, + RoPE " \
+               "with --rope)"
+    return None
 
 
 def _say(comm, msg):
@@ -492,6 +512,13 @@ def time_cupy_launch_us(stream, calls):
 def run(args):
     """The bench command. Needs MPI and a GPU on every rank: cupy_qknorm.cli checks both
     first (one line naming what is missing); an argument it cannot time raises ValueError."""
+    refusal = jax_refusal(args)
+    if refusal is not None:
+        raise ValueError(refusal)
+    jx = None  # the jax module, with --jax
+    if getattr(args, "jax", False):
+        from . import bench_jax
+        jx = bench_jax.require_jax()
     import cupy
     from mpi4py import MPI
 
@@ -525,6 +552,15 @@ def run(args):
         if rope is not None and not whole_heads(world, args.q_dim, args.k_dim, rope.head_dim):
             raise ValueError(f"--rope: q_dim={args.q_dim}, k_dim={args.k_dim} do not split "
                              f"into whole heads of {rope.head_dim} over {world} ranks")
+    dev = None  # JAX's GPU, with --jax: CuPy's; every rank raises alike where one has none
+    if jx is not None:
+        try:
+            dev, why = bench_jax.device(jx), None
+        except ValueError as e:
+            why = str(e)
+        whys = [w for w in comm.allgather(why) if w]
+        if whys:
+            raise ValueError(whys[0])
     stream = cupy.cuda.Stream(non_blocking=True)
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     card = props["name"].decode()
@@ -559,6 +595,13 @@ def run(args):
     kv_norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
                             transport=t, rope=rope, kv_cache=kv, **heads)
                 for t in (args.transports if kv is not None else ())}
+    jax_norms = {}
+    if jx is not None:
+        from .jax import JaxQKNorm
+        # collective, like TPQKNorm; with --rope the +rope call (the graph's "ipc+rope")
+        jax_norms = {t: JaxQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
+                                  transport=t, rope=rope, backend="gpu", **heads)
+                     for t in args.transports}
     separate = None
     if rope is not None and "ipc" in norms:
         separate = (norms["ipc"], rope_norms["ipc"])
@@ -607,12 +650,17 @@ def run(args):
                     row["copy_kv_graph_us"] = comm.allreduce(time_copy_graph_us(
                         _copy_sets_for(sets, tokens, dq, row["kv_bytes"], item), stream,
                         args.replays), op=MPI.MAX)
+            if jx is not None:
+                stream.synchronize()
+                row.update(_jax_row(jx, comm, jax_norms, dev, sets[0], w, rope,
+                                    args.in_place, tokens))
             for n in (*norms.values(), *rope_norms.values(), *kv_norms.values()):
                 n.synchronize()
             rows.append(row)
             del sets
     finally:
-        for n in (*norms.values(), *rope_norms.values(), *kv_norms.values()):
+        for n in (*norms.values(), *rope_norms.values(), *kv_norms.values(),
+                  *jax_norms.values()):
             n.close()
     floor_us = floors["empty_kernel_graph_us"] + (floors["one_way_us"] if world > 1 else 0)
     result = {"card": card, "G": world, "model": args.model, "dtype": args.dtype,
@@ -622,6 +670,10 @@ def run(args):
               "kv_cache": None if kv is None else repr(kv),
               "positions": args.positions if rope is not None else None,
               "layouts": layouts, "floors": floors, "rows": rows,
+              "jax": None if jx is None else {
+                  "version": jx.__version__, "calls": [bench_jax.N1, bench_jax.N2],
+                  "reps": bench_jax.REPS, "transports": list(jax_norms),
+                  "xla": world == 1},
               "date": time.strftime("%Y-%m-%d")}
     if comm.rank == 0:
         print(_table(result, modes, columns, floor_us))
@@ -631,6 +683,30 @@ def run(args):
         if args.plot:
             _plot(result, modes, columns, floor_us, args.plot)
     return 0
+
+
+def _jax_row(jax, comm, jax_norms, dev, inputs, w, rope, in_place, tokens):
+    """--jax's numbers at one T, the slowest rank's: {"<t>_jit_us": our call (JaxQKNorm
+    of transport t) inside jax.jit, "xla_us": XLA's own norm (+ RoPE), G=1 only}, per call
+    by bench_jax's slope. `inputs`: an input set of _inputs (q, k, ..., positions, ...)."""
+    from mpi4py import MPI
+
+    from . import bench_jax
+    q, k, _, _, positions = inputs[:5]
+    jargs = bench_jax.to_jax(jax, dev, q, k, *w, positions)
+    row = {}
+    for t, qk in jax_norms.items():
+        _say(comm, f"T={tokens} {t} jit ...")
+        us, (captured, runs) = bench_jax.jit_us(jax, qk, jargs, in_place, comm.Barrier)
+        row[f"{t}_jit_us"] = comm.allreduce(us, op=MPI.MAX)
+        _say(comm, f"T={tokens} {t} jit: the handler ran {runs} times, {captured} of them "
+                   f"captured by XLA into a command buffer")
+    if comm.size == 1 and jax_norms:
+        _say(comm, f"T={tokens} xla ...")
+        eps = next(iter(jax_norms.values())).config.eps
+        row["xla_us"] = comm.allreduce(bench_jax.xla_us(jax, jargs, eps, rope, dev),
+                                       op=MPI.MAX)
+    return row
 
 
 def _layouts(dtype, world, q_local, k_local, wide_from):
@@ -680,6 +756,8 @@ def _table(r, modes, columns, floor_us):
                      f"(norm, RoPE, cache write); ipc+rope>kv: ipc+rope, then a separate cache "
                      f"write kernel; copy kv us: the prologue's bytes through the copy kernel")
     rows = r["rows"]
+    if r.get("jax") and "graph" in modes:
+        lines += _jax_lines(r)
     if rows and all("copy_graph_us" in row for row in rows):
         lines.append("copy us: the same bytes through a plain copy kernel, timed like ipc "
                      "(graph); ipc/copy: the fused call over it")
@@ -719,6 +797,8 @@ def _table(r, modes, columns, floor_us):
                     extra.append(("copy kv us", lambda row: f"{row['copy_kv_graph_us']:.2f}"))
                 extra.append((title, lambda row, c=c, copy=copy:
                               f"{row[f'{c}_graph_us'] / row[f'{copy}_graph_us']:.2f}x"))
+        if mode == "graph" and r.get("jax"):
+            extra += _jax_columns(r, cols)
         titles = [f"{c.replace('_bound', ' bound')} us" for c in cols] + [t for t, _ in extra]
         widths = [max(9, len(t)) for t in titles]
         head = f"{'T':>6} | " + " | ".join(f"{t:>{w}}" for t, w in zip(titles, widths))
@@ -728,6 +808,45 @@ def _table(r, modes, columns, floor_us):
             lines.append(f"{row['T']:>6} | " + " | ".join(f"{v:>{w}}" for v, w in
                                                            zip(cells, widths)))
     return "\n".join(lines)
+
+
+def _jax_lines(r):
+    """The header lines of --jax's columns."""
+    j = r["jax"]
+    n1, n2 = j["calls"]
+    rope = "+rope" if r.get("rope") else ""
+    lines = [f"jit us: our call ({', '.join(f'{t}{rope}' for t in j['transports'])}) "
+             f"inside jax.jit (jax {j['version']}), per call = (wall({n2}) - wall({n1})) / "
+             f"{n2 - n1} over chains of {n1} and {n2} dependent calls in one jitted "
+             f"function (JAX's dispatch cancels); jit/graph: over the CuPy graph column",
+             f"xla us: XLA's own jitted norm{' + RoPE' if rope else ''} timed alike; "
+             f"xla/jit: XLA's over ours"]
+    if not j.get("xla"):
+        lines[-1] = "xla: G=1 only (the psum baseline across processes is not built)"
+    return lines
+
+
+def _jax_columns(r, cols):
+    """[(title, function of the row)] of --jax: per transport '<t> jit us' and
+    '<t> jit/graph' (over the graph column of the same call, '<t>+rope' with --rope),
+    then 'xla us' and 'xla/<t> jit' where XLA's norm was timed."""
+    rows, out, jitted = r["rows"], [], []
+    for t in r["jax"]["transports"]:
+        key = f"{t}_jit_us"
+        if not all(key in row for row in rows):
+            continue
+        jitted.append(key)
+        out.append((f"{t} jit us", lambda row, key=key: f"{row[key]:.2f}"))
+        graph = f"{t}+rope" if r.get("rope") else t
+        if graph in cols:
+            out.append((f"{t} jit/graph", lambda row, key=key, g=f"{graph}_graph_us":
+                        f"{row[key] / row[g]:.2f}x"))
+    if rows and all("xla_us" in row for row in rows):
+        out.append(("xla us", lambda row: f"{row['xla_us']:.2f}"))
+        for key in jitted:
+            out.append((f"xla/{key[:-len('_jit_us')]} jit", lambda row, key=key:
+                        f"{row['xla_us'] / row[key]:.2f}x"))
+    return out
 
 
 def _floor(row, f, floor_us):

@@ -625,9 +625,13 @@ def main(argv=None):
 
 
 def _bench(args):
-    """bench times the GPU transports: MPI and a GPU on every rank, then bench.run."""
+    """bench times the GPU transports: its options, MPI and a GPU on every rank, then
+    bench.run."""
+    from .bench import jax_refusal, run
+    refusal = jax_refusal(args)
+    if refusal is not None:
+        raise _UsageError(refusal)
     _world("timing the GPU transports")
-    from .bench import run
     return run(args)
 
 

@@ -168,3 +168,250 @@ def test_random_positions_stay_inside_the_models_rope_table(monkeypatch):
     assert max(int(s[4].max()) for s in sets) < olmo.rows() == 4096
     sets, _ = bench._inputs(comm, "bfloat16", 8, 8, 4096, 2)
     assert max(int(s[4].max()) for s in sets) >= 4096  # MiniMax M2's table by default
+
+
+# -- bench --jax ------------------------------------------------------------------------
+def bench_args(*argv):
+    return cli.parser().parse_args(["bench", *argv])
+
+
+def test_jax_option_parses_and_its_help_names_the_columns(capsys):
+    assert bench_args().jax is False
+    assert bench_args("--jax", "--mode", "graph").jax is True
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--jax also, per T (graph mode), our call inside jax.jit" in text
+    assert "'<transport> jit us'" in text and "'xla us' (G=1 only)" in text
+
+
+@pytest.mark.parametrize("argv,why", [
+    (("--mode", "eager"), "--jax times jitted chains beside the CuPy graph numbers: it "
+                          "needs --mode graph or both"),
+    (("--rope", "--kv-cache", "bf16"), "--jax with --kv-cache is not supported yet (it "
+                                       "times the norm, + RoPE with --rope)")])
+def test_jax_refusals_are_one_line_before_any_timing(monkeypatch, capsys, argv, why):
+    assert bench.jax_refusal(bench_args("--jax", *argv)) == why
+    assert bench.jax_refusal(bench_args(*argv)) is None  # without --jax: not refused
+    monkeypatch.setattr(bench, "floor_empty_kernel_us", None)  # called: a TypeError
+    with pytest.raises(ValueError) as e:
+        bench.run(bench_args("--jax", *argv))
+    assert str(e.value) == why
+    # the command says it in one line and exits 2, before it looks for MPI or a GPU
+    assert cli.main(["bench", "--jax", *argv]) == cli.USAGE_ERROR
+    assert capsys.readouterr().err.splitlines() == [f"cupy-qknorm bench: {why}"]
+
+
+@pytest.mark.parametrize("mode", ["graph", "both"])
+def test_jax_runs_in_graph_mode(mode):
+    assert bench.jax_refusal(bench_args("--jax", "--rope", "--mode", mode)) is None
+
+
+def test_jax_missing_is_a_value_error_before_any_timing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax", None)  # `import jax` raises ImportError
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    monkeypatch.setattr(bench, "floor_empty_kernel_us", None)
+    with pytest.raises(ValueError, match=r"^--jax needs JAX \(pip install "
+                                         r"'cupy-qknorm\[jax\]'.*\): .*jax"):
+        bench.run(bench_args("--jax"))
+    import os
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"  # before JAX starts
+
+
+def test_importing_bench_never_imports_jax():
+    import subprocess
+
+    from tests.conftest import ROOT
+    code = ("import sys, cupy_qknorm.bench, cupy_qknorm.bench_jax, cupy_qknorm.cli\n"
+            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+JAX_RESULT = {**RESULT, "G": 1, "rope": "RoPE(...)",
+              "jax": {"version": "0.11.2", "calls": [16, 64], "reps": 15,
+                      "transports": ["ipc"], "xla": True},
+              "rows": [{"T": 64, "bytes": 1, "ipc_graph_us": 2.0, "ipc+rope_graph_us": 2.32,
+                        "ipc_jit_us": 3.66, "xla_us": 16.95},
+                       {"T": 1024, "bytes": 1, "ipc_graph_us": 9.0, "ipc+rope_graph_us": 10.03,
+                        "ipc_jit_us": 12.57, "xla_us": 36.66}]}
+
+
+def test_table_shows_jit_and_xla_columns_with_their_ratios():
+    text = _table(JAX_RESULT, ["graph"], ["ipc", "ipc+rope"], 1.9)
+    head = next(ln for ln in text.splitlines() if ln.lstrip().startswith("T |"))
+    titles = [c.strip() for c in head.split("|")]
+    at = titles.index("ipc jit us")
+    assert titles[at:] == ["ipc jit us", "ipc jit/graph", "xla us", "xla/ipc jit"]
+    for row in rows_of(text):
+        assert len(row) == len(head) and row.count("|") == head.count("|"), (head, row)
+    t64, t1024 = ([c.strip() for c in row.split("|")] for row in rows_of(text))
+    assert t64[at:] == ["3.66", "1.58x", "16.95", "4.63x"]  # jit over ipc+rope's graph
+    assert t1024[at:] == ["12.57", "1.25x", "36.66", "2.92x"]
+    assert ("jit us: our call (ipc+rope) inside jax.jit (jax 0.11.2), per call = "
+            "(wall(64) - wall(16)) / 48 over chains of 16 and 64 dependent calls") in text
+    assert "xla us: XLA's own jitted norm + RoPE timed alike" in text
+
+
+def test_table_jit_without_rope_and_at_g2_without_xla():
+    rows = [{"T": 64, "bytes": 1, "ipc_graph_us": 3.0, "nccl_graph_us": 9.0,
+             "ipc_jit_us": 4.5, "nccl_jit_us": 9.9}]
+    r = {**JAX_RESULT, "G": 2, "rope": None, "rows": rows,
+         "jax": {**JAX_RESULT["jax"], "transports": ["ipc", "nccl"], "xla": False}}
+    text = _table(r, ["graph"], ["ipc", "nccl"], 1.9)
+    head = next(ln for ln in text.splitlines() if ln.lstrip().startswith("T |"))
+    titles = [c.strip() for c in head.split("|")]
+    assert "xla us" not in titles and titles[-4:] == [
+        "ipc jit us", "ipc jit/graph", "nccl jit us", "nccl jit/graph"]
+    assert [c.strip() for c in rows_of(text)[0].split("|")][-4:] == [
+        "4.50", "1.50x", "9.90", "1.10x"]                 # over the plain ipc and nccl
+    assert "xla: G=1 only (the psum baseline across processes is not built)" in text
+    assert "jit us: our call (ipc, nccl) inside jax.jit" in text
+    assert "jit us" not in _table(RESULT, ["graph"], ["ipc"], 1.9)  # without --jax
+
+
+def test_slope_is_the_cost_of_one_more_call():
+    from cupy_qknorm import bench_jax
+    walls = {16: 100.0, 64: 244.0}
+    assert bench_jax.per_call_us(walls.__getitem__) == 3.0     # (244 - 100) / 48
+    assert bench_jax.per_call_us({2: 10.0, 6: 30.0}.__getitem__, 2, 6) == 5.0
+    with pytest.raises(ValueError, match="0 < n1 < n2"):
+        bench_jax.per_call_us(walls.__getitem__, 64, 16)
+
+
+def test_chain_timing_on_a_fake_clock():
+    """chain_us builds each chain, then the barrier, then warm-up calls (untimed) and
+    timed ones, each call synced; per call from the medians of the two chains."""
+    from cupy_qknorm import bench_jax
+    now, log = [0.0], []
+
+    def chain(n):
+        log.append(f"build {n}")
+
+        def fn(x):
+            now[0] += n * 2e-6 + 40e-6  # 2 us a call, 40 us of dispatch and sync
+            log.append(f"call {n}")
+            return x
+        return fn
+
+    def sync(x):
+        log.append("sync")
+    us = bench_jax.chain_us(chain, (1,), sync, barrier=lambda: log.append("barrier"),
+                            calls=(16, 64), reps=5, clock=lambda: now[0])
+    assert us == pytest.approx(2.0)
+    first = log[:log.index("build 64")]
+    assert first[:2] == ["build 16", "barrier"]
+    assert first[2:] == ["call 16", "sync"] * (bench_jax.WARMUP + 5)
+    # one slow outlier among the timed calls: the median ignores it
+    times = iter([0.0, 1.0, 2.0, 2.000050, 3.0, 3.000050, 4.0, 4.000060, 5.0, 5.000050])
+    wall = bench_jax.median_wall_us(lambda: None, (), lambda x: None, reps=5, warmup=2,
+                                    clock=lambda: next(times))
+    assert wall == pytest.approx(50.0)
+
+
+def test_jit_and_xla_chains_on_jax_cpu():
+    """The same chains on JAX's CPU backend (JaxQKNorm runs transport "mpi" there): the
+    handler runs once a call, and XLA's norm + RoPE gives our call's rows (NeoX and GPT-J,
+    within one bf16 unit)."""
+    jax = pytest.importorskip("jax")
+    from mpi4py import MPI
+
+    from cupy_qknorm import RoPE
+    from cupy_qknorm import reference as ref
+    from cupy_qknorm.bench_jax import jit_us, ours, theirs, to_jax, xla_us
+    from cupy_qknorm.host import from_f64
+    from cupy_qknorm.jax import JaxQKNorm
+    from cupy_qknorm.rope import host_table
+    dev = jax.devices("cpu")[0]
+    rng = np.random.default_rng(3)
+    q, k = (from_f64(rng.standard_normal((5, n)) * 3, "bfloat16") for n in (256, 128))
+    qw, kw = (from_f64(1 + 0.25 * rng.standard_normal(n), "bfloat16") for n in (256, 128))
+    jargs = to_jax(jax, dev, q, k, qw, kw, rng.integers(0, 512, 5))
+    assert jargs[4].dtype == np.int32
+    for style in ("neox", "gptj"):
+        rope = RoPE(128, 64, theta=5e6, max_position=512, style=style)
+        with JaxQKNorm(MPI.COMM_SELF, 256, 128, "bfloat16", max_tokens=8, rope=rope,
+                       backend="cpu") as qk:
+            mine = jax.jit(ours(qk, 2, True))(*jargs)
+            table = jax.device_put(host_table(rope), dev)
+            xla = jax.jit(theirs(2, qk.config.eps, rope))(*jargs, table)
+            for a, b in zip(mine, xla):
+                ulps = ref.ulp_distance(np.asarray(a).view(np.uint16),
+                                        np.asarray(b).view(np.uint16), "bfloat16")
+                assert ulps.max() <= 1, (style, ulps.max())
+            us, (captured, runs) = jit_us(jax, qk, jargs, False, None, calls=(1, 3), reps=2)
+            assert np.isfinite(us) and captured == 0
+            assert runs == (3 + 2) * (1 + 3)           # warm-up and timed calls of both
+        assert np.isfinite(xla_us(jax, jargs, 1e-6, rope, dev, calls=(1, 3), reps=2))
+    assert np.isfinite(xla_us(jax, jargs, 1e-6, None, dev, calls=(1, 3), reps=2))
+
+
+def test_jax_without_a_gpu_backend_is_one_line(monkeypatch):
+    """bench_jax.device on a JAX that has no GPU: ValueError, one line (bench.run
+    gathers it from every rank before any collective allocation)."""
+    import types
+    jax = pytest.importorskip("jax")
+    from cupy_qknorm import bench_jax
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Device=lambda: types.SimpleNamespace(id=0))))
+    monkeypatch.setattr(jax, "devices", lambda kind=None: (_ for _ in ()).throw(
+        RuntimeError("Unknown backend: 'gpu' requested")))
+    before = jax.config.values.get("jax_cuda_visible_devices", "all")
+    try:
+        with pytest.raises(ValueError, match=r"^--jax: JAX has no GPU backend \(JAX's CUDA "
+                                             r"plugin: pip install 'jax\[cuda13\]'\): "
+                                             r"Unknown backend"):
+            bench_jax.device(jax)
+    finally:
+        jax.config.update("jax_cuda_visible_devices", before)
+
+
+def test_jax_device_is_cupys(monkeypatch):
+    """JAX's GPU of CuPy's device index; the only one where JAX was given just that GPU
+    (jax_cuda_visible_devices, which bench sets to CuPy's index)."""
+    import types
+
+    from cupy_qknorm import bench_jax
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Device=lambda: types.SimpleNamespace(id=2))))
+    set_to = []
+
+    def fake_jax(ids):
+        gpus = [types.SimpleNamespace(local_hardware_id=i) for i in ids]
+        return types.SimpleNamespace(
+            devices=lambda kind: gpus,
+            config=types.SimpleNamespace(update=lambda k, v: set_to.append((k, v))))
+    assert bench_jax.device(fake_jax([0, 1, 2, 3])).local_hardware_id == 2
+    assert set_to == [("jax_cuda_visible_devices", "2")]
+    assert bench_jax.device(fake_jax([0])).local_hardware_id == 0
+    with pytest.raises(ValueError, match=r"^--jax: JAX has no GPU that is CuPy's device 2 "
+                                         r"\(JAX sees \[0, 1\]\)$"):
+        bench_jax.device(fake_jax([0, 1]))
+
+
+def test_jax_row_on_jax_cpu_fills_the_table():
+    """bench's per-T step of --jax (_jax_row) on JAX's CPU backend, G=1, our target on
+    transport "mpi": the slowest rank's numbers under the keys the table reads."""
+    jax = pytest.importorskip("jax")
+    from mpi4py import MPI
+
+    from cupy_qknorm import RoPE
+    from cupy_qknorm.host import from_f64
+    from cupy_qknorm.jax import JaxQKNorm
+    rope = RoPE(128, 64, theta=5e6, max_position=64)
+    rng = np.random.default_rng(5)
+    q, k = (from_f64(rng.standard_normal((4, n)), "bfloat16") for n in (256, 128))
+    w = tuple(from_f64(np.ones(n), "bfloat16") for n in (256, 128))
+    inputs = (q, k, None, None, rng.integers(0, 64, 4), None)
+    with JaxQKNorm(MPI.COMM_SELF, 256, 128, "bfloat16", max_tokens=8, rope=rope,
+                   backend="cpu") as qk:
+        row = bench._jax_row(jax, MPI.COMM_SELF, {"mpi": qk}, jax.devices("cpu")[0],
+                             inputs, w, rope, True, 4)
+    assert sorted(row) == ["mpi_jit_us", "xla_us"] and all(np.isfinite(list(row.values())))
+    result = {**JAX_RESULT, "jax": {**JAX_RESULT["jax"], "transports": ["mpi"]},
+              "rows": [{"T": 4, "bytes": 1, "mpi+rope_graph_us": 1.0, **row}]}
+    head = next(ln for ln in _table(result, ["graph"], ["mpi+rope"], 1.9).splitlines()
+                if ln.lstrip().startswith("T |"))
+    assert [c.strip() for c in head.split("|")][-4:] == [
+        "mpi jit us", "mpi jit/graph", "xla us", "xla/mpi jit"]
