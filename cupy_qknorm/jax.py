@@ -206,7 +206,7 @@ class JaxQKNorm:
             at = len(args)
             args += [v, k_cache, v_cache, slot_mapping]
             for i, c in ((at + 1, k_cache), (at + 2, v_cache)):
-                aliases[i] = len(results)  # a cache is written in place, never copied out
+                aliases[i] = len(results)  # the cache's own buffer, where XLA can keep it
                 results.append(jax.ShapeDtypeStruct(c.shape, c.dtype))
             for x, name, bit in ((k_scale, "k_scale", KV_K_SCALE_ARRAY),
                                  (v_scale, "v_scale", KV_V_SCALE_ARRAY)):

@@ -28,8 +28,9 @@ constexpr int kHeaderTokens = 0, kHeaderTag = 1, kHeaderRefused = 2, kHeaderBadP
 // means the all-reduce between them is still in flight: the host's watchdog
 // (transports/nccl.py) copies both words on a stream of its own, and past timeout_s writes
 // a timeout into the device's error record, which apply reads before it stores anything.
-// Words 2 and 3 are partial_sums' own: its blocks' first bad position, and the blocks done
-// (the last block writes the position into the header, and zeros both for the next launch).
+// Words 2 and 3 are partial_sums' own where a launch has several blocks: its blocks' first
+// bad position, and the blocks done (the last block writes the position into the header,
+// and zeros both for the next launch); a launch of one block writes it directly.
 // Kernels never read host memory here: on some hosts a read of mapped memory costs
 // microseconds, once per block.
 // Elem: the data type; Slice: a Widths; Warps: a block's warps, one token at a time. With
@@ -168,12 +169,13 @@ __global__ void __launch_bounds__(Warps * 32, Rope::kStyle == kRopeNone ? 0 : 1)
     p.counters[1] = p.counters[0];  // launches followed
   if ((p.flags & kFlagRefused) != 0) return;  // this rank refused (its host raises that)
   // an exchange failed already (the watchdog ended the all-reduce: the sums are not whole);
-  // loaded first, so that the weights' and the header's loads overlap it
+  // loaded at entry, beside the weights and the header. The watchdog may write it while
+  // the block runs: a warp leaves as a whole (its lanes shuffle with each other later)
   const bool failed = exchange_failed(p);
   Weights<Weight, RowLayout> wt;
   wt.load(p);
   const HeaderVerdict v = read_header(p);
-  if (failed) return;
+  if (__any_sync(0xffffffffu, failed)) return;
   const bool first = blockIdx.x == 0 && threadIdx.x == 0;
   if (v.code != 0) {
     if (first) record_error(p, v.code, v.peer, p.first_token, v.theirs, v.ours);

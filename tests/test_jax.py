@@ -326,42 +326,67 @@ def test_kv_cache_per_layer_under_scan_and_store_k_false():
         assert np.array_equal(np.asarray(vco2), np.asarray(vco[0]))
 
 
-def test_cache_results_in_buffers_of_their_own_hold_the_cache_and_the_rows():
-    """XLA may hand the call cache results that are not the operands' buffers (on a GPU,
-    under lax.scan over stacked caches): the handler copies each cache into its result
-    first, then writes the rows; the operands are left as they were. Driven through the
-    handler with a call frame laid out as XLA lays it out."""
+def run_handler(qk, inputs, caches, store_k, scales):
+    """One call through the handler with a call frame laid out as XLA lays it out, whose
+    cache results are buffers of their own (zeros): the results, [q_out, (k_out,)
+    k_cache_out, v_cache_out]."""
     import ctypes
 
     from cupy_qknorm import xla_ffi
-    from cupy_qknorm.jax import KV, KV_STORE_K
+    from cupy_qknorm.jax import KV, KV_K_SCALE_ARRAY, KV_STORE_K, KV_V_SCALE_ARRAY
     from tests.test_xla_ffi import frame_of
+    q, k, qw, kw, v, pos, slots = inputs
+    kc, vc = caches
+    operands = [q, k, qw, kw, pos, v, kc, vc, slots]
+    flags = KV | (KV_STORE_K if store_k else 0)
+    attrs = {"handle": (5, qk._handle), "tag": (4, -1)}
+    if scales == "arrays":
+        operands += [np.full((1,), 0.5, np.float32), np.full((1,), 0.25, np.float32)]
+        flags |= KV_K_SCALE_ARRAY | KV_V_SCALE_ARRAY
+    else:
+        attrs.update(k_scale=(11, 0.5), v_scale=(11, 0.25))
+    attrs["kv"] = (4, flags)
+    outs = [np.zeros_like(q)] + ([np.zeros_like(k)] if store_k else []) + \
+        [np.zeros_like(kc), np.zeros_like(vc)]
+    buffers = operands + outs
+    codes = {np.dtype(np.uint16): 16, np.dtype(np.uint8): 6, np.dtype(np.int32): 4,
+             np.dtype(np.int64): 5, np.dtype(np.float32): 11}
+    frame, _keep = frame_of([b.shape for b in buffers], [codes[b.dtype] for b in buffers],
+                            len(operands), attrs, ptrs=[b.ctypes.data for b in buffers])
+    f = xla_ffi.frame_at(ctypes.addressof(frame))
+    qk._execute(f, xla_ffi.scalar_attrs(f))
+    return outs
+
+
+@pytest.mark.parametrize("scales", ["floats", "arrays"])
+def test_cache_results_in_buffers_of_their_own_hold_the_cache_and_the_rows(scales):
+    """XLA may hand the call cache results that are not the operands' buffers (on a GPU,
+    under lax.scan over stacked caches): the handler copies each cache into its result
+    first, then writes the rows; the operands are left as they were. With k's output,
+    then without (store_k=False: the same caches, k as it was); the scales as attributes
+    or as fp32 operands."""
     kv = KVCache(4, 128, FP8)
     shape = (5, 4, 1, 128)
     with JaxQKNorm(MPI.COMM_SELF, Q, K, "bfloat16", max_tokens=16, rope=KV_ROPE,
                    backend="cpu", kv_cache=kv) as qk:
-        q, k, qw, kw, v, pos, slots = cache_case(90, 9, 20)
+        inputs = cache_case(90, 9, 20)
+        q, k, qw, kw, v, pos, slots = inputs
         kc, vc = poisoned_cache(91, shape, np.uint8), poisoned_cache(92, shape, np.uint8)
-        before = kc.copy(), vc.copy()
-        outs = [np.zeros_like(q), np.zeros_like(k), np.zeros_like(kc), np.zeros_like(vc)]
-        buffers = [q, k, qw, kw, pos, v, kc, vc, slots] + outs
-        codes = {np.dtype(np.uint16): 16, np.dtype(np.uint8): 6, np.dtype(np.int32): 4,
-                 np.dtype(np.int64): 5, np.dtype(np.float32): 11}
-        frame, _keep = frame_of([b.shape for b in buffers], [codes[b.dtype] for b in buffers],
-                                9, {"handle": (5, qk._handle), "tag": (4, -1),
-                                    "kv": (4, KV | KV_STORE_K), "k_scale": (11, 0.5),
-                                    "v_scale": (11, 0.25)},
-                                ptrs=[b.ctypes.data for b in buffers])
-        qk._execute(xla_ffi.frame_at(ctypes.addressof(frame)), xla_ffi.scalar_attrs(
-            xla_ffi.frame_at(ctypes.addressof(frame))))
+        before = k.copy(), kc.copy(), vc.copy()
+        qo, ko, kco, vco = run_handler(qk, inputs, (kc, vc), True, scales)
         assert qk.cache_copies == 2
         qy, ky, qm, km = k_reference(q, k, qw, kw, pos)
-        assert ref.compare_rope(outs[1], ky, km, "bfloat16")[1] == 0
-        assert np.array_equal(outs[2], ref.expected_cache(kc, outs[1], slots, kv, 1,
-                                                          "bfloat16", 0.5))
-        assert np.array_equal(outs[3], ref.expected_cache(vc, v, slots, kv, 1, "bfloat16",
-                                                          0.25))
-        assert np.array_equal(kc, before[0]) and np.array_equal(vc, before[1])
+        assert ref.compare_rope(qo, qy, qm, "bfloat16")[1] == 0
+        assert ref.compare_rope(ko, ky, km, "bfloat16")[1] == 0
+        assert np.array_equal(kco, ref.expected_cache(kc, ko, slots, kv, 1, "bfloat16", 0.5))
+        assert np.array_equal(vco, ref.expected_cache(vc, v, slots, kv, 1, "bfloat16", 0.25))
+        assert not np.array_equal(kco, kc)  # rows were written
+        qo2, kco2, vco2 = run_handler(qk, inputs, (kc, vc), False, scales)
+        assert qk.cache_copies == 4
+        assert np.array_equal(qo2, qo) and np.array_equal(kco2, kco) and \
+            np.array_equal(vco2, vco)
+        assert np.array_equal(k, before[0])  # k as it was
+        assert np.array_equal(kc, before[1]) and np.array_equal(vc, before[2])
 
 
 def test_a_slot_outside_the_cache_raises_slot_error_and_closes():
