@@ -117,10 +117,10 @@ def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter):
                         "RoPE where --rope) as '<transport> jit us', and XLA's own jitted "
                         "norm (+ RoPE) as 'xla us' (at G >= 2 with a psum of the sums of "
                         "squares across the processes, through jax.distributed), each per "
-                        "call as the slope "
-                        "between chains of 16 and 64 dependent calls in one jitted function "
-                        "(JAX's dispatch cancels); jit/graph: over the CuPy graph column; "
-                        "xla/jit: XLA's over ours. Needs jax[cuda] (default: off)")
+                        "call as the slope between chains of 16 and 64 dependent calls in "
+                        "one jitted function (JAX's dispatch cancels); jit/graph: over the "
+                        "CuPy graph column; xla/jit: XLA's over ours. Needs jax[cuda] "
+                        "(default: off)")
     b.add_argument("--in-place", action="store_true",
                    help="every call writes its output over its input (as SGLang's kernel "
                         "and benchmark do); the copy kernel then copies each buffer onto "

@@ -264,14 +264,16 @@ def across(jax, mesh, arrays):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
     (axis,) = mesh.axis_names
-    out = []
-    for i, a in enumerate(arrays):
-        split = i < 4
-        spec = P(*[None] * (a.ndim - 1), axis) if split else P()
-        shape = a.shape[:-1] + (a.shape[-1] * mesh.size,) if split else a.shape
-        out.append(jax.make_array_from_single_device_arrays(
-            shape, NamedSharding(mesh, spec), [a]))
-    return out
+
+    def sliced(a):
+        return jax.make_array_from_single_device_arrays(
+            a.shape[:-1] + (a.shape[-1] * mesh.size,),
+            NamedSharding(mesh, P(*[None] * (a.ndim - 1), axis)), [a])
+
+    def replicated(a):
+        return jax.make_array_from_single_device_arrays(a.shape, NamedSharding(mesh, P()),
+                                                        [a])
+    return [sliced(a) for a in arrays[:4]] + [replicated(a) for a in arrays[4:]]
 
 
 def xla_us(jax, jargs, eps, rope, dev, calls=(N1, N2), reps=REPS, mesh=None, barrier=None):
@@ -280,12 +282,10 @@ def xla_us(jax, jargs, eps, rope, dev, calls=(N1, N2), reps=REPS, mesh=None, bar
     shards of global arrays, every process timing the same calls after `barrier`."""
     from .rope import host_table
     args = list(jargs) + ([] if rope is None else [jax.device_put(host_table(rope), dev)])
-    if mesh is None:
-        chain = theirs
-    else:
+    if mesh is not None:
         args = across(jax, mesh, args)
 
-        def chain(n, eps, rope):
-            return theirs_across(n, eps, rope, mesh)
-    return chain_us(lambda n: compiled(jax, chain(n, eps, rope), args), args,
-                    jax.block_until_ready, barrier, calls, reps)
+    def chain(n):
+        return theirs(n, eps, rope) if mesh is None else theirs_across(n, eps, rope, mesh)
+    return chain_us(lambda n: compiled(jax, chain(n), args), args, jax.block_until_ready,
+                    barrier, calls, reps)

@@ -432,6 +432,35 @@ def test_jax_row_on_jax_cpu_fills_the_table():
         "mpi jit us", "mpi jit/graph", "xla us", "xla/mpi jit"]
 
 
+def test_distributed_that_cannot_start_is_one_line_and_a_mesh_needs_one_device_a_process():
+    """bench at G >= 2 leaves the xla column out, saying why in one line, where
+    jax.distributed cannot start or a process has other than one device; it initializes
+    jax.distributed only where it is not yet."""
+    import types
+
+    from cupy_qknorm import bench_jax
+
+    def fake_jax(initialized, devices=(), processes=1):
+        def initialize(**kw):
+            calls.append(kw)
+            raise RuntimeError("jax.distributed.initialize() must be called before any JAX "
+                               "computations are executed.\nsecond line")
+        return types.SimpleNamespace(
+            distributed=types.SimpleNamespace(is_initialized=lambda: initialized,
+                                              initialize=initialize),
+            devices=lambda platform: list(devices), process_count=lambda: processes)
+    calls = []
+    assert bench_jax.start_distributed(fake_jax(False)) == (
+        "jax.distributed could not be initialized: RuntimeError: jax.distributed.initialize"
+        "() must be called before any JAX computations are executed.")
+    assert calls == [{"cluster_detection_method": "mpi4py", "initialization_timeout": 60}]
+    assert bench_jax.start_distributed(fake_jax(True)) is None and len(calls) == 1
+    gpus = [types.SimpleNamespace(platform="gpu", process_index=p) for p in (0, 0, 1, 1)]
+    with pytest.raises(ValueError, match=r"^the psum baseline needs one gpu device a "
+                                         r"process: JAX has 4 over 2 processes$"):
+        bench_jax.process_mesh(fake_jax(True, gpus, 2), gpus[0])
+
+
 # Run under mpiexec -n 2 by the test below: jax.distributed (gloo on JAX's CPU backend)
 # must start before JAX's backend, so in a process of its own. Each rank holds its slice
 # of every row; every rank makes every collective step before anything is judged, and
