@@ -115,10 +115,12 @@ def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter):
     b.add_argument("--jax", action="store_true",
                    help="also, per T (graph mode), our call inside jax.jit (JaxQKNorm, with "
                         "RoPE where --rope) as '<transport> jit us', and XLA's own jitted "
-                        "norm (+ RoPE) as 'xla us' (G=1 only), each per call as the slope "
-                        "between chains of 16 and 64 dependent calls in one jitted function "
-                        "(JAX's dispatch cancels); jit/graph: over the CuPy graph column; "
-                        "xla/jit: XLA's over ours. Needs jax[cuda] (default: off)")
+                        "norm (+ RoPE) as 'xla us' (at G >= 2 with a psum of the sums of "
+                        "squares across the processes, through jax.distributed), each per "
+                        "call as the slope between chains of 16 and 64 dependent calls in "
+                        "one jitted function (JAX's dispatch cancels); jit/graph: over the "
+                        "CuPy graph column; xla/jit: XLA's over ours. Needs jax[cuda] "
+                        "(default: off)")
     b.add_argument("--in-place", action="store_true",
                    help="every call writes its output over its input (as SGLang's kernel "
                         "and benchmark do); the copy kernel then copies each buffer onto "
@@ -553,14 +555,25 @@ def run(args):
             raise ValueError(f"--rope: q_dim={args.q_dim}, k_dim={args.k_dim} do not split "
                              f"into whole heads of {rope.head_dim} over {world} ranks")
     dev = None  # JAX's GPU, with --jax: CuPy's; every rank raises alike where one has none
+    mesh, xla_why = None, None  # --jax at G >= 2: the psum baseline's mesh, or why none
     if jx is not None:
+        if world > 1:  # before device(): jax.distributed must precede JAX's backend
+            xla_why = _first(comm, bench_jax.start_distributed(jx))
         try:
             dev, why = bench_jax.device(jx), None
         except ValueError as e:
             why = str(e)
-        whys = [w for w in comm.allgather(why) if w]
-        if whys:
-            raise ValueError(whys[0])
+        why = _first(comm, why)
+        if why:
+            raise ValueError(why)
+        if world > 1 and xla_why is None:
+            try:
+                mesh = bench_jax.process_mesh(jx, dev)
+            except ValueError as e:
+                xla_why = str(e)
+            xla_why = _first(comm, xla_why)
+            if xla_why:
+                mesh = None
     stream = cupy.cuda.Stream(non_blocking=True)
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     card = props["name"].decode()
@@ -653,7 +666,7 @@ def run(args):
             if jx is not None:
                 stream.synchronize()
                 row.update(_jax_row(jx, comm, jax_norms, dev, sets[0], w, rope,
-                                    args.in_place, tokens))
+                                    args.in_place, tokens, mesh))
             for n in (*norms.values(), *rope_norms.values(), *kv_norms.values()):
                 n.synchronize()
             rows.append(row)
@@ -673,7 +686,8 @@ def run(args):
               "jax": None if jx is None else {
                   "version": jx.__version__, "calls": [bench_jax.N1, bench_jax.N2],
                   "reps": bench_jax.REPS, "transports": list(jax_norms),
-                  "xla": world == 1},
+                  "xla": "local" if world == 1 else "psum" if mesh is not None else None,
+                  "xla_why": xla_why},
               "date": time.strftime("%Y-%m-%d")}
     if comm.rank == 0:
         print(_table(result, modes, columns, floor_us))
@@ -685,9 +699,15 @@ def run(args):
     return 0
 
 
-def _jax_row(jax, comm, jax_norms, dev, inputs, w, rope, in_place, tokens):
+def _first(comm, why):
+    """The first rank's reason of those that have one (every rank gets the same), or None."""
+    return next((w for w in comm.allgather(why) if w), None)
+
+
+def _jax_row(jax, comm, jax_norms, dev, inputs, w, rope, in_place, tokens, mesh=None):
     """--jax's numbers at one T, the slowest rank's: {"<t>_jit_us": our call (JaxQKNorm
-    of transport t) inside jax.jit, "xla_us": XLA's own norm (+ RoPE), G=1 only}, per call
+    of transport t) inside jax.jit, "xla_us": XLA's own norm (+ RoPE), at G=1, or at
+    G >= 2 with `mesh` (bench_jax.process_mesh) its psum across the processes}, per call
     by bench_jax's slope. `inputs`: an input set of _inputs (q, k, ..., positions, ...)."""
     from mpi4py import MPI
 
@@ -701,10 +721,11 @@ def _jax_row(jax, comm, jax_norms, dev, inputs, w, rope, in_place, tokens):
         row[f"{t}_jit_us"] = comm.allreduce(us, op=MPI.MAX)
         _say(comm, f"T={tokens} {t} jit: the handler ran {runs} times, {captured} of them "
                    f"captured by XLA into a command buffer")
-    if comm.size == 1 and jax_norms:
-        _say(comm, f"T={tokens} xla ...")
+    if jax_norms and (comm.size == 1 or mesh is not None):
+        _say(comm, f"T={tokens} xla{' psum' if mesh is not None else ''} ...")
         eps = next(iter(jax_norms.values())).config.eps
-        row["xla_us"] = comm.allreduce(bench_jax.xla_us(jax, jargs, eps, rope, dev),
+        row["xla_us"] = comm.allreduce(bench_jax.xla_us(jax, jargs, eps, rope, dev,
+                                                        mesh=mesh, barrier=comm.Barrier),
                                        op=MPI.MAX)
     return row
 
@@ -821,8 +842,14 @@ def _jax_lines(r):
              f"function (JAX's dispatch cancels); jit/graph: over the CuPy graph column",
              f"xla us: XLA's own jitted norm{' + RoPE' if rope else ''} timed alike; "
              f"xla/jit: XLA's over ours"]
-    if not j.get("xla"):
-        lines[-1] = "xla: G=1 only (the psum baseline across processes is not built)"
+    if j.get("xla") == "psum":
+        lines[-1] = (f"xla us: XLA's jitted norm{' + RoPE' if rope else ''} with a psum of "
+                     f"the sums of squares across the {r['G']} processes (jax.distributed, "
+                     f"shard_map; one psum for q and k), timed alike; "
+                     f"xla/jit: XLA's over ours")
+    elif not j.get("xla"):
+        lines[-1] = f"xla: no psum baseline across the processes: " \
+                    f"{j.get('xla_why') or 'not timed'}"
     return lines
 
 

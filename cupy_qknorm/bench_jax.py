@@ -7,6 +7,9 @@ n = N2; per call = (wall(N2) - wall(N1)) / (N2 - N1), so JAX's dispatch and the 
 sync cancel instead of being spread over n. XLA's own norm (fp32 math, one rounding;
 + RoPE) is chained the same way, with an optimization barrier between calls so that XLA
 cannot fuse consecutive norms into one pass (each call reads and writes its rows).
+At G >= 2 XLA's norm is what a JAX user writes at TP >= 2: the processes of
+jax.distributed (one device each) as a mesh, each process's slices as its shards of global
+arrays, and a shard_map whose body psums the rows' sums of squares over the processes.
 
 Imported by cupy_qknorm.bench only for --jax; JAX is imported by require_jax(), never at
 import time. The timing helpers take their clock and sync as arguments (tested on CPU).
@@ -83,8 +86,8 @@ def device(jax):
         jax.config.update("jax_cuda_visible_devices", str(index))
     except AttributeError:  # a JAX without the option: it opens them all
         pass
-    try:
-        gpus = jax.devices("gpu")
+    try:  # this process's: with jax.distributed, jax.devices() lists every process's
+        gpus = jax.local_devices(backend="gpu")
     except RuntimeError as e:
         raise ValueError(f"--jax: JAX has no GPU backend (JAX's CUDA plugin: pip install "
                          f"'jax[cuda13]'): {e}") from e
@@ -133,11 +136,37 @@ def xla_norm(x, w, eps, rope=None, table=None, positions=None):
     """XLA's RMSNorm over the row (fp32 math, one rounding) and, with `rope`, its
     rotary embedding (cupy_qknorm.rope: NeoX or GPT-J, the first rotary_dim elements of
     each head; `table` [rows, rotary_dim] fp32, cos then sin)."""
-    import jax
     import jax.numpy as jnp
     f = x.astype(jnp.float32)
-    y = f * jax.lax.rsqrt(jnp.mean(f * f, axis=-1, keepdims=True) + eps) * \
-        w.astype(jnp.float32)
+    mean_sq = jnp.mean(f * f, axis=-1, keepdims=True)
+    return _scaled(f, w, mean_sq, eps, rope, table, positions).astype(x.dtype)
+
+
+def xla_norm_across(q, k, qw, kw, eps, axis, rope=None, table=None, positions=None):
+    """out = x / rms(x's row over every process) * w for x = q and k, inside shard_map
+    over mesh axis `axis` (each process's block: its slices of the rows and of the
+    weights, whole heads): mean square = psum(the slice's sum of squares) / (G x the
+    slice's width), one psum for q's and k's sums together (our call, too, makes one
+    exchange for both); then RoPE on the local heads. KV heads replicated over the
+    processes stay right: each is counted as often in the sum as in the width. Every
+    process makes the same calls (psum is a collective)."""
+    import jax
+    import jax.numpy as jnp
+    fq, fk = q.astype(jnp.float32), k.astype(jnp.float32)
+    sums = jax.lax.psum(jnp.stack([jnp.sum(fq * fq, axis=-1), jnp.sum(fk * fk, axis=-1)],
+                                  axis=-1), axis)
+    g = jax.lax.axis_size(axis)
+    return (_scaled(fq, qw, sums[:, 0:1] / (g * q.shape[-1]), eps, rope, table,
+                    positions).astype(q.dtype),
+            _scaled(fk, kw, sums[:, 1:2] / (g * k.shape[-1]), eps, rope, table,
+                    positions).astype(k.dtype))
+
+
+def _scaled(f, w, mean_sq, eps, rope, table, positions):
+    """f * rsqrt(mean_sq + eps) * w in fp32, then rope's rotation of each head."""
+    import jax
+    import jax.numpy as jnp
+    y = f * jax.lax.rsqrt(mean_sq + eps) * w.astype(jnp.float32)
     if rope is not None:
         t, half, rd = y.shape[0], rope.rotary_dim // 2, rope.rotary_dim
         h = y.reshape(t, -1, rope.head_dim)
@@ -151,7 +180,7 @@ def xla_norm(x, w, eps, rope=None, table=None, positions=None):
             a, b = h[..., :half], h[..., half:rd]
             turned = jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
         y = jnp.concatenate([turned, h[..., rd:]], axis=-1).reshape(t, -1)
-    return y.astype(x.dtype)
+    return y
 
 
 def theirs(n, eps, rope=None):
@@ -178,9 +207,85 @@ def jit_us(jax, qk, jargs, in_place, barrier, calls=(N1, N2), reps=REPS):
     return us, (qk.captured_calls - captured, qk.executions - runs)
 
 
-def xla_us(jax, jargs, eps, rope, dev, calls=(N1, N2), reps=REPS):
-    """Per call of XLA's own norm (+ `rope`) inside jax.jit (chain_us of theirs)."""
+def theirs_across(n, eps, rope, mesh):
+    """theirs at G >= 2: n dependent calls of xla_norm_across, one shard_map over `mesh`
+    (process_mesh): (q, k, qw, kw, positions, table) global arrays (across) -> (q, k)."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+    (axis,) = mesh.axis_names
+    row, col = P(None, axis), P(axis)
+
+    def chain(q, k, qw, kw, pos, table=None):
+        for _ in range(n):
+            q, k = xla_norm_across(q, k, qw, kw, eps, axis, rope, table, pos)
+            q, k = jax.lax.optimization_barrier((q, k))  # no fusion across calls
+        return q, k
+    specs = (row, row, col, col, P()) + (() if rope is None else (P(),))
+    return _shard_map(jax)(chain, mesh=mesh, in_specs=specs, out_specs=(row, row))
+
+
+def _shard_map(jax):
+    """jax.shard_map, or jax.experimental's where this JAX has only that one."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map
+    from jax.experimental.shard_map import shard_map as experimental
+    return experimental
+
+
+def start_distributed(jax, timeout_s: int = 60):
+    """jax.distributed over MPI's processes (cluster_detection_method="mpi4py": JAX's
+    process index is the MPI rank), unless it is initialized already. Before JAX's backend
+    starts (device()). None, or why not in one line; collective (every process calls)."""
+    try:
+        if not jax.distributed.is_initialized():
+            jax.distributed.initialize(cluster_detection_method="mpi4py",
+                                       initialization_timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - said in the table's header, not raised
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"jax.distributed could not be initialized: {type(e).__name__}: {first}"
+    return None
+
+
+def process_mesh(jax, dev, axis: str = "tp"):
+    """A 1-D mesh along `axis` of each process's device, in process order (one device a
+    process, `dev` this one's). ValueError in one line where a process has other than one."""
+    devices = sorted(jax.devices(dev.platform), key=lambda d: d.process_index)
+    if len(devices) != jax.process_count() or dev not in devices:
+        raise ValueError(f"the psum baseline needs one {dev.platform} device a process: "
+                         f"JAX has {len(devices)} over {jax.process_count()} processes")
+    return jax.sharding.Mesh(np.array(devices), (axis,))
+
+
+def across(jax, mesh, arrays):
+    """Each process's local arrays (q, k [T, width/G], their weights [width/G], positions
+    and a table, on its device of `mesh`) as global arrays over `mesh`: q, k and the weights
+    split along the last axis in process order (the rows' slices; each process's array is
+    its shard, not a copy), positions and the table replicated."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    (axis,) = mesh.axis_names
+
+    def sliced(a):
+        return jax.make_array_from_single_device_arrays(
+            a.shape[:-1] + (a.shape[-1] * mesh.size,),
+            NamedSharding(mesh, P(*[None] * (a.ndim - 1), axis)), [a])
+
+    def replicated(a):
+        return jax.make_array_from_single_device_arrays(a.shape, NamedSharding(mesh, P()),
+                                                        [a])
+    return [sliced(a) for a in arrays[:4]] + [replicated(a) for a in arrays[4:]]
+
+
+def xla_us(jax, jargs, eps, rope, dev, calls=(N1, N2), reps=REPS, mesh=None, barrier=None):
+    """Per call of XLA's own norm (+ `rope`) inside jax.jit (chain_us of theirs); with
+    `mesh` (process_mesh, G >= 2), of theirs_across on this process's slices (jargs) as
+    shards of global arrays, every process timing the same calls after `barrier`."""
     from .rope import host_table
     args = list(jargs) + ([] if rope is None else [jax.device_put(host_table(rope), dev)])
-    return chain_us(lambda n: compiled(jax, theirs(n, eps, rope), args), args,
-                    jax.block_until_ready, None, calls, reps)
+    if mesh is not None:
+        args = across(jax, mesh, args)
+
+    def chain(n):
+        return theirs(n, eps, rope) if mesh is None else theirs_across(n, eps, rope, mesh)
+    return chain_us(lambda n: compiled(jax, chain(n), args), args, jax.block_until_ready,
+                    barrier, calls, reps)

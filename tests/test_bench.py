@@ -1,6 +1,7 @@
 """The benchmark's table and plot input, its options, and what it says where it cannot run,
 on CPU (the timings themselves need GPUs)."""
 import argparse
+import re
 import sys
 
 import numpy as np
@@ -182,7 +183,9 @@ def test_jax_option_parses_and_its_help_names_the_columns(capsys):
         cli.main(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--jax also, per T (graph mode), our call inside jax.jit" in text
-    assert "'<transport> jit us'" in text and "'xla us' (G=1 only)" in text
+    assert "'<transport> jit us'" in text
+    assert "'xla us' (at G >= 2 with a psum of the sums of squares across the processes, " \
+        "through jax.distributed)" in text
 
 
 @pytest.mark.parametrize("argv,why", [
@@ -231,7 +234,7 @@ def test_importing_bench_never_imports_jax():
 
 JAX_RESULT = {**RESULT, "G": 1, "rope": "RoPE(...)",
               "jax": {"version": "0.11.2", "calls": [16, 64], "reps": 15,
-                      "transports": ["ipc"], "xla": True},
+                      "transports": ["ipc"], "xla": "local"},
               "rows": [{"T": 64, "bytes": 1, "ipc_graph_us": 2.0, "ipc+rope_graph_us": 2.32,
                         "ipc_jit_us": 3.66, "xla_us": 16.95},
                        {"T": 1024, "bytes": 1, "ipc_graph_us": 9.0, "ipc+rope_graph_us": 10.03,
@@ -257,8 +260,10 @@ def test_table_shows_jit_and_xla_columns_with_their_ratios():
 def test_table_jit_without_rope_and_at_g2_without_xla():
     rows = [{"T": 64, "bytes": 1, "ipc_graph_us": 3.0, "nccl_graph_us": 9.0,
              "ipc_jit_us": 4.5, "nccl_jit_us": 9.9}]
+    why = "jax.distributed could not be initialized: RuntimeError: no coordinator"
     r = {**JAX_RESULT, "G": 2, "rope": None, "rows": rows,
-         "jax": {**JAX_RESULT["jax"], "transports": ["ipc", "nccl"], "xla": False}}
+         "jax": {**JAX_RESULT["jax"], "transports": ["ipc", "nccl"], "xla": None,
+                 "xla_why": why}}
     text = _table(r, ["graph"], ["ipc", "nccl"], 1.9)
     head = next(ln for ln in text.splitlines() if ln.lstrip().startswith("T |"))
     titles = [c.strip() for c in head.split("|")]
@@ -266,9 +271,19 @@ def test_table_jit_without_rope_and_at_g2_without_xla():
         "ipc jit us", "ipc jit/graph", "nccl jit us", "nccl jit/graph"]
     assert [c.strip() for c in rows_of(text)[0].split("|")][-4:] == [
         "4.50", "1.50x", "9.90", "1.10x"]                 # over the plain ipc and nccl
-    assert "xla: G=1 only (the psum baseline across processes is not built)" in text
+    assert f"xla: no psum baseline across the processes: {why}" in text.splitlines()
     assert "jit us: our call (ipc, nccl) inside jax.jit" in text
     assert "jit us" not in _table(RESULT, ["graph"], ["ipc"], 1.9)  # without --jax
+
+
+def test_table_at_g2_names_the_psum_baseline():
+    r = {**JAX_RESULT, "G": 2, "jax": {**JAX_RESULT["jax"], "xla": "psum"}}
+    text = _table(r, ["graph"], ["ipc", "ipc+rope"], 1.9)
+    head = next(ln for ln in text.splitlines() if ln.lstrip().startswith("T |"))
+    assert [c.strip() for c in head.split("|")][-2:] == ["xla us", "xla/ipc jit"]
+    assert ("xla us: XLA's jitted norm + RoPE with a psum of the sums of squares across the "
+            "2 processes (jax.distributed, shard_map; one psum for q and k), timed alike; "
+            "xla/jit: XLA's over ours") in text.splitlines()
 
 
 def test_slope_is_the_cost_of_one_more_call():
@@ -355,7 +370,7 @@ def test_jax_without_a_gpu_backend_is_one_line(monkeypatch):
     from cupy_qknorm import bench_jax
     monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(
         Device=lambda: types.SimpleNamespace(id=0))))
-    monkeypatch.setattr(jax, "devices", lambda kind=None: (_ for _ in ()).throw(
+    monkeypatch.setattr(jax, "local_devices", lambda backend=None: (_ for _ in ()).throw(
         RuntimeError("Unknown backend: 'gpu' requested")))
     before = jax.config.values.get("jax_cuda_visible_devices", "all")
     try:
@@ -380,7 +395,7 @@ def test_jax_device_is_cupys(monkeypatch):
     def fake_jax(ids):
         gpus = [types.SimpleNamespace(local_hardware_id=i) for i in ids]
         return types.SimpleNamespace(
-            devices=lambda kind: gpus,
+            local_devices=lambda backend: gpus,
             config=types.SimpleNamespace(update=lambda k, v: set_to.append((k, v))))
     assert bench_jax.device(fake_jax([0, 1, 2, 3])).local_hardware_id == 2
     assert set_to == [("jax_cuda_visible_devices", "2")]
@@ -415,3 +430,112 @@ def test_jax_row_on_jax_cpu_fills_the_table():
                 if ln.lstrip().startswith("T |"))
     assert [c.strip() for c in head.split("|")][-4:] == [
         "mpi jit us", "mpi jit/graph", "xla us", "xla/mpi jit"]
+
+
+def test_distributed_that_cannot_start_is_one_line_and_a_mesh_needs_one_device_a_process():
+    """bench at G >= 2 leaves the xla column out, saying why in one line, where
+    jax.distributed cannot start or a process has other than one device; it initializes
+    jax.distributed only where it is not yet."""
+    import types
+
+    from cupy_qknorm import bench_jax
+
+    def fake_jax(initialized, devices=(), processes=1):
+        def initialize(**kw):
+            calls.append(kw)
+            raise RuntimeError("jax.distributed.initialize() must be called before any JAX "
+                               "computations are executed.\nsecond line")
+        return types.SimpleNamespace(
+            distributed=types.SimpleNamespace(is_initialized=lambda: initialized,
+                                              initialize=initialize),
+            devices=lambda platform: list(devices), process_count=lambda: processes)
+    calls = []
+    assert bench_jax.start_distributed(fake_jax(False)) == (
+        "jax.distributed could not be initialized: RuntimeError: jax.distributed.initialize"
+        "() must be called before any JAX computations are executed.")
+    assert calls == [{"cluster_detection_method": "mpi4py", "initialization_timeout": 60}]
+    assert bench_jax.start_distributed(fake_jax(True)) is None and len(calls) == 1
+    gpus = [types.SimpleNamespace(platform="gpu", process_index=p) for p in (0, 0, 1, 1)]
+    with pytest.raises(ValueError, match=r"^the psum baseline needs one gpu device a "
+                                         r"process: JAX has 4 over 2 processes$"):
+        bench_jax.process_mesh(fake_jax(True, gpus, 2), gpus[0])
+
+
+# Run under mpiexec -n 2 by the test below: jax.distributed (gloo on JAX's CPU backend)
+# must start before JAX's backend, so in a process of its own. Each rank holds its slice
+# of every row; every rank makes every collective step before anything is judged, and
+# prints its problems; the exit code is 1 on every rank where any rank has one.
+XLA_PSUM_RANKS = r"""
+import sys
+import numpy as np
+from mpi4py import MPI
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+from cupy_qknorm import RoPE, bench, bench_jax
+from cupy_qknorm import reference as ref
+from cupy_qknorm.jax import JaxQKNorm
+from cupy_qknorm.rope import host_table
+comm = MPI.COMM_WORLD
+g, me = comm.size, comm.rank
+problems = []
+why = bench_jax.start_distributed(jax)
+assert why is None and bench_jax.start_distributed(jax) is None, why  # once, then a no-op
+dev = jax.local_devices()[0]
+mesh = bench_jax.process_mesh(jax, dev)
+for style in (None, "neox", "gptj"):
+    rope = None if style is None else RoPE(128, 64, theta=5e6, max_position=512, style=style)
+    c = ref.make_rope_case(11, 5, g * 256, g * 128, "bfloat16", max_position=512,
+                           style=style or "neox")
+    mine = [np.ascontiguousarray(ref.shard(a, g, me)) for a in c[:4]]
+    jargs = bench_jax.to_jax(jax, dev, *mine, c.positions)
+    table = [] if rope is None else [jax.device_put(host_table(rope), dev)]
+    args = bench_jax.across(jax, mesh, jargs + table)
+    out = jax.jit(bench_jax.theirs_across(1, 1e-6, rope, mesh))(*args)
+    got = [np.asarray(o.addressable_data(0)).view(np.uint16) for o in out]
+    if rope is None:
+        refs = ref.qk_norm(*(ref.to_f64(a, "bfloat16") for a in c[:4]), 1e-6)
+        errs = [ref.compare(o, ref.shard(y, g, me), "bfloat16") for o, y in zip(got, refs)]
+    else:
+        errs = [ref.compare_rope(o, ref.shard(y, g, me), ref.shard(m, g, me), "bfloat16")
+                for o, y, m in zip(got, (c.q_ref, c.k_ref), (c.q_mag, c.k_mag))]
+    problems += [f"{style or 'no rope'} {name}: {e} ulps, {n} past"
+                 for name, (e, n) in zip("qk", errs) if n]
+    us = bench_jax.xla_us(jax, jargs, 1e-6, rope, dev, calls=(1, 3), reps=2, mesh=mesh,
+                          barrier=comm.Barrier)
+    if not np.isfinite(us):
+        problems.append(f"{style}: xla_us {us}")
+rope = RoPE(128, 64, theta=5e6, max_position=64)
+w = tuple(np.ascontiguousarray(ref.shard(np.full(n, 0x3F80, np.uint16), g, me))
+          for n in (g * 256, g * 128))  # bf16 ones
+case = ref.make_case(3, 4, g * 256, g * 128, "bfloat16")
+q, k = (np.ascontiguousarray(ref.shard(a, g, me)) for a in case[:2])
+for name in ("jit_us", "xla_us"):  # short chains: _jax_row's plumbing, not its numbers
+    setattr(bench_jax, name, lambda *a, _f=getattr(bench_jax, name), **kw: _f(
+        *a, calls=(1, 3), reps=2, **kw))
+with JaxQKNorm(comm, g * 256, g * 128, "bfloat16", max_tokens=8, rope=rope,
+               backend="cpu") as qk:
+    row = bench._jax_row(jax, comm, {"mpi": qk}, dev, (q, k, None, None,
+                         np.arange(4), None), w, rope, True, 4, mesh)
+if sorted(row) != ["mpi_jit_us", "xla_us"] or not all(np.isfinite(list(row.values()))):
+    problems.append(f"_jax_row: {row}")
+found = [f"rank {r}: {p}" for r, ps in enumerate(comm.allgather(problems)) for p in ps]
+print(f"rank {me}: " + ("; ".join(found) or "ok"), flush=True)
+sys.exit(1 if found else 0)
+"""
+
+
+def test_xla_psum_across_two_processes_on_jax_cpu():
+    """bench --jax's XLA baseline at G=2 on JAX's CPU backend (jax.distributed over MPI,
+    gloo): each process's slices of q and k as shards of global arrays, one psum of the
+    rows' sums of squares; every rank's output within one bf16 unit of the float64
+    reference of the full rows (no RoPE, NeoX, GPT-J); its chain timed, and bench's per-T
+    step (_jax_row) with the mesh fills the xla column beside our call."""
+    pytest.importorskip("jax")
+    if mpiexec() is None:
+        pytest.skip("no mpiexec (pip install mpich)")
+    r = run_mpi(2, "-c", XLA_PSUM_RANKS, timeout=180)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:]
+    # the ranks' lines may interleave
+    assert sorted(re.findall(r"rank \d+: ok", r.stdout)) == ["rank 0: ok", "rank 1: ok"], \
+        out[-3000:]
