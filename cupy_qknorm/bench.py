@@ -112,15 +112,16 @@ def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter):
                    help="also time the exchange alone (a one-warp kernel that only pushes "
                         "and waits) as a graph node: the decode floor of this host "
                         "(default: off)")
+    from .bench_jax import N1, N2  # no JAX import: the chain lengths
     b.add_argument("--jax", action="store_true",
                    help="also, per T (graph mode), our call inside jax.jit (JaxQKNorm, with "
                         "RoPE where --rope) as '<transport> jit us', and XLA's own jitted "
                         "norm (+ RoPE) as 'xla us' (at G >= 2 with a psum of the sums of "
                         "squares across the processes, through jax.distributed), each per "
-                        "call as the slope between chains of 16 and 64 dependent calls in "
-                        "one jitted function (JAX's dispatch cancels); jit/graph: over the "
-                        "CuPy graph column; xla/jit: XLA's over ours. Needs jax[cuda] "
-                        "(default: off)")
+                        f"call as the slope between chains of {N1} and {N2} dependent calls "
+                        "in one jitted function (JAX's dispatch cancels); jit/graph: over "
+                        "the CuPy graph column; xla/jit: XLA's over ours. Needs JAX's CUDA "
+                        "plugin, jax[cuda13] or jax[cuda12] (default: off)")
     b.add_argument("--in-place", action="store_true",
                    help="every call writes its output over its input (as SGLang's kernel "
                         "and benchmark do); the copy kernel then copies each buffer onto "
