@@ -167,6 +167,47 @@ def test_bad_position_on_one_rank(comm, transport):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("tokens", [1, 65])
+def test_bad_position_on_one_rank_in_a_one_token_launch(comm, transport, tokens):
+    """A launch of one token (T=1, or T=65's last chunk of max_tokens 64) whose token is
+    outside the table on the last rank only: the sums kernel runs one block there and
+    reports the token to the peers by itself. A call of T=1 with valid positions first
+    (a one-block launch that finds nothing must leave the next launches clean). The last
+    rank raises PositionError, the others CallMismatchError naming it and the token."""
+    import cupy
+    bad, token = comm.size - 1, tokens - 1
+    (qs, ks, qws, kws), pos, _ = rope_case(comm, 29, tokens, DTYPE, ROPE)
+    if comm.rank == bad:
+        pos[token] = ROPE.rows() + 5
+    outs = [poisoned(qs, DTYPE), poisoned(ks, DTYPE)]
+    first = [poisoned(qs[:1], DTYPE), poisoned(ks[:1], DTYPE)]
+    norm = make(comm, transport, max_tokens=64, rope=ROPE)
+    try:
+        norm(qs[:1], ks[:1], qws, kws, out=first, positions=cupy.zeros(1, pos.dtype))
+        ok, _ = timed(norm.synchronize)
+        err = raise_point(norm, transport,
+                          lambda: norm(qs, ks, qws, kws, out=outs, positions=pos))
+    finally:
+        comm.Barrier()
+        norm.close()
+    problems = [] if ok is None else [f"the valid call of T=1 raised {ok!r}"]
+    if comm.rank == bad:
+        if type(err) is not PositionError or err.token != token:
+            problems.append(f"expected PositionError for token {token}, got {err!r}")
+        want = [token]
+    else:
+        if type(err) is not CallMismatchError or (err.peer, err.token) != (bad, token):
+            problems.append(f"expected CallMismatchError naming rank {bad}, token {token}, "
+                            f"got {err!r}")
+        want = []
+    for name, o in zip("qk", outs):
+        if unwritten_rows(o) != want:
+            problems.append(f"{name}: unwritten rows {unwritten_rows(o)}, expected {want}")
+    agree(comm, problems)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_tags_differ(comm, transport):
     """Rank 0 passes tag=99, the others tag=8: every rank raises CallMismatchError naming
     its tag and a differing peer's, at once, with nothing written; then closed."""
