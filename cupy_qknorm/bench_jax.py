@@ -16,7 +16,6 @@ import time. The timing helpers take their clock and sync as arguments (tested o
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
@@ -31,7 +30,8 @@ def require_jax():
     """The jax module, or ValueError in one line where it cannot be imported. Sets
     XLA_PYTHON_CLIENT_PREALLOCATE=false unless set: by default XLA takes 75% of the GPU's
     memory at its first use, and the bench's CuPy buffers need theirs."""
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    from .knobs import default_for_library
+    default_for_library("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
         import jax
     except ImportError as e:

@@ -47,8 +47,10 @@ TOOLS_SOURCE = _code(TOOLS_MODULE)
 def options(build=None) -> tuple:
     """NVRTC options of a compile with these build knobs (default: the environment's)."""
     build = dict(knobs.build_values() if build is None else build)
+    blocks = build.get("CUPY_QKNORM_CACHE_BLOCKS") or 1
     return ("-std=c++17", f"-I{KERNEL_DIR}") + \
-        (("-DQKNORM_TRACE=1",) if build.get("CUPY_QKNORM_TRACE") else ())
+        (("-DQKNORM_TRACE=1",) if build.get("CUPY_QKNORM_TRACE") else ()) + \
+        ((f"-DQKNORM_CACHE_BLOCKS={blocks}",) if blocks != 1 else ())
 
 
 def tracing(build: tuple | None = None) -> bool:

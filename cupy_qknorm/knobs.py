@@ -36,6 +36,9 @@ KNOBS = {k.name: k for k in (
          "tokens a block of the fused kernel keeps in flight (default 2 narrow, 3 wide)"),
     Knob("CUPY_QKNORM_VECTORS_PER_THREAD", None, 1, 32, "tuning",
          "16-byte vectors a thread holds per token, both layouts (default 2 narrow, 8 wide)"),
+    Knob("CUPY_QKNORM_CACHE_BLOCKS", 1, 1, 4, "tuning",
+         "blocks an SM the fused kernel's wide layout is built for where it writes a KV "
+         "cache (1: its registers uncapped; 3 caps them at 168 on 4 warps, which spills)"),
     Knob("CUPY_QKNORM_TRACE", 0, 0, 1, "diagnostic",
          "1 builds the fused kernel with per-block cycle counts (scripts/trace_fused.py)"),
     Knob("CUPY_QKNORM_DEBUG", 0, 0, 1, "diagnostic",
@@ -44,7 +47,7 @@ KNOBS = {k.name: k for k in (
 )}
 
 # The knobs a kernel build depends on (the rest pick among builds or act on the host).
-BUILD_KNOBS = ("CUPY_QKNORM_TRACE",)
+BUILD_KNOBS = ("CUPY_QKNORM_TRACE", "CUPY_QKNORM_CACHE_BLOCKS")
 
 
 def get(name: str) -> int | None:
@@ -68,6 +71,12 @@ def get(name: str) -> int | None:
 def build_values() -> tuple:
     """(name, value) of every knob a kernel build depends on: part of the cache key."""
     return tuple((name, get(name)) for name in BUILD_KNOBS)
+
+
+def default_for_library(name: str, value: str) -> None:
+    """Set another library's environment variable (read when that library starts) where
+    the user has not set it: bench --jax turns XLA's preallocation off this way."""
+    os.environ.setdefault(name, value)
 
 
 def check_all() -> None:

@@ -222,9 +222,17 @@ struct Fused {
   }
 };
 
+// The wide layout's blocks an SM where it writes a KV cache (build knob
+// CUPY_QKNORM_CACHE_BLOCKS): 1 leaves its registers to ptxas.
+#ifndef QKNORM_CACHE_BLOCKS
+#define QKNORM_CACHE_BLOCKS 1
+#endif
+
 template <class Elem, class Weight, int World, class Slice, class Tile, class Rope,
           class Cache = NoCache>
-__global__ void __launch_bounds__(Tile::kThreads, 1) fused(const Params p) {
+__global__ void __launch_bounds__(Tile::kThreads,
+                                  Cache::kOn && Tile::kStaged ? QKNORM_CACHE_BLOCKS : 1)
+    fused(const Params p) {
   using Impl = Fused<Elem, Weight, World, Slice, Tile, Rope, Cache>;
   constexpr int kDepth = Tile::kDepth;
   __shared__ typename Impl::Shared sh;

@@ -37,6 +37,10 @@ SM100 = [Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, layout, RoPE.minimax_m2
 TRACED = [Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, "narrow"),
           Spec.plan("float32", "float32", 2, 3072, 512, "wide")]
 TRACE_BUILD = (("CUPY_QKNORM_TRACE", 1),)
+# the widest cache-writing fused kernel (G=1, wide, RoPE, FP8 cache) built for 3 blocks an SM
+CAPPED = Spec.plan("bfloat16", "bfloat16", 1, 6144, 1024, "wide", RoPE.minimax_m2(),
+                   cache=(2, 128))
+CAPPED_BUILD = (("CUPY_QKNORM_CACHE_BLOCKS", 3),)
 PLAIN = tuple((kc.TOOLS_MODULE, name) for name in kc.PLAIN_KERNELS)
 REGISTER_BUDGET = 192  # every kernel; the fused kernel's highest today is below 160
 # the fused and apply kernels that write a KV cache: the widest (G=1, wide, RoPE) take
@@ -61,7 +65,9 @@ def start_build():
     return nvrtc_batch.Build({("sm_90", None): kernels(SPECS) + list(PLAIN),
                               ("sm_100", None): kernels(SM100),
                               ("sm_90", TRACE_BUILD): [(kc.OP_MODULE, s.names["fused"])
-                                                       for s in TRACED]},
+                                                       for s in TRACED],
+                              ("sm_90", CAPPED_BUILD): [(kc.OP_MODULE,
+                                                         CAPPED.names["fused"])]},
                              workers=WORKERS)
 
 
@@ -161,6 +167,18 @@ def test_traced_build(built, spec):
     assert r["resources"]["smem"] > plain["smem"]  # the trace record lives in shared memory
 
 
+def test_cache_blocks_caps_the_wide_cache_kernels_registers(built):
+    """CUPY_QKNORM_CACHE_BLOCKS=3 builds the wide cache-writing fused kernel for 3 blocks
+    of 4 warps an SM: at most 168 registers (65536 / (3 * 128), in 8-register steps)."""
+    assert CAPPED.staged and CAPPED.warps == 4
+    r = built[0][("sm_90", CAPPED_BUILD)][CAPPED.names["fused"]]
+    assert r["error"] is None, r["error"]
+    plain = built[0][("sm_90", None)].get(CAPPED.names["fused"])
+    assert r["resources"]["registers"] <= 168
+    if plain is not None:  # the default build leaves them to ptxas
+        assert plain["resources"]["registers"] > 168
+
+
 def test_no_compiler_warnings(built):
     warnings = [ln for log in built[1] for ln in log.splitlines() if "warning" in ln.lower()]
     assert not warnings, "\n".join(warnings[:20])
@@ -240,6 +258,7 @@ def test_cache_key_covers_what_a_compile_depends_on(tmp_path, monkeypatch):
     key = nvrtc_batch.cache_key(target)
     assert key != nvrtc_batch.cache_key(("sm_100", None))
     assert key != nvrtc_batch.cache_key(("sm_90", TRACE_BUILD))
+    assert key != nvrtc_batch.cache_key(("sm_90", CAPPED_BUILD))
     monkeypatch.setattr(nvrtc_batch, "toolchain", lambda: "another NVRTC")
     assert nvrtc_batch.cache_key(target) != key
     for f in params.KERNEL_DIR.glob("*"):

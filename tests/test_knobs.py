@@ -15,6 +15,7 @@ EXPECTED = {  # name: (default, minimum, maximum)
     "CUPY_QKNORM_STAGED": (1, 0, 1),
     "CUPY_QKNORM_DEPTH": (None, 2, 8),
     "CUPY_QKNORM_VECTORS_PER_THREAD": (None, 1, 32),
+    "CUPY_QKNORM_CACHE_BLOCKS": (1, 1, 4),
     "CUPY_QKNORM_TRACE": (0, 0, 1),
     "CUPY_QKNORM_DEBUG": (0, 0, 1),
 }
@@ -77,9 +78,13 @@ def test_table_lists_every_knob():
 
 
 def test_build_values_follow_the_environment(monkeypatch):
-    assert knobs.build_values() == (("CUPY_QKNORM_TRACE", 0),)
+    assert knobs.build_values() == (("CUPY_QKNORM_TRACE", 0), ("CUPY_QKNORM_CACHE_BLOCKS", 1))
+    assert not any("CACHE_BLOCKS" in o for o in kc.options())
+    monkeypatch.setenv("CUPY_QKNORM_CACHE_BLOCKS", "3")
+    assert "-DQKNORM_CACHE_BLOCKS=3" in kc.options()
+    monkeypatch.setenv("CUPY_QKNORM_CACHE_BLOCKS", "1")
     monkeypatch.setenv("CUPY_QKNORM_TRACE", "1")
-    assert knobs.build_values() == (("CUPY_QKNORM_TRACE", 1),)
+    assert knobs.build_values() == (("CUPY_QKNORM_TRACE", 1), ("CUPY_QKNORM_CACHE_BLOCKS", 1))
     assert "-DQKNORM_TRACE=1" in kc.options() and kc.tracing()
     monkeypatch.setenv("CUPY_QKNORM_TRACE", "0")
     assert not any("TRACE" in o for o in kc.options()) and not kc.tracing()
