@@ -126,6 +126,27 @@ def test_calls_queued_after_a_bad_position_still_store(comm, transport):
     assert_rope_close(comm, second, mine, DTYPE, "the call after the bad one")
 
 
+def one_bad_rank_problems(rank, bad, err, outs, token, position):
+    """What a call whose `token` has `position` outside the table on rank `bad` only
+    leaves on `rank`: there PositionError naming both and that row unwritten; on the
+    others CallMismatchError naming rank `bad` and the token, every row written."""
+    problems = []
+    if rank == bad:
+        if type(err) is not PositionError or (err.token, err.position) != (token, position):
+            problems.append(f"expected PositionError for token {token}, got {err!r}")
+        want = [token]
+    else:
+        if type(err) is not CallMismatchError or (err.peer, err.token) != (bad, token) or \
+                f"rank {bad}: token {token} has a position outside" not in str(err):
+            problems.append(f"expected CallMismatchError naming rank {bad}, token {token}, "
+                            f"got {err!r}")
+        want = []
+    for name, o in zip("qk", outs):
+        if unwritten_rows(o) != want:
+            problems.append(f"{name}: unwritten rows {unwritten_rows(o)}, expected {want}")
+    return problems
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_bad_position_on_one_rank(comm, transport):
@@ -146,20 +167,7 @@ def test_bad_position_on_one_rank(comm, transport):
     finally:
         comm.Barrier()
         norm.close()
-    problems = []
-    if comm.rank == bad:
-        if type(err) is not PositionError or (err.token, err.position) != (70, -1):
-            problems.append(f"expected PositionError for token 70, got {err!r}")
-        want = [70]
-    else:
-        if type(err) is not CallMismatchError or (err.peer, err.token) != (bad, 70) or \
-                f"rank {bad}: token 70 has a position outside" not in str(err):
-            problems.append(f"expected CallMismatchError naming rank {bad}, token 70, got "
-                            f"{err!r}")
-        want = []
-    for name, o in zip("qk", outs):
-        if unwritten_rows(o) != want:
-            problems.append(f"{name}: unwritten rows {unwritten_rows(o)}, expected {want}")
+    problems = one_bad_rank_problems(comm.rank, bad, err, outs, 70, -1)
     if took > TIMEOUT_S / 2:
         problems.append(f"{took:.2f} s to the error: it waited for a timeout")
     agree(comm, problems)
@@ -191,19 +199,8 @@ def test_bad_position_on_one_rank_in_a_one_token_launch(comm, transport, tokens)
         comm.Barrier()
         norm.close()
     problems = [] if ok is None else [f"the valid call of T=1 raised {ok!r}"]
-    if comm.rank == bad:
-        if type(err) is not PositionError or err.token != token:
-            problems.append(f"expected PositionError for token {token}, got {err!r}")
-        want = [token]
-    else:
-        if type(err) is not CallMismatchError or (err.peer, err.token) != (bad, token):
-            problems.append(f"expected CallMismatchError naming rank {bad}, token {token}, "
-                            f"got {err!r}")
-        want = []
-    for name, o in zip("qk", outs):
-        if unwritten_rows(o) != want:
-            problems.append(f"{name}: unwritten rows {unwritten_rows(o)}, expected {want}")
-    agree(comm, problems)
+    agree(comm, problems + one_bad_rank_problems(comm.rank, bad, err, outs, token,
+                                                 ROPE.rows() + 5))
 
 
 @pytest.mark.mpi(min_size=2)
