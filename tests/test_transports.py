@@ -351,13 +351,15 @@ def test_the_knobs_an_object_builds_with_are_read_once(mem, monkeypatch):
     n, cuda = fake_norm(MPI.COMM_SELF, "ipc", Q, K, max_tokens=4096)
     try:
         monkeypatch.setenv("CUPY_QKNORM_TRACE", "1")
+        monkeypatch.setenv("CUPY_QKNORM_CACHE_BLOCKS", "3")
         monkeypatch.setenv("CUPY_QKNORM_VECTORS_PER_THREAD", "4")
         monkeypatch.setenv("CUPY_QKNORM_WIDE_FROM", "2")
         q, k, qw, kw = arrays(mem, 3)
         n(q, k, qw, kw)
         big = arrays(mem, 600)
         n(*big)
-        assert cuda.builds == [(("CUPY_QKNORM_TRACE", 0),)] * 2
+        built = (("CUPY_QKNORM_TRACE", 0), ("CUPY_QKNORM_CACHE_BLOCKS", 1))
+        assert cuda.builds == [built] * 2
         vectors = (Q + K) // 4
         assert [s.warps for s in cuda.loads] == [min(32, -(-vectors // 32))] * 2
         assert [s.staged for s in cuda.loads] == [0, 1]  # wide from 512 at G=1, not 2
