@@ -2,9 +2,11 @@
 # The whole GPU suite on a GPU host, in one command, from the repository root:
 #     bash scripts/gpu_suite.sh [RANKS...]    (default: 2 3 4; 1 2 3 on a host with one GPU)
 # First NVRTC builds every shipped kernel specialization (CI builds a sample; COMPILE=0
-# skips it). Per G: the GPU tests (parity, graphs, faults), check ipc/nccl, the SIGKILL
-# fault. Then compute-sanitizer memcheck and racecheck on check --transport ipc at G=2 (at
-# G=1 on a host with one GPU; SANITIZE=0 skips them), and with SOAK=1 the construct/close
+# skips it). Per G: the GPU tests (parity, graphs, faults), check ipc/nccl (the norm, +
+# RoPE, + a bf16 or FP8 KV cache, the minimax-m2 preset; with jax installed check --jax),
+# the SIGKILL fault. Then compute-sanitizer memcheck and racecheck on check --transport ipc
+# (the norm, + RoPE, + an FP8 KV cache) at G=2 (at G=1 on a host with one GPU; SANITIZE=0
+# skips them), and with SOAK=1 the construct/close
 # cycles and the soak at the largest G with a GPU per rank (RELIABILITY.md).
 # A G beyond the GPUs runs with ranks sharing them (say QKNORM_TEST_SHARED_GPU=0 to skip
 # it instead): the GPU tests under tests/gpu/conftest.py's emulation (correctness only;
@@ -89,14 +91,23 @@ for g in "${ranks[@]}"; do
   [ "$g" -gt "$own" ] && own=$g
   echo "=== G=$g: pytest tests/gpu"
   mpirun "$g" python3 scripts/rank_pytest.py "$LOGS" gpu -- -q "${per_test[@]}" tests/gpu || fail=1
-  echo "=== G=$g: check (ipc, nccl) bf16, without and with RoPE"
+  echo "=== G=$g: check (ipc, nccl) bf16: the norm, + RoPE, + the KV cache (bf16, fp8), a preset"
   for t in ipc nccl; do
-    for rope in "" --rope; do
-      mpirun "$g" python3 -m cupy_qknorm check --transport $t $rope 2>&1 | tail -1 |
-        sed "s/^/G=$g $t $rope: /"
+    for what in "" --rope "--rope --kv-cache bf16" "--rope --kv-cache fp8" \
+                "--model minimax-m2"; do
+      mpirun "$g" python3 -m cupy_qknorm check --transport $t $what 2>&1 | tail -1 |
+        sed "s/^/G=$g $t $what: /"
       [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
     done
   done
+  if python3 -c "import jax" 2>/dev/null; then
+    echo "=== G=$g: check --jax (ipc), + RoPE and the fp8 KV cache"
+    mpirun "$g" python3 -m cupy_qknorm check --jax --transport ipc --rope --kv-cache fp8 2>&1 |
+      tail -1 | sed "s/^/G=$g jax: /"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
+  else
+    echo "SKIPPED G=$g check --jax: no jax here"
+  fi
   if [ "$g" -lt 2 ]; then
     echo "SKIPPED G=$g SIGKILL: it needs a peer to kill"; continue
   fi
@@ -124,16 +135,19 @@ if [ "${SANITIZE:-1}" = 1 ]; then
     for tool in memcheck racecheck; do
       # T=1 and 7 take the narrow layout, 300 and the chunks of 3000 the wide one (rows
       # staged in shared memory): both layouts of the fused kernel run under the tool
-      for rope in "" --rope; do
-        echo "=== compute-sanitizer $tool, G=$sg, check --transport ipc $rope, both layouts"
+      # and the fused kernel writing an FP8 KV cache (its epilogue, both layouts)
+      for rope in "" --rope --kv; do
+        args=$rope
+        [ "$rope" = --kv ] && args="--rope --kv-cache fp8"
+        echo "=== compute-sanitizer $tool, G=$sg, check --transport ipc $args, both layouts"
         CUPY_QKNORM_WIDE_FROM=300 mpirun $sg compute-sanitizer --tool $tool \
           --log-file "$LOGS/$tool$rope-G$sg-rank%q{OMPI_COMM_WORLD_RANK}.log" \
-          python3 -m cupy_qknorm check --transport ipc $rope --tokens 1,7,300,3000 \
+          python3 -m cupy_qknorm check --transport ipc $args --tokens 1,7,300,3000 \
           --max-tokens 1024 > "$LOGS/$tool$rope.out" 2>&1
         rc=$?
         tail -1 "$LOGS/$tool$rope.out"
-        [ $rc -eq 0 ] || { echo "$tool $rope FAILED (exit $rc)"; fail=1; }
-        sanitizer_counts "$tool $rope G=$sg" "$LOGS"/$tool$rope-G$sg-rank*.log
+        [ $rc -eq 0 ] || { echo "$tool $args FAILED (exit $rc)"; fail=1; }
+        sanitizer_counts "$tool $args G=$sg" "$LOGS"/$tool$rope-G$sg-rank*.log
       done
     done
   fi

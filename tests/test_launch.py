@@ -332,7 +332,14 @@ def test_gpu_suite_on_one_gpu_shares_it_beyond_one_rank(tmp_path):
     assert "SKIPPED compute-sanitizer at G=2: it needs a GPU per rank; 1 GPU(s) here, so G=1" \
         in out
     sanitized = [c for c in calls if "compute-sanitizer" in c and " check " in c]
-    assert len(sanitized) == 4 and all(c.startswith("-n 1 shared= ") for c in sanitized)
+    assert len(sanitized) == 6 and all(c.startswith("-n 1 shared= ") for c in sanitized)
+    assert sum("--kv-cache fp8" in c for c in sanitized) == 2  # memcheck and racecheck
+    checks = [c for c in calls if " check " in c and "compute-sanitizer" not in c]
+    assert {c.split("check ", 1)[1] for c in checks} == {
+        f"--transport {t}{what}" for t in ("ipc", "nccl") for what in (
+            "", " --rope", " --rope --kv-cache bf16", " --rope --kv-cache fp8",
+            " --model minimax-m2")}
+    assert "SKIPPED G=1 check --jax: no jax here" in out
     # NCCL's probes in every log: listed, excluded, and the suite passes
     assert "memcheck shared G=2: memcheck-shared-G2-rank1.log: 0 error(s) counted: 0 in " \
            "qknorm kernels, 0 elsewhere, 0 unprinted; 2 in NCCL, excluded" in out
