@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .params import MAX_CALL_TOKENS
+
 _TYPESTR = {"<f4": "float32", "<f2": "float16", "<u2": "bfloat16", "<i4": "int32",
             "<i8": "int64"}
 
@@ -236,18 +238,41 @@ def row_stride(op: Operand) -> int:
     return op.strides[0] // op.itemsize if op.shape[0] > 1 else op.shape[1]
 
 
+def check_token_vector(op: Operand, role: str, tokens: int, got, one: str,
+                       dtype_error=TypeError):
+    """A vector of one int32 or int64 per token (RoPE positions, KV-cache slots): [T],
+    contiguous, aligned. `got`: the dtype the message names; `one`: what each entry is
+    ("one per token"); `dtype_error`: the exception a wrong dtype raises."""
+    if op.dtype not in ("int32", "int64"):
+        raise dtype_error(f"{role}: dtype must be int32 or int64, got {got}")
+    if len(op.shape) != 1 or op.shape[0] != tokens:
+        raise ValueError(f"{role}: shape must be [{tokens}] ({one}), got {list(op.shape)}")
+    if tokens > 1 and op.strides[0] != op.itemsize:
+        raise ValueError(f"{role}: must be contiguous")
+    if tokens and op.ptr % op.itemsize:
+        raise ValueError(f"{role}: data must be {op.itemsize}-byte aligned")
+
+
 def check_positions(op: Operand, tokens: int):
     """RoPE positions: [T] int32 or int64, contiguous."""
-    if op.dtype not in ("int32", "int64"):
-        raise TypeError(f"positions: dtype must be int32 or int64, got "
-                        f"{getattr(op.obj, 'dtype', op.dtype)}")
-    if len(op.shape) != 1 or op.shape[0] != tokens:
-        raise ValueError(f"positions: shape must be [{tokens}] (one per token), got "
-                         f"{list(op.shape)}")
-    if tokens > 1 and op.strides[0] != op.itemsize:
-        raise ValueError("positions: must be contiguous")
-    if tokens and op.ptr % op.itemsize:
-        raise ValueError(f"positions: data must be {op.itemsize}-byte aligned")
+    check_token_vector(op, "positions", tokens, getattr(op.obj, "dtype", op.dtype),
+                       "one per token")
+
+
+def check_weights(q_weight: Operand, k_weight: Operand, dq: int, dk: int, dtype: str):
+    """q's and k's weights: their slices' widths, the data dtype or float32, one dtype."""
+    check_weight(q_weight, "q_weight", dq, dtype)
+    check_weight(k_weight, "k_weight", dk, dtype)
+    if q_weight.dtype != k_weight.dtype:
+        raise TypeError(f"q_weight and k_weight must have one dtype, got {q_weight.dtype} "
+                        f"and {k_weight.dtype}")
+
+
+def check_call_tokens(tokens: int):
+    """A call's T: at most MAX_CALL_TOKENS (the unfused path's header carries it in fp32)."""
+    if tokens > MAX_CALL_TOKENS:
+        raise ValueError(f"q has {tokens} rows; a call takes at most {MAX_CALL_TOKENS} "
+                         f"(make several calls)")
 
 
 def _span(op: Operand):

@@ -40,7 +40,6 @@ from . import arrays, xla_ffi
 from .errors import (ClosedError, PeerTimeoutError, QKNormError)
 from .kvcache import cache_view, scale_arg, slot_view
 from .norm import TPQKNorm, check_cache_arguments, check_cache_pair, check_value_rows
-from .params import MAX_CALL_TOKENS
 from .transports import tag_code
 
 _OBJECTS = weakref.WeakValueDictionary()  # handle -> JaxQKNorm
@@ -445,15 +444,9 @@ def check_avals(cfg, q, k, q_weight, k_weight, positions) -> None:
                                              (k_weight, "k_weight"))]
     arrays.check_rows(ops[0], "q", cfg.q_local, cfg.dtype)
     arrays.check_rows(ops[1], "k", cfg.k_local, cfg.dtype)
-    arrays.check_weight(ops[2], "q_weight", cfg.q_local, cfg.dtype)
-    arrays.check_weight(ops[3], "k_weight", cfg.k_local, cfg.dtype)
-    if ops[2].dtype != ops[3].dtype:
-        raise TypeError(f"q_weight and k_weight must have one dtype, got {ops[2].dtype} "
-                        f"and {ops[3].dtype}")
+    arrays.check_weights(ops[2], ops[3], cfg.q_local, cfg.k_local, cfg.dtype)
     tokens = ops[0].shape[0]
-    if tokens > MAX_CALL_TOKENS:
-        raise ValueError(f"q has {tokens} rows; a call takes at most {MAX_CALL_TOKENS} "
-                         f"(make several calls)")
+    arrays.check_call_tokens(tokens)
     if ops[1].shape[0] != tokens:
         raise ValueError(f"k has {ops[1].shape[0]} rows but q has {tokens}")
     if cfg.rope is not None:

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .arrays import describe
+from .arrays import check_token_vector, describe
 from .shapes import DTYPES, positive_int
 
 CACHE_FP8 = "float8_e4m3fn"   # the one cache dtype that is not a data dtype: uint8 bits
@@ -180,15 +180,8 @@ def slot_view(arr, tokens: int) -> tuple:
     cache slot of each token, -1 for none. ValueError("slot_mapping: ...") in one line
     otherwise. The slots' values are checked where they are read (on the device)."""
     op = describe(arr, "slot_mapping")
-    if op.dtype not in ("int32", "int64"):
-        raise ValueError(f"slot_mapping: dtype must be int32 or int64, got {_dtype_name(op)}")
-    if len(op.shape) != 1 or op.shape[0] != tokens:
-        raise ValueError(f"slot_mapping: shape must be [{tokens}] (one slot per token), got "
-                         f"{list(op.shape)}")
-    if tokens > 1 and op.strides[0] != op.itemsize:
-        raise ValueError("slot_mapping: must be contiguous")
-    if tokens and op.ptr % op.itemsize:
-        raise ValueError(f"slot_mapping: data must be {op.itemsize}-byte aligned")
+    check_token_vector(op, "slot_mapping", tokens, _dtype_name(op), "one slot per token",
+                       ValueError)
     return op.ptr, op.itemsize
 
 

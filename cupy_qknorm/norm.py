@@ -12,7 +12,6 @@ from . import arrays
 from .collectives import agree
 from .errors import ClosedError, ConfigMismatchError, QKNormError, TransportUnavailableError
 from .kvcache import CACHE_FP8, KVCache, cache_view, scale_arg, slot_view
-from .params import MAX_CALL_TOKENS
 from .placement import choose_transport, local_facts
 from .rope import RoPE, check as check_rope
 from .shapes import DTYPES, MAX_WORLD, kv_layout, positive_int, vector_elems
@@ -516,15 +515,9 @@ class TPQKNorm:
                          (ops[5], "out[1]" if ko is not k else "k (in place)")):
             if not op.writable:
                 raise ValueError(f"{role}: the array is read-only")
-        arrays.check_weight(ops[2], "q_weight", dq, cfg.dtype)
-        arrays.check_weight(ops[3], "k_weight", dk, cfg.dtype)
-        if ops[2].dtype != ops[3].dtype:
-            raise TypeError(f"q_weight and k_weight must have one dtype, got {ops[2].dtype} "
-                            f"and {ops[3].dtype}")
+        arrays.check_weights(ops[2], ops[3], dq, dk, cfg.dtype)
         tokens = ops[0].shape[0]
-        if tokens > MAX_CALL_TOKENS:
-            raise ValueError(f"q has {tokens} rows; a call takes at most {MAX_CALL_TOKENS} "
-                             f"(make several calls)")
+        arrays.check_call_tokens(tokens)
         for op, role in ((ops[1], "k"), (ops[4], "out[0]"), (ops[5], "out[1]")):
             if op.shape[0] != tokens:
                 raise ValueError(f"{role} has {op.shape[0]} rows but q has {tokens}")

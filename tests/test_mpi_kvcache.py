@@ -16,25 +16,13 @@ from mpi4py import MPI
 from cupy_qknorm import CallMismatchError, KVCache, RoPE, SlotError, TPQKNorm
 from cupy_qknorm import reference as ref
 from cupy_qknorm.shapes import default_dims
+from tests.kvcache_expect import expected
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
 FP8 = "float8_e4m3fn"
 HEAD = 128
 ROPE = RoPE(128, 64, theta=5e6, max_position=4096)
-
-
-def converted(rows, dtype, cache_dtype, scale):
-    """The cache's bytes of rows [T, width] (the data's storage dtype) as uint8 [T, n]."""
-    rows = np.ascontiguousarray(rows)
-    if cache_dtype != FP8:
-        return rows.view(np.uint8).reshape(len(rows), -1)
-    import ml_dtypes
-    f = ref.bf16_to_f32(rows) if dtype == "bfloat16" else rows.astype(np.float32)
-    with np.errstate(all="ignore"):
-        x = f / np.float32(scale)
-        x = np.where(np.isnan(x), x, np.clip(x, -448.0, 448.0))
-    return x.astype(ml_dtypes.float8_e4m3fn).view(np.uint8).reshape(len(rows), -1)
 
 
 def caches(layout, blocks, block, heads, storage, seed):
@@ -45,23 +33,6 @@ def caches(layout, blocks, block, heads, storage, seed):
     base = rng.integers(0, 256, int(np.prod(shape)) * np.dtype(storage).itemsize,
                         dtype=np.uint8).view(storage).reshape(shape)
     return base, base.transpose(0, 2, 1, 3) if layout == "hnd" else base
-
-
-def expected(before, rows, slots, layout, block, heads, dtype, cache_dtype, scale):
-    out = before.copy()
-    vals = converted(rows, dtype, cache_dtype, scale)
-    for t, s in enumerate(slots):
-        if s < 0:
-            continue
-        row = vals[t].view(out.dtype).reshape(heads, HEAD)
-        b, r = divmod(int(s), block)
-        if layout == "hnd":
-            out[b, :, r] = row
-        elif layout == "pool":
-            out[s] = row
-        else:
-            out[b, r] = row
-    return out
 
 
 def case(comm, seed, tokens, dtype):

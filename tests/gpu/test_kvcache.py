@@ -16,6 +16,7 @@ from cupy_qknorm.bench import separate_cache_write
 from tests.conftest import requires_gpu
 from tests.gpu.test_gpu import dims_for
 from tests.gpu.test_rope import MINIMAX, assert_rope_close, poisoned, rope_case
+from tests.kvcache_expect import expected
 
 pytestmark = [requires_gpu, pytest.mark.mpi(min_size=1)]
 
@@ -28,38 +29,6 @@ def agree(comm, ok, what):
     alone would leave the others in a collective it never joins)."""
     failed = comm.allreduce(0 if ok else 1)
     assert failed == 0, f"{what} (on {failed} rank(s))"
-
-
-def cache_values(rows, dtype, cache_dtype, scale):
-    """The cache's bytes of rows [T, width] (numpy, the data's storage dtype), as uint8."""
-    rows = np.ascontiguousarray(rows)
-    if cache_dtype != FP8:
-        return rows.view(np.uint8).reshape(len(rows), -1)
-    import ml_dtypes
-    f = ref.bf16_to_f32(rows) if dtype == "bfloat16" else rows.astype(np.float32)
-    with np.errstate(all="ignore"):
-        x = f / np.float32(scale)
-        x = np.where(np.isnan(x), x, np.clip(x, -448.0, 448.0))
-    return x.astype(ml_dtypes.float8_e4m3fn).view(np.uint8).reshape(len(rows), -1)
-
-
-def expected(before, rows, slots, layout, block, heads, dtype, cache_dtype, scale):
-    """The numpy cache (as `before`, the array's logical shape) with each token's row
-    written at its slot (no slot repeats within a call here)."""
-    out = before.copy()
-    vals = cache_values(rows, dtype, cache_dtype, scale)
-    for t, s in enumerate(slots):
-        if s < 0:
-            continue
-        row = vals[t].view(out.dtype).reshape(heads, HEAD)
-        b, r = divmod(int(s), block)
-        if layout == "hnd":
-            out[b, :, r] = row
-        elif layout == "pool":
-            out[s] = row
-        else:
-            out[b, r] = row
-    return out
 
 
 def make_cache(layout, blocks, block, heads, storage, seed):
