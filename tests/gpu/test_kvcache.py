@@ -54,10 +54,11 @@ def slots_for(rng, tokens, num_slots, holes=True):
 
 
 def run_cache(norm, comm, seed, tokens, dtype, kv, layout="nhd", blocks=None, scale=(0.7, 3.0),
-              slot_dtype="int64", store_k=True, holes=True, caches=None):
+              slot_dtype="int64", store_k=True, holes=True, caches=None, values=None):
     """One call with a cache against the expectations: k's outputs against the float64
     reference, the caches byte for byte. `caches`: ((k base, view), (v base, view)) that
-    an earlier call wrote (default: new poisoned ones). Returns them."""
+    an earlier call wrote (default: new poisoned ones). Returns them. `values`: v's rows
+    (numpy, in the dtype's storage; default: k's rows in another order)."""
     import cupy
     heads = kv.kv_heads(norm.config.k_local)
     block = kv.block_size
@@ -66,7 +67,9 @@ def run_cache(norm, comm, seed, tokens, dtype, kv, layout="nhd", blocks=None, sc
     cdt = kv.cache_dtype(dtype)
     (qs, ks, qws, kws), pos, mine = rope_case(comm, seed, tokens, dtype)
     rng = np.random.default_rng(seed + 7)
-    v = cupy.asarray(ks.get()[rng.permutation(tokens)] if tokens else ks.get())
+    if values is None:
+        values = ks.get()[rng.permutation(tokens)] if tokens else ks.get()
+    v = cupy.asarray(values)
     if caches is None:
         caches = (make_cache(layout, blocks, block, heads, storage, seed),
                   make_cache(layout, blocks, block, heads, storage, seed + 1))
@@ -112,6 +115,47 @@ def test_cache_parity(comm, transport, dtype, cache):
         for i, tokens in enumerate(sizes):
             run_cache(norm, comm, 100 * i + 3, tokens, dtype, kv,
                       slot_dtype="int32" if i % 2 else "int64")
+
+
+def boundary_values(scale, shape, rng):
+    """float32 values (`shape`) whose quotients by `scale` lie within 5 fp32 steps of a
+    rounding boundary of FP8 E4M3 (the midpoint of two neighbouring values, both signs,
+    subnormals to 448), where a multiply by 1 / scale and the division can round to
+    different bytes; then zeros, +-Inf, NaN, and values that overflow, underflow or are
+    subnormal after the division; the rest standard normals. Each value where the others
+    are, in random order."""
+    import ml_dtypes
+    fp8 = np.arange(0x7F, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    mids = (fp8[:-1] + fp8[1:]) / 2
+    near = np.concatenate([mids, -mids]) * scale
+    steps = np.arange(-5, 6, dtype=np.int32)
+    bits = near.astype(np.float32).view(np.int32)[:, None] + steps[None, :]
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3e38, -3e38, 1e-30, -1e-30,
+                        1e-40, -1e-40, 448.0 * scale, 464.0 * scale, -480.0 * scale],
+                       np.float32)
+    chosen = np.concatenate([bits.ravel().view(np.float32), special])
+    out = rng.standard_normal(int(np.prod(shape))).astype(np.float32)
+    out[:chosen.size] = chosen[:out.size]
+    return rng.permutation(out).reshape(shape)
+
+
+@pytest.mark.parametrize("transport", ["ipc", "nccl", "mpi"])
+def test_fp8_bytes_at_rounding_boundaries(comm, transport):
+    """The FP8 cache's v bytes are those of IEEE fp32 division bit for bit where a quotient
+    lies a few fp32 steps from an FP8 rounding boundary (where a multiply by 1 / scale
+    differs: 30-124 of these values a scale) and at zero, Inf, NaN, overflow and
+    underflow, for scales that are not powers of two; both layouts of the fused kernel (7
+    and 700 tokens)."""
+    q_dim, k_dim = dims_for(comm.size)
+    kv = KVCache(16, HEAD, FP8)
+    k_local = k_dim // comm.size
+    rng = np.random.default_rng(41 + comm.rank)
+    with TPQKNorm(comm, q_dim, k_dim, "float32", max_tokens=1024, transport=transport,
+                  rope=MINIMAX, kv_cache=kv) as norm:
+        for i, (tokens, scale) in enumerate([(7, 0.7), (7, 1 / 3), (700, 117.3),
+                                              (700, 0.0123)]):
+            run_cache(norm, comm, 50 + i, tokens, "float32", kv, scale=(scale, scale),
+                      values=boundary_values(scale, (tokens, k_local), rng))
 
 
 @pytest.mark.parametrize("layout,block", [("nhd", 64), ("hnd", 16), ("hnd", 64), ("pool", 1),
