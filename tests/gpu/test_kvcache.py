@@ -122,8 +122,7 @@ def boundary_values(scale, shape, rng):
     rounding boundary of FP8 E4M3 (the midpoint of two neighbouring values, both signs,
     subnormals to 448), where a multiply by 1 / scale and the division can round to
     different bytes; then zeros, +-Inf, NaN, and values that overflow, underflow or are
-    subnormal after the division; the rest standard normals. Each value where the others
-    are, in random order."""
+    subnormal after the division; the rest standard normals; shuffled."""
     import ml_dtypes
     fp8 = np.arange(0x7F, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
     mids = (fp8[:-1] + fp8[1:]) / 2
@@ -143,9 +142,9 @@ def boundary_values(scale, shape, rng):
 def test_fp8_bytes_at_rounding_boundaries(comm, transport):
     """The FP8 cache's v bytes are those of IEEE fp32 division bit for bit where a quotient
     lies a few fp32 steps from an FP8 rounding boundary (where a multiply by 1 / scale
-    differs: 30-124 of these values a scale) and at zero, Inf, NaN, overflow and
-    underflow, for scales that are not powers of two; both layouts of the fused kernel (7
-    and 700 tokens)."""
+    gives another byte for up to 124 of these values a scale) and at zero, Inf, NaN,
+    overflow and underflow, for scales that are not powers of two; 7 and 700 tokens (at
+    G=1 both layouts of the fused kernel)."""
     q_dim, k_dim = dims_for(comm.size)
     kv = KVCache(16, HEAD, FP8)
     k_local = k_dim // comm.size
