@@ -19,16 +19,23 @@ from tests.conftest import (HAS_GPU, MPI_RANKS, PYTEST_MPI_SKIP, ROOT, mpi_skip_
 needs_mpiexec = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install mpich)")
 
 
-@needs_mpiexec
-@pytest.mark.parametrize("ranks", MPI_RANKS)
-def test_mpi_suite_under_mpiexec(ranks, fault_times):
-    r = run_mpi(ranks, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--with-mpi",
-               "tests/test_mpi.py")
+def run_mpi_suite(ranks, *args, passed=r"\d+ passed", bad="failed|errors?|xpassed"):
+    """pytest --with-mpi `args` on `ranks` ranks: every rank exits 0, the output counts
+    `passed` and no count of `bad`. Returns the run."""
+    r = run_mpi(ranks, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--with-mpi", *args)
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"mpiexec -n {ranks} failed:\n{out[-6000:]}"
     # mpiexec's exit code is the worst rank's; the ranks' lines may interleave
-    assert re.search(r"\d+ passed", r.stdout) and not re.search(
-        r"\d+ (failed|errors?|xpassed)", r.stdout), out[-3000:]
+    assert re.search(passed, r.stdout) and not re.search(rf"\d+ ({bad})", r.stdout), \
+        out[-3000:]
+    return r
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("ranks", MPI_RANKS)
+def test_mpi_suite_under_mpiexec(ranks, fault_times):
+    r = run_mpi_suite(ranks, "tests/test_mpi.py")
+    out = r.stdout + r.stderr
     times = [ln for ln in r.stdout.splitlines() if ln.startswith("FAULT-TIME")]
     assert len(times) == 6, out[-3000:]  # one line for each fault test_mpi.py times
     fault_times += times
@@ -39,23 +46,13 @@ def test_mpi_suite_under_mpiexec(ranks, fault_times):
 def test_jax_suite_under_mpiexec(ranks):
     """tests/test_jax_mpi.py: the XLA FFI target inside jitted functions across ranks."""
     pytest.importorskip("jax", reason="needs jax (pip install -e '.[jax]')")
-    r = run_mpi(ranks, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--with-mpi",
-               "tests/test_jax_mpi.py")
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, f"mpiexec -n {ranks} failed:\n{out[-6000:]}"
-    assert re.search(r"\d+ passed", r.stdout) and not re.search(
-        r"\d+ (failed|errors?|xpassed|skipped)", r.stdout), out[-3000:]
+    run_mpi_suite(ranks, "tests/test_jax_mpi.py", bad="failed|errors?|xpassed|skipped")
 
 
 @needs_mpiexec
 @pytest.mark.parametrize("ranks", MPI_RANKS)
 def test_mpi_kvcache_under_mpiexec(ranks):
-    r = run_mpi(ranks, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--with-mpi",
-                "tests/test_mpi_kvcache.py")
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, f"mpiexec -n {ranks} failed:\n{out[-6000:]}"
-    assert re.search(r"\d+ passed", r.stdout) and not re.search(
-        r"\d+ (failed|errors?|xpassed)", r.stdout), out[-3000:]
+    run_mpi_suite(ranks, "tests/test_mpi_kvcache.py")
 
 
 @needs_mpiexec
@@ -111,11 +108,8 @@ def test_check_command_minimax_at_sixteen_ranks():
 def test_replicated_heads_and_presets_at_four_ranks():
     """tests/test_mpi.py's replicated-head, preset and refused-layout tests at G=4, where
     two KV heads each lie on two ranks (the suite's other runs are G=2 and 3)."""
-    r = run_mpi(4, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--with-mpi",
-                "tests/test_mpi.py", "-k", "replicated or preset or does_not_fit")
-    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
-    assert re.search(r"\b13 passed", r.stdout) and not re.search(
-        r"\d+ (failed|errors?)", r.stdout), r.stdout[-3000:]
+    run_mpi_suite(4, "tests/test_mpi.py", "-k", "replicated or preset or does_not_fit",
+                  passed=r"\b13 passed", bad="failed|errors?")
 
 
 @needs_mpiexec
