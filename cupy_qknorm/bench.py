@@ -391,8 +391,8 @@ def separate_cache_write(norm, k, v, k_cache, v_cache, slot_mapping, k_scale=Non
     call = Call((ko,) * 6 + (None,), plan, (ko.ptr,) * 6 + (0,), 0, cache)
     # a block a token, as reshape_and_cache_flash launches (the op's persistent grid of a
     # few blocks an SM left this kernel a fifth of the copy kernel's bandwidth)
-    launches = [t._launch.bind(t.cuda.load_cache_write(chunk.spec, t.build),
-                               chunk.spec.cache_threads, max(chunk.tokens, 1), chunk.params)
+    threads, writer = t.cache_writer()
+    launches = [t._launch.bind(writer, threads, max(chunk.tokens, 1), chunk.params)
                 for chunk in t.chunks(call, kinds=())]
 
     def go(stream):

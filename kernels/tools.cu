@@ -1,13 +1,14 @@
-// Entry file of the tools module: the kernels that are not the op, compiled only where
+// Entry file of the tools module: the kernels outside the op's module, compiled only where
 // they are used (cupy_qknorm/compile.py: load_plain for the extern "C" kernels, load_rope
-// for the RoPE kernel, whose name expression tuning.Spec.rope_name writes):
+// and load_cache_write for the templates, whose name expressions tuning.Spec writes):
 //   qknorm_probe                       the P2P write probe (cupy_qknorm/peers.py)
 //   qknorm_empty, qknorm_pingpong,     the benchmark's floors (cupy_qknorm/bench.py)
 //   qknorm_copy, qknorm_exchange
 //   qknorm::rope<Elem, Widths<QWidth, KWidth>, Warps, Rope>
 //                                      the benchmark's unfused baseline: RoPE alone
 //   qknorm::cache_write<Elem, KWidth, Warps, Cache>
-//                                      and the KV-cache write alone, after the op
+//                                      the KV-cache write alone: the op's second launch
+//                                      in the wide layout ("ipc"), and the baseline's
 // e.g. "qknorm::rope<qknorm::bf16_t, qknorm::Widths<3072, 512>, 7, qknorm::NeoX<128, 64>>".
 #include "kvcache.cuh"
 #include "layout.cuh"
@@ -161,10 +162,13 @@ __global__ void __launch_bounds__(Warps * 32, 1) rope(const Params p) {
   if (bad >= 0 && threadIdx.x == 0) record_position_error(p, bad);
 }
 
-// The KV-cache write alone (the benchmark's unfused baseline, as vLLM's
-// reshape_and_cache_flash): token t's rows of k_out and v to its slot of k_cache and
-// v_cache, one launch, 16-byte loads, each thread's vectors loaded before any is stored.
-// Any grid, Warps * 32 threads a block.
+// The KV-cache write as a launch of its own: token t's rows of k_out and v to its slot of
+// k_cache and v_cache, 16-byte loads, each thread's vectors loaded before any is stored.
+// Any grid, Warps * 32 threads a block. The "ipc" transport's second launch in the wide
+// layout, after the fused kernel without a cache (Params as for that launch), and the
+// benchmark's unfused baseline (as vLLM's reshape_and_cache_flash; no positions). As the
+// fused kernel's epilogue does, it writes nothing once the exchange failed on this rank
+// and leaves out a row whose position is out of range (the norm did not store it).
 template <class Elem, int KWidth, int Warps, class Cache>
 __global__ void __launch_bounds__(Warps * 32) cache_write(const Params p) {
   static_assert(Cache::kOn, "cache_write needs a cache");
@@ -172,8 +176,10 @@ __global__ void __launch_bounds__(Warps * 32) cache_write(const Params p) {
   constexpr int kVectors = KWidth / kElems;
   constexpr int kPer = (kVectors + kThreads - 1) / kThreads;
   using Slot = TokenCache<Elem, Cache>;
-  grid_dependency_wait();
+  grid_dependency_wait();  // the norm's rows and error record are complete from here on
+  if (exchange_failed(p)) return;
   for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
+    if (p.positions != nullptr && angle_row(p, load_position(p, t)) < 0) continue;
     Slot slot;
     slot.load(p, t);
     ValueRow<Elem, Cache, KWidth, kThreads> values;

@@ -126,6 +126,11 @@ class FakeCuda:
         self._kernels[handle] = ("rope", spec.rope_name)
         return Kernel(None, handle, spec.rope_name)
 
+    def load_cache_write(self, spec, build):
+        handle = 0x1000 + len(self._kernels)
+        self._kernels[handle] = ("cache_write", spec.cache_name)
+        return Kernel(None, handle, spec.cache_name)
+
     def blocks_per_sm(self, kernel, threads):
         return self._blocks
 

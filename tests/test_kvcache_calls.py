@@ -229,3 +229,54 @@ def test_specs_name_their_cache():
     assert {x.cache for x in representative_specs()} == {0, 1, 2}
     with pytest.raises(ValueError, match="cache must be"):
         Spec.plan("bfloat16", "bfloat16", 2, 3072, 512, cache=(2, 96))
+
+
+@pytest.mark.parametrize("store_k", [True, False])
+def test_ipc_wide_chunks_write_the_cache_in_a_second_launch(store_k, mem, monkeypatch):
+    """In the wide layout "ipc" launches, a chunk at a time, the fused kernel without the
+    cache, then the cache write with a block a token on the same Params (PDL). k's rows
+    go to the k output, or with store_k=False to the transport's scratch rows (allocated
+    at construction), the k output left alone; the narrow layout keeps the fused write."""
+    monkeypatch.setenv("CUPY_QKNORM_WIDE_FROM", "9")
+    kv = KVCache(16, HEAD, "float8_e4m3fn")
+    with fake("ipc", kv, max_tokens=16) as (n, cuda):
+        t = n._transport
+        scratch = t._k_scratch
+        assert scratch is not None and scratch.nbytes == 16 * K * 2
+        a = call_arrays(mem, 40, blocks=8, cache=np.uint8)
+        go(n, a, store_k=store_k)
+        assert cuda.kinds() == ["fused", "cache_write"] * 2 + ["fused"]
+        fused, writes = cuda.launches[0::2], cuda.launches[1::2]
+        assert all("Cache" not in c["name"] for c in fused[:2])
+        assert "Fp8Cache<128>" in fused[2]["name"]  # 8 tokens: narrow, written in place
+        for f, w, start in zip(fused, writes, (0, 16)):
+            assert w["name"] == ("qknorm::cache_write<qknorm::bf16_t, 256, 1, "
+                                 "qknorm::Fp8Cache<128>>")
+            assert (w["grid"], w["block"], w["pdl"]) == (16, 32, True)
+            assert w["raw"] == f["raw"] and f["tokens"] == 16
+            assert f["slot_mapping"] - a["slots"].data.ptr == 8 * start
+            assert not f["flags"] & FLAG_NO_K_STORE
+            if store_k:
+                assert f["k_out"] - a["k"].data.ptr == start * a["k"].strides[0]
+                assert f["k_out_stride"] == a["k"].strides[0] // 2
+            else:
+                assert (f["k_out"], f["k_out_stride"]) == (scratch.ptr, K)
+        assert bool(fused[2]["flags"] & FLAG_NO_K_STORE) is not store_k
+
+
+def test_the_cache_split_is_ipc_only_and_a_knob(mem, monkeypatch):
+    monkeypatch.setenv("CUPY_QKNORM_WIDE_FROM", "8")
+    kv = KVCache(16, HEAD, None)
+    for transport, split in (("nccl", "1"), ("mpi", "1"), ("ipc", "0")):
+        monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT", split)
+        with fake(transport, kv, max_tokens=16) as (n, cuda):
+            go(n, call_arrays(mem, 16))
+            assert "cache_write" not in cuda.kinds()
+            assert getattr(n._transport, "_k_scratch", None) is None
+            assert all("SameCache<128>" in c["name"] for c in cuda.launches
+                       if c["kind"] in ("fused", "apply"))
+    monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT", "1")
+    with fake("ipc", None, max_tokens=16) as (n, cuda):  # no cache: nothing to split
+        a = call_arrays(mem, 16)
+        n(a["q"], a["k"], a["qw"], a["kw"], positions=a["pos"])
+        assert cuda.kinds() == ["fused"] and n._transport._k_scratch is None

@@ -14,6 +14,7 @@ from ..params import (CACHE, CACHE_OFFSET, ERROR_PEER_POSITION, ERROR_POSITION,
                       pack_static)
 from .. import knobs
 from ..rope import host_table
+from ..shapes import vector_elems
 from ..tuning import FP8_MIN_ARCH, Spec, layout_for, read_knobs, wide_from
 from .base import Transport, describe_tag, peer_position_error, position_error, slot_error
 from .cuda import Cuda
@@ -36,6 +37,8 @@ class DeviceTransport(Transport):
     (PDL_KINDS), and composes a call's chunks into one go(stream) (compose)."""
     KINDS = ("partial_sums", "apply")
     PDL_KINDS = ()
+    # whether the wide layout may write the KV cache in a second launch (cache_split)
+    SPLIT_CACHE = False
 
     def __init__(self, cfg, comm, cuda=None):
         self.cfg, self.comm = cfg, comm
@@ -53,6 +56,12 @@ class DeviceTransport(Transport):
         # changed later in the process does not reach an object's kernels or buffers
         self.build, self.tuning = knobs.build_values(), read_knobs()
         self.wide_from = wide_from(cfg.world, cfg.rope is not None, self.tuning)
+        # the wide layout's KV cache: written by a second launch (a block a token) after
+        # the fused kernel without a cache, or in the fused kernel's epilogue
+        self.cache_split = bool(self.SPLIT_CACHE and self.cache_kind and
+                                knobs.get("CUPY_QKNORM_CACHE_SPLIT") == 1)
+        self._writer = None   # (threads, Kernel) of the separate cache write, loaded once
+        self._k_scratch = None  # k's rows where the cache is written apart (k_scratch)
         self._launch = self.cuda.launcher(self._pdl())
         self._host = self.cuda.host_mapped(4 * HOST_WORDS)
         self.error = (ctypes.c_int32 * HOST_WORDS).from_address(self._host)
@@ -78,20 +87,37 @@ class DeviceTransport(Transport):
         """The fused kernel's layout for a launch of `tokens` tokens."""
         return layout_for(tokens, self.wide_from)
 
-    def spec(self, weight_dtype: str, layout: str = "narrow") -> Spec:
+    def spec(self, weight_dtype: str, layout: str = "narrow", cache: bool = True) -> Spec:
+        """The spec of a weight dtype and layout; with `cache` False, that of the same
+        kernels without the KV cache."""
         c = self.cfg
+        kv = (self.cache_kind, c.kv.head_dim) if cache and self.cache_kind else (0, 0)
         return Spec.plan(c.dtype, weight_dtype, c.world, c.q_local, c.k_local, layout, c.rope,
-                         self.tuning, (self.cache_kind, c.kv.head_dim if c.kv else 0))
+                         self.tuning, kv)
 
-    def kernels(self, weight_dtype: str, layout: str = "narrow"):
-        """(spec, {kind: Kernel}, grid cap) of a weight dtype and layout, loaded once."""
-        k = self._kernels.get((weight_dtype, layout))
+    def writes_cache_apart(self, layout: str) -> bool:
+        """Whether a launch of `layout` with a KV cache writes it in a second launch."""
+        return self.cache_split and layout == "wide"
+
+    def kernels(self, weight_dtype: str, layout: str = "narrow", cache: bool = True):
+        """(spec, {kind: Kernel}, grid cap) of a weight dtype and layout (`cache` False:
+        without the KV cache), loaded once."""
+        key = (weight_dtype, layout, cache)
+        k = self._kernels.get(key)
         if k is None:
-            spec = self.spec(weight_dtype, layout)
+            spec = self.spec(weight_dtype, layout, cache)
             loaded = self.cuda.load(spec, self.build)
-            k = self._kernels[(weight_dtype, layout)] = (spec, loaded,
-                                                        self._grid_cap(spec, loaded))
+            k = self._kernels[key] = (spec, loaded, self._grid_cap(spec, loaded))
         return k
+
+    def cache_writer(self):
+        """(threads a block, Kernel) of the separate KV-cache write (kernels/tools.cu's
+        cache_write: one launch, a block a token), loaded once. Its spec depends on the
+        data dtype, k's width and the cache only."""
+        if self._writer is None:
+            spec = self.spec(self.cfg.dtype)
+            self._writer = (spec.cache_threads, self.cuda.load_cache_write(spec, self.build))
+        return self._writer
 
     def _grid_cap(self, spec, loaded) -> int:
         """Blocks of every kernel that are resident on the GPU at once: a block that spins
@@ -119,21 +145,30 @@ class DeviceTransport(Transport):
         """The call cut into launches of at most max_tokens tokens, each with its own packed
         parameters and its kernels (`kinds`, default KINDS) bound to them, the grid fixed.
         A rank whose k head repeats a lower rank's (replicated KV heads) launches with
-        FLAG_K_REPLICA: its k partial counts 0."""
+        FLAG_K_REPLICA: its k partial counts 0. With the default kinds, a chunk whose
+        layout writes the KV cache apart (writes_cache_apart) runs the kernels without the
+        cache, then "cache_write" (a block a token) on the same Params; its k rows go to
+        the k output, or with store_k=False to the transport's scratch rows."""
         plan, (q, k, qw, kw, qo, ko, pos) = call.plan, call.ptrs
         if not self.cfg.k_counted:
             flags |= FLAG_K_REPLICA
         static, step = self._static_bytes(), [s * plan.itemsize for s in plan.strides]
         cache = call.cache
-        extra = FLAG_NO_K_STORE if cache is not None and not cache.store_k else 0
         out = []
         for start in range(0, plan.tokens, self.cfg.max_tokens):
             n = min(self.cfg.max_tokens, plan.tokens - start)
-            spec, loaded, cap = self.kernels(plan.weight_dtype, self.layout(n))
+            layout = self.layout(n)
+            apart = cache is not None and kinds is None and self.writes_cache_apart(layout)
+            spec, loaded, cap = self.kernels(plan.weight_dtype, layout, not apart)
             grid = min(n, cap)
+            k_out, strides = ko + start * step[3], plan.strides
+            if apart and not cache.store_k:  # k's rows, for the cache write only
+                k_out, strides = self.k_scratch(), (*plan.strides[:3], self.cfg.k_local)
+            extra = FLAG_NO_K_STORE if cache is not None and not cache.store_k and not apart \
+                else 0
             params = HEAD.pack(q + start * step[0], k + start * step[1],
-                               qo + start * step[2], ko + start * step[3], qw, kw,
-                               *plan.strides, pos + start * plan.position_bytes if pos else 0,
+                               qo + start * step[2], k_out, qw, kw,
+                               *strides, pos + start * plan.position_bytes if pos else 0,
                                n, plan.position_bytes, start, plan.tokens, call.tag,
                                flags | extra) + static
             if cache is not None:
@@ -142,8 +177,22 @@ class DeviceTransport(Transport):
             go = {kind: self._launch.bind(loaded[kind], spec.threads, grid, params,
                                           pdl=kind in self.PDL_KINDS)
                   for kind in (self.KINDS if kinds is None else kinds)}
+            if apart:
+                threads, writer = self.cache_writer()
+                go["cache_write"] = self._launch.bind(writer, threads, n, params, pdl=True)
             out.append(Chunk(n, spec, grid, params, go))
         return out
+
+    def k_scratch(self) -> int:
+        """Device rows [max_tokens, k width] that hold k's output of a chunk whose cache is
+        written apart with store_k=False (the k output is left as it was); allocated at the
+        first need (transports that write caches apart allocate it at construction where
+        max_tokens reaches the wide layout)."""
+        if self._k_scratch is None:
+            itemsize = 16 // vector_elems(self.cfg.dtype)
+            self._k_scratch = self.cuda.zeros(self.cfg.max_tokens * self.cfg.k_local *
+                                              itemsize)
+        return self._k_scratch.ptr
 
     def bind(self, call):
         return self.compose(self.chunks(call))

@@ -16,6 +16,9 @@ class IpcTransport(DeviceTransport):
     name = "ipc"
     KINDS = ("fused",)
     PDL_KINDS = ("fused",)  # it waits (griddepcontrol.wait) before touching memory
+    # the wide layout with a cache holds 2 blocks an SM where the fused kernel without one
+    # holds 3: norm + RoPE, then the cache write a block a token, is faster there
+    SPLIT_CACHE = True
 
     def __init__(self, cfg, comm, cuda=None):
         self.buffers = self._trace = None
@@ -26,6 +29,8 @@ class IpcTransport(DeviceTransport):
             if cfg.world > 1:
                 self.buffers = PeerBuffers(comm, 2 * cfg.max_tokens * cfg.world * SLOT_BYTES)
                 self.slots = tuple(self.buffers.ptrs)
+            if self.cache_split and cfg.max_tokens >= self.wide_from:
+                self.k_scratch()  # not at a call: a call may be under graph capture
             if tracing(self.build):  # each block of the fused kernel records its times
                 blocks = self.cuda.sms * 32  # at most 32 an SM
                 self._trace = self.cuda.zeros(8 * blocks * TRACE_WORDS)
@@ -42,9 +47,10 @@ class IpcTransport(DeviceTransport):
         return self._launch.pdl
 
     def compose(self, chunks):
-        if len(chunks) == 1:
-            return chunks[0].go["fused"]  # one launch, nothing else
-        launches = [c.go["fused"] for c in chunks]
+        launches = [go for c in chunks for kind, go in c.go.items()
+                    if kind in ("fused", "cache_write")]
+        if len(launches) == 1:
+            return launches[0]  # one launch, nothing else
 
         def run(stream):
             for go in launches:

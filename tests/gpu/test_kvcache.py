@@ -4,8 +4,10 @@ stored (after norm and RoPE) and v's rows, converted (FP8 through ml_dtypes: val
 scale, clipped to +-448, round to nearest even), at the tokens' slots; every other byte
 of the caches keeps its poison. Layouts NHD, HND (a transposed view) and a token pool;
 block sizes 16, 64 and 1; slot -1 holes; chunked T; strided qkv views; store_k=False;
-CUDA graph replays with new slots, positions and scales; a slot outside the cache; the
-separate cache write (the bench's baseline) against the fused one. The k outputs are
+CUDA graph replays with new slots, positions and scales; a slot outside the cache; a
+position outside the table; the separate cache write (the bench's baseline) against the
+fused one. "ipc" runs both ways of its wide layout: the cache written by a second launch
+(the default) and in the fused kernel ("ipc-fused": CUPY_QKNORM_CACHE_SPLIT=0). The k outputs are
 checked against the float64 reference as in test_rope.py. Run by scripts/gpu_suite.sh."""
 import numpy as np
 import pytest
@@ -22,6 +24,13 @@ pytestmark = [requires_gpu, pytest.mark.mpi(min_size=1)]
 
 FP8 = "float8_e4m3fn"
 HEAD = 128
+
+
+def transport_of(name, monkeypatch):
+    """The transport of a test's name: "ipc-fused" is "ipc" with the wide layout's cache
+    written in the fused kernel (CUPY_QKNORM_CACHE_SPLIT=0, read at construction)."""
+    monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT", "0" if name == "ipc-fused" else "1")
+    return name.split("-")[0]
 
 
 def agree(comm, ok, what):
@@ -101,12 +110,13 @@ def run_cache(norm, comm, seed, tokens, dtype, kv, layout="nhd", blocks=None, sc
     return caches
 
 
-@pytest.mark.parametrize("transport", ["ipc", "nccl", "mpi"])
+@pytest.mark.parametrize("transport", ["ipc", "ipc-fused", "nccl", "mpi"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("cache", [None, FP8])
-def test_cache_parity(comm, transport, dtype, cache):
+def test_cache_parity(comm, transport, dtype, cache, monkeypatch):
     q_dim, k_dim = dims_for(comm.size)
     kv = KVCache(16, HEAD, cache)
+    transport = transport_of(transport, monkeypatch)
     with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=1024, transport=transport,
                   rope=MINIMAX, kv_cache=kv) as norm:
         sizes = [1, 2, 7, 64, 700]
@@ -138,8 +148,8 @@ def boundary_values(scale, shape, rng):
     return rng.permutation(out).reshape(shape)
 
 
-@pytest.mark.parametrize("transport", ["ipc", "nccl", "mpi"])
-def test_fp8_bytes_at_rounding_boundaries(comm, transport):
+@pytest.mark.parametrize("transport", ["ipc", "ipc-fused", "nccl", "mpi"])
+def test_fp8_bytes_at_rounding_boundaries(comm, transport, monkeypatch):
     """The FP8 cache's v bytes are those of IEEE fp32 division bit for bit where a quotient
     lies a few fp32 steps from an FP8 rounding boundary (where a multiply by 1 / scale
     gives another byte for up to 124 of these values a scale) and at zero, Inf, NaN,
@@ -147,6 +157,7 @@ def test_fp8_bytes_at_rounding_boundaries(comm, transport):
     G=1 both layouts of the fused kernel)."""
     q_dim, k_dim = dims_for(comm.size)
     kv = KVCache(16, HEAD, FP8)
+    transport = transport_of(transport, monkeypatch)
     k_local = k_dim // comm.size
     rng = np.random.default_rng(41 + comm.rank)
     with TPQKNorm(comm, q_dim, k_dim, "float32", max_tokens=1024, transport=transport,
@@ -169,18 +180,34 @@ def test_cache_layouts(comm, layout, block, cache):
             run_cache(norm, comm, 11 * i + 1, tokens, "bfloat16", kv, layout)
 
 
-@pytest.mark.parametrize("layout", ["narrow", "wide"])
+@pytest.mark.parametrize("layout", ["narrow", "wide", "wide-fused"])
 @pytest.mark.parametrize("cache", [None, FP8])
-def test_cache_each_layout_with_fewer_slots_than_max_tokens(comm, layout, cache):
-    """Both layouts of the fused kernel; a cache smaller than max_tokens."""
+@pytest.mark.parametrize("store_k", [True, False])
+def test_cache_each_layout_with_fewer_slots_than_max_tokens(comm, layout, cache, store_k,
+                                                             monkeypatch):
+    """Both layouts of the fused kernel, the wide one with its cache written apart and
+    fused; a cache smaller than max_tokens; store_k=False (where the cache is written
+    apart, k's rows go through the transport's scratch rows, made at the first need)."""
     q_dim, k_dim = dims_for(comm.size)
     kv = KVCache(16, HEAD, cache)
+    monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT", "0" if layout == "wide-fused" else "1")
     with TPQKNorm(comm, q_dim, k_dim, "bfloat16", max_tokens=4096, transport="ipc",
                   rope=MINIMAX, kv_cache=kv) as norm:
-        norm._transport.wide_from = 1 if layout == "wide" else 10 ** 9
+        wide = layout.startswith("wide")
+        norm._transport.wide_from = 1 if wide else 10 ** 9
         for i, tokens in enumerate([3, 300, 1500]):
-            run_cache(norm, comm, 5 * i + 2, tokens, "bfloat16", kv)
-        assert {lay for _, lay in norm._transport._kernels} == {layout}
+            if store_k:
+                run_cache(norm, comm, 5 * i + 2, tokens, "bfloat16", kv)
+            else:  # the same call storing k gives the cache bytes to expect
+                skipped = run_cache(norm, comm, 5 * i + 2, tokens, "bfloat16", kv,
+                                    store_k=False)
+                stored = run_cache(norm, comm, 5 * i + 2, tokens, "bfloat16", kv)
+                agree(comm, bool((skipped[0][0] == stored[0][0]).all()),
+                      f"T={tokens}: store_k=False wrote another k_cache")
+        layouts = {(lay, cached) for _, lay, cached in norm._transport._kernels}
+        assert layouts == {(layout.split("-")[0], layout != "wide")}
+        # made at construction where the cache may be written apart (max_tokens is wide)
+        assert (norm._transport._k_scratch is not None) == (layout != "wide-fused")
 
 
 @pytest.mark.parametrize("transport", ["ipc", "nccl", "mpi"])
@@ -344,6 +371,49 @@ def test_cache_slot_outside_raises_slot_error(comm, transport):
         want_v = expected(v_before, v.get(), written, "nhd", 16, heads, dtype, dtype, 1.0)
         agree(comm, np.array_equal(kb.get(), want_k), "k_cache differs")
         agree(comm, np.array_equal(vb.get(), want_v), "v_cache differs")
+
+
+@pytest.mark.parametrize("layout", ["narrow", "wide", "wide-fused"])
+def test_cache_bad_position_leaves_its_rows_unwritten(comm, layout, monkeypatch):
+    """A token whose position is outside the table (on every rank): PositionError names
+    it; its k output row and its cache rows keep their poison, every other token's are
+    written (the narrow layout, the wide one with its cache written apart, and fused)."""
+    import cupy
+    from cupy_qknorm import PositionError
+    dtype = "bfloat16"
+    q_dim, k_dim = dims_for(comm.size)
+    kv = KVCache(16, HEAD, FP8)
+    heads = kv.kv_heads(k_dim // comm.size)
+    tokens, bad, blocks = 600, 77, 64
+    (qs, ks, qws, kws), pos, _ = rope_case(comm, 4, tokens, dtype)
+    pos[bad] = MINIMAX.rows()
+    rng = np.random.default_rng(12)
+    v = cupy.asarray(rng.integers(0, 0x7f00, ks.shape), cupy.uint16)
+    kb, kview = make_cache("nhd", blocks, 16, heads, np.uint8, 13)
+    vb, vview = make_cache("nhd", blocks, 16, heads, np.uint8, 14)
+    k_before, v_before = kb.get(), vb.get()
+    slots = slots_for(rng, tokens, blocks * 16, holes=False)
+    monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT", "0" if layout == "wide-fused" else "1")
+    outs = [poisoned(qs, dtype), poisoned(ks, dtype)]
+    err = None
+    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=1024, transport="ipc",
+                  rope=MINIMAX, kv_cache=kv) as norm:
+        norm._transport.wide_from = 1 if layout.startswith("wide") else 10 ** 9
+        try:
+            norm(qs, ks, qws, kws, out=outs, positions=pos, v=v, k_cache=kview,
+                 v_cache=vview, slot_mapping=cupy.asarray(slots), k_scale=0.5, v_scale=2.0)
+            norm.synchronize()
+        except PositionError as e:
+            err = e
+    agree(comm, err is not None and err.token == bad, f"{layout}: raised {err!r}")
+    k_rows = outs[1].get()
+    agree(comm, bool((k_rows[bad] == ref.poison(dtype)).all()), "the bad row was stored")
+    written = slots.copy()
+    written[bad] = -1
+    want_k = expected(k_before, k_rows, written, "nhd", 16, heads, dtype, FP8, 0.5)
+    want_v = expected(v_before, v.get(), written, "nhd", 16, heads, dtype, FP8, 2.0)
+    agree(comm, np.array_equal(kb.get(), want_k), f"{layout}: k_cache differs")
+    agree(comm, np.array_equal(vb.get(), want_v), f"{layout}: v_cache differs")
 
 
 @pytest.mark.parametrize("cache", [None, FP8])
