@@ -38,12 +38,12 @@ KNOBS = {k.name: k for k in (
          "16-byte vectors a thread holds per token, both layouts (default 2 narrow, 8 wide)"),
     Knob("CUPY_QKNORM_CACHE_BLOCKS", 1, 1, 4, "tuning",
          "blocks an SM the fused kernel's wide layout is built for where it writes a KV "
-         "cache (only with CUPY_QKNORM_CACHE_SPLIT=0; 1: its registers uncapped; 3 caps "
+         "cache (below CUPY_QKNORM_CACHE_SPLIT_FROM; 1: its registers uncapped; 3 caps "
          "them at 168 on 4 warps, which spills)"),
-    Knob("CUPY_QKNORM_CACHE_SPLIT", 1, 0, 1, "tuning",
-         "1: where the \"ipc\" fused kernel takes the wide layout with a KV cache, it runs "
-         "without the cache and a second launch writes it (faster there); 0: the cache "
-         "write in the fused kernel's epilogue at every T"),
+    Knob("CUPY_QKNORM_CACHE_SPLIT_FROM", 1024, 1, None, "tuning",
+         "tokens a launch from which \"ipc\" writes the KV cache in a second launch (a "
+         "block a token) after the fused kernel without the cache, instead of in the fused "
+         "kernel's epilogue (more than max_tokens: never)"),
     Knob("CUPY_QKNORM_TRACE", 0, 0, 1, "diagnostic",
          "1 builds the fused kernel with per-block cycle counts (scripts/trace_fused.py)"),
     Knob("CUPY_QKNORM_DEBUG", 0, 0, 1, "diagnostic",

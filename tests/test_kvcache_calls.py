@@ -232,12 +232,13 @@ def test_specs_name_their_cache():
 
 
 @pytest.mark.parametrize("store_k", [True, False])
-def test_ipc_wide_chunks_write_the_cache_in_a_second_launch(store_k, mem, monkeypatch):
-    """In the wide layout "ipc" launches, a chunk at a time, the fused kernel without the
-    cache, then the cache write with a block a token on the same Params (PDL). k's rows
-    go to the k output, or with store_k=False to the transport's scratch rows (allocated
-    at construction), the k output left alone; the narrow layout keeps the fused write."""
-    monkeypatch.setenv("CUPY_QKNORM_WIDE_FROM", "9")
+def test_long_ipc_chunks_write_the_cache_in_a_second_launch(store_k, mem, monkeypatch):
+    """From CUPY_QKNORM_CACHE_SPLIT_FROM tokens a launch "ipc" launches, a chunk at a time,
+    the fused kernel without the cache, then the cache write with a block a token on the
+    same Params (PDL). k's rows go to the k output, or with store_k=False to the
+    transport's scratch rows (made at construction), the k output left alone; a shorter
+    chunk keeps the write in the fused kernel."""
+    monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT_FROM", "9")
     kv = KVCache(16, HEAD, "float8_e4m3fn")
     with fake("ipc", kv, max_tokens=16) as (n, cuda):
         t = n._transport
@@ -248,7 +249,7 @@ def test_ipc_wide_chunks_write_the_cache_in_a_second_launch(store_k, mem, monkey
         assert cuda.kinds() == ["fused", "cache_write"] * 2 + ["fused"]
         fused, writes = cuda.launches[0::2], cuda.launches[1::2]
         assert all("Cache" not in c["name"] for c in fused[:2])
-        assert "Fp8Cache<128>" in fused[2]["name"]  # 8 tokens: narrow, written in place
+        assert "Fp8Cache<128>" in fused[2]["name"]  # 8 tokens: written by the fused kernel
         for f, w, start in zip(fused, writes, (0, 16)):
             assert w["name"] == ("qknorm::cache_write<qknorm::bf16_t, 256, 1, "
                                  "qknorm::Fp8Cache<128>>")
@@ -265,17 +266,22 @@ def test_ipc_wide_chunks_write_the_cache_in_a_second_launch(store_k, mem, monkey
 
 
 def test_the_cache_split_is_ipc_only_and_a_knob(mem, monkeypatch):
-    monkeypatch.setenv("CUPY_QKNORM_WIDE_FROM", "8")
     kv = KVCache(16, HEAD, None)
-    for transport, split in (("nccl", "1"), ("mpi", "1"), ("ipc", "0")):
-        monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT", split)
+    for transport, split in (("nccl", "1"), ("mpi", "1"), ("ipc", "17")):
+        monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT_FROM", split)
         with fake(transport, kv, max_tokens=16) as (n, cuda):
             go(n, call_arrays(mem, 16))
             assert "cache_write" not in cuda.kinds()
             assert getattr(n._transport, "_k_scratch", None) is None
             assert all("SameCache<128>" in c["name"] for c in cuda.launches
                        if c["kind"] in ("fused", "apply"))
-    monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT", "1")
+    monkeypatch.delenv("CUPY_QKNORM_CACHE_SPLIT_FROM")
+    with fake("ipc", kv, max_tokens=2048) as (n, cuda):  # the default: from 1024 tokens
+        assert n._transport.split_from == 1024 and n._transport._k_scratch is not None
+        go(n, call_arrays(mem, 1023, blocks=64))
+        go(n, call_arrays(mem, 1024, blocks=64))
+        assert cuda.kinds() == ["fused", "fused", "cache_write"]
+    monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT_FROM", "1")
     with fake("ipc", None, max_tokens=16) as (n, cuda):  # no cache: nothing to split
         a = call_arrays(mem, 16)
         n(a["q"], a["k"], a["qw"], a["kw"], positions=a["pos"])

@@ -37,7 +37,7 @@ class DeviceTransport(Transport):
     (PDL_KINDS), and composes a call's chunks into one go(stream) (compose)."""
     KINDS = ("partial_sums", "apply")
     PDL_KINDS = ()
-    # whether the wide layout may write the KV cache in a second launch (cache_split)
+    # whether a long launch may write the KV cache in a second launch (split_from)
     SPLIT_CACHE = False
 
     def __init__(self, cfg, comm, cuda=None):
@@ -56,10 +56,10 @@ class DeviceTransport(Transport):
         # changed later in the process does not reach an object's kernels or buffers
         self.build, self.tuning = knobs.build_values(), read_knobs()
         self.wide_from = wide_from(cfg.world, cfg.rope is not None, self.tuning)
-        # the wide layout's KV cache: written by a second launch (a block a token) after
-        # the fused kernel without a cache, or in the fused kernel's epilogue
-        self.cache_split = bool(self.SPLIT_CACHE and self.cache_kind and
-                                knobs.get("CUPY_QKNORM_CACHE_SPLIT") == 1)
+        # tokens a launch from which the KV cache is written by a second launch (a block a
+        # token) after the kernels without a cache; None: always by the kernels
+        self.split_from = knobs.get("CUPY_QKNORM_CACHE_SPLIT_FROM") \
+            if self.SPLIT_CACHE and self.cache_kind else None
         self._writer = None   # (threads, Kernel) of the separate cache write, loaded once
         self._k_scratch = None  # k's rows where the cache is written apart (k_scratch)
         self._launch = self.cuda.launcher(self._pdl())
@@ -95,9 +95,10 @@ class DeviceTransport(Transport):
         return Spec.plan(c.dtype, weight_dtype, c.world, c.q_local, c.k_local, layout, c.rope,
                          self.tuning, kv)
 
-    def writes_cache_apart(self, layout: str) -> bool:
-        """Whether a launch of `layout` with a KV cache writes it in a second launch."""
-        return self.cache_split and layout == "wide"
+    def writes_cache_apart(self, tokens: int) -> bool:
+        """Whether a launch of `tokens` tokens with a KV cache writes it in a second
+        launch."""
+        return self.split_from is not None and tokens >= self.split_from
 
     def kernels(self, weight_dtype: str, layout: str = "narrow", cache: bool = True):
         """(spec, {kind: Kernel}, grid cap) of a weight dtype and layout (`cache` False:
@@ -145,10 +146,10 @@ class DeviceTransport(Transport):
         """The call cut into launches of at most max_tokens tokens, each with its own packed
         parameters and its kernels (`kinds`, default KINDS) bound to them, the grid fixed.
         A rank whose k head repeats a lower rank's (replicated KV heads) launches with
-        FLAG_K_REPLICA: its k partial counts 0. With the default kinds, a chunk whose
-        layout writes the KV cache apart (writes_cache_apart) runs the kernels without the
-        cache, then "cache_write" (a block a token) on the same Params; its k rows go to
-        the k output, or with store_k=False to the transport's scratch rows."""
+        FLAG_K_REPLICA: its k partial counts 0. With the default kinds, a chunk that writes
+        the KV cache apart (writes_cache_apart) runs the kernels without the cache, then
+        "cache_write" (a block a token) on the same Params; its k rows go to the k output,
+        or with store_k=False to the transport's scratch rows."""
         plan, (q, k, qw, kw, qo, ko, pos) = call.plan, call.ptrs
         if not self.cfg.k_counted:
             flags |= FLAG_K_REPLICA
@@ -158,7 +159,7 @@ class DeviceTransport(Transport):
         for start in range(0, plan.tokens, self.cfg.max_tokens):
             n = min(self.cfg.max_tokens, plan.tokens - start)
             layout = self.layout(n)
-            apart = cache is not None and kinds is None and self.writes_cache_apart(layout)
+            apart = cache is not None and kinds is None and self.writes_cache_apart(n)
             spec, loaded, cap = self.kernels(plan.weight_dtype, layout, not apart)
             grid = min(n, cap)
             k_out, strides = ko + start * step[3], plan.strides
@@ -186,8 +187,8 @@ class DeviceTransport(Transport):
     def k_scratch(self) -> int:
         """Device rows [max_tokens, k width] that hold k's output of a chunk whose cache is
         written apart with store_k=False (the k output is left as it was); allocated at the
-        first need (transports that write caches apart allocate it at construction where
-        max_tokens reaches the wide layout)."""
+        first need (at construction where max_tokens reaches split_from: a call may be
+        under graph capture)."""
         if self._k_scratch is None:
             itemsize = 16 // vector_elems(self.cfg.dtype)
             self._k_scratch = self.cuda.zeros(self.cfg.max_tokens * self.cfg.k_local *

@@ -17,7 +17,8 @@ class IpcTransport(DeviceTransport):
     KINDS = ("fused",)
     PDL_KINDS = ("fused",)  # it waits (griddepcontrol.wait) before touching memory
     # the wide layout with a cache holds 2 blocks an SM where the fused kernel without one
-    # holds 3: norm + RoPE, then the cache write a block a token, is faster there
+    # holds 3: from 1024 tokens a launch on H200, norm + RoPE and then the cache write, a
+    # block a token, is faster (BENCHMARKS.md)
     SPLIT_CACHE = True
 
     def __init__(self, cfg, comm, cuda=None):
@@ -29,7 +30,7 @@ class IpcTransport(DeviceTransport):
             if cfg.world > 1:
                 self.buffers = PeerBuffers(comm, 2 * cfg.max_tokens * cfg.world * SLOT_BYTES)
                 self.slots = tuple(self.buffers.ptrs)
-            if self.cache_split and cfg.max_tokens >= self.wide_from:
+            if self.writes_cache_apart(cfg.max_tokens):
                 self.k_scratch()  # not at a call: a call may be under graph capture
             if tracing(self.build):  # each block of the fused kernel records its times
                 blocks = self.cuda.sms * 32  # at most 32 an SM

@@ -200,13 +200,22 @@ def caches_match(comm, kv, heads, got, before, rows, slots, scales):
     return all(comm.allgather(ok))
 
 
-@pytest.mark.parametrize("transport", ["ipc", "nccl", "mpi"])
+def cache_transport(name, monkeypatch):
+    """"ipc-apart": "ipc" writing the cache by a second launch at every T (its default
+    from 1024 tokens a launch; CUPY_QKNORM_CACHE_SPLIT_FROM, read at construction)."""
+    if name == "ipc-apart":
+        monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT_FROM", "1")
+    return name.split("-")[0]
+
+
+@pytest.mark.parametrize("transport", ["ipc", "ipc-apart", "nccl", "mpi"])
 @pytest.mark.parametrize("cache_dtype", [None, FP8])
-def test_kv_cache_parity_donated_and_replayed(comm, transport, cache_dtype):
+def test_kv_cache_parity_donated_and_replayed(comm, transport, cache_dtype, monkeypatch):
     """One jitted call with donated caches: the caches come back in the same buffers,
     bit for bit; replayed at T=64 with fresh slots, data and device scale (XLA's command
     buffer with "ipc" and "nccl"); T=1000 in two chunks."""
     dev = jax_device()
+    transport = cache_transport(transport, monkeypatch)
     q_dim, k_dim = dims_for(comm.size)
     kv = KVCache(16, 128, cache_dtype)
     with JaxQKNorm(comm, q_dim, k_dim, "bfloat16", max_tokens=512, transport=transport,
@@ -230,9 +239,10 @@ def test_kv_cache_parity_donated_and_replayed(comm, transport, cache_dtype):
                                 (bf16_bits(ko), v), slots, (0.7, vscale)), what
 
 
-@pytest.mark.parametrize("transport", ["ipc", "nccl", "mpi"])
-def test_kv_cache_per_layer_under_scan_and_store_k_false(comm, transport):
+@pytest.mark.parametrize("transport", ["ipc", "ipc-apart", "nccl", "mpi"])
+def test_kv_cache_per_layer_under_scan_and_store_k_false(comm, transport, monkeypatch):
     dev = jax_device()
+    transport = cache_transport(transport, monkeypatch)
     q_dim, k_dim = dims_for(comm.size)
     kv = KVCache(16, 128, FP8)
     with JaxQKNorm(comm, q_dim, k_dim, "bfloat16", max_tokens=512, transport=transport,

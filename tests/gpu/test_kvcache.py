@@ -6,8 +6,9 @@ of the caches keeps its poison. Layouts NHD, HND (a transposed view) and a token
 block sizes 16, 64 and 1; slot -1 holes; chunked T; strided qkv views; store_k=False;
 CUDA graph replays with new slots, positions and scales; a slot outside the cache; a
 position outside the table; the separate cache write (the bench's baseline) against the
-fused one. "ipc" runs both ways of its wide layout: the cache written by a second launch
-(the default) and in the fused kernel ("ipc-fused": CUPY_QKNORM_CACHE_SPLIT=0). The k outputs are
+fused one. "ipc" runs both ways of writing the cache: by a second launch after the fused
+kernel without the cache (its default from 1024 tokens a launch; "ipc" here at every T)
+and in the fused kernel's epilogue ("ipc-fused" here at every T). The k outputs are
 checked against the float64 reference as in test_rope.py. Run by scripts/gpu_suite.sh."""
 import numpy as np
 import pytest
@@ -26,11 +27,22 @@ FP8 = "float8_e4m3fn"
 HEAD = 128
 
 
+NEVER = 10 ** 9  # CUPY_QKNORM_CACHE_SPLIT_FROM past every launch
+
+
 def transport_of(name, monkeypatch):
-    """The transport of a test's name: "ipc-fused" is "ipc" with the wide layout's cache
-    written in the fused kernel (CUPY_QKNORM_CACHE_SPLIT=0, read at construction)."""
-    monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT", "0" if name == "ipc-fused" else "1")
+    """The transport of a test's name, the knob set for the objects built next: "ipc"
+    writes the cache by a second launch at every T, "ipc-fused" in the fused kernel."""
+    monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT_FROM", str(NEVER if name == "ipc-fused"
+                                                           else 1))
     return name.split("-")[0]
+
+
+def set_layout(norm, layout):
+    """Pin the fused kernel's layout of an "ipc" object: "narrow" (the cache written by
+    it), "wide" (the cache written by a second launch) or "wide-fused"."""
+    norm._transport.wide_from = NEVER if layout == "narrow" else 1
+    norm._transport.split_from = 1 if layout == "wide" else None
 
 
 def agree(comm, ok, what):
@@ -190,11 +202,10 @@ def test_cache_each_layout_with_fewer_slots_than_max_tokens(comm, layout, cache,
     apart, k's rows go through the transport's scratch rows, made at the first need)."""
     q_dim, k_dim = dims_for(comm.size)
     kv = KVCache(16, HEAD, cache)
-    monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT", "0" if layout == "wide-fused" else "1")
+    monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT_FROM", str(NEVER))  # no scratch made yet
     with TPQKNorm(comm, q_dim, k_dim, "bfloat16", max_tokens=4096, transport="ipc",
                   rope=MINIMAX, kv_cache=kv) as norm:
-        wide = layout.startswith("wide")
-        norm._transport.wide_from = 1 if wide else 10 ** 9
+        set_layout(norm, layout)
         for i, tokens in enumerate([3, 300, 1500]):
             if store_k:
                 run_cache(norm, comm, 5 * i + 2, tokens, "bfloat16", kv)
@@ -206,8 +217,7 @@ def test_cache_each_layout_with_fewer_slots_than_max_tokens(comm, layout, cache,
                       f"T={tokens}: store_k=False wrote another k_cache")
         layouts = {(lay, cached) for _, lay, cached in norm._transport._kernels}
         assert layouts == {(layout.split("-")[0], layout != "wide")}
-        # made at construction where the cache may be written apart (max_tokens is wide)
-        assert (norm._transport._k_scratch is not None) == (layout != "wide-fused")
+        assert (norm._transport._k_scratch is not None) == (layout == "wide" and not store_k)
 
 
 @pytest.mark.parametrize("transport", ["ipc", "nccl", "mpi"])
@@ -393,12 +403,11 @@ def test_cache_bad_position_leaves_its_rows_unwritten(comm, layout, monkeypatch)
     vb, vview = make_cache("nhd", blocks, 16, heads, np.uint8, 14)
     k_before, v_before = kb.get(), vb.get()
     slots = slots_for(rng, tokens, blocks * 16, holes=False)
-    monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT", "0" if layout == "wide-fused" else "1")
     outs = [poisoned(qs, dtype), poisoned(ks, dtype)]
     err = None
     with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=1024, transport="ipc",
                   rope=MINIMAX, kv_cache=kv) as norm:
-        norm._transport.wide_from = 1 if layout.startswith("wide") else 10 ** 9
+        set_layout(norm, layout)
         try:
             norm(qs, ks, qws, kws, out=outs, positions=pos, v=v, k_cache=kview,
                  v_cache=vview, slot_mapping=cupy.asarray(slots), k_scale=0.5, v_scale=2.0)
