@@ -40,10 +40,11 @@ KNOBS = {k.name: k for k in (
          "blocks an SM the fused kernel's wide layout is built for where it writes a KV "
          "cache (below CUPY_QKNORM_CACHE_SPLIT_FROM; 1: its registers uncapped; 3 caps "
          "them at 168 on 4 warps, which spills)"),
-    Knob("CUPY_QKNORM_CACHE_SPLIT_FROM", 1024, 1, None, "tuning",
+    Knob("CUPY_QKNORM_CACHE_SPLIT_FROM", None, 1, None, "tuning",
          "tokens a launch from which \"ipc\" writes the KV cache in a second launch (a "
          "block a token) after the fused kernel without the cache, instead of in the fused "
-         "kernel's epilogue (more than max_tokens: never)"),
+         "kernel's epilogue (default 1024 for an FP8 cache, 4096 for the data's dtype; "
+         "more than max_tokens: never)"),
     Knob("CUPY_QKNORM_TRACE", 0, 0, 1, "diagnostic",
          "1 builds the fused kernel with per-block cycle counts (scripts/trace_fused.py)"),
     Knob("CUPY_QKNORM_DEBUG", 0, 0, 1, "diagnostic",
@@ -94,6 +95,6 @@ def table() -> str:
     """The knobs as a markdown table (README's table is checked against it)."""
     lines = ["| variable | default | kind | meaning |", "| --- | --- | --- | --- |"]
     for k in KNOBS.values():
-        default = "layout's" if k.default is None else str(k.default)
+        default = "see meaning" if k.default is None else str(k.default)
         lines.append(f"| `{k.name}` | {default} | {k.kind} | {k.doc} |")
     return "\n".join(lines)

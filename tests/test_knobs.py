@@ -16,7 +16,7 @@ EXPECTED = {  # name: (default, minimum, maximum)
     "CUPY_QKNORM_DEPTH": (None, 2, 8),
     "CUPY_QKNORM_VECTORS_PER_THREAD": (None, 1, 32),
     "CUPY_QKNORM_CACHE_BLOCKS": (1, 1, 4),
-    "CUPY_QKNORM_CACHE_SPLIT_FROM": (1024, 1, None),
+    "CUPY_QKNORM_CACHE_SPLIT_FROM": (None, 1, None),
     "CUPY_QKNORM_TRACE": (0, 0, 1),
     "CUPY_QKNORM_DEBUG": (0, 0, 1),
 }

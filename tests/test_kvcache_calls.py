@@ -233,7 +233,7 @@ def test_specs_name_their_cache():
 
 @pytest.mark.parametrize("store_k", [True, False])
 def test_long_ipc_chunks_write_the_cache_in_a_second_launch(store_k, mem, monkeypatch):
-    """From CUPY_QKNORM_CACHE_SPLIT_FROM tokens a launch "ipc" launches, a chunk at a time,
+    """From CUPY_QKNORM_CACHE_SPLIT_FROM tokens a launch, "ipc" launches, a chunk at a time,
     the fused kernel without the cache, then the cache write with a block a token on the
     same Params (PDL). k's rows go to the k output, or with store_k=False to the
     transport's scratch rows (made at construction), the k output left alone; a shorter
@@ -276,11 +276,14 @@ def test_the_cache_split_is_ipc_only_and_a_knob(mem, monkeypatch):
             assert all("SameCache<128>" in c["name"] for c in cuda.launches
                        if c["kind"] in ("fused", "apply"))
     monkeypatch.delenv("CUPY_QKNORM_CACHE_SPLIT_FROM")
-    with fake("ipc", kv, max_tokens=2048) as (n, cuda):  # the default: from 1024 tokens
+    # the defaults: from 1024 tokens a launch for an FP8 cache, 4096 for the data's dtype
+    with fake("ipc", KVCache(16, HEAD, "float8_e4m3fn"), max_tokens=1100) as (n, cuda):
         assert n._transport.split_from == 1024 and n._transport._k_scratch is not None
-        go(n, call_arrays(mem, 1023, blocks=64))
-        go(n, call_arrays(mem, 1024, blocks=64))
+        go(n, call_arrays(mem, 1023, blocks=64, cache=np.uint8))
+        go(n, call_arrays(mem, 1024, blocks=64, cache=np.uint8))
         assert cuda.kinds() == ["fused", "fused", "cache_write"]
+    with fake("ipc", kv, max_tokens=4095) as (n, cuda):
+        assert n._transport.split_from == 4096 and n._transport._k_scratch is None
     monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT_FROM", "1")
     with fake("ipc", None, max_tokens=16) as (n, cuda):  # no cache: nothing to split
         a = call_arrays(mem, 16)

@@ -20,6 +20,11 @@ from .base import Transport, describe_tag, peer_position_error, position_error, 
 from .cuda import Cuda
 
 HOST_WORDS = 16  # the error record, then words of the transport's own (nccl's watchdog)
+# {cache kind: tokens a launch from which a transport with SPLIT_CACHE writes the KV cache
+# by a second launch}: where that was faster on H200 at G=1 (BENCHMARKS.md). FP8: from
+# 1024 (the fused kernel's conversion costs it registers, and blocks an SM); the data's
+# dtype: from 4096 (even there, 1.06x faster at 16384)
+SPLIT_FROM = {1: 4096, 2: 1024}
 
 
 class Chunk(NamedTuple):
@@ -58,8 +63,10 @@ class DeviceTransport(Transport):
         self.wide_from = wide_from(cfg.world, cfg.rope is not None, self.tuning)
         # tokens a launch from which the KV cache is written by a second launch (a block a
         # token) after the kernels without a cache; None: always by the kernels
-        self.split_from = knobs.get("CUPY_QKNORM_CACHE_SPLIT_FROM") \
-            if self.SPLIT_CACHE and self.cache_kind else None
+        self.split_from = None
+        if self.SPLIT_CACHE and self.cache_kind:
+            forced = knobs.get("CUPY_QKNORM_CACHE_SPLIT_FROM")
+            self.split_from = forced or SPLIT_FROM[self.cache_kind]
         self._writer = None   # (threads, Kernel) of the separate cache write, loaded once
         self._k_scratch = None  # k's rows where the cache is written apart (k_scratch)
         self._launch = self.cuda.launcher(self._pdl())

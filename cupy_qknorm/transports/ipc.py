@@ -17,8 +17,8 @@ class IpcTransport(DeviceTransport):
     KINDS = ("fused",)
     PDL_KINDS = ("fused",)  # it waits (griddepcontrol.wait) before touching memory
     # the wide layout with a cache holds 2 blocks an SM where the fused kernel without one
-    # holds 3: from 1024 tokens a launch on H200, norm + RoPE and then the cache write, a
-    # block a token, is faster (BENCHMARKS.md)
+    # holds 3: on long launches norm + RoPE and then the cache write, a block a token, is
+    # faster (device.SPLIT_FROM)
     SPLIT_CACHE = True
 
     def __init__(self, cfg, comm, cuda=None):
