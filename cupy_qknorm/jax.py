@@ -239,12 +239,12 @@ class JaxQKNorm:
         import cupy
         t = self.norm._transport
         t = getattr(t, "_device", None) if t.name == "mpi" else t
-        if t is None or not hasattr(t, "kernels"):
+        if t is None or not hasattr(t, "load_for"):
             return
         step = self.config.max_tokens
         with cupy.cuda.Device(self._device):
             for n in {min(tokens, step), tokens % step} - {0}:
-                t.kernels(weight_dtype, t.layout(n))
+                t.load_for(weight_dtype, n)
 
     def synchronize(self, *results):
         """Wait for `results` (jax.Arrays, e.g. the outputs of a jitted function) and for

@@ -289,3 +289,18 @@ def test_the_cache_split_is_ipc_only_and_a_knob(mem, monkeypatch):
         a = call_arrays(mem, 16)
         n(a["q"], a["k"], a["qw"], a["kw"], positions=a["pos"])
         assert cuda.kinds() == ["fused"] and n._transport._k_scratch is None
+
+
+def test_load_for_loads_what_a_split_launch_takes(monkeypatch):
+    """JaxQKNorm loads a call's kernels at trace time (a capture may not load modules):
+    where the cache is written apart, the kernels without the cache and the cache write
+    too."""
+    monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT_FROM", "9")
+    with fake("ipc", KVCache(16, HEAD, None), max_tokens=16) as (n, cuda):
+        t = n._transport
+        t.load_for("bfloat16", 8)
+        assert [s.cache for s in cuda.loads] == [1] and t._writer is None
+        t.load_for("bfloat16", 9)
+        assert sorted(t._kernels) == [("bfloat16", "narrow", False), ("bfloat16", "narrow", True)]
+        assert t._writer is not None and "cache_write" in [k for k, _ in
+                                                           cuda._kernels.values()]

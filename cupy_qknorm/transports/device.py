@@ -118,6 +118,16 @@ class DeviceTransport(Transport):
             k = self._kernels[key] = (spec, loaded, self._grid_cap(spec, loaded))
         return k
 
+    def load_for(self, weight_dtype: str, tokens: int) -> None:
+        """Load now every kernel a launch of `tokens` tokens may take (a stream capture
+        may not load a module): its layout's, and where a cache would be written apart,
+        the same kernels without the cache and the cache write."""
+        layout = self.layout(tokens)
+        self.kernels(weight_dtype, layout)
+        if self.writes_cache_apart(tokens):
+            self.kernels(weight_dtype, layout, False)
+            self.cache_writer()
+
     def cache_writer(self):
         """(threads a block, Kernel) of the separate KV-cache write (kernels/tools.cu's
         cache_write: one launch, a block a token), loaded once. Its spec depends on the
