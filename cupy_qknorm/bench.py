@@ -95,7 +95,7 @@ def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter):
     b.add_argument("--kv-cache", choices=("bf16", "fp8"),
                    help="with --rope: also the whole attention prologue, norm + RoPE + the "
                         "paged KV-cache write (blocks of 16, random slots) of a bf16 or FP8 "
-                        "cache: fused (T+kv), ipc+rope then a separate cache write kernel "
+                        "cache: the op (T+kv), ipc+rope then a separate cache write kernel "
                         "(ipc+rope>kv), and the copy kernel over the prologue's bytes "
                         "(copy kv us) (default: off)")
     b.add_argument("--positions", default="random", choices=("random", "sequence"),
@@ -627,6 +627,8 @@ def run(args):
         if ipc is not None else None
     if layouts is not None and "ipc" in rope_norms:
         layouts["rope_wide_from"] = rope_norms["ipc"]._transport.wide_from
+    if layouts is not None and "ipc" in (kv_norms or {}):
+        layouts["cache_split_from"] = kv_norms["ipc"]._transport.split_from
     columns = []
     try:
         for tokens in args.tokens:
@@ -776,9 +778,12 @@ def _table(r, modes, columns, floor_us):
                      f"T+rope: fused; ipc>rope: the ipc norm, then a separate RoPE kernel "
                      f"(two launches)")
     if r.get("kv_cache"):
-        lines.append(f"kv: {r['kv_cache']}, NHD, random slots; T+kv: the fused prologue "
-                     f"(norm, RoPE, cache write); ipc+rope>kv: ipc+rope, then a separate cache "
-                     f"write kernel; copy kv us: the prologue's bytes through the copy kernel")
+        split = (r.get("layouts") or {}).get("cache_split_from")
+        apart = f"; ipc from {split} tokens a launch: then a cache write launch" if split else ""
+        lines.append(f"kv: {r['kv_cache']}, NHD, random slots; T+kv: the op's prologue "
+                     f"(norm, RoPE, cache write{apart}); ipc+rope>kv: ipc+rope, then a "
+                     f"separate cache write kernel; copy kv us: the prologue's bytes through "
+                     f"the copy kernel")
     rows = r["rows"]
     if r.get("jax") and "graph" in modes:
         lines += _jax_lines(r)

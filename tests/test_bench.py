@@ -100,6 +100,11 @@ def test_table_names_the_layouts_when_known():
                         "3 tokens in flight in shared memory)")
     assert lines[2].startswith("floors:")
     assert "fused kernel" not in _table(RESULT, ["graph"], ["ipc"], 1.9)  # older JSON
+    kv = {**RESULT, "kv_cache": "KVCache(...)", "layouts": {**layouts, "cache_split_from": 1024}}
+    assert "ipc from 1024 tokens a launch: then a cache write launch" in \
+        _table(kv, ["graph"], ["ipc"], 1.9)
+    assert "then a cache write launch" not in _table({**kv, "layouts": layouts}, ["graph"],
+                                                     ["ipc"], 1.9)
 
 
 def test_table_header_names_the_model():
