@@ -41,6 +41,7 @@ from .errors import (ClosedError, PeerTimeoutError, QKNormError)
 from .kvcache import cache_view, scale_arg, slot_view
 from .norm import TPQKNorm, check_cache_arguments, check_cache_pair, check_value_rows
 from .transports import tag_code
+from .transports.base import MAX_TAG
 
 _OBJECTS = weakref.WeakValueDictionary()  # handle -> JaxQKNorm
 _TARGETS: dict = {}     # target name -> the registered ctypes handler (kept alive forever)
@@ -148,6 +149,7 @@ class JaxQKNorm:
             import cupy
             self._runtime = cupy.cuda.runtime
         self._error = None      # the typed exception of the last failed call
+        self._sites = 0         # calls traced without a tag (each takes its own: auto_tag)
         self._thread = threading.local()
         with _LOCK:
             self._handle = _NEXT[0]
@@ -162,7 +164,10 @@ class JaxQKNorm:
         [T, q_dim/G] and k [T, k_dim/G] with the weights [q_dim/G], [k_dim/G] (dtype or
         float32). `in_place`: the outputs alias q and k (input_output_aliases): no new
         buffers where the caller donates q and k (jax.jit(..., donate_argnums)), else XLA
-        copies them first. `tag`: a static int every rank passes alike, or None.
+        copies them first. `tag`: a static int every rank passes alike, or None: then
+        the call takes the next of this object's tags in the order calls are traced
+        (auto_tag), the same on every rank, so that calls XLA runs in another order on
+        another rank fail with CallMismatchError instead of pairing the wrong sums.
 
         With kv_cache= at construction: (q_out, k_out, k_cache_out, v_cache_out). Token
         t's k output row and its row of `v` [T, k_dim/G] go to slot slot_mapping[t] ([T]
@@ -181,6 +186,8 @@ class JaxQKNorm:
         if norm is None:
             raise ClosedError("this JaxQKNorm is closed")
         norm._check_usable()
+        if tag is None:
+            tag = self.auto_tag()
         try:
             code = tag_code(tag)
             check_avals(self.config, q, k, q_weight, k_weight, positions)
@@ -231,6 +238,17 @@ class JaxQKNorm:
         if cache and not store_k:
             return (out[0], None) + out[1:]
         return out
+
+    def auto_tag(self) -> int:
+        """The tag of the next call traced without one: 0, 1, ... MAX_TAG, then 0 again,
+        counted per object in the order calls are traced (a call site in a lax.scan body
+        is traced once: its iterations, ordered by the loop, share it). Every rank traces
+        the same program in the same order, so the tags agree; two calls with no data
+        between them that XLA runs in either order then carry different tags, and the
+        ranks' calls that do not match raise CallMismatchError."""
+        with _LOCK:
+            tag, self._sites = self._sites % (MAX_TAG + 1), self._sites + 1
+        return tag
 
     def _load_kernels(self, tokens, weight_dtype):
         """Load the kernels a call of `tokens` rows launches now, at trace time: XLA may

@@ -199,6 +199,28 @@ def test_eager_call_and_closed_object():
         qk(q, k, qw, kw)
 
 
+def test_calls_without_a_tag_take_one_each_in_trace_order():
+    """Every call site traced without a tag gets the object's next tag (a lax.scan body's
+    one call: one tag for its iterations); an explicit tag is kept and takes none."""
+    import re
+    q, k, qw, kw, _, _ = (jnp.asarray(a) for a in ref.make_case(8, 4, Q, K, "float32"))
+    with JaxQKNorm(MPI.COMM_SELF, Q, K, "float32", max_tokens=16, backend="cpu") as qk:
+        def two(q, k):
+            a = qk(q, k, qw, kw)
+            return a, qk(a[0], a[1], qw, kw), qk(q, k, qw, kw, tag=9)
+
+        def scan(q, k):
+            return jax.lax.scan(lambda c, x: (c, qk(x, k, qw, kw)), 0, jnp.stack([q] * 3))[1]
+
+        def tags(f):
+            return [int(t) for t in re.findall(r"tag = (-?\d+)", jax.jit(f).lower(q, k).as_text())]
+        assert tags(two) == [0, 1, 9]
+        assert tags(scan) == [2]
+        assert qk.auto_tag() == 3
+        qk._sites = 32767  # MAX_TAG + 1 tags, then the first again
+        assert (qk.auto_tag(), qk.auto_tag()) == (0, 1)
+
+
 def test_cpu_backend_runs_transport_mpi_only():
     with pytest.raises(ValueError, match="JAX's CPU backend runs transport 'mpi'"):
         JaxQKNorm(MPI.COMM_SELF, Q, K, transport="ipc", backend="cpu")

@@ -124,6 +124,36 @@ def test_tokens_that_differ_raise_call_mismatch_everywhere(comm):
           ([f"{seconds:.2f} s: waited for the timeout"] if seconds > TIMEOUT_S / 2 else []))
 
 
+def test_calls_in_another_order_on_one_rank_raise_call_mismatch(comm):
+    """Two calls without tags, traced in the same order on every rank, take tags 0 and 1
+    on every rank: the same program passes. Where rank 0 makes them in the other order
+    (as XLA may run two calls with no data between them), each rank's first call meets
+    the other tag: CallMismatchError naming both on every rank, not the wrong sums."""
+    q_dim, k_dim = comm.size * 256, comm.size * 128
+    q, k, qw, kw, qr, kr = ref.make_case(6, 3, q_dim, k_dim, "float32")
+    q, k, qw, kw, qr, kr = mine((q, k, qw, kw, qr, kr), comm)
+    with JaxQKNorm(comm, q_dim, k_dim, "float32", timeout_s=TIMEOUT_S, backend="cpu") as qk:
+        def same(q, k):  # the second call reads the first's q: ordered by data
+            a = qk(q, k, qw, kw)
+            return qk(a[0], k, qw, kw)
+        out = jax.jit(same)(q, k)
+        ok = ref.compare(np.asarray(out[1]), kr, "float32")[1] == 0
+
+        def first(q, k):
+            return qk(q, k, qw, kw)
+
+        def second(q, k):
+            return qk(q, k, qw, kw)
+        f1, f2 = jax.jit(first), jax.jit(second)
+        f1.lower(q, k), f2.lower(q, k)  # traced in this order everywhere: tags 2 and 3
+        order = (f2, f1) if comm.rank == 0 else (f1, f2)
+        err, seconds = outcome(qk, lambda: [f(q, k)[0].block_until_ready() for f in order])
+    ok = ok and type(err) is CallMismatchError and "tag=2" in str(err) and \
+        "tag=3" in str(err)
+    agree(comm, ([] if ok else [f"got {err!r}"]) +
+          ([f"{seconds:.2f} s: waited for the timeout"] if seconds > TIMEOUT_S / 2 else []))
+
+
 def test_a_rank_that_never_calls_is_bounded_by_the_timeout(comm):
     q_dim, k_dim = comm.size * 256, comm.size * 128
     q, k, qw, kw, _, _ = ref.make_case(5, 2, q_dim, k_dim, "float32")
