@@ -8,7 +8,7 @@
 //                                      the benchmark's unfused baseline: RoPE alone
 //   qknorm::cache_write<Elem, KWidth, Warps, Cache>
 //                                      the KV-cache write alone: the op's second launch
-//                                      in the wide layout ("ipc"), and the baseline's
+//                                      in long launches ("ipc"), and the baseline's
 // e.g. "qknorm::rope<qknorm::bf16_t, qknorm::Widths<3072, 512>, 7, qknorm::NeoX<128, 64>>".
 #include "kvcache.cuh"
 #include "layout.cuh"
@@ -164,8 +164,8 @@ __global__ void __launch_bounds__(Warps * 32, 1) rope(const Params p) {
 
 // The KV-cache write as a launch of its own: token t's rows of k_out and v to its slot of
 // k_cache and v_cache, 16-byte loads, each thread's vectors loaded before any is stored.
-// Any grid, Warps * 32 threads a block. The "ipc" transport's second launch in the wide
-// layout, after the fused kernel without a cache (Params as for that launch), and the
+// Any grid, Warps * 32 threads a block. The "ipc" transport's second launch from
+// split_from tokens a launch, after the fused kernel without a cache (its Params), and the
 // benchmark's unfused baseline (as vLLM's reshape_and_cache_flash; no positions). As the
 // fused kernel's epilogue does, it writes nothing once the exchange failed on this rank
 // and leaves out a row whose position is out of range (the norm did not store it).

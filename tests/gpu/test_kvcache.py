@@ -7,8 +7,8 @@ block sizes 16, 64 and 1; slot -1 holes; chunked T; strided qkv views; store_k=F
 CUDA graph replays with new slots, positions and scales; a slot outside the cache; a
 position outside the table; the separate cache write (the bench's baseline) against the
 fused one. "ipc" runs both ways of writing the cache: by a second launch after the fused
-kernel without the cache (its default from 1024 tokens a launch; "ipc" here at every T)
-and in the fused kernel's epilogue ("ipc-fused" here at every T). The k outputs are
+kernel without the cache (its default in long launches; "ipc" here at every T) and in
+the fused kernel's epilogue ("ipc-fused" here at every T). The k outputs are
 checked against the float64 reference as in test_rope.py. Run by scripts/gpu_suite.sh."""
 import numpy as np
 import pytest
