@@ -107,7 +107,8 @@ def add_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter):
     b.add_argument("--json", help="write every number to this file (rank 0; default: none)")
     b.add_argument("--plot", help="latency vs T, log-log, to this PNG (needs matplotlib; "
                    "default: none)")
-    b.add_argument("--commit", help="the commit to print (default: git rev-parse HEAD)")
+    b.add_argument("--commit", help="the commit to print (default: the checkout's, with "
+                                    "-dirty where tracked files differ from it)")
     b.add_argument("--exchange-floor", action="store_true",
                    help="also time the exchange alone (a one-warp kernel that only pushes "
                         "and waits) as a graph node: the decode floor of this host "
@@ -402,6 +403,22 @@ def separate_cache_write(norm, k, v, k_cache, v_cache, slot_mapping, k_scale=Non
     return go
 
 
+def checkout_commit(cwd=None) -> str:
+    """The checkout's commit, short, with "-dirty" where tracked files differ from it
+    (the tree that ran is not that commit's), or "unknown" outside a checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              cwd=cwd)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0 or not head.stdout.strip():
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except Exception:  # noqa: BLE001 - no git
+        return "unknown"
+
+
 def _variants(norms, rope_norms, w, rope_of, kv_norms=None, scales=(1.0, 1.0)):
     """{column: call(q, k, q_out, k_out, positions, cache, stream)} of what is timed."""
     out = {}
@@ -580,14 +597,7 @@ def run(args):
     stream = cupy.cuda.Stream(non_blocking=True)
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     card = props["name"].decode()
-    commit = args.commit
-    if commit is None:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                    capture_output=True, text=True,
-                                    timeout=5).stdout.strip() or "unknown"
-        except Exception:  # noqa: BLE001 - no git, or not a checkout
-            commit = "unknown"
+    commit = args.commit if args.commit is not None else checkout_commit()
     modes = ["graph", "eager"] if args.mode == "both" else [args.mode]
     _say(comm, "floors ...")
     floors = {"empty_kernel_graph_us": floor_empty_kernel_us(stream),
@@ -602,35 +612,38 @@ def run(args):
               comm.allreduce(v, op=MPI.MIN) for k, v in floors.items()}
     rows = []
     top = max(args.tokens)
-    norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
-                         transport=t, **heads) for t in args.transports}
-    rope_norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
-                              transport=t, rope=rope, **heads)
-                  for t in (args.transports if rope is not None else ())}
     kv = kv_cache_option(args.kv_cache, args.dtype, rope)
-    kv_norms = {t: TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
-                            transport=t, rope=rope, kv_cache=kv, **heads)
-                for t in (args.transports if kv is not None else ())}
-    jax_norms = {}
-    if jx is not None:
-        from .jax import JaxQKNorm
-        # collective, like TPQKNorm; with --rope the +rope call (the graph's "ipc+rope")
-        jax_norms = {t: JaxQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
-                                  transport=t, rope=rope, backend="gpu", **heads)
-                     for t in args.transports}
-    separate = None
-    if rope is not None and "ipc" in norms:
-        separate = (norms["ipc"], rope_norms["ipc"])
-    ipc = norms.get("ipc")
-    pdl = bool(getattr(ipc._transport, "pdl", False)) if ipc is not None else None
-    layouts = _layouts(args.dtype, world, dq, dk, ipc._transport.wide_from) \
-        if ipc is not None else None
-    if layouts is not None and "ipc" in rope_norms:
-        layouts["rope_wide_from"] = rope_norms["ipc"]._transport.wide_from
-    if layouts is not None and "ipc" in (kv_norms or {}):
-        layouts["cache_split_from"] = kv_norms["ipc"]._transport.split_from
-    columns = []
+    # each object is collective; those built before a failure are closed in `finally`
+    norms, rope_norms, kv_norms, jax_norms = {}, {}, {}, {}
+    columns, layouts, pdl = [], None, None
     try:
+        for t in args.transports:
+            norms[t] = TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
+                                transport=t, **heads)
+        for t in (args.transports if rope is not None else ()):
+            rope_norms[t] = TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype,
+                                     max_tokens=top, transport=t, rope=rope, **heads)
+        for t in (args.transports if kv is not None else ()):
+            kv_norms[t] = TPQKNorm(comm, args.q_dim, args.k_dim, args.dtype, max_tokens=top,
+                                   transport=t, rope=rope, kv_cache=kv, **heads)
+        if jx is not None:
+            from .jax import JaxQKNorm
+            # collective, like TPQKNorm; with --rope the +rope call (the graph's "ipc+rope")
+            for t in args.transports:
+                jax_norms[t] = JaxQKNorm(comm, args.q_dim, args.k_dim, args.dtype,
+                                         max_tokens=top, transport=t, rope=rope,
+                                         backend="gpu", **heads)
+        separate = None
+        if rope is not None and "ipc" in norms:
+            separate = (norms["ipc"], rope_norms["ipc"])
+        ipc = norms.get("ipc")
+        pdl = bool(getattr(ipc._transport, "pdl", False)) if ipc is not None else None
+        layouts = _layouts(args.dtype, world, dq, dk, ipc._transport.wide_from) \
+            if ipc is not None else None
+        if layouts is not None and "ipc" in rope_norms:
+            layouts["rope_wide_from"] = rope_norms["ipc"]._transport.wide_from
+        if layouts is not None and "ipc" in kv_norms:
+            layouts["cache_split_from"] = kv_norms["ipc"]._transport.split_from
         for tokens in args.tokens:
             sets, w = _inputs(comm, args.dtype, dq, dk, tokens, GRAPH_CALLS, args.in_place,
                               args.positions, kv, rope)

@@ -544,3 +544,20 @@ def test_xla_psum_across_two_processes_on_jax_cpu():
     # the ranks' lines may interleave
     assert sorted(re.findall(r"rank \d+: ok", r.stdout)) == ["rank 0: ok", "rank 1: ok"], \
         out[-3000:]
+
+
+def test_the_commit_says_dirty_where_the_tree_is_not_it(tmp_path):
+    import subprocess
+    from cupy_qknorm.bench import checkout_commit
+    assert checkout_commit(tmp_path) == "unknown"  # not a checkout
+    env = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a").write_text("1")
+    subprocess.run(["git", *env, "-C", str(tmp_path), "add", "a"], check=True)
+    subprocess.run(["git", *env, "-C", str(tmp_path), "commit", "-qm", "a"], check=True)
+    clean = checkout_commit(tmp_path)
+    assert len(clean) >= 7 and not clean.endswith("-dirty")
+    (tmp_path / "b").write_text("untracked")  # not part of any commit: still clean
+    assert checkout_commit(tmp_path) == clean
+    (tmp_path / "a").write_text("2")
+    assert checkout_commit(tmp_path) == clean + "-dirty"
