@@ -50,6 +50,8 @@ _NEXT = [1]
 MAX_BOUND = 256         # bound calls remembered per object (keyed by XLA's buffer addresses)
 # the "kv" attribute of a call that writes the KV cache: which operands it has
 KV, KV_STORE_K, KV_K_SCALE_ARRAY, KV_V_SCALE_ARRAY = 1, 2, 4, 8
+
+
 def _target(platform: str, graphs: bool) -> str:
     """The FFI target for `platform` ("cpu" or "CUDA"), registered once per process."""
     import jax

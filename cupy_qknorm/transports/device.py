@@ -119,13 +119,13 @@ class DeviceTransport(Transport):
         return k
 
     def load_for(self, weight_dtype: str, tokens: int) -> None:
-        """Load now every kernel a launch of `tokens` tokens may take (a stream capture
-        may not load a module): its layout's, and where a cache would be written apart,
-        the same kernels without the cache and the cache write."""
-        layout = self.layout(tokens)
-        self.kernels(weight_dtype, layout)
-        if self.writes_cache_apart(tokens):
-            self.kernels(weight_dtype, layout, False)
+        """Load now the kernels a launch of `tokens` tokens takes (a stream capture may
+        not load a module): its layout's, and where the cache is written apart (every
+        call of an object with a cache passes one), those without the cache and the
+        cache write."""
+        apart = self.writes_cache_apart(tokens)
+        self.kernels(weight_dtype, self.layout(tokens), not apart)
+        if apart:
             self.cache_writer()
 
     def cache_writer(self):

@@ -48,8 +48,7 @@ class IpcTransport(DeviceTransport):
         return self._launch.pdl
 
     def compose(self, chunks):
-        launches = [go for c in chunks for kind, go in c.go.items()
-                    if kind in ("fused", "cache_write")]
+        launches = [go for c in chunks for go in c.go.values()]  # fused[, cache_write]
         if len(launches) == 1:
             return launches[0]  # one launch, nothing else
 
