@@ -168,7 +168,10 @@ __global__ void __launch_bounds__(Warps * 32, 1) rope(const Params p) {
 // split_from tokens a launch, after the fused kernel without a cache (its Params), and the
 // benchmark's unfused baseline (as vLLM's reshape_and_cache_flash; no positions). As the
 // fused kernel's epilogue does, it writes nothing once the exchange failed on this rank
-// and leaves out a row whose position is out of range (the norm did not store it).
+// and leaves out a row whose position is out of range (the norm did not store it). The
+// failure word, the position, the slot and both rows are loaded together, and only then
+// looked at: one memory latency a token, not three in a row (every row read exists,
+// whatever the position or the slot say).
 template <class Elem, int KWidth, int Warps, class Cache>
 __global__ void __launch_bounds__(Warps * 32) cache_write(const Params p) {
   static_assert(Cache::kOn, "cache_write needs a cache");
@@ -177,9 +180,10 @@ __global__ void __launch_bounds__(Warps * 32) cache_write(const Params p) {
   constexpr int kPer = (kVectors + kThreads - 1) / kThreads;
   using Slot = TokenCache<Elem, Cache>;
   grid_dependency_wait();  // the norm's rows and error record are complete from here on
-  if (exchange_failed(p)) return;
+  const bool failed = exchange_failed(p);  // waited for at the first token's check
   for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
-    if (p.positions != nullptr && angle_row(p, load_position(p, t)) < 0) continue;
+    PositionWords words = {0, 0};
+    if (p.positions != nullptr) words = load_position(p, t);
     Slot slot;
     slot.load(p, t);
     ValueRow<Elem, Cache, KWidth, kThreads> values;
@@ -192,6 +196,8 @@ __global__ void __launch_bounds__(Warps * 32) cache_write(const Params p) {
       const int i = (int)threadIdx.x + u * kThreads;
       if (i < kVectors) x[u] = k[i];
     }
+    if (failed) return;
+    if (p.positions != nullptr && angle_row(p, words) < 0) continue;
     const long long at = slot.row(p);
     if (at < 0) {
       if (threadIdx.x == 0 && slot.bad(p)) record_slot_error(p, slot.slot, t);

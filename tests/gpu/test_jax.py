@@ -261,6 +261,10 @@ def test_kv_cache_per_layer_under_scan_and_store_k_false(comm, transport, monkey
         pos = put(args[4], dev)
         x = tuple(jnp.stack([put(a, dev)] * 2) for a in (*args[:4], v, kc, vc))
         qo, ko, kco, vco = layers(x, pos, put(slots, dev))
+        qk.synchronize(qo, ko, kco, vco)
+        # XLA hands the scan body's call slices of the stacked results, not the operands:
+        # the handler's copy path ran (docs/jax.md), so these parities test it
+        assert qk.cache_copies > 0, "the scan body's caches were not copied into results"
         one = tuple(put(a, dev) for a in (*args[:4], v, kc, vc))
         qo1, none, kc1, vc1 = no_k(one, pos, put(slots, dev))
         qk.synchronize(qo, ko, kco, vco, qo1, kc1, vc1)
