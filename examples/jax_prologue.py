@@ -2,13 +2,15 @@
 
     mpiexec -n G python examples/jax_prologue.py [--tokens 16] [--layers 4] [--check]
 
-Per layer (lax.scan over the layers), on every rank:
+Per layer (lax.scan over the layers, unrolled; --rolled keeps the loop), on every rank:
 
     x [T, hidden] @ W_qkv[:, this rank's columns] (jnp.dot, fp32 accumulation, rounded to
     bf16) -> q, k, v -> cupy_qknorm.jax.JaxQKNorm in place: RMSNorm over the FULL q and k
     rows (all ranks), then MiniMax's RoPE at the tokens' positions
 
-One jitted function runs every layer; it is timed over --steps calls (the positions
+A layer's x takes a zero made from the layer before's q, so the norm calls run in layer
+order on every rank, as a model's layers do. One jitted function runs every
+layer; it is timed over --steps calls (the positions
 advancing by one a step) and the time per layer printed. On a GPU the norm launches our
 kernels on XLA's stream (transport "ipc" by default); on JAX's CPU backend it runs
 transport "mpi" on the host.
@@ -54,6 +56,9 @@ def parse(argv=None):
     p.add_argument("--transport", default="auto", choices=("auto", "ipc", "nccl", "mpi"))
     p.add_argument("--hidden", type=int, default=HIDDEN)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rolled", dest="unroll", action="store_false",
+                   help="keep lax.scan's loop (default: unrolled, one straight program XLA "
+                        "can capture whole in a command buffer)")
     p.add_argument("--check", action="store_true",
                    help="compare the last layer with the float64 reference; exit 1 on FAIL")
     args = p.parse_args(argv)
@@ -102,12 +107,18 @@ def main(argv=None):
                    transport="mpi" if backend == "cpu" else args.transport) as qk:
         @jax.jit
         def prologue(x, w, qw, kw, pos):
-            def layer(carry, weights):
+            def layer(before, weights):
                 w, qw, kw = weights
-                qkv = jnp.dot(x, w, preferred_element_type=jnp.float32).astype(bf16)
+                # x plus a zero made from the layer before's q (the value stays x): this
+                # layer's calls depend on the last's, as a model's next input does, so
+                # they run in layer order whatever XLA schedules (an optimization barrier
+                # does not do it: XLA removes it before scheduling)
+                xl = x + before * 0
+                qkv = jnp.dot(xl, w, preferred_element_type=jnp.float32).astype(bf16)
                 q, k = qk(qkv[:, :ql], qkv[:, ql:ql + kl], qw, kw, pos, in_place=True)
-                return carry, (q, k, qkv[:, ql + kl:])
-            return jax.lax.scan(layer, 0, (w, qw, kw))[1]
+                return q[0, 0], (q, k, qkv[:, ql + kl:])
+            return jax.lax.scan(layer, jnp.zeros((), bf16), (w, qw, kw),
+                                unroll=args.unroll)[1]
 
         pos0 = np.random.default_rng(args.seed).integers(0, FIRST_POSITION, args.tokens)
         times = []
@@ -122,7 +133,8 @@ def main(argv=None):
         per_layer = statistics.median(times) * 1e6 / args.layers
         who = f"{jax.devices(backend)[0].device_kind}" if backend == "gpu" else "CPU"
         if r == 0:
-            print(f"G={g} T={args.tokens} layers={args.layers} on {who} ({backend}, "
+            print(f"G={g} T={args.tokens} layers={args.layers} "
+                  f"({'unrolled' if args.unroll else 'rolled'}) on {who} ({backend}, "
                   f"transport {qk.transport!r}): {per_layer:.1f} us a layer in one jit "
                   f"(median of {args.steps}); XLA captured {qk.captured_calls} norm calls "
                   f"into command buffers")

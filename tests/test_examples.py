@@ -145,11 +145,15 @@ def test_the_use_check_finds_each_kind_of_misuse():
 
 
 @pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install mpich)")
-def test_jax_prologue_checks_at_two_ranks():
+@pytest.mark.parametrize("scan", ["unrolled", "rolled"])
+def test_jax_prologue_checks_at_two_ranks(scan):
+    """Unrolled, the layers' calls are ordered by data alone (each layer's x takes a zero
+    from the last's q): JAX's CPU backend ran independent calls at once before it."""
     pytest.importorskip("jax", reason="needs jax (pip install -e '.[jax]')")
-    r = run_mpi(2, "examples/jax_prologue.py", "--check", "--tokens", "3", "--layers", "2",
-                "--steps", "1", "--hidden", "256")
+    r = run_mpi(2, "examples/jax_prologue.py", "--check", "--tokens", "3", "--layers", "3",
+                "--steps", "2", "--hidden", "256", *(["--rolled"] if scan == "rolled" else []))
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[0].startswith("G=2 T=3 layers=2 on CPU (cpu, transport 'mpi'): "), lines
+    assert lines[0].startswith(f"G=2 T=3 layers=3 ({scan}) on CPU (cpu, transport 'mpi'): "), \
+        lines
     assert lines[-1].startswith("PASS"), lines
