@@ -9,9 +9,9 @@ Per layer (lax.scan over the layers, unrolled; --rolled keeps the loop), on ever
     rows (all ranks), then MiniMax's RoPE at the tokens' positions
 
 A layer's x takes a zero made from the layer before's q, so the norm calls run in layer
-order on every rank, as a model's layers do. One jitted function runs every
-layer; it is timed over --steps calls (the positions
-advancing by one a step) and the time per layer printed. On a GPU the norm launches our
+order on every rank, as a model's layers do. One jitted function runs every layer; it is
+timed over --steps calls (the positions advancing by one a step) and the time per layer
+printed. On a GPU the norm launches our
 kernels on XLA's stream (transport "ipc" by default); on JAX's CPU backend it runs
 transport "mpi" on the host.
 
