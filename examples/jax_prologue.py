@@ -9,11 +9,11 @@ Per layer (lax.scan over the layers, unrolled; --rolled keeps the loop), on ever
     rows (all ranks), then MiniMax's RoPE at the tokens' positions
 
 A layer's x takes a zero made from the layer before's q, so the norm calls run in layer
-order on every rank, as a model's layers do. One jitted function runs every layer; it is
-timed over --steps calls (the positions advancing by one a step) and the time per layer
-printed. On a GPU the norm launches our
-kernels on XLA's stream (transport "ipc" by default); on JAX's CPU backend it runs
-transport "mpi" on the host.
+order on every rank, as a model's layers do (a real model's next input depends on the last
+layer anyway; here a NaN in that q would reach x). One jitted function runs every layer;
+it is timed over --steps calls (the positions advancing by one a step) and the time per
+layer printed. On a GPU the norm launches our kernels on XLA's stream (transport "ipc" by
+default); on JAX's CPU backend it runs transport "mpi" on the host.
 
 --check compares the last layer's q and k with the float64 reference (rank 0, from the
 gathered shards) and that v is the projection; PASS or FAIL (exit 1). The inputs lie on
