@@ -43,7 +43,7 @@ KNOBS = {k.name: k for k in (
     Knob("CUPY_QKNORM_CACHE_SPLIT_FROM", None, 1, None, "tuning",
          "tokens a launch from which \"ipc\" writes the KV cache in a second launch (a "
          "block a token) after the fused kernel without the cache, instead of in the fused "
-         "kernel's epilogue (default 1024 for an FP8 cache, 4096 for the data's dtype; "
+         "kernel's epilogue (default 1536 for an FP8 cache, 4096 for the data's dtype; "
          "more than max_tokens: never)"),
     Knob("CUPY_QKNORM_TRACE", 0, 0, 1, "diagnostic",
          "1 builds the fused kernel with per-block cycle counts (scripts/trace_fused.py)"),

@@ -276,11 +276,11 @@ def test_the_cache_split_is_ipc_only_and_a_knob(mem, monkeypatch):
             assert all("SameCache<128>" in c["name"] for c in cuda.launches
                        if c["kind"] in ("fused", "apply"))
     monkeypatch.delenv("CUPY_QKNORM_CACHE_SPLIT_FROM")
-    # the defaults: from 1024 tokens a launch for an FP8 cache, 4096 for the data's dtype
-    with fake("ipc", KVCache(16, HEAD, "float8_e4m3fn"), max_tokens=1100) as (n, cuda):
-        assert n._transport.split_from == 1024 and n._transport._k_scratch is not None
-        go(n, call_arrays(mem, 1023, blocks=64, cache=np.uint8))
-        go(n, call_arrays(mem, 1024, blocks=64, cache=np.uint8))
+    # the defaults: from 1536 tokens a launch for an FP8 cache, 4096 for the data's dtype
+    with fake("ipc", KVCache(16, HEAD, "float8_e4m3fn"), max_tokens=1600) as (n, cuda):
+        assert n._transport.split_from == 1536 and n._transport._k_scratch is not None
+        go(n, call_arrays(mem, 1535, blocks=96, cache=np.uint8))
+        go(n, call_arrays(mem, 1536, blocks=96, cache=np.uint8))
         assert cuda.kinds() == ["fused", "fused", "cache_write"]
     with fake("ipc", kv, max_tokens=4095) as (n, cuda):
         assert n._transport.split_from == 4096 and n._transport._k_scratch is None
