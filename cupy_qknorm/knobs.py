@@ -23,6 +23,12 @@ class Knob:
     doc: str
 
 
+# CUPY_QKNORM_CACHE_SPLIT_FROM's defaults, by the KV cache's dtype: where the second
+# launch was faster on H200 at G=1 (BENCHMARKS.md). FP8: from 1536 (the fused kernel's
+# conversion costs it registers, and blocks an SM; at 1024 and 1280 the epilogue was still
+# 1.02-1.04x faster); the data's dtype: from 4096 (even there, 1.05x faster at 16384).
+CACHE_SPLIT_FROM = {"fp8": 1536, "data": 4096}
+
 KNOBS = {k.name: k for k in (
     Knob("CUPY_QKNORM_PDL", 1, 0, 1, "production",
          "0 launches the fused kernel without programmatic dependent launch (sm_90+), "
@@ -43,8 +49,8 @@ KNOBS = {k.name: k for k in (
     Knob("CUPY_QKNORM_CACHE_SPLIT_FROM", None, 1, None, "tuning",
          "tokens a launch from which \"ipc\" writes the KV cache in a second launch (a "
          "block a token) after the fused kernel without the cache, instead of in the fused "
-         "kernel's epilogue (default 1536 for an FP8 cache, 4096 for the data's dtype; "
-         "more than max_tokens: never)"),
+         f"kernel's epilogue (default {CACHE_SPLIT_FROM['fp8']} for an FP8 cache, "
+         f"{CACHE_SPLIT_FROM['data']} for the data's dtype; more than max_tokens: never)"),
     Knob("CUPY_QKNORM_TRACE", 0, 0, 1, "diagnostic",
          "1 builds the fused kernel with per-block cycle counts (scripts/trace_fused.py)"),
     Knob("CUPY_QKNORM_DEBUG", 0, 0, 1, "diagnostic",

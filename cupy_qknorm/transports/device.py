@@ -21,11 +21,8 @@ from .cuda import Cuda
 
 HOST_WORDS = 16  # the error record, then words of the transport's own (nccl's watchdog)
 # {cache kind: tokens a launch from which a transport with SPLIT_CACHE writes the KV cache
-# by a second launch}: where that was faster on H200 at G=1 (BENCHMARKS.md). FP8: from
-# 1536 (the fused kernel's conversion costs it registers, and blocks an SM; at 1024 and
-# 1280 the epilogue was still 1.02-1.04x faster); the data's dtype: from 4096 (even there,
-# 1.05x faster at 16384)
-SPLIT_FROM = {1: 4096, 2: 1536}
+# by a second launch} (kind 1: the data's dtype, 2: FP8; the knob's defaults)
+SPLIT_FROM = {1: knobs.CACHE_SPLIT_FROM["data"], 2: knobs.CACHE_SPLIT_FROM["fp8"]}
 
 
 class Chunk(NamedTuple):

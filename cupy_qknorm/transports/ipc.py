@@ -15,7 +15,7 @@ from .device import DeviceTransport
 class IpcTransport(DeviceTransport):
     name = "ipc"
     KINDS = ("fused",)
-    PDL_KINDS = ("fused",)  # it waits (griddepcontrol.wait) before touching memory
+    PDL_KINDS = ("fused",)  # it waits (griddepcontrol.wait) before using memory
     # the wide layout with a cache holds 2 blocks an SM where the fused kernel without one
     # holds 3: on long launches norm + RoPE and then the cache write, a block a token, is
     # faster (device.SPLIT_FROM)
