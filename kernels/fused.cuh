@@ -241,11 +241,16 @@ __global__ void __launch_bounds__(Tile::kThreads,
   __shared__ Trace::Data trace_data;
   Trace tr;
   tr.start(&trace_data);
+  const long long step = gridDim.x;
+  long long t = blockIdx.x;
+  using TokenAngles = typename Impl::TokenAngles;
+  PositionWords early{-1, 0};  // RoPE: the first token's position, as read before the wait
+  if constexpr (TokenAngles::kOn) {
+    if (t < p.tokens) early = TokenAngles::early_position(p, t);
+  }
   grid_dependency_wait();  // the previous kernel of the stream is complete from here on
   allow_dependents();      // the next launch may start its own wait now
   tr.passed();
-  const long long step = gridDim.x;
-  long long t = blockIdx.x;
   if (t >= p.tokens) return;
   Weights<Weight, typename Impl::RowLayout> wt;
   wt.load(p);
@@ -265,6 +270,9 @@ __global__ void __launch_bounds__(Tile::kThreads,
   for (int i = 0; i + 1 < kDepth; ++i) {
     if (t + i * step < p.tokens) Impl::load(p, rows[i], t + i * step, pend[i]);
     else Impl::TokenRow::skip();
+    if constexpr (TokenAngles::kOn) {
+      if (i == 0) TokenAngles::prefetch_early(p, early);  // behind the first row's loads
+    }
   }
   Impl::template push<kDepth - 2>(p, rows[0], t, pend[0], sh.scratch[0], tr);
   tr.pushed();

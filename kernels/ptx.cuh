@@ -37,7 +37,9 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
 // Programmatic dependent launch (sm_90+): the host launches the fused kernel with the
 // programmatic-serialization attribute, so it may start while the previous kernel of the
 // stream is still running. Nothing before grid_dependency_wait() may read memory that an
-// earlier kernel writes; after it, everything of the previous kernel is visible.
+// earlier kernel writes, except to steer a prefetch (rope.cuh's early_position: read
+// through L2, its value picks only the lines); after it, everything of the previous
+// kernel is visible.
 __device__ __forceinline__ void grid_dependency_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -57,9 +59,20 @@ __device__ __forceinline__ void copy_async16(void* dst_shared, const void* src) 
   const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(dst_shared));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
-// Asks L2 for the 128-byte line holding `p` (no register waits for it).
+// Asks L2 (or this SM's L1 and L2) for the 128-byte line holding `p` (no register waits
+// for it).
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+}
+// A word read through L2 only (ld.global.cg): no line of it is left in this SM's L1, where
+// a later plain load could find it stale.
+__device__ __forceinline__ int load_cg(const int* p) {
+  int v;
+  asm volatile("ld.global.cg.b32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
 }
 __device__ __forceinline__ void copy_async_commit() {
   asm volatile("cp.async.commit_group;" ::: "memory");

@@ -123,6 +123,9 @@ struct Angles {
     int row;
   };
 
+  // lines a row of cos_sin touches (+ 1: a row need not start a line)
+  static constexpr int kPrefetchLines = (kRotary * 4 + 127) / 128 + 1;
+
   float c[kAngles], s[kAngles];
 
   static __device__ __forceinline__ int place(int j) {  // vector j's index in its head
@@ -138,9 +141,38 @@ struct Angles {
   // table larger than L2 (MiniMax's is 48 MiB) a row read from memory at finish() was a
   // DRAM latency on every token's path.
   static __device__ __forceinline__ void prefetch(const Params& p, int row) {
-    constexpr int kLines = (kRotary * 4 + 127) / 128 + 1;  // + 1: a row need not start a line
-    if (row >= 0 && threadIdx.x < kLines)
+    if (row >= 0 && threadIdx.x < kPrefetchLines)
       prefetch_l2(p.cos_sin + (long long)row * kRotary +
+                  min((int)threadIdx.x * 32, kRotary - 1));
+  }
+
+  // Before grid_dependency_wait (PDL): token t's position, read only to steer a prefetch
+  // of its cos_sin row into this SM's L1 (prefetch_early) while the first rows load. With
+  // one token a block (decode) the angles' load in finish() was otherwise an L2 latency
+  // after the row's sums, hidden at G >= 2 by the wait for the peers but not at G = 1.
+  // The word may be the previous kernel's, still being written: it is read through L2
+  // (load_cg: nothing of it stays in L1 for the read after the wait to find stale), and
+  // whatever it holds only picks the lines prefetched; the angles used are those of the
+  // position read after the wait, from a table that never changes. Threads of the first
+  // few, one line each, as prefetch() does.
+  static __device__ __forceinline__ PositionWords early_position(const Params& p,
+                                                                 long long t) {
+    PositionWords w{-1, 0};
+    if (threadIdx.x < kPrefetchLines) {
+      const int* at = static_cast<const int*>(p.positions);
+      if (p.position_bytes == 8) {
+        w.lo = load_cg(at + 2 * t);
+        w.hi = load_cg(at + 2 * t + 1);
+      } else {
+        w.lo = load_cg(at + t);
+      }
+    }
+    return w;
+  }
+  static __device__ __forceinline__ void prefetch_early(const Params& p, PositionWords w) {
+    const int row = angle_row(p, w);
+    if (row >= 0 && threadIdx.x < kPrefetchLines)
+      prefetch_l1(p.cos_sin + (long long)row * kRotary +
                   min((int)threadIdx.x * 32, kRotary - 1));
   }
 

@@ -24,10 +24,12 @@ def table_of(rows, rotary_dim, theta):
     return ref.rope_table(rows, rotary_dim, theta)
 
 
-def rope_case(comm, seed, tokens, dtype, rope=MINIMAX, wdtype=None, eps=1e-6, weights=None):
+def rope_case(comm, seed, tokens, dtype, rope=MINIMAX, wdtype=None, eps=1e-6, weights=None,
+              positions=None):
     """Shards of (q, k, q_weight, k_weight), positions on the device, and this rank's
     slices of the reference (y, magnitude) for q and k. `weights`: the full (q_weight,
-    k_weight) to use instead of the seed's."""
+    k_weight) to use instead of the seed's; `positions`: the tokens' (numpy) instead of
+    the seed's."""
     import cupy
     q_dim, k_dim = dims_for(comm.size)
     q, k, qw, kw, _, _ = ref.make_case(seed, tokens, q_dim, k_dim, dtype, wdtype, eps)
@@ -40,6 +42,8 @@ def rope_case(comm, seed, tokens, dtype, rope=MINIMAX, wdtype=None, eps=1e-6, we
         pos[0] = rows - 1           # the table's last row
     if tokens > 1:
         pos[1] = 0
+    if positions is not None:
+        pos = np.asarray(positions)
     table = rope.table.get() if rope.table is not None else \
         table_of(rows, rope.rotary_dim, float(rope.theta))
     wdt = wdtype or dtype
@@ -225,6 +229,36 @@ def test_rope_graph_replays_with_new_positions(comm, transport):
             stream.synchronize()
         norm.synchronize()
         del graph
+
+
+@pytest.mark.parametrize("transport", ["ipc", "nccl"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_positions_written_just_before_each_call(comm, transport, tokens):
+    """Each call's positions are written into one buffer by the kernel launched just
+    before it on the same stream (a copy, no synchronization). The fused kernel may start
+    while that copy runs (PDL) and reads its first position before its wait, to prefetch
+    the angles: it rotates by the positions written, never by those they replace."""
+    import cupy
+    dtype = "bfloat16"
+    q_dim, k_dim = dims_for(comm.size)
+    _, _, qw, kw, _, _ = ref.make_case(3, 1, q_dim, k_dim, dtype)
+    rows = MINIMAX.rows()
+    picks = np.random.default_rng(90).permutation(rows)[:6 * tokens].reshape(6, tokens)
+    cases = [rope_case(comm, 70 + i, tokens, dtype, weights=(qw, kw), positions=picks[i])
+             for i in range(6)]  # every call's first position differs from the last's
+    with TPQKNorm(comm, q_dim, k_dim, dtype, max_tokens=64, transport=transport,
+                  rope=MINIMAX) as norm:
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            pin = cupy.empty_like(cases[0][1])
+            outs = [(poisoned(qs, dtype), poisoned(ks, dtype)) for (qs, ks, _, _), _, _ in cases]
+            for ((qs, ks, qws, kws), pos, _), out in zip(cases, outs):
+                pin[...] = pos  # a copy kernel, then the call at once
+                norm(qs, ks, qws, kws, out=out, positions=pin)
+            stream.synchronize()
+        norm.synchronize()
+    for i, ((_, _, mine), out) in enumerate(zip(cases, outs)):
+        assert_rope_close(comm, list(out), mine, dtype, f"call {i}")
 
 
 @pytest.mark.parametrize("transport", ["ipc", "nccl"])
