@@ -1,6 +1,7 @@
 """A MiniMax-M2-shaped attention prologue in ONE jax.jit, over G tensor-parallel ranks:
 
     mpiexec -n G python examples/jax_prologue.py [--tokens 16] [--layers 4] [--check]
+                                                 [--pipelined] [--no-norm]
 
 Per layer (lax.scan over the layers, unrolled; --rolled keeps the loop), on every rank:
 
@@ -12,7 +13,10 @@ A layer's x takes a zero made from the layer before's q, so the norm calls run i
 order on every rank, as a model's layers do (a real model's next input depends on the last
 layer anyway; here a NaN in that q would reach x). One jitted function runs every layer;
 it is timed over --steps calls (the positions advancing by one a step) and the time per
-layer printed. On a GPU the norm launches our kernels on XLA's stream (transport "ipc" by
+layer printed: a step's latency, each step waited for. --pipelined also times steps
+dispatched back to back as a serving loop runs them (each step's positions a new array,
+the last one's plus one), and says how many norm calls XLA captured again meanwhile;
+--no-norm leaves the norm out (q and k as projected), to time the rest alone. On a GPU the norm launches our kernels on XLA's stream (transport "ipc" by
 default); on JAX's CPU backend it runs transport "mpi" on the host.
 
 --check compares the last layer's q and k with the float64 reference (rank 0, from the
@@ -59,12 +63,19 @@ def parse(argv=None):
     p.add_argument("--rolled", dest="unroll", action="store_false",
                    help="keep lax.scan's loop (default: unrolled, one straight program XLA "
                         "can capture whole in a command buffer)")
+    p.add_argument("--pipelined", action="store_true",
+                   help="also time --steps steps dispatched back to back, waited for once "
+                        "(on a GPU)")
+    p.add_argument("--no-norm", dest="norm", action="store_false",
+                   help="leave the norm out (q and k as projected): the rest's time alone")
     p.add_argument("--check", action="store_true",
                    help="compare the last layer with the float64 reference; exit 1 on FAIL")
     args = p.parse_args(argv)
     for name in ("tokens", "layers", "steps", "hidden"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    if args.check and not args.norm:
+        p.error("--check needs the norm (not with --no-norm)")
     return args
 
 
@@ -115,7 +126,9 @@ def main(argv=None):
                 # does not do it: XLA removes it before scheduling)
                 xl = x + before * 0
                 qkv = jnp.dot(xl, w, preferred_element_type=jnp.float32).astype(bf16)
-                q, k = qk(qkv[:, :ql], qkv[:, ql:ql + kl], qw, kw, pos, in_place=True)
+                q, k = qkv[:, :ql], qkv[:, ql:ql + kl]
+                if args.norm:
+                    q, k = qk(q, k, qw, kw, pos, in_place=True)
                 return q[0, 0], (q, k, qkv[:, ql + kl:])
             return jax.lax.scan(layer, jnp.zeros((), bf16), (w, qw, kw),
                                 unroll=args.unroll)[1]
@@ -135,9 +148,30 @@ def main(argv=None):
         if r == 0:
             print(f"G={g} T={args.tokens} layers={args.layers} "
                   f"({'unrolled' if args.unroll else 'rolled'}) on {who} ({backend}, "
-                  f"transport {qk.transport!r}): {per_layer:.1f} us a layer in one jit "
-                  f"(median of {args.steps}); XLA captured {qk.captured_calls} norm calls "
-                  f"into command buffers")
+                  f"transport {qk.transport!r}){'' if args.norm else ', no norm'}: "
+                  f"{per_layer:.1f} us a layer in one jit (median of {args.steps}); XLA "
+                  f"captured {qk.captured_calls} norm calls into command buffers")
+        if args.pipelined and backend != "gpu":
+            if r == 0:  # a step does not wait for the last: the CPU may run both at once
+                print("pipelined: GPU only (JAX's CPU backend may run two steps at once)")
+        elif args.pipelined:
+            advance = jax.jit(lambda p: p + 1)
+            captured, runs = qk.captured_calls, []
+            for _ in range(5):
+                pos = jax.device_put(jnp.asarray(pos0, jnp.int32), dev)
+                t = time.perf_counter()
+                with qk.errors():
+                    for _ in range(args.steps):  # nothing waited for until the last
+                        out = prologue(jx, jw, jqw, jkw, pos)
+                        pos = advance(pos)
+                    jax.block_until_ready(out)
+                runs.append((time.perf_counter() - t) / args.steps)
+            qk.synchronize(*out)
+            if r == 0:
+                print(f"pipelined: {statistics.median(runs) * 1e6 / args.layers:.1f} us a "
+                      f"layer ({args.steps} steps back to back, median of 5); XLA captured "
+                      f"{qk.captured_calls - captured} of {5 * args.steps * args.layers} "
+                      f"norm calls again")
         if not args.check:
             return 0
         q, k, v = (np.asarray(a[-1].astype(jnp.float32)) for a in out)

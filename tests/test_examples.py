@@ -151,9 +151,23 @@ def test_jax_prologue_checks_at_two_ranks(scan):
     from the last's q): JAX's CPU backend ran independent calls at once before it."""
     pytest.importorskip("jax", reason="needs jax (pip install -e '.[jax]')")
     r = run_mpi(2, "examples/jax_prologue.py", "--check", "--tokens", "3", "--layers", "3",
-                "--steps", "2", "--hidden", "256", *(["--rolled"] if scan == "rolled" else []))
+                "--steps", "2", "--hidden", "256", "--pipelined",
+                *(["--rolled"] if scan == "rolled" else []))
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith(f"G=2 T=3 layers=3 ({scan}) on CPU (cpu, transport 'mpi'): "), \
         lines
+    assert lines[1].startswith("pipelined: GPU only"), lines
     assert lines[-1].startswith("PASS"), lines
+
+
+@pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install mpich)")
+def test_jax_prologue_without_the_norm():
+    """--no-norm times the layers without the norm; --check with it is refused."""
+    pytest.importorskip("jax", reason="needs jax (pip install -e '.[jax]')")
+    r = run_mpi(2, "examples/jax_prologue.py", "--no-norm", "--tokens", "3", "--layers", "2",
+                "--steps", "1", "--hidden", "256")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(cpu, transport 'mpi'), no norm: " in r.stdout, r.stdout
+    r = run_mpi(1, "examples/jax_prologue.py", "--no-norm", "--check")
+    assert r.returncode == 2 and "--check needs the norm" in r.stderr, r.stderr
