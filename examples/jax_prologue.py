@@ -16,8 +16,9 @@ it is timed over --steps calls (the positions advancing by one a step) and the t
 layer printed: a step's latency, each step waited for. --pipelined also times steps
 dispatched back to back as a serving loop runs them (each step's positions a new array,
 the last one's plus one), and says how many norm calls XLA captured again meanwhile;
---no-norm leaves the norm out (q and k as projected), to time the rest alone. On a GPU the norm launches our kernels on XLA's stream (transport "ipc" by
-default); on JAX's CPU backend it runs transport "mpi" on the host.
+--no-norm leaves the norm out (q and k as projected), to time the rest alone. On a GPU
+the norm launches our kernels on XLA's stream (transport "ipc" by default); on JAX's CPU
+backend it runs transport "mpi" on the host.
 
 --check compares the last layer's q and k with the float64 reference (rank 0, from the
 gathered shards) and that v is the projection; PASS or FAIL (exit 1). The inputs lie on
