@@ -22,6 +22,16 @@ def test_knob_table_matches_the_module():
     assert knobs.table() in text  # test_knobs: the table names every knob
 
 
+@pytest.mark.parametrize("doc", ["docs/kvcache.md", "docs/design.md", "BENCHMARKS.md"])
+def test_docs_state_the_cache_split_defaults(doc):
+    """The prose that states from how many tokens a launch "ipc" writes the KV cache apart
+    says knobs.CACHE_SPLIT_FROM's numbers (FP8's, then the data dtype's)."""
+    text = " ".join((ROOT / doc).read_text().split())
+    fp8, data = knobs.CACHE_SPLIT_FROM["fp8"], knobs.CACHE_SPLIT_FROM["data"]
+    assert re.search(rf"\b{fp8}\b[^.;]{{0,40}}FP8[^.;]{{0,20}}\b{data}\b[^.;]{{0,20}}data's",
+                     text), f"{doc} does not state the split defaults {fp8} (FP8), {data}"
+
+
 TRACKED = [p for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts
            and ".venv" not in p.parts and "__pycache__" not in p.parts
            and p.suffix in (".md", ".py", ".cu", ".cuh", ".sh", ".toml")
