@@ -54,6 +54,7 @@ struct Fused {
   using TokenAngles = Angles<RowLayout, Rope>;
   using Slot = TokenCache<Elem, Cache>;
   using Values = ValueRow<Elem, Cache, Slice::kK, kThreads>;
+  using Scales = CacheScales<Cache>;
   static constexpr int kStageVectors = Tile::kStaged ? RowLayout::kSlots * kThreads : 0;
 
   // One set per row: a set is rewritten only by the next push() and finish() of the same
@@ -63,6 +64,8 @@ struct Fused {
     float2 scratch[kDepth][kWarps];
     float2 scale[kDepth];
     int ok[kDepth];
+    // the token's row in the caches, or -1 (nothing without a cache)
+    typename Pick<Cache::kOn, long long[kDepth], Constant<0>>::type at;
   };
 
   // A token between load() and finish(): the slot's use and the sums as warp 0 knows
@@ -163,8 +166,8 @@ struct Fused {
   template <class TokenWeights>
   static __device__ __forceinline__ void finish(const Params& p, const TokenRow& row,
                                                 long long t, const Pending& pending,
-                                                const TokenWeights& wt, Shared& sh, int set,
-                                                Trace& tr) {
+                                                const TokenWeights& wt, const Scales& scales,
+                                                Shared& sh, int set, Trace& tr) {
     TokenAngles angles;  // loaded while warp 0 waits for the partials
     if constexpr (TokenAngles::kOn) angles.load(p, pending.pos.row);
     if (threadIdx.x < 32) {
@@ -199,6 +202,7 @@ struct Fused {
       if (lane == 0) {
         sh.scale[set] = inv_rms(p, sq, sk);
         sh.ok[set] = ok;
+        if constexpr (Cache::kOn) sh.at[set] = pending.cache.row(p);
         if (World > 1) p.counters[t] = uses + 1;
       }
     }
@@ -211,8 +215,9 @@ struct Fused {
     }
     if constexpr (Cache::kOn) {
       if (!sh.ok[set]) return;
-      const Slot& cache = pending.cache;
-      const long long at = cache.row(p);  // -1: no cache row (padding, or a bad slot)
+      Slot cache = pending.cache;
+      cache.scales = scales;
+      const long long at = sh.at[set];  // -1: no cache row (padding, or a bad slot)
       row.scale_store(p, t, sh.scale[set], wt, angles, cache, at);
       if (at >= 0) pending.values.store(p, at, cache);
       else if (threadIdx.x == 0 && cache.bad(p)) record_slot_error(p, cache.slot, t);
@@ -254,6 +259,8 @@ __global__ void __launch_bounds__(Tile::kThreads,
   if (t >= p.tokens) return;
   Weights<Weight, typename Impl::RowLayout> wt;
   wt.load(p);
+  typename Impl::Scales scales;
+  scales.load(p);
   // Row i of the ring holds token t + ((i - phase) mod depth) * step. Each phase is its
   // own copy of the code (a compiler loop kept depth 2 in local memory), so every index
   // into the ring is a constant and the rows stay in registers. Every phase loads one row
@@ -274,6 +281,7 @@ __global__ void __launch_bounds__(Tile::kThreads,
       if (i == 0) TokenAngles::prefetch_early(p, early);  // behind the first row's loads
     }
   }
+  scales.prepare();  // its reads were issued before the rows'
   Impl::template push<kDepth - 2>(p, rows[0], t, pend[0], sh.scratch[0], tr);
   tr.pushed();
   // Phase `cur` finishes token t (row cur), after loading token t + (depth - 1) step into
@@ -289,7 +297,7 @@ __global__ void __launch_bounds__(Tile::kThreads,
     if (next < p.tokens)
       Impl::template push<kDepth - 2>(p, rows[pushed], next, pend[pushed], sh.scratch[pushed],
                                       tr);
-    Impl::finish(p, rows[cur], t, pend[cur], wt, sh, cur, tr);
+    Impl::finish(p, rows[cur], t, pend[cur], wt, scales, sh, cur, tr);
     t += step;
     return t < p.tokens;
   };

@@ -9,7 +9,7 @@
 // pool has block_size 1). s = -1 writes nothing (padding). A slot below -1 or at or past
 // num_slots writes nothing and records kErrorSlot, naming the token: the host raises
 // SlotError. FP8 caches hold fp8_e4m3(value / scale): the quotient as IEEE fp32 division
-// rounds it (fp32_quotient), then round to nearest even, saturating at +-448, every NaN as
+// rounds it (Fp8Divisor), then round to nearest even, saturating at +-448, every NaN as
 // 0x7F (cvt.rn.satfinite, sm_89+).
 #pragma once
 
@@ -46,18 +46,45 @@ __device__ __forceinline__ unsigned int fp8x2(float lo, float hi) {
 #endif
 }
 
-// x / scale rounded to fp32 as IEEE division rounds it (to nearest even), from the
-// rounded fp64 reciprocal r = 1 / scale: fp32(fp64(x * r)), three instructions and no
-// branch where __fdiv_rn takes a dozen and a slow path. Exact: x * r in fp64 is x / scale
-// within 2^-52 relative (two roundings, and no fp64 underflow or overflow for fp32 x and
-// scale), and an exact quotient of two fp32 numbers never lies within 2^-49 relative of
-// a midpoint between fp32 neighbours (a midpoint times scale needs 25 or more bits; x has
-// 24), so the fp64 value rounds to fp32 on the same side. Quotients in fp32's subnormal
-// range may round differently, but every one is an FP8 zero of the same sign either way;
-// zeros, infinities and NaNs follow IEEE division (0 * inf = NaN as 0 / 0).
-__device__ __forceinline__ float fp32_quotient(float x, double r) {
-  return __double2float_rn(static_cast<double>(x) * r);
-}
+// One FP8 cache's scale, ready to divide by: read once a block (a call's scales hold still
+// while it runs) and its reciprocal worked out once, not for every vector stored.
+struct Fp8Divisor {
+  float s;   // the scale
+  double r;  // 1 / s rounded to fp64
+
+  __device__ __forceinline__ void prepare() { r = __drcp_rn(static_cast<double>(s)); }
+  // x / s rounded to fp32 as IEEE division rounds it (to nearest even): fp32(fp64(x * r)),
+  // three instructions and no branch where __fdiv_rn takes a dozen and a slow path.
+  // Exact: x * r in fp64 is x / s within 2^-52 relative (two roundings, and no fp64
+  // underflow or overflow for fp32 x and s), and an exact quotient of two fp32 numbers
+  // never lies within 2^-49 relative of a midpoint between fp32 neighbours (a midpoint
+  // times s needs 25 or more bits; x has 24), so the fp64 value rounds to fp32 on the same
+  // side. Quotients in fp32's subnormal range may round differently, but every one is an
+  // FP8 zero of the same sign either way; zeros, infinities and NaNs follow IEEE division
+  // (0 * inf = NaN as 0 / 0).
+  __device__ __forceinline__ float divide(float x) const {
+    return __double2float_rn(static_cast<double>(x) * r);
+  }
+};
+
+// The scales of both caches (FP8), loaded once a block: load() issues the reads, prepare()
+// waits for them. Nothing for a cache of the data's dtype.
+template <class Cache>
+struct CacheScales {
+  Fp8Divisor k, v;
+  __device__ __forceinline__ void load(const Params& p) {
+    if constexpr (Cache::kKind == kCacheFp8) {
+      k.s = p.k_scale_at != nullptr ? *p.k_scale_at : p.k_scale;
+      v.s = p.v_scale_at != nullptr ? *p.v_scale_at : p.v_scale;
+    }
+  }
+  __device__ __forceinline__ void prepare() {
+    if constexpr (Cache::kKind == kCacheFp8) {
+      k.prepare();
+      v.prepare();
+    }
+  }
+};
 
 // One 16-byte data vector into the cache: the same bytes, or its FP8 conversion (8 bytes
 // for 16-bit data, 4 for fp32) after the division by the scale.
@@ -67,18 +94,17 @@ struct CacheVector {
   static constexpr int kElemBytes = Cache::kKind == kCacheFp8 ? 1 : (int)sizeof(Elem);
 
   static __device__ __forceinline__ void store(void* cache, long long at, uint4 v,
-                                               float scale) {
+                                               const Fp8Divisor& d) {
     char* dst = static_cast<char*>(cache) + at * kElemBytes;
     if constexpr (Cache::kKind == kCacheSame) {
       *reinterpret_cast<uint4*>(dst) = v;
     } else {
       float f[kElems];
       Vec<Elem>::unpack(v, f);
-      const double r = __drcp_rn(static_cast<double>(scale));
       unsigned int b[kElems / 2];
 #pragma unroll
       for (int i = 0; i < kElems / 2; ++i)
-        b[i] = fp8x2(fp32_quotient(f[2 * i], r), fp32_quotient(f[2 * i + 1], r));
+        b[i] = fp8x2(d.divide(f[2 * i]), d.divide(f[2 * i + 1]));
       if constexpr (kElems == 8) {
         *reinterpret_cast<uint2*>(dst) = make_uint2(b[0] | b[1] << 16, b[2] | b[3] << 16);
       } else {
@@ -94,23 +120,19 @@ struct NoTokenCache {
   __device__ __forceinline__ void store_k(const Params&, long long, int, uint4) const {}
 };
 
-// One token's place in the caches and the scales, loaded with the token (every thread
-// loads the same words) and resolved once its row is stored. Empty without a cache.
+// One token's place in the caches, loaded with the token (every thread loads the same
+// word) and resolved once its row is stored, and the block's scales (set before the
+// stores). Empty without a cache.
 template <class Elem, class Cache>
 struct TokenCache {
   static constexpr bool kOn = Cache::kOn;
   long long slot;
-  float k_scale, v_scale;
+  CacheScales<Cache> scales;
 
   __device__ __forceinline__ void load(const Params& p, long long t) {
-    if constexpr (kOn) {
+    if constexpr (kOn)
       slot = p.slot_bytes == 8 ? static_cast<const long long*>(p.slot_mapping)[t]
                                : (long long)static_cast<const int*>(p.slot_mapping)[t];
-      if constexpr (Cache::kKind == kCacheFp8) {
-        k_scale = p.k_scale_at != nullptr ? *p.k_scale_at : p.k_scale;
-        v_scale = p.v_scale_at != nullptr ? *p.v_scale_at : p.v_scale;
-      }
-    }
   }
   __device__ __forceinline__ bool bad(const Params& p) const {
     return slot < -1 || slot >= p.num_slots;
@@ -129,7 +151,7 @@ struct TokenCache {
   __device__ __forceinline__ void store_k(const Params& p, long long at, int offset,
                                           uint4 v) const {
     if constexpr (kOn) CacheVector<Elem, Cache>::store(p.k_cache, at + place(p, offset), v,
-                                                       k_scale);
+                                                       scales.k);
   }
 };
 
@@ -171,7 +193,7 @@ struct ValueRow {
         if (i < kVectors)
           CacheVector<Elem, Cache>::store(p.v_cache, at + TokenCache<Elem, Cache>::place(
                                                               p, i * kElems),
-                                          x[u], tc.v_scale);
+                                          x[u], tc.scales.v);
       }
     }
   }

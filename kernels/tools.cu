@@ -181,6 +181,8 @@ __global__ void __launch_bounds__(Warps * 32) cache_write(const Params p) {
   using Slot = TokenCache<Elem, Cache>;
   grid_dependency_wait();  // the norm's rows and error record are complete from here on
   const bool failed = exchange_failed(p);  // waited for at the first token's check
+  CacheScales<Cache> scales;
+  scales.load(p);
   for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
     PositionWords words = {0, 0};
     if (p.positions != nullptr) words = load_position(p, t);
@@ -196,8 +198,10 @@ __global__ void __launch_bounds__(Warps * 32) cache_write(const Params p) {
       const int i = (int)threadIdx.x + u * kThreads;
       if (i < kVectors) x[u] = k[i];
     }
+    if (t == blockIdx.x) scales.prepare();  // behind the first token's loads
     if (failed) return;
     if (p.positions != nullptr && angle_row(p, words) < 0) continue;
+    slot.scales = scales;
     const long long at = slot.row(p);
     if (at < 0) {
       if (threadIdx.x == 0 && slot.bad(p)) record_slot_error(p, slot.slot, t);

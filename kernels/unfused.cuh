@@ -174,6 +174,8 @@ __global__ void __launch_bounds__(Warps * 32, Rope::kStyle == kRopeNone ? 0 : 1)
   const bool failed = exchange_failed(p);
   Weights<Weight, RowLayout> wt;
   wt.load(p);
+  CacheScales<Cache> scales;
+  scales.load(p);
   const HeaderVerdict v = read_header(p);
   if (__any_sync(0xffffffffu, failed)) return;
   const bool first = blockIdx.x == 0 && threadIdx.x == 0;
@@ -185,11 +187,13 @@ __global__ void __launch_bounds__(Warps * 32, Rope::kStyle == kRopeNone ? 0 : 1)
   // Failures are recorded once, after the loop: a record_error inside it made ptxas spill.
   int bad = -1;  // a row whose position is out of range
   long long bad_slot = 0, bad_slot_token = -1;  // a row whose slot is outside the cache
+  scales.prepare();
   Row<RowLayout> row;
   for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
     PositionWords words;
     if constexpr (TokenAngles::kOn) words = load_position(p, t);
     Slot slot;
+    slot.scales = scales;
     Values values;
     if constexpr (Cache::kOn) {
       slot.load(p, t);

@@ -6,7 +6,8 @@ of the caches keeps its poison. Layouts NHD, HND (a transposed view) and a token
 block sizes 16, 64 and 1; slot -1 holes; chunked T; strided qkv views; store_k=False;
 CUDA graph replays with new slots, positions and scales; a slot outside the cache; a
 position outside the table; the separate cache write (the bench's baseline) against the
-fused one. "ipc" runs both ways of writing the cache: by a second launch after the fused
+fused one; the FP8 division itself against IEEE fp32 division for every fp32 value.
+"ipc" runs both ways of writing the cache: by a second launch after the fused
 kernel without the cache (its default in long launches; "ipc" here at every T) and in
 the fused kernel's epilogue ("ipc-fused" here at every T). The k outputs are
 checked against the float64 reference as in test_rope.py. Run by scripts/gpu_suite.sh."""
@@ -456,3 +457,53 @@ def test_separate_cache_write_matches_the_fused_one(comm, cache):
     agree(comm, bool((o1[1] == o2[1]).all()), "the k outputs differ")
     agree(comm, bool((caches[0] == caches[2]).all()) and bool((caches[1] == caches[3]).all()),
           "the separate cache write wrote other bytes")
+
+
+DIVISION_CHECK = r'''
+#include "kvcache.cuh"
+// counts[0]: fp32 quotients other than IEEE division's (NaN as NaN), outside fp32's
+// subnormal quotients; counts[1]: FP8 bytes other than those of IEEE division's quotient
+extern "C" __global__ void division_check(float s, unsigned long long* counts) {
+  qknorm::Fp8Divisor d;
+  d.s = s;
+  d.prepare();
+  unsigned long long quotients = 0, bytes = 0;
+  const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
+  for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+       i < (1ull << 32); i += step) {
+    const float x = __uint_as_float((unsigned int)i);
+    const float q = d.divide(x), e = __fdiv_rn(x, s);
+    const bool same = __float_as_uint(q) == __float_as_uint(e) || (isnan(q) && isnan(e));
+    if (!same && !(fabsf(e) < 0x1p-126f)) ++quotients;
+    if (qknorm::fp8x2(q, 0.f) != qknorm::fp8x2(e, 0.f)) ++bytes;
+  }
+  atomicAdd(&counts[0], quotients);
+  atomicAdd(&counts[1], bytes);
+}
+'''
+
+
+def test_fp8_division_every_fp32_value(comm):
+    """The FP8 cache's division (kvcache.cuh's Fp8Divisor: fp32(fp64(x) * RN64(1 / scale)),
+    the reciprocal worked out once a block) against IEEE fp32 division on the GPU, for every
+    one of the 2^32 fp32 values x: the same quotient outside fp32's subnormal quotients, and
+    the same FP8 byte for every x, at 28 scales: powers of two and not, the extremes of
+    fp32, a subnormal, and what a device scale may hold besides (0, a negative, Inf,
+    NaN)."""
+    import cupy
+    from cupy_qknorm.params import KERNEL_DIR
+    kernel = cupy.RawModule(code=DIVISION_CHECK, options=("-std=c++17", f"-I{KERNEL_DIR}"),
+                            ).get_function("division_check")
+    rng = np.random.default_rng(11)
+    scales = np.concatenate([
+        [1.0, 3.0, 0.1, 448.0, 1 / 448, 7.123456, 2.0 ** -64, 2.0 ** 64, 1e-30, 1e30,
+         3.4e38, 1.2e-38, 1e-40, 0.0, -2.5, np.inf, np.nan],
+        rng.uniform(1e-3, 1e3, 6), 2.0 ** rng.uniform(-40, 40, 5)]).astype(np.float32)
+    off = []
+    for s in scales:
+        counts = cupy.zeros(2, cupy.uint64)
+        kernel((132 * 8,), (256,), (np.float32(s), counts))
+        quotients, fp8 = (int(c) for c in counts.get())
+        if quotients or fp8:
+            off.append(f"scale {s!r}: {quotients} quotients, {fp8} FP8 bytes")
+    agree(comm, not off, "; ".join(off[:4]))
