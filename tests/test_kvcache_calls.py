@@ -10,6 +10,7 @@ import pytest
 from mpi4py import MPI
 
 from cupy_qknorm import ClosedError, KVCache, RoPE, SlotError, TransportUnavailableError
+from cupy_qknorm.knobs import CACHE_SPLIT_FROM
 from cupy_qknorm.params import (CACHE, CACHE_OFFSET, ERROR_SLOT, FIELDS, FLAG_NO_K_STORE,
                                 PARAMS)
 from cupy_qknorm.tuning import Spec, representative_specs
@@ -276,14 +277,15 @@ def test_the_cache_split_is_ipc_only_and_a_knob(mem, monkeypatch):
             assert all("SameCache<128>" in c["name"] for c in cuda.launches
                        if c["kind"] in ("fused", "apply"))
     monkeypatch.delenv("CUPY_QKNORM_CACHE_SPLIT_FROM")
-    # the defaults: from 1536 tokens a launch for an FP8 cache, 4096 for the data's dtype
-    with fake("ipc", KVCache(16, HEAD, "float8_e4m3fn"), max_tokens=1600) as (n, cuda):
-        assert n._transport.split_from == 1536 and n._transport._k_scratch is not None
-        go(n, call_arrays(mem, 1535, blocks=96, cache=np.uint8))
-        go(n, call_arrays(mem, 1536, blocks=96, cache=np.uint8))
+    # the defaults (knobs.CACHE_SPLIT_FROM): one for an FP8 cache, one for the data's dtype
+    fp8, data = CACHE_SPLIT_FROM["fp8"], CACHE_SPLIT_FROM["data"]
+    with fake("ipc", KVCache(16, HEAD, "float8_e4m3fn"), max_tokens=fp8 + 64) as (n, cuda):
+        assert n._transport.split_from == fp8 and n._transport._k_scratch is not None
+        go(n, call_arrays(mem, fp8 - 1, blocks=fp8 // 16, cache=np.uint8))
+        go(n, call_arrays(mem, fp8, blocks=fp8 // 16, cache=np.uint8))
         assert cuda.kinds() == ["fused", "fused", "cache_write"]
-    with fake("ipc", kv, max_tokens=4095) as (n, cuda):
-        assert n._transport.split_from == 4096 and n._transport._k_scratch is None
+    with fake("ipc", kv, max_tokens=data - 1) as (n, cuda):
+        assert n._transport.split_from == data and n._transport._k_scratch is None
     monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT_FROM", "1")
     with fake("ipc", None, max_tokens=16) as (n, cuda):  # no cache: nothing to split
         a = call_arrays(mem, 16)

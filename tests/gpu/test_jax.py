@@ -202,7 +202,8 @@ def caches_match(comm, kv, heads, got, before, rows, slots, scales):
 
 def cache_transport(name, monkeypatch):
     """"ipc-apart": "ipc" writing the cache by a second launch at every T (its default
-    from 1536 tokens a launch with FP8; CUPY_QKNORM_CACHE_SPLIT_FROM, read at construction)."""
+    from knobs.CACHE_SPLIT_FROM's tokens a launch; CUPY_QKNORM_CACHE_SPLIT_FROM, read at
+    construction)."""
     if name == "ipc-apart":
         monkeypatch.setenv("CUPY_QKNORM_CACHE_SPLIT_FROM", "1")
     return name.split("-")[0]
