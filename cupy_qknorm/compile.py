@@ -197,11 +197,12 @@ def nvrtc_build(names, arch: str = "sm_90", build=None, source: str | None = Non
     try:
         for name in names:
             _check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
-        # CuPy's RawModule adds --device-as-default-execution-space: the same build here
-        # (NVRTC 13.0 refuses the fused kernel's generic lambda without it)
+        # CuPy's RawModule adds --device-as-default-execution-space (NVRTC 13.0 refuses the
+        # fused kernel's generic lambda without it) and -ftz=true (fp32 subnormals flushed
+        # to zero): the same build here
         argv = [o.encode() for o in (options(build) if opts is None else opts)] + [
             f"--gpu-architecture={arch}".encode(), b"--ptxas-options=-v",
-            b"--device-as-default-execution-space"]
+            b"--device-as-default-execution-space", b"-ftz=true"]
         _check(nvrtc.nvrtcCompileProgram(prog, len(argv), argv), prog)
         lowered = {}
         for name in names:

@@ -93,8 +93,8 @@ FIELDS = (
     Field("num_slots", "q", 392),
     Field("block_size", "i", 400),
     Field("slot_bytes", "i", 404),
-    Field("k_scale", "f", 408),
-    Field("v_scale", "f", 412),
+    Field("k_rcp", "d", 408),
+    Field("v_rcp", "d", 416),
 )
 CACHE_FIRST = "v"  # the first of the KV cache's fields, which end the struct
 PARAMS_ALIGN = 8  # struct Params's alignment (its pointers'): its size rounds up to it

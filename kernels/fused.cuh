@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(Tile::kThreads,
       if (i == 0) TokenAngles::prefetch_early(p, early);  // behind the first row's loads
     }
   }
-  scales.prepare();  // its reads were issued before the rows'
+  scales.prepare(p);  // its reads were issued before the rows'
   Impl::template push<kDepth - 2>(p, rows[0], t, pend[0], sh.scratch[0], tr);
   tr.pushed();
   // Phase `cur` finishes token t (row cur), after loading token t + (depth - 1) step into

@@ -46,42 +46,52 @@ __device__ __forceinline__ unsigned int fp8x2(float lo, float hi) {
 #endif
 }
 
-// One FP8 cache's scale, ready to divide by: read once a block (a call's scales hold still
-// while it runs) and its reciprocal worked out once, not for every vector stored.
-struct Fp8Divisor {
-  float s;   // the scale
-  double r;  // 1 / s rounded to fp64
+// fp32 -> fp64, exact for subnormals too: CuPy builds every kernel with -ftz=true, which
+// makes the compiler's conversion (cvt.ftz.f64.f32) flush them to zero; inline PTX keeps
+// its own instruction.
+__device__ __forceinline__ double widen(float x) {
+  double d;
+  asm("cvt.f64.f32 %0, %1;" : "=d"(d) : "f"(x));
+  return d;
+}
 
-  __device__ __forceinline__ void prepare() { r = __drcp_rn(static_cast<double>(s)); }
-  // x / s rounded to fp32 as IEEE division rounds it (to nearest even): fp32(fp64(x * r)),
-  // three instructions and no branch where __fdiv_rn takes a dozen and a slow path.
-  // Exact: x * r in fp64 is x / s within 2^-52 relative (two roundings, and no fp64
-  // underflow or overflow for fp32 x and s), and an exact quotient of two fp32 numbers
-  // never lies within 2^-49 relative of a midpoint between fp32 neighbours (a midpoint
-  // times s needs 25 or more bits; x has 24), so the fp64 value rounds to fp32 on the same
-  // side. Quotients in fp32's subnormal range may round differently, but every one is an
-  // FP8 zero of the same sign either way; zeros, infinities and NaNs follow IEEE division
-  // (0 * inf = NaN as 0 / 0).
+// One FP8 cache's scale, ready to divide by: r = 1 / scale rounded to fp64, worked out
+// once a call (by the host for a scale it was given, once a block for a device scale: a
+// call's scales hold still while it runs), not for every vector stored.
+struct Fp8Divisor {
+  double r;
+
+  // x / scale rounded to fp32 as IEEE division rounds it (to nearest even):
+  // fp32(fp64(x * r)), three instructions and no branch where __fdiv_rn takes a dozen and a
+  // slow path. Exact: x * r in fp64 is x / scale within 2^-52 relative (two roundings, and
+  // no fp64 underflow or overflow for fp32 x and scale), and an exact quotient of two fp32
+  // numbers never lies within 2^-49 relative of a midpoint between fp32 neighbours (a
+  // midpoint times scale needs 25 or more bits; x has 24), so the fp64 value rounds to
+  // fp32 on the same side. Quotients in fp32's subnormal range may round differently, but
+  // every one is an FP8 zero of the same sign either way; zeros, infinities and NaNs follow
+  // IEEE division (0 * inf = NaN as 0 / 0), and subnormal x and scales count as themselves.
   __device__ __forceinline__ float divide(float x) const {
-    return __double2float_rn(static_cast<double>(x) * r);
+    return __double2float_rn(widen(x) * r);
   }
 };
 
-// The scales of both caches (FP8), loaded once a block: load() issues the reads, prepare()
-// waits for them. Nothing for a cache of the data's dtype.
+// The divisors of both caches (FP8): load() issues the reads of device scales, prepare()
+// waits for them and takes their reciprocals (the host's where the scales were values).
+// Nothing for a cache of the data's dtype.
 template <class Cache>
 struct CacheScales {
   Fp8Divisor k, v;
+  float k_at, v_at;  // the device scales as read
   __device__ __forceinline__ void load(const Params& p) {
     if constexpr (Cache::kKind == kCacheFp8) {
-      k.s = p.k_scale_at != nullptr ? *p.k_scale_at : p.k_scale;
-      v.s = p.v_scale_at != nullptr ? *p.v_scale_at : p.v_scale;
+      if (p.k_scale_at != nullptr) k_at = *p.k_scale_at;
+      if (p.v_scale_at != nullptr) v_at = *p.v_scale_at;
     }
   }
-  __device__ __forceinline__ void prepare() {
+  __device__ __forceinline__ void prepare(const Params& p) {
     if constexpr (Cache::kKind == kCacheFp8) {
-      k.prepare();
-      v.prepare();
+      k.r = p.k_scale_at != nullptr ? __drcp_rn(widen(k_at)) : p.k_rcp;
+      v.r = p.v_scale_at != nullptr ? __drcp_rn(widen(v_at)) : p.v_rcp;
     }
   }
 };

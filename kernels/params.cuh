@@ -59,13 +59,13 @@ struct Params {
   long long cache_row;
   long long cache_head;
   const void* slot_mapping;            // [tokens] int32 or int64: the token's slot, -1: none
-  const float* k_scale_at;             // FP8: the scales on the device, or null: k_scale
+  const float* k_scale_at;             // FP8: the scales on the device, or null: k_rcp
   const float* v_scale_at;
   long long num_slots;                 // blocks * block_size
   int block_size;
   int slot_bytes;                      // 4 or 8 (0: no cache in this launch)
-  float k_scale;                       // FP8: cache = fp8(value / scale)
-  float v_scale;
+  double k_rcp;                        // FP8: cache = fp8(value / scale); 1 / scale rounded
+  double v_rcp;                        // to fp64, where the scale is not on the device
 };
 
 // Every field where the host packs it (params.FIELDS): a field moved, resized or swapped
@@ -125,11 +125,11 @@ QKNORM_FIELD(v_scale_at, 384, 8);
 QKNORM_FIELD(num_slots, 392, 8);
 QKNORM_FIELD(block_size, 400, 4);
 QKNORM_FIELD(slot_bytes, 404, 4);
-QKNORM_FIELD(k_scale, 408, 4);
-QKNORM_FIELD(v_scale, 412, 4);
+QKNORM_FIELD(k_rcp, 408, 8);
+QKNORM_FIELD(v_rcp, 416, 8);
 #undef QKNORM_FIELD
 #endif
-constexpr int kParamsBytes = 416;
+constexpr int kParamsBytes = 424;
 static_assert(sizeof(Params) == kParamsBytes, "Params layout is shared with the host");
 
 // Error record: {code, peer, token, rank, theirs, ours, failed, lock}: theirs and ours are

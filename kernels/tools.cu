@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(Warps * 32) cache_write(const Params p) {
       const int i = (int)threadIdx.x + u * kThreads;
       if (i < kVectors) x[u] = k[i];
     }
-    if (t == blockIdx.x) scales.prepare();  // behind the first token's loads
+    if (t == blockIdx.x) scales.prepare(p);  // behind the first token's loads
     if (failed) return;
     if (p.positions != nullptr && angle_row(p, words) < 0) continue;
     slot.scales = scales;

@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(Warps * 32, Rope::kStyle == kRopeNone ? 0 : 1)
   // Failures are recorded once, after the loop: a record_error inside it made ptxas spill.
   int bad = -1;  // a row whose position is out of range
   long long bad_slot = 0, bad_slot_token = -1;  // a row whose slot is outside the cache
-  scales.prepare();
+  scales.prepare(p);
   Row<RowLayout> row;
   for (long long t = blockIdx.x; t < p.tokens; t += gridDim.x) {
     PositionWords words;

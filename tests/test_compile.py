@@ -388,6 +388,7 @@ template <> struct Kind<long long> { static constexpr char value = 'q'; };
 template <> struct Kind<int> { static constexpr char value = 'i'; };
 template <> struct Kind<unsigned int> { static constexpr char value = 'I'; };
 template <> struct Kind<float> { static constexpr char value = 'f'; };
+template <> struct Kind<double> { static constexpr char value = 'd'; };
 """
 
 
@@ -411,7 +412,7 @@ def params_asserts(fields=params.FIELDS, size=None, constants=params.DEVICE_CONS
 def test_params_fields_match_the_header():
     """params.FIELDS is struct qknorm::Params, field by field (and the constants the host
     shares with the kernels are theirs)."""
-    assert params.PARAMS.size == params.HEAD.size + params.STATIC.size == 416
+    assert params.PARAMS.size == params.HEAD.size + params.STATIC.size == 424
     assert _probe(params_asserts(size=params.PARAMS.size), "sm_90", PARAMS_PRELUDE) is None
 
 

@@ -66,7 +66,7 @@ def test_the_cache_fields_end_params():
     names = [f.name for f in FIELDS]
     last = FIELDS[names.index("max_position")]
     assert names.index("v") == len(names) - 15 and CACHE_OFFSET == last.offset + last.size
-    assert CACHE.size == 104 and CACHE_OFFSET + CACHE.size == PARAMS.size
+    assert CACHE.size == 112 and CACHE_OFFSET + CACHE.size == PARAMS.size
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS, ids=IDS)
@@ -90,8 +90,8 @@ def test_chunks_pack_the_cache_fields(transport, hnd, mem):
             assert (c["cache_block"], c["cache_row"], c["cache_head"]) == strides
             assert c["slot_mapping"] - a["slots"].data.ptr == 8 * start
             assert (c["slot_bytes"], c["num_slots"], c["block_size"]) == (8, 64, 16)
-            assert (c["k_scale"], c["k_scale_at"], c["v_scale"], c["v_scale_at"]) == \
-                (0.5, 0, 1.0, 0)
+            assert (c["k_rcp"], c["k_scale_at"], c["v_rcp"], c["v_scale_at"]) == \
+                (2.0, 0, 1.0, 0)
             assert c["flags"] & FLAG_NO_K_STORE
         assert strides == ((2 * 16 * HEAD, HEAD, 16 * HEAD) if hnd else
                            (16 * 2 * HEAD, 2 * HEAD, HEAD))
@@ -127,7 +127,7 @@ def test_the_call_cache_keys_by_the_cache_arguments(mem):
         go(n, a, k_scale=0.5)
         assert n._validations == 1
         go(n, a, k_scale=0.25)  # another value: validated and packed anew
-        assert n._validations == 2 and cuda.launches[-1]["k_scale"] == 0.25
+        assert n._validations == 2 and cuda.launches[-1]["k_rcp"] == 4.0
         other = mem.array((3,), np.int32)
         go(n, a, k_scale=0.25, slot_mapping=other)
         assert n._validations == 3 and cuda.launches[-1]["slot_bytes"] == 4

@@ -49,11 +49,13 @@ class CacheCall(NamedTuple):
     cache_dtype: str
 
     def fields(self, start: int, itemsize: int) -> tuple:
-        """params.CACHE's values for a launch from the call's token `start`."""
+        """params.CACHE's values for a launch from the call's token `start` (the scales
+        as their reciprocals rounded to fp64: Python's division is IEEE's, the value the
+        kernel's __drcp_rn gives a device scale)."""
         return (self.v + start * self.v_stride * itemsize, self.v_stride, self.k_cache,
                 self.v_cache, *self.strides, self.slot_mapping + start * self.slot_bytes,
                 self.k_scale_at, self.v_scale_at, self.num_slots, self.block_size,
-                self.slot_bytes, self.k_scale, self.v_scale)
+                self.slot_bytes, 1.0 / self.k_scale, 1.0 / self.v_scale)
 
 
 class Call(NamedTuple):

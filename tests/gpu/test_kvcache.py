@@ -459,37 +459,43 @@ def test_separate_cache_write_matches_the_fused_one(comm, cache):
           "the separate cache write wrote other bytes")
 
 
-DIVISION_CHECK = r'''
+DIVISION_CHECK = r"""
 #include "kvcache.cuh"
 // counts[0]: fp32 quotients other than IEEE division's (NaN as NaN), outside fp32's
-// subnormal quotients; counts[1]: FP8 bytes other than those of IEEE division's quotient
-extern "C" __global__ void division_check(float s, unsigned long long* counts) {
-  qknorm::Fp8Divisor d;
-  d.s = s;
-  d.prepare();
+// subnormal quotients; counts[1]: FP8 bytes other than those of IEEE division's quotient;
+// each for the reciprocal a device scale gets (as CacheScales) and for the host's
+// (r_host), both summed. IEEE's quotient: fp32(fp64(x) / fp64(s)), one rounding to fp64
+// then one to fp32, the same outside fp32's subnormal quotients (the argument of
+// Fp8Divisor); not __fdiv_rn, which -ftz=true (CuPy's) flushes subnormals in.
+extern "C" __global__ void division_check(float s, double r_host, unsigned long long* counts) {
+  const qknorm::Fp8Divisor divisors[2] = {{__drcp_rn(qknorm::widen(s))}, {r_host}};
   unsigned long long quotients = 0, bytes = 0;
   const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
   for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
        i < (1ull << 32); i += step) {
     const float x = __uint_as_float((unsigned int)i);
-    const float q = d.divide(x), e = __fdiv_rn(x, s);
-    const bool same = __float_as_uint(q) == __float_as_uint(e) || (isnan(q) && isnan(e));
-    if (!same && !(fabsf(e) < 0x1p-126f)) ++quotients;
-    if (qknorm::fp8x2(q, 0.f) != qknorm::fp8x2(e, 0.f)) ++bytes;
+    const float e = __double2float_rn(__ddiv_rn(qknorm::widen(x), qknorm::widen(s)));
+    for (const qknorm::Fp8Divisor& d : divisors) {
+      const float q = d.divide(x);
+      const bool same = __float_as_uint(q) == __float_as_uint(e) || (isnan(q) && isnan(e));
+      if (!same && !(fabsf(e) < 0x1p-126f)) ++quotients;
+      if (qknorm::fp8x2(q, 0.f) != qknorm::fp8x2(e, 0.f)) ++bytes;
+    }
   }
   atomicAdd(&counts[0], quotients);
   atomicAdd(&counts[1], bytes);
 }
-'''
+"""
 
 
 def test_fp8_division_every_fp32_value(comm):
-    """The FP8 cache's division (kvcache.cuh's Fp8Divisor: fp32(fp64(x) * RN64(1 / scale)),
-    the reciprocal worked out once a block) against IEEE fp32 division on the GPU, for every
-    one of the 2^32 fp32 values x: the same quotient outside fp32's subnormal quotients, and
-    the same FP8 byte for every x, at 28 scales: powers of two and not, the extremes of
-    fp32, a subnormal, and what a device scale may hold besides (0, a negative, Inf,
-    NaN)."""
+    """The FP8 cache's division (kvcache.cuh's Fp8Divisor: fp32(fp64(x) * r), r = 1 / scale
+    rounded to fp64, by __drcp_rn for a device scale, by Python's division on the host for
+    a scale passed as a value, as CacheCall.fields packs it) against IEEE fp32 division
+    (through fp64, subnormals kept) on the GPU, for every one of the 2^32 fp32 values x: the same quotient outside fp32's
+    subnormal quotients, and the same FP8 byte for every x, at 28 scales: powers of two and
+    not, the extremes of fp32, a subnormal, and what a device scale may hold besides (0, a
+    negative, Inf, NaN)."""
     import cupy
     from cupy_qknorm.params import KERNEL_DIR
     kernel = cupy.RawModule(code=DIVISION_CHECK, options=("-std=c++17", f"-I{KERNEL_DIR}"),
@@ -502,7 +508,9 @@ def test_fp8_division_every_fp32_value(comm):
     off = []
     for s in scales:
         counts = cupy.zeros(2, cupy.uint64)
-        kernel((132 * 8,), (256,), (np.float32(s), counts))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r_host = np.float64(1.0) / np.float64(s)  # as CacheCall.fields: 1.0 / float
+        kernel((132 * 8,), (256,), (np.float32(s), r_host, counts))
         quotients, fp8 = (int(c) for c in counts.get())
         if quotients or fp8:
             off.append(f"scale {s!r}: {quotients} quotients, {fp8} FP8 bytes")
