@@ -81,7 +81,9 @@ struct Fp8Divisor {
 template <class Cache>
 struct CacheScales {
   Fp8Divisor k, v;
-  float k_at, v_at;  // the device scales as read
+  // the device scales as read; 1 otherwise, so that a reciprocal the compiler works out
+  // before its select (it may) takes __drcp_rn's fast path, not the slow one of 0 or NaN
+  float k_at = 1.f, v_at = 1.f;
   __device__ __forceinline__ void load(const Params& p) {
     if constexpr (Cache::kKind == kCacheFp8) {
       if (p.k_scale_at != nullptr) k_at = *p.k_scale_at;
