@@ -26,8 +26,8 @@ class Knob:
 # CUPY_QKNORM_CACHE_SPLIT_FROM's defaults, by the KV cache's dtype: where the second
 # launch was faster on H200 at G=1 (BENCHMARKS.md). FP8: from 2048 (the fused kernel's
 # conversion costs it registers, and blocks an SM; at 1536 the epilogue was still 1.05x
-# faster, at 2048 within 1%, at 3072 the split 1.07x faster); the data's dtype: from 4096
-# (even there, 1.05x faster at 16384).
+# faster, at 2048 within 1.5%, at 3072 the split 1.07x faster); the data's dtype: from
+# 4096 (there within 2% either way, the split 1.03-1.05x faster at 16384).
 CACHE_SPLIT_FROM = {"fp8": 2048, "data": 4096}
 
 KNOBS = {k.name: k for k in (
