@@ -195,6 +195,19 @@ def test_batches_build_what_nvrtc_compile_builds(built):
         assert r["resources"][kind] == batched[name]["resources"], kind
 
 
+def test_nvrtc_build_passes_what_cupy_adds():
+    """CuPy's RawModule, the build that runs, adds --device-as-default-execution-space and
+    -ftz=true (fp32 subnormals flushed) to the package's options; compile.nvrtc_build,
+    the build CI and scripts/sass_diff.py compile, passes both, so the registers and
+    machine code they report are those that run. Fails when CuPy stops adding either."""
+    import inspect
+    compiler = pytest.importorskip("cupy.cuda.compiler")
+    cupy_source, ours = inspect.getsource(compiler), inspect.getsource(kc.nvrtc_build)
+    for flag in ("--device-as-default-execution-space", "-ftz=true"):
+        assert f"'{flag}'" in cupy_source, f"CuPy no longer adds {flag}"
+        assert f'b"{flag}"' in ours, flag
+
+
 @pytest.fixture
 def stub_modules(monkeypatch):
     """cupy.RawModule recording (code, name_expressions) of each build, on device 0."""
