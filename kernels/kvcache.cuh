@@ -46,15 +46,6 @@ __device__ __forceinline__ unsigned int fp8x2(float lo, float hi) {
 #endif
 }
 
-// fp32 -> fp64, exact for subnormals too: CuPy builds every kernel with -ftz=true, which
-// makes the compiler's conversion (cvt.ftz.f64.f32) flush them to zero; inline PTX keeps
-// its own instruction.
-__device__ __forceinline__ double widen(float x) {
-  double d;
-  asm("cvt.f64.f32 %0, %1;" : "=d"(d) : "f"(x));
-  return d;
-}
-
 // One FP8 cache's scale, ready to divide by: r = 1 / scale rounded to fp64, worked out
 // once a call (by the host for a scale it was given, once a block for a device scale: a
 // call's scales hold still while it runs), not for every vector stored.

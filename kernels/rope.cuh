@@ -136,14 +136,18 @@ struct Angles {
     return place(j) < kRotatedVectors;
   }
 
-  // Brings cos_sin row `row` (RotaryDim floats) into L2, one line a thread of the first
-  // few, so that load() a phase later finds it there: positions are arbitrary, and with a
-  // table larger than L2 (MiniMax's is 48 MiB) a row read from memory at finish() was a
-  // DRAM latency on every token's path.
+  // Brings cos_sin row `row` (RotaryDim floats) into L2 (ToL1: this SM's L1 too), one
+  // line a thread of the first few, so that load() a phase later finds it there: positions
+  // are arbitrary, and with a table larger than L2 (MiniMax's is 48 MiB) a row read from
+  // memory at finish() was a DRAM latency on every token's path.
+  template <bool ToL1 = false>
   static __device__ __forceinline__ void prefetch(const Params& p, int row) {
-    if (row >= 0 && threadIdx.x < kPrefetchLines)
-      prefetch_l2(p.cos_sin + (long long)row * kRotary +
-                  min((int)threadIdx.x * 32, kRotary - 1));
+    if (row >= 0 && threadIdx.x < kPrefetchLines) {
+      const float* line = p.cos_sin + (long long)row * kRotary +
+                          min((int)threadIdx.x * 32, kRotary - 1);
+      if constexpr (ToL1) prefetch_l1(line);
+      else prefetch_l2(line);
+    }
   }
 
   // Before grid_dependency_wait (PDL): token t's position, read only to steer a prefetch
@@ -170,10 +174,7 @@ struct Angles {
     return w;
   }
   static __device__ __forceinline__ void prefetch_early(const Params& p, PositionWords w) {
-    const int row = angle_row(p, w);
-    if (row >= 0 && threadIdx.x < kPrefetchLines)
-      prefetch_l1(p.cos_sin + (long long)row * kRotary +
-                  min((int)threadIdx.x * 32, kRotary - 1));
+    prefetch<true>(p, angle_row(p, w));
   }
 
   // Issues the loads of this thread's angles at cos_sin row `row`; nothing waits for them.

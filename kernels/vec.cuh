@@ -37,6 +37,15 @@ template <> struct Cvt2<f16_t> {
   }
 };
 
+// fp32 -> fp64, exact for subnormals too: CuPy builds every kernel with -ftz=true, which
+// makes the compiler's conversion (cvt.ftz.f64.f32) flush them to zero; inline PTX keeps
+// its own instruction.
+__device__ __forceinline__ double widen(float x) {
+  double d;
+  asm("cvt.f64.f32 %0, %1;" : "=d"(d) : "f"(x));
+  return d;
+}
+
 // 16 bytes of Elem <-> kElems floats: eight 16-bit values (bf16_t, f16_t), or four floats.
 template <class Elem>
 struct Vec {
