@@ -233,10 +233,20 @@ struct Fused {
 #define QKNORM_CACHE_BLOCKS 1
 #endif
 
+// The blocks an SM the wide layout (staged rows) is built for without a cache: its
+// registers capped at 128 (168 with RoPE). Uncapped, ptxas keeps every slot's addresses
+// live across the token loop (150 and 185 registers at G=1) and the SM holds a block less.
+template <class Tile, class Rope>
+constexpr int staged_blocks() {
+  return 65536 / (Tile::kThreads * (Rope::kStyle == kRopeNone ? 128 : 168));
+}
+
 template <class Elem, class Weight, int World, class Slice, class Tile, class Rope,
           class Cache = NoCache>
 __global__ void __launch_bounds__(Tile::kThreads,
-                                  Cache::kOn && Tile::kStaged ? QKNORM_CACHE_BLOCKS : 1)
+                                  !Tile::kStaged ? 1
+                                  : Cache::kOn   ? QKNORM_CACHE_BLOCKS
+                                                 : staged_blocks<Tile, Rope>())
     fused(const Params p) {
   using Impl = Fused<Elem, Weight, World, Slice, Tile, Rope, Cache>;
   constexpr int kDepth = Tile::kDepth;

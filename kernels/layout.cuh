@@ -74,12 +74,19 @@ struct Layout {
   }
   static constexpr bool kFits = !kPaired || fits();
 
+  // threadIdx.x, which the compiler takes to be below kThreads (blocks of kThreads), so
+  // that a slot every thread holds is no runtime test
+  static __device__ __forceinline__ unsigned tid() {
+    const unsigned t = threadIdx.x;
+    __builtin_assume(t < kThreads);
+    return t;
+  }
   static __device__ __forceinline__ bool valid(int j) {
-    return threadIdx.x + j * kThreads < kVectors;
+    return tid() + j * kThreads < kVectors;
   }
   // the paired layout: whether slot j of this thread holds half of a rotated pair
   static __device__ __forceinline__ bool paired(int j) {
-    return kPaired && (int)threadIdx.x < lanes(j / 2);
+    return kPaired && (int)tid() < lanes(j / 2);
   }
   // vector index (in the [q | k] row) behind slot j of thread tid
   __host__ __device__ static constexpr int index_of(unsigned tid, int j) {
@@ -97,7 +104,7 @@ struct Layout {
       return (int)tid < here ? in_pair : in_pass;
     }
   }
-  static __device__ __forceinline__ int index(int j) { return index_of(threadIdx.x, j); }
+  static __device__ __forceinline__ int index(int j) { return index_of(tid(), j); }
 
   // Checked by the compiler for every paired layout it builds: the valid slots of all
   // threads hold every vector of the row once; a pair lane's slots 2b and 2b + 1 are both
@@ -129,7 +136,7 @@ struct Layout {
   // are consecutive, so with kVectors a multiple of 32 they are all in the row or none is
   static __device__ __forceinline__ bool warp_valid(int j) {
     if constexpr (kVectors % 32 == 0) return valid(j);
-    return (int)(threadIdx.x & ~31u) + j * kThreads < kVectors;
+    return (int)(tid() & ~31u) + j * kThreads < kVectors;
   }
   // element offset of vector j within its (q or k) slice
   static __device__ __forceinline__ int offset(int j) {
